@@ -1,0 +1,117 @@
+"""On-disk cache of model specs and activation profiles, so a repeated estimate skips torch.
+
+Keyed by the config's hash and the versions of the libraries whose code the census and the
+trace read (transformers, peft): a new version recomputes.  Location: $VRAMFIT_CACHE_DIR, else
+~/.cache/vramfit.  A corrupt or unreadable entry is ignored and rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VRAMFIT_CACHE_DIR") or Path.home() / ".cache" / "vramfit")
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> str:
+    out = []
+    for pkg in ("transformers", "peft"):
+        try:
+            out.append(f"{pkg}={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{pkg}=none")
+    return ",".join(out) + ",format=1"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, data) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs speed
+
+
+_specs: dict = {}
+_profiles: dict = {}
+
+
+def _spec_path(config: dict) -> Path:
+    from vramfit.spec import config_hash
+
+    return cache_dir() / "specs" / f"{_digest(config_hash(config), _versions())}.json"
+
+
+def load_spec(config: dict):
+    from vramfit.spec import LinearLayer, ModelSpec, config_hash
+
+    h = config_hash(config)
+    if h in _specs:
+        return _specs[h]
+    data = _read(_spec_path(config))
+    if not data:
+        return None
+    try:
+        data["linears"] = tuple(LinearLayer(**l) for l in data["linears"])
+        data["param_shapes"] = tuple((tuple(sh), n, r) for sh, n, r in data["param_shapes"])
+        data["config"] = config
+        spec = ModelSpec(**data)
+    except (TypeError, KeyError, ValueError):
+        return None
+    _specs[h] = spec
+    return spec
+
+
+def store_spec(spec) -> None:
+    _specs[spec.config_hash] = spec
+    data = dataclasses.asdict(spec)
+    data.pop("config")
+    _write(_spec_path(spec.config), data)
+
+
+def _profile_path(spec, key, needs_input_grad: bool) -> Path:
+    return cache_dir() / "profiles" / f"{_digest(spec.config_hash, dataclasses.asdict(key), needs_input_grad, _versions())}.json"
+
+
+def load_profile(spec, key, needs_input_grad: bool):
+    from vramfit.trace import ActivationProfile, Region
+
+    mem_key = (spec.config_hash, key, needs_input_grad)
+    if mem_key in _profiles:
+        return _profiles[mem_key]
+    data = _read(_profile_path(spec, key, needs_input_grad))
+    if not data:
+        return None
+    try:
+        data["outside"] = Region(**data["outside"])
+        data["layers"] = tuple(Region(**r) for r in data["layers"])
+        prof = ActivationProfile(**data)
+    except (TypeError, KeyError):
+        return None
+    _profiles[mem_key] = prof
+    return prof
+
+
+def store_profile(spec, key, needs_input_grad: bool, prof) -> None:
+    _profiles[(spec.config_hash, key, needs_input_grad)] = prof
+    _write(_profile_path(spec, key, needs_input_grad), dataclasses.asdict(prof))

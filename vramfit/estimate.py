@@ -1,0 +1,106 @@
+"""`vramfit.estimate(...)`: MODEL + setup options -> Estimate (a frozen dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from vramfit.constants import DEFAULT, Constants
+from vramfit.memory import Breakdown, breakdown
+from vramfit.setup import Setup, make_setup, resolve_targets, validate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    architecture: str
+    setup: Setup
+    target_modules: tuple  # resolved module paths (empty for full fine-tuning)
+    params_total: int
+    params_trainable: int
+    params_packed: int
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_bytes: int
+    peak_phase: str
+    breakdown: dict
+    phases: dict
+    notes: tuple
+    calibration: str | None = None  # where the constants came from when not the defaults
+
+    def to_json(self) -> dict:
+        s = asdict(self.setup)
+        s.pop("extras", None)
+        s["lora_alpha"] = self.setup.lora_alpha if self.setup.method != "full" else None
+        if self.setup.method == "full":
+            for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules"):
+                s[k] = None
+        else:
+            s["lora_alpha"] = self.setup.lora_alpha or 2 * self.setup.lora_r
+            s["target_modules"] = self.setup.targets
+        return {
+            "model": self.model,
+            "architecture": self.architecture,
+            "params_total": self.params_total,
+            "params_trainable": self.params_trainable,
+            "params_packed_4bit_as_half": self.params_packed,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_bytes": self.device_bytes,
+            "peak_phase": self.peak_phase,
+            "breakdown": self.breakdown,
+            "phases": self.phases,
+            "inputs": s,
+            "lora_target_count": len(self.target_modules),
+            "notes": list(self.notes),
+            "calibration": self.calibration,
+        }
+
+
+def trace_key(spec, setup: Setup, targets):
+    from vramfit.trace import TraceKey
+
+    param_dtype = "bfloat16" if setup.method == "qlora" and setup.param_dtype == "float32" else setup.param_dtype
+    if setup.method == "qlora" and setup.precision.startswith("16"):
+        param_dtype = "float16"
+    return TraceKey(method=setup.method, param_dtype=param_dtype, autocast_dtype=setup.autocast_dtype,
+                    attn="eager" if setup.attn == "eager" else "sdpa",
+                    lora_r=setup.lora_r if setup.method != "full" else 0,
+                    lora_dropout=setup.method != "full" and setup.lora_dropout > 0,
+                    target_modules=tuple(targets))
+
+
+def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tuple[Breakdown, tuple]:
+    """The analytic core on a loaded spec: what the planner calls thousands of times."""
+    from vramfit.trace import activation_profile
+
+    validate(setup)
+    targets = resolve_targets(spec, setup)
+    profile = activation_profile(spec, trace_key(spec, setup, targets), grad_ckpt=setup.grad_ckpt)
+    return breakdown(spec, setup, targets, profile, constants or DEFAULT), targets
+
+
+def estimate(model: str, method: str = "lora", precision: str | None = None, optim: str = "adamw_torch",
+             lora_r: int | None = None, lora_alpha: int | None = None, lora_dropout: float | None = None,
+             target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
+             grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default",
+             trust_remote_code: bool = False, constants: Constants | None = None,
+             use_calibration: bool = True) -> Estimate:
+    """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id)."""
+    from vramfit.spec import load_spec
+
+    setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
+                       lora_dropout=lora_dropout, target_modules=target_modules, seq_len=seq_len,
+                       micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator)
+    spec = load_spec(model, trust_remote_code=trust_remote_code)
+    calibration = None
+    if constants is None and use_calibration:
+        from vramfit.calibrate import load_local_constants
+
+        constants, calibration = load_local_constants()
+    bd, targets = estimate_setup(spec, setup, constants)
+    return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
+                    params_total=bd.params_total, params_trainable=bd.params_trainable,
+                    params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,
+                    peak_reserved_bytes=bd.peak_reserved_bytes, device_bytes=bd.device_bytes,
+                    peak_phase=bd.peak_phase, breakdown=bd.components, phases=bd.phases, notes=bd.notes,
+                    calibration=calibration)

@@ -1,0 +1,250 @@
+"""(ModelSpec, Setup, ActivationProfile) -> Breakdown, in bytes.  Pure: no torch, no I/O.
+
+A training step is walked phase by phase (forward to the loss, backward layer by layer, the
+optimizer step) and the peak is the largest phase, not the sum of component maxima.
+Optimizer states exist from the first optimizer step on, so later steps' forward and backward
+carry them; gradients are freed after each step (`zero_grad(set_to_none=True)`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from vramfit.constants import DEFAULT, Constants
+from vramfit.setup import DTYPE_BYTES, Setup
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Every byte of one training step, by component, and the three peaks a user sees."""
+
+    components: dict  # name -> bytes (what is held at the peak phase, plus context)
+    phases: dict  # forward / backward / optimizer -> torch allocated bytes at that phase's peak
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_bytes: int
+    params_total: int  # as peft's print_trainable_parameters counts: adapters included
+    params_trainable: int
+    params_packed: int  # the base model's raw element count, 4-bit weights as packed uint8 (half)
+    notes: tuple = field(default=())
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _lora_params(spec, targets, r: int) -> tuple[int, list]:
+    """(total adapter params, per-tensor sizes) for LoRA A (r x in) and B (out x r) per target."""
+    by_name = {l.name: l for l in spec.linears}
+    sizes = []
+    for t in targets:
+        l = by_name[t]
+        sizes += [r * l.in_features, l.out_features * r]
+    return sum(sizes), sizes
+
+
+def _nf4_bytes(numel: int, c: Constants, double_quant: bool) -> int:
+    blocks = math.ceil(numel / c.nf4_blocksize)
+    packed = (numel + 1) // 2
+    if not double_quant:
+        return packed + FP32 * blocks
+    return packed + blocks + FP32 * math.ceil(blocks / c.nf4_dq_blocksize) + 256 * FP32
+
+
+def weight_bytes(spec, s: Setup, targets, c: Constants = DEFAULT) -> dict:
+    """Bytes of the base weights by storage dtype, and of the LoRA adapters."""
+    pbytes = DTYPE_BYTES[s.param_dtype]
+    out = {}
+    if s.method == "qlora":
+        quant = spec.quantizable_linears()
+        q_numel = sum(l.numel for l in quant)
+        # prepare_model_for_kbit_training casts every non-quantized parameter (embeddings, norms,
+        # LM head, biases) to fp32.
+        out["weights_4bit"] = sum(_nf4_bytes(l.numel, c, s.double_quant) for l in quant)
+        out["weights_fp32_unquantized"] = (spec.params_total - q_numel) * FP32
+    else:
+        out[f"weights_{s.param_dtype}"] = spec.params_total * pbytes
+    if s.method != "full":
+        # peft's autocast_adapter_dtype=True keeps adapters in fp32 over bf16/fp16 bases.
+        n, _ = _lora_params(spec, targets, s.lora_r)
+        out["lora_adapters"] = n * FP32
+    return out
+
+
+def trainable_tensors(spec, s: Setup, targets) -> list:
+    """[(numel, dtype_bytes, role, shape)] of the parameters the optimizer sees."""
+    if s.method == "full":
+        pb = DTYPE_BYTES[s.param_dtype]
+        out = []
+        for shape, count, role in spec.param_shapes:
+            n = math.prod(shape)
+            out += [(n, pb, role, tuple(shape))] * count
+        return out
+    by_name = {l.name: l for l in spec.linears}
+    out = []
+    for t in targets:
+        l = by_name[t]
+        out.append((s.lora_r * l.in_features, FP32, "lora", (s.lora_r, l.in_features)))
+        out.append((l.out_features * s.lora_r, FP32, "lora", (l.out_features, s.lora_r)))
+    return out
+
+
+def optimizer_state_bytes(tensors, s: Setup, c: Constants = DEFAULT) -> int:
+    """States as each optimizer really stores them."""
+    o = s.optimizer
+    total = 0
+    for numel, pb, role, shape in tensors:
+        if o.states == 0:
+            continue
+        if o.factored:  # Adafactor: row and column second moments for matrices, in the grad dtype
+            if len(shape) >= 2:
+                total += (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * pb
+            else:
+                total += numel * pb
+            continue
+        if o.eight_bit:
+            # Trainer registers nn.Embedding weights for 32-bit states; small tensors stay 32-bit.
+            if role == "embeddings" or numel < c.bnb_min_8bit_size:
+                total += o.states * numel * FP32
+            else:
+                blocks = math.ceil(numel / c.bnb_optim_blocksize)
+                total += o.states * (numel + FP32 * blocks)
+            continue
+        total += o.states * numel * (o.state_bytes or pb)
+    return total
+
+
+def optimizer_step_temp_bytes(tensors, s: Setup, spec) -> int:
+    """Temporaries of one optimizer step beyond states and gradients."""
+    o = s.optimizer
+    if o.foreach_temp:  # _multi_tensor_adamw: exp_avg_sq.sqrt() for all tensors at once
+        return sum(n * (o.state_bytes or pb) for n, pb, _, _ in tensors)
+    if o.factored and tensors:  # transformers Adafactor works per tensor, in fp32
+        n, pb, _, _ = max(tensors)
+        upcasts = 2 if pb < FP32 else 0  # fp32 copies of grad and param
+        return n * FP32 * (3 + upcasts)
+    return 0
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def logits_dtype_bytes(s: Setup) -> int:
+    if s.autocast_dtype:
+        return DTYPE_BYTES[s.autocast_dtype]
+    if s.method == "qlora":  # LM head and final norm were cast to fp32
+        return FP32
+    return DTYPE_BYTES[s.param_dtype]
+
+
+def loss_transients(spec, s: Setup) -> tuple[int, int]:
+    """Bytes beyond the saved log-softmax at the loss: (forward, backward).
+
+    Forward: the logits in their dtype plus transformers' fp32 upcast (`logits.float()`).
+    Backward: the gradient of the log-probabilities (nll) and of the logits (log-softmax), fp32.
+    """
+    t = s.tokens * spec.vocab_size
+    lb = logits_dtype_bytes(s)
+    fwd = t * lb + (t * FP32 if lb != FP32 else 0)
+    bwd = 2 * t * FP32
+    return fwd, bwd
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Breakdown:
+    B, S, T = s.micro_batch, s.seq_len, s.tokens
+    notes = []
+    weights = weight_bytes(spec, s, targets, c)
+    W = sum(weights.values())
+    tensors = trainable_tensors(spec, s, targets)
+    G = sum(n * pb for n, pb, _, _ in tensors)
+    O = optimizer_state_bytes(tensors, s, c)
+    paged = O if s.optimizer.paged else 0
+    O_torch = O - paged
+    opt_temp = optimizer_step_temp_bytes(tensors, s, spec)
+    ws = c.cublas_workspace_bytes
+
+    n_layers = len(profile.layers)
+    layer_saved = [r.bytes(B, S) for r in profile.layers]
+    outside_saved = profile.outside.bytes(B, S)
+    fwd_loss, bwd_loss = loss_transients(spec, s)
+    logprobs = T * spec.vocab_size * FP32  # saved by log_softmax, inside outside_saved
+    max_tensor = max((r.max_tensor_lin for r in profile.layers), default=0.0)
+    layer_transient = int(c.layer_backward_factor * max_tensor * T + 2 * profile.layer_input_lin * T)
+    if s.method == "qlora":  # dequantize_4bit(W) in bf16 for the input gradient of each 4-bit layer
+        layer_transient += max((l.numel for l in spec.quantizable_linears()), default=0) * 2
+
+    if s.grad_ckpt:
+        kept_per_layer = int(profile.layer_input_lin * T)
+        kept_shared = int(profile.shared_input_lin * T)
+        A_fwd = outside_saved + kept_per_layer * n_layers + kept_shared
+    else:
+        A_fwd = outside_saved + sum(layer_saved)
+
+    # trainable parameters inside the decoder layers vs outside (embeddings, head, final norm)
+    G_out = sum(n * pb for n, pb, role, _ in tensors if role in ("embeddings", "lm_head"))
+    G_layers = G - G_out
+    g_layer = G_layers / max(n_layers, 1)
+
+    persist = W + O_torch + ws
+    forward = persist + A_fwd + fwd_loss
+    # Backward, walked from the loss down to the first layer; every term is linear in the layer
+    # index, so the two ends bound the walk.
+    at_loss = persist + A_fwd + bwd_loss
+    after_head = A_fwd - logprobs + T * spec.vocab_size * logits_dtype_bytes(s) + G_out
+    if s.grad_ckpt:
+        top = after_head + max(layer_saved, default=0) + g_layer + layer_transient
+        bottom = (outside_saved - logprobs + kept_shared + kept_per_layer + max(layer_saved, default=0)
+                  + G + layer_transient)
+    else:
+        top = after_head + g_layer + layer_transient
+        bottom = outside_saved - logprobs + (layer_saved[0] if layer_saved else 0) + G + layer_transient
+    backward = max(at_loss, persist + top, persist + bottom)
+    optimizer = W + G + O_torch + opt_temp + ws
+    phases = {"forward": int(forward), "backward": int(backward), "optimizer": int(optimizer)}
+    peak_phase = max(phases, key=phases.get)
+    peak_alloc = phases[peak_phase]
+
+    transient = A_fwd + max(fwd_loss, bwd_loss)
+    frac = c.frag_fraction_expandable if s.allocator == "expandable" else c.frag_fraction_default
+    reserve = int(frac * transient) + c.alloc_floor_bytes
+    peak_reserved = peak_alloc + reserve
+    device = peak_reserved + c.cuda_context_bytes + c.kernel_growth_bytes + paged
+
+    comps = dict(weights)
+    comps["gradients"] = G if peak_phase != "forward" else 0
+    comps["optimizer_states"] = O_torch
+    if paged:
+        comps["optimizer_states_paged"] = paged
+        notes.append("paged optimizer states live in CUDA managed memory: in nvidia-smi, not in torch's counters")
+    if peak_phase == "forward":
+        comps["activations"] = A_fwd - logprobs
+        comps["logits_and_loss"] = logprobs + fwd_loss
+    elif peak_phase == "backward":
+        comps["activations"] = A_fwd - logprobs
+        comps["logits_and_loss"] = logprobs + bwd_loss
+        comps["gradients"] = G
+        comps["backward_transients"] = max(0, backward - persist - A_fwd - bwd_loss - G)
+    else:
+        comps["activations"] = 0
+        comps["optimizer_step_temporaries"] = opt_temp
+    comps["cublas_workspace"] = ws
+    comps["allocator_reserve"] = reserve
+    comps["cuda_context"] = c.cuda_context_bytes + c.kernel_growth_bytes
+    comps = {k: int(v) for k, v in comps.items()}
+
+    lora_n = _lora_params(spec, targets, s.lora_r)[0] if s.method != "full" else 0
+    total = spec.params_total + lora_n
+    trainable = spec.params_total if s.method == "full" else lora_n
+    packed = spec.params_total  # the base model alone, as model.num_parameters() shows it
+    if s.method == "qlora":
+        packed -= sum(l.numel for l in spec.quantizable_linears()) // 2
+    return Breakdown(components=comps, phases=phases, peak_phase=peak_phase,
+                     peak_allocated_bytes=int(peak_alloc), peak_reserved_bytes=int(peak_reserved),
+                     device_bytes=int(device), params_total=total, params_trainable=trainable,
+                     params_packed=packed, notes=tuple(notes))

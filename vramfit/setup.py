@@ -1,0 +1,194 @@
+"""Setup: one fine-tuning configuration, validated, in the field's own names.
+
+Precision names are Lightning's, optimizer names are `transformers.TrainingArguments.optim`'s,
+LoRA fields are `peft.LoraConfig`'s.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, replace
+
+from vramfit.errors import VramfitError
+
+METHODS = ("full", "lora", "qlora")
+
+# precision -> (dtype the parameters are stored in, autocast dtype or None)
+PRECISIONS = {
+    "32-true": ("float32", None),
+    "bf16-true": ("bfloat16", None),
+    "bf16-mixed": ("float32", "bfloat16"),
+    "16-mixed": ("float32", "float16"),
+    "16-true": ("float16", None),
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """How an optimizer stores its state, per trainable parameter."""
+
+    name: str
+    states: int  # number of state tensors of the parameter's size
+    state_bytes: int | None  # bytes per state element; None: the parameter's own dtype
+    eight_bit: bool = False  # bitsandbytes blockwise 8-bit (small tensors stay 32-bit)
+    paged: bool = False  # states in CUDA managed memory (outside torch's allocator)
+    factored: bool = False  # Adafactor: row + column second moments for matrices
+    foreach_temp: bool = False  # torch foreach AdamW: one temporary copy of the states (sqrt)
+    needs_bnb: bool = False
+
+
+OPTIMIZERS = {
+    o.name: o
+    for o in (
+        Optimizer("adamw_torch", 2, None, foreach_temp=True),
+        Optimizer("adamw_torch_fused", 2, None),
+        Optimizer("adamw_bnb_8bit", 2, 1, eight_bit=True, needs_bnb=True),
+        Optimizer("adamw_8bit", 2, 1, eight_bit=True, needs_bnb=True),
+        Optimizer("paged_adamw_8bit", 2, 1, eight_bit=True, paged=True, needs_bnb=True),
+        Optimizer("paged_adamw_32bit", 2, 4, paged=True, needs_bnb=True),
+        Optimizer("adafactor", 1, None, factored=True),
+        Optimizer("sgd", 0, None),
+    )
+}
+
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+ALLOCATORS = ("default", "expandable")
+DEFAULT_LORA_TARGETS = {"lora": "q_proj,v_proj", "qlora": "all-linear"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    method: str = "lora"
+    precision: str = "bf16-true"
+    optim: str = "adamw_torch"
+    lora_r: int = 16
+    lora_alpha: int | None = None  # default: 2 * r
+    lora_dropout: float = 0.05
+    target_modules: str | None = None  # comma list, "all-linear", or a regex; default per method
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_accum: int = 1
+    grad_ckpt: bool = False
+    attn: str = "sdpa"
+    allocator: str = "default"
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def param_dtype(self) -> str:
+        return PRECISIONS[self.precision][0]
+
+    @property
+    def autocast_dtype(self) -> str | None:
+        return PRECISIONS[self.precision][1]
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.autocast_dtype or self.param_dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.micro_batch
+
+    @property
+    def optimizer(self) -> Optimizer:
+        return OPTIMIZERS[self.optim]
+
+    @property
+    def targets(self) -> str:
+        return self.target_modules or DEFAULT_LORA_TARGETS.get(self.method, "")
+
+    def with_(self, **changes) -> "Setup":
+        return replace(self, **changes)
+
+
+def _choice(kind: str, value: str, valid) -> str:
+    if value in valid:
+        return value
+    close = difflib.get_close_matches(str(value), list(valid), n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise VramfitError(f"unknown {kind} '{value}'{hint}; valid: {', '.join(valid)}")
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise VramfitError(f"{name} must be a positive integer, got {value!r}")
+
+
+def make_setup(method: str = "lora", precision: str | None = None, lora_r: int | None = None,
+               lora_alpha: int | None = None, lora_dropout: float | None = None,
+               target_modules: str | None = None, **kwargs) -> Setup:
+    """Build a validated Setup; LoRA options with method=full are an error, not ignored."""
+    method = _choice("method", method, METHODS)
+    if method == "full":
+        given = [n for n, v in (("--lora-r", lora_r), ("--lora-alpha", lora_alpha),
+                                ("--lora-dropout", lora_dropout), ("--target-modules", target_modules)) if v is not None]
+        if given:
+            raise VramfitError(f"{', '.join(given)} only apply to --method lora/qlora, not to full fine-tuning")
+    if precision is None:
+        precision = "bf16-true"
+    setup = Setup(method=method, precision=precision,
+                  lora_r=16 if lora_r is None else lora_r,
+                  lora_alpha=lora_alpha,
+                  lora_dropout=0.05 if lora_dropout is None else lora_dropout,
+                  target_modules=target_modules, **kwargs)
+    validate(setup)
+    return setup
+
+
+def validate(s: Setup) -> None:
+    _choice("method", s.method, METHODS)
+    _choice("precision", s.precision, PRECISIONS)
+    _choice("optimizer", s.optim, OPTIMIZERS)
+    _choice("attention implementation", s.attn, ATTENTION)
+    _choice("allocator", s.allocator, ALLOCATORS)
+    for name in ("seq_len", "micro_batch", "grad_accum"):
+        _positive(name.replace("_", "-"), getattr(s, name))
+    if s.method != "full":
+        _positive("lora-r", s.lora_r)
+        if s.lora_alpha is not None and (not isinstance(s.lora_alpha, (int, float)) or s.lora_alpha <= 0):
+            raise VramfitError(f"lora-alpha must be positive, got {s.lora_alpha!r}")
+        if not 0.0 <= s.lora_dropout < 1.0:
+            raise VramfitError(f"lora-dropout must be in [0, 1), got {s.lora_dropout}")
+    if s.method == "qlora":
+        if s.precision in ("32-true",):
+            raise VramfitError("QLoRA computes in bf16 or fp16: use --precision bf16-true, bf16-mixed, 16-true or 16-mixed")
+        if s.quant_type not in ("nf4", "fp4"):
+            raise VramfitError(f"unknown 4-bit quant type '{s.quant_type}'; valid: nf4, fp4")
+
+
+def resolve_targets(spec, setup: Setup) -> tuple:
+    """peft's matching of target_modules against the model's Linear layers -> module paths.
+
+    A comma list matches a module whose path equals a name or ends with '.name'; a single
+    string with regex characters is matched with re.fullmatch (as peft does); 'all-linear'
+    is every Linear but the output layer.
+    """
+    if setup.method == "full":
+        return ()
+    raw = setup.targets.strip()
+    names = [l.name for l in spec.linears]
+    if raw == "all-linear":
+        chosen = [n for n in names if n != spec.output_layer]
+    elif re.search(r"[\\\[\]\(\)\*\+\?\|\^\$]", raw):
+        try:
+            rx = re.compile(raw)
+        except re.error as exc:
+            raise VramfitError(f"target-modules regex '{raw}' is invalid: {exc}") from None
+        chosen = [n for n in names if rx.fullmatch(n)]
+    else:
+        wanted = [t.strip() for t in raw.split(",") if t.strip()]
+        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise VramfitError(f"target module(s) {', '.join(missing)} not found in {spec.name}; "
+                               f"its Linear layers are named: {', '.join(leaves)}")
+    if not chosen:
+        raise VramfitError(f"target-modules '{raw}' matches no Linear layer of {spec.name}")
+    if setup.method == "qlora" and spec.output_layer in chosen:
+        pass  # peft wraps an unquantized LM head in a plain LoRA layer: allowed
+    return tuple(chosen)

@@ -1,0 +1,370 @@
+"""Activation bytes read off the real model: a forward pass on the meta device.
+
+Every tensor autograd saves for backward passes through `saved_tensors_hooks`; on the meta
+device the forward costs no memory, yet the saved set is exactly what the real ops keep on a
+GPU (dropout masks, fp32 norm upcasts, peft's adapter casts, the fp32 log-softmax of the loss).
+Storages are de-duplicated (views and tensors saved twice count once) and parameters excluded.
+
+Two things differ on the meta device and are emulated:
+- `scaled_dot_product_attention` would take the math path there, keeping seq x seq scores.  On a
+  GPU with no mask it runs flash / memory-efficient attention, which keeps q, k, v, the output
+  and a float32 log-sum-exp per row.  `_FlashLikeAttention` saves exactly those.
+- autocast (bf16-mixed, 16-mixed) does not act on meta tensors.  `_AutocastEmulation`, a
+  TorchFunctionMode, casts the inputs of the ops autocast runs in low precision (linear, matmul,
+  bmm, baddbmm, sdpa) and caches the casts of trainable leaf weights as autocast does.
+
+Bytes scale as c + batch * (a * seq + b * seq^2); three traces at short sequence lengths give
+c, a and b per region (outside the decoder layers, each decoder layer).  The 4-bit base layers
+of QLoRA are stood in for by `_Meta4bitLinear`, which mirrors bitsandbytes' `Linear4bit` +
+`MatMul4Bit` (input cast to the compute dtype, output cast back, nothing saved but the packed
+weight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from dataclasses import dataclass
+
+TRACE_SEQ_LENS = (16, 32, 64)
+# Config keys that make decoder layers differ from each other (dense vs MoE layers):
+# with any of them set, every layer is traced instead of two.
+_IRREGULAR_LAYER_KEYS = ("mlp_only_layers", "first_k_dense_replace", "decoder_sparse_step", "moe_layer_freq")
+
+
+@dataclass(frozen=True)
+class TraceKey:
+    """What changes the set of saved tensors (everything else is a shape)."""
+
+    method: str  # full | lora | qlora
+    param_dtype: str  # float32 | bfloat16 | float16
+    autocast_dtype: str | None  # None | bfloat16 | float16
+    attn: str  # sdpa | eager  (flash_attention_2 saves what sdpa's flash kernel saves)
+    lora_r: int = 0
+    lora_dropout: bool = False
+    target_modules: tuple = ()  # resolved module paths
+
+
+@dataclass(frozen=True)
+class Region:
+    """Saved bytes of one region: const + batch * (lin * seq + quad * seq^2)."""
+
+    const: float
+    lin: float
+    quad: float
+    max_tensor_lin: float  # bytes/token of the largest single saved storage (for transients)
+
+    def bytes(self, batch: int, seq: int) -> int:
+        return int(round(self.const + batch * (self.lin * seq + self.quad * seq * seq)))
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    outside: Region  # embeddings, final norm, LM head input, loss
+    layers: tuple  # Region per decoder layer (all N, extrapolated from the traced ones)
+    layer_input_lin: float  # bytes/token of one layer's hidden_states input (kept under checkpointing)
+    shared_input_lin: float  # bytes/token of inputs shared by all layers (rotary cos/sin)
+    residual_dtype_bytes: int
+
+    def saved_bytes(self, batch: int, seq: int) -> int:
+        return self.outside.bytes(batch, seq) + sum(r.bytes(batch, seq) for r in self.layers)
+
+    def checkpointed_bytes(self, batch: int, seq: int) -> int:
+        """What checkpointing keeps: the outside region and each layer's input."""
+        kept = batch * seq * (self.layer_input_lin * len(self.layers) + self.shared_input_lin)
+        return self.outside.bytes(batch, seq) + int(kept)
+
+    def max_layer_bytes(self, batch: int, seq: int) -> int:
+        return max((r.bytes(batch, seq) for r in self.layers), default=0)
+
+
+# --------------------------------------------------------------------------- emulations
+
+
+def _flash_like_sdpa():
+    import torch
+
+    class _FlashLikeAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # pragma: no cover - never run on meta
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _FlashLikeAttention.apply(query, key, value)
+
+    return sdpa
+
+
+def _autocast_mode(dtype):
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    low_ops = {
+        torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm,
+        torch.baddbmm, torch.addmm, torch.Tensor.__matmul__,
+    }
+
+    class _AutocastEmulation(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.weight_cache = {}
+
+        def _cast(self, t):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+                return t
+            if t.requires_grad and t.is_leaf:  # autocast caches casts of trainable leaf weights
+                key = id(t)
+                if key not in self.weight_cache:
+                    self.weight_cache[key] = t.to(dtype)
+                return self.weight_cache[key]
+            return t.to(dtype)
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in low_ops:
+                args = tuple(self._cast(a) for a in args)
+                kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    return _AutocastEmulation()
+
+
+def _meta_4bit_linear_class():
+    import torch
+
+    class _MatMul4Bit(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):  # saves only the packed weight, a parameter
+            ctx.save_for_backward(weight)
+            return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+        @staticmethod
+        def backward(ctx, grad):  # pragma: no cover
+            (w,) = ctx.saved_tensors
+            return grad.new_empty(grad.shape[:-1] + (w.shape[1],)), None
+
+    class _Meta4bitLinear(torch.nn.Linear):
+        compute_dtype = torch.bfloat16
+
+        def forward(self, x):
+            inp_dtype = x.dtype
+            x = x.to(self.compute_dtype)
+            out = _MatMul4Bit.apply(x, self.weight)
+            if self.bias is not None:
+                out = out + self.bias.to(self.compute_dtype)
+            return out.to(inp_dtype)
+
+    return _Meta4bitLinear
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _decoder_layers(model, n_layers: int):
+    import torch
+
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers:
+            if best is None or sum(1 for _ in mod.parameters()) > sum(1 for _ in best.parameters()):
+                best = mod
+    return list(best) if best is not None else []
+
+
+def _traced_config(config_dict: dict, n_layers: int):
+    from vramfit.spec import config_from_dict
+
+    data = copy.deepcopy(config_dict)
+    config = config_from_dict(data)
+    irregular = any(getattr(config, k, None) not in (None, 0, 1, [], ()) for k in _IRREGULAR_LAYER_KEYS)
+    traced = n_layers if irregular else min(n_layers, 2)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(config, name) and isinstance(getattr(config, name), int):
+            setattr(config, name, traced)
+    lt = getattr(config, "layer_types", None)
+    if isinstance(lt, (list, tuple)) and len(lt) > traced:
+        config.layer_types = list(lt[:traced])
+    return config, traced
+
+
+def _prepare_model(config, key: TraceKey, spec):
+    import torch
+
+    from vramfit.spec import build_meta_model
+
+    dtype = getattr(torch, key.param_dtype)
+    attn = "eager" if key.attn == "eager" else "sdpa"
+    model = build_meta_model(config, dtype=dtype, attn_implementation=attn)
+    model.train()
+    if key.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if key.method == "qlora":
+        cls = _meta_4bit_linear_class()
+        out_name = spec.output_layer
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, torch.nn.Linear) and name != out_name and name:
+                mod.__class__ = cls  # same parameters, bitsandbytes' forward
+        for p in model.parameters():  # prepare_model_for_kbit_training: non-quantized params to fp32
+            if p.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_param(model, p):
+                p.data = p.data.to(torch.float32)
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=key.lora_r, lora_alpha=key.lora_r * 2, lora_dropout=0.1 if key.lora_dropout else 0.0,
+                      target_modules=list(key.target_modules), task_type="CAUSAL_LM")
+    with _quiet():
+        model = get_peft_model(model, lcfg)
+    model.train()
+    return model
+
+
+def _is_quantized_param(model, param) -> bool:
+    cls = _meta_4bit_linear_class
+    for mod in model.modules():
+        if type(mod).__name__ == "_Meta4bitLinear" and mod.weight is param:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def _patched_sdpa(enabled: bool):
+    import torch
+
+    if not enabled:
+        yield
+        return
+    orig = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa()
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+
+
+def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: bool) -> dict:
+    """One forward with labels on a (1, seq) batch; saved bytes by region."""
+    import torch
+
+    layers = _decoder_layers(model, n_layers)
+    known = {p.untyped_storage()._cdata for p in model.parameters()}
+    known |= {b.untyped_storage()._cdata for b in model.buffers()}
+    state = {"region": "outside"}
+    totals = {"outside": [0, 0]}
+    for i in range(len(layers)):
+        totals[i] = [0, 0]
+    layer_inputs = {}
+    seen = set()
+
+    def pack(t):
+        st = t.untyped_storage()
+        sid = st._cdata
+        if sid not in known and sid not in seen:
+            seen.add(sid)
+            rec = totals[state["region"]]
+            rec[0] += st.nbytes()
+            rec[1] = max(rec[1], st.nbytes())
+        return t
+
+    def pre_hook(idx):
+        def hook(mod, args, kwargs):
+            state["region"] = idx
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            layer_inputs[idx] = (hs.untyped_storage().nbytes() if hs is not None else 0,
+                                 {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                                  for t in tensors if t is not hs and t.is_floating_point()})
+        return hook
+
+    def post_hook(mod, args, output):
+        state["region"] = "outside"
+
+    handles = [l.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, l in enumerate(layers)]
+    handles += [l.register_forward_hook(post_hook) for l in layers]
+    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    autocast = _autocast_mode(getattr(torch, key.autocast_dtype)) if key.autocast_dtype else contextlib.nullcontext()
+    emb_hook = None
+    if needs_input_grad:  # what enable_input_require_grads does under checkpointing
+        emb = model.get_input_embeddings()
+        emb_hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    try:
+        with _patched_sdpa(key.attn != "eager"), autocast, _quiet():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(input_ids=ids, labels=ids)
+    finally:
+        for h in handles:
+            h.remove()
+        if emb_hook is not None:
+            emb_hook.remove()
+    shared = {}
+    for _, (_, others) in layer_inputs.items():
+        shared.update(others)
+    hs_bytes = [v[0] for v in layer_inputs.values()]
+    return dict(totals=totals, layer_input=hs_bytes[-1] if hs_bytes else 0, shared=sum(shared.values()))
+
+
+def _solve_region(points) -> Region:
+    """points: [(seq, bytes, max_tensor)] for seq in TRACE_SEQ_LENS -> c + a*s + b*s^2."""
+    (s1, y1, m1), (s2, y2, m2), (s3, y3, m3) = points
+    # divided differences for the quadratic through three points
+    d12 = (y2 - y1) / (s2 - s1)
+    d23 = (y3 - y2) / (s3 - s2)
+    b = (d23 - d12) / (s3 - s1)
+    a = d12 - b * (s1 + s2)
+    c = y1 - a * s1 - b * s1 * s1
+    return Region(const=c, lin=a, quad=b, max_tensor_lin=m3 / s3)
+
+
+@functools.lru_cache(maxsize=256)
+def _profile_cached(spec, key: TraceKey, needs_input_grad: bool) -> ActivationProfile:
+    config, traced = _traced_config(spec.config, spec.num_layers)
+    model = _prepare_model(config, key, spec)
+    runs = [_run_trace(model, key, traced, s, needs_input_grad) for s in TRACE_SEQ_LENS]
+    outside = _solve_region([(s, r["totals"]["outside"][0], r["totals"]["outside"][1]) for s, r in zip(TRACE_SEQ_LENS, runs)])
+    traced_layers = [
+        _solve_region([(s, r["totals"][i][0], r["totals"][i][1]) for s, r in zip(TRACE_SEQ_LENS, runs)])
+        for i in range(traced)
+    ]
+    if traced < spec.num_layers:  # identical layers: the last traced one stands for the rest
+        layers = tuple(traced_layers[:-1]) + (traced_layers[-1],) * (spec.num_layers - traced + 1)
+    else:
+        layers = tuple(traced_layers)
+    last = runs[-1]
+    s = TRACE_SEQ_LENS[-1]
+    res_bytes = int(round(last["layer_input"] / (s * spec.hidden_size))) if spec.hidden_size else 2
+    return ActivationProfile(outside=outside, layers=layers, layer_input_lin=last["layer_input"] / s,
+                             shared_input_lin=last["shared"] / s, residual_dtype_bytes=res_bytes)
+
+
+def activation_profile(spec, key: TraceKey, grad_ckpt: bool = False) -> ActivationProfile:
+    """Saved-activation profile for `spec` under `key` (cached in memory and on disk)."""
+    from vramfit import cache
+
+    needs_input_grad = grad_ckpt and key.method != "full"
+    hit = cache.load_profile(spec, key, needs_input_grad)
+    if hit is not None:
+        return hit
+    prof = _profile_cached(spec, key, needs_input_grad)
+    cache.store_profile(spec, key, needs_input_grad, prof)
+    return prof
