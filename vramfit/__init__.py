@@ -3,4 +3,11 @@
 from vramfit.errors import VramfitError
 
 __version__ = "0.1.0"
-__all__ = ["VramfitError", "__version__"]
+__all__ = ["VramfitError", "estimate", "__version__"]
+
+
+def estimate(*args, **kwargs):
+    """Predict the memory of one fine-tuning step; see `vramfit.estimate.estimate`."""
+    from vramfit.estimate import estimate as _estimate
+
+    return _estimate(*args, **kwargs)

@@ -99,11 +99,11 @@ def optimizer_state_bytes(tensors, s: Setup, c: Constants = DEFAULT) -> int:
     for numel, pb, role, shape in tensors:
         if o.states == 0:
             continue
-        if o.factored:  # Adafactor: row and column second moments for matrices, in the grad dtype
+        if o.factored:  # Adafactor: row and column second moments for matrices, fp32
             if len(shape) >= 2:
-                total += (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * pb
+                total += (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * o.state_bytes
             else:
-                total += numel * pb
+                total += numel * o.state_bytes
             continue
         if o.eight_bit:
             # Trainer registers nn.Embedding weights for 32-bit states; small tensors stay 32-bit.

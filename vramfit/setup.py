@@ -48,7 +48,7 @@ OPTIMIZERS = {
         Optimizer("adamw_8bit", 2, 1, eight_bit=True, needs_bnb=True),
         Optimizer("paged_adamw_8bit", 2, 1, eight_bit=True, paged=True, needs_bnb=True),
         Optimizer("paged_adamw_32bit", 2, 4, paged=True, needs_bnb=True),
-        Optimizer("adafactor", 1, None, factored=True),
+        Optimizer("adafactor", 1, 4, factored=True),  # states follow the fp32 upcast grad
         Optimizer("sgd", 0, None),
     )
 }

@@ -1,0 +1,17 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test session gets its own spec/profile cache: tests never read a user's cache."""
+    monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vramfit-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+TINY_LLAMA = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=176,
+    num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, vocab_size=512,
+    max_position_embeddings=256, tie_word_embeddings=False,
+)

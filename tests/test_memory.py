@@ -1,0 +1,109 @@
+"""The memory model: optimizer states against real optimizers, and the step's shape."""
+
+import math
+
+import pytest
+
+from vramfit.estimate import estimate, estimate_setup
+from vramfit.memory import optimizer_state_bytes, trainable_tensors, weight_bytes
+from vramfit.setup import make_setup
+from vramfit.spec import load_spec
+
+from conftest import TINY_LLAMA
+
+
+def _real_state_bytes(optim_name, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=dtype)
+    if optim_name == "adamw_torch":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    elif optim_name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        opt = Adafactor(model.parameters(), lr=1e-3, scale_parameter=False, relative_step=False)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                total += v.numel() * v.element_size()
+    return total
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adafactor", "sgd"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_optimizer_states_match_real_optimizer(tmp_path, optim, precision):
+    import json
+
+    import torch
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    spec = load_spec(str(tmp_path))
+    setup = make_setup("full", precision=precision, optim=optim)
+    predicted = optimizer_state_bytes(trainable_tensors(spec, setup, ()), setup)
+    real = _real_state_bytes(optim, torch.float32 if precision == "32-true" else torch.bfloat16)
+    assert predicted == real
+
+
+def test_nf4_weights_with_double_quant_are_smaller():
+    spec = load_spec("llama-3.1-8b")
+    dq = weight_bytes(spec, make_setup("qlora"), ())["weights_4bit"]
+    no_dq = weight_bytes(spec, make_setup("qlora", double_quant=False), ())["weights_4bit"]
+    n = sum(l.numel for l in spec.quantizable_linears())
+    assert n / 2 < dq < no_dq
+    assert no_dq == pytest.approx(n / 2 + 4 * n / 64, rel=1e-4)  # fp32 absmax per 64 weights
+
+
+def test_eight_bit_adam_states_are_about_a_quarter_of_fp32():
+    spec = load_spec("llama-3.2-1b")
+    full32 = make_setup("full", precision="32-true", optim="adamw_torch")
+    b8 = full32.with_(optim="adamw_bnb_8bit")
+    t = trainable_tensors(spec, full32, ())
+    ratio = optimizer_state_bytes(t, b8) / optimizer_state_bytes(t, full32)
+    emb = spec.params_by_role["embeddings"] / spec.params_total  # Trainer keeps embeddings 32-bit
+    assert ratio == pytest.approx(emb + (1 - emb) * (1 + 4 / 256) / 4, rel=0.01)
+
+
+def test_paged_optimizer_moves_states_out_of_torch_counters():
+    plain = estimate("llama-3.2-1b", method="qlora", optim="adamw_bnb_8bit")
+    paged = estimate("llama-3.2-1b", method="qlora", optim="paged_adamw_8bit")
+    assert paged.breakdown["optimizer_states_paged"] == plain.breakdown["optimizer_states"]
+    assert paged.peak_allocated_bytes <= plain.peak_allocated_bytes
+    assert paged.device_bytes == pytest.approx(plain.device_bytes, rel=0.01)
+
+
+def test_peak_grows_with_batch_and_checkpointing_cuts_it():
+    spec = load_spec("llama-3.2-1b")
+    s = make_setup("lora", seq_len=1024, micro_batch=2)
+    b2, _ = estimate_setup(spec, s)
+    b4, _ = estimate_setup(spec, s.with_(micro_batch=4))
+    ck, _ = estimate_setup(spec, s.with_(micro_batch=4, grad_ckpt=True))
+    assert b2.peak_allocated_bytes < b4.peak_allocated_bytes
+    assert ck.peak_allocated_bytes < b4.peak_allocated_bytes
+
+
+def test_peak_is_the_largest_phase_not_the_sum_of_maxima():
+    e = estimate("qwen2.5-0.5b", method="full", optim="adamw_torch", seq_len=512)
+    assert e.peak_allocated_bytes == max(e.phases.values())
+    assert e.peak_reserved_bytes >= e.peak_allocated_bytes
+    assert e.device_bytes > e.peak_reserved_bytes
+
+
+def test_full_finetune_bf16_adamw_peaks_at_optimizer_step_with_short_sequences():
+    e = estimate("llama-3.1-8b", method="full", seq_len=128, optim="adamw_torch")
+    # weights + grads + 2 states + foreach sqrt temp, 2 bytes each
+    assert e.peak_phase == "optimizer"
+    assert e.phases["optimizer"] >= 5 * 2 * e.params_total
+
+
+def test_big_vocabulary_loss_buffers_dominate_small_models():
+    e = estimate("gemma-2b", method="lora", seq_len=4096)
+    assert e.breakdown["logits_and_loss"] > e.breakdown["activations"] / 4
+    assert e.breakdown["logits_and_loss"] >= 4096 * 256_000 * 4
