@@ -7,7 +7,7 @@ __all__ = ["VramfitError", "estimate", "__version__"]
 
 
 def estimate(*args, **kwargs):
-    """Predict the memory of one fine-tuning step; see `vramfit.estimate.estimate`."""
-    from vramfit.estimate import estimate as _estimate
+    """Predict the memory of one fine-tuning step; see `vramfit.api.estimate`."""
+    from vramfit.api import estimate as _estimate
 
     return _estimate(*args, **kwargs)

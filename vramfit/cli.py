@@ -59,7 +59,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
 ):
     """Predict the GPU memory of one fine-tuning step: a breakdown and the three peaks."""
-    from vramfit.estimate import estimate as run_estimate
+    from vramfit.api import estimate as run_estimate
 
     try:
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,

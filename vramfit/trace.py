@@ -242,9 +242,16 @@ def _is_quantized_param(model, param) -> bool:
 def _quiet():
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager
@@ -339,7 +346,8 @@ def _solve_region(points) -> Region:
 @functools.lru_cache(maxsize=256)
 def _profile_cached(spec, key: TraceKey, needs_input_grad: bool) -> ActivationProfile:
     config, traced = _traced_config(spec.config, spec.num_layers)
-    model = _prepare_model(config, key, spec)
+    with _quiet():
+        model = _prepare_model(config, key, spec)
     runs = [_run_trace(model, key, traced, s, needs_input_grad) for s in TRACE_SEQ_LENS]
     outside = _solve_region([(s, r["totals"]["outside"][0], r["totals"]["outside"][1]) for s, r in zip(TRACE_SEQ_LENS, runs)])
     traced_layers = [
