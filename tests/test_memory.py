@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vramfit.estimate import estimate, estimate_setup
+from vramfit.api import estimate, estimate_setup
 from vramfit.memory import optimizer_state_bytes, trainable_tensors, weight_bytes
 from vramfit.setup import make_setup
 from vramfit.spec import load_spec

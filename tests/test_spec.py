@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vramfit import VramfitError
-from vramfit.estimate import estimate
+from vramfit.api import estimate
 from vramfit.setup import make_setup, resolve_targets
 from vramfit.spec import load_spec
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vramfit.estimate import trace_key
+from vramfit.api import trace_key
 from vramfit.setup import make_setup, resolve_targets
 from vramfit.spec import load_spec
 from vramfit.trace import activation_profile

@@ -8,6 +8,7 @@ carry them; gradients are freed after each step (`zero_grad(set_to_none=True)`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -54,47 +55,67 @@ def _nf4_bytes(numel: int, c: Constants, double_quant: bool) -> int:
     return packed + blocks + FP32 * math.ceil(blocks / c.nf4_dq_blocksize) + 256 * FP32
 
 
+@functools.lru_cache(maxsize=1024)
+def _quant_totals(spec, c: Constants, double_quant: bool) -> tuple[int, int, int]:
+    """(quantized elements, their NF4 bytes, largest quantized layer) for the model."""
+    quant = spec.quantizable_linears()
+    return (sum(l.numel for l in quant), sum(_nf4_bytes(l.numel, c, double_quant) for l in quant),
+            max((l.numel for l in quant), default=0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lora_total(spec, targets: tuple, r: int) -> int:
+    return _lora_params(spec, targets, r)[0]
+
+
 def weight_bytes(spec, s: Setup, targets, c: Constants = DEFAULT) -> dict:
     """Bytes of the base weights by storage dtype, and of the LoRA adapters."""
     pbytes = DTYPE_BYTES[s.param_dtype]
     out = {}
     if s.method == "qlora":
-        quant = spec.quantizable_linears()
-        q_numel = sum(l.numel for l in quant)
+        q_numel, q_bytes, _ = _quant_totals(spec, c, s.double_quant)
         # prepare_model_for_kbit_training casts every non-quantized parameter (embeddings, norms,
         # LM head, biases) to fp32.
-        out["weights_4bit"] = sum(_nf4_bytes(l.numel, c, s.double_quant) for l in quant)
+        out["weights_4bit"] = q_bytes
         out["weights_fp32_unquantized"] = (spec.params_total - q_numel) * FP32
     else:
         out[f"weights_{s.param_dtype}"] = spec.params_total * pbytes
     if s.method != "full":
         # peft's autocast_adapter_dtype=True keeps adapters in fp32 over bf16/fp16 bases.
-        n, _ = _lora_params(spec, targets, s.lora_r)
-        out["lora_adapters"] = n * FP32
+        out["lora_adapters"] = _lora_total(spec, tuple(targets), s.lora_r) * FP32
     return out
 
 
-def trainable_tensors(spec, s: Setup, targets) -> list:
+def trainable_tensors(spec, s: Setup, targets) -> tuple:
     """[(numel, dtype_bytes, role, shape)] of the parameters the optimizer sees."""
-    if s.method == "full":
-        pb = DTYPE_BYTES[s.param_dtype]
+    return _trainable_tensors(spec, s.method, s.param_dtype, tuple(targets), s.lora_r)
+
+
+@functools.lru_cache(maxsize=4096)
+def _trainable_tensors(spec, method: str, param_dtype: str, targets: tuple, lora_r: int) -> tuple:
+    if method == "full":
+        pb = DTYPE_BYTES[param_dtype]
         out = []
         for shape, count, role in spec.param_shapes:
             n = math.prod(shape)
             out += [(n, pb, role, tuple(shape))] * count
-        return out
+        return tuple(out)
     by_name = {l.name: l for l in spec.linears}
     out = []
     for t in targets:
         l = by_name[t]
-        out.append((s.lora_r * l.in_features, FP32, "lora", (s.lora_r, l.in_features)))
-        out.append((l.out_features * s.lora_r, FP32, "lora", (l.out_features, s.lora_r)))
-    return out
+        out.append((lora_r * l.in_features, FP32, "lora", (lora_r, l.in_features)))
+        out.append((l.out_features * lora_r, FP32, "lora", (l.out_features, lora_r)))
+    return tuple(out)
 
 
 def optimizer_state_bytes(tensors, s: Setup, c: Constants = DEFAULT) -> int:
     """States as each optimizer really stores them."""
-    o = s.optimizer
+    return _state_bytes(tuple(tensors), s.optimizer, c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _state_bytes(tensors: tuple, o, c: Constants) -> int:
     total = 0
     for numel, pb, role, shape in tensors:
         if o.states == 0:
@@ -119,7 +140,11 @@ def optimizer_state_bytes(tensors, s: Setup, c: Constants = DEFAULT) -> int:
 
 def optimizer_step_temp_bytes(tensors, s: Setup, spec) -> int:
     """Temporaries of one optimizer step beyond states and gradients."""
-    o = s.optimizer
+    return _step_temp(tuple(tensors), s.optimizer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_temp(tensors: tuple, o) -> int:
     if o.foreach_temp:  # _multi_tensor_adamw: exp_avg_sq.sqrt() for all tensors at once
         return sum(n * (o.state_bytes or pb) for n, pb, _, _ in tensors)
     if o.factored and tensors:  # transformers Adafactor works per tensor, in fp32
@@ -127,6 +152,14 @@ def optimizer_step_temp_bytes(tensors, s: Setup, spec) -> int:
         upcasts = 2 if pb < FP32 else 0  # fp32 copies of grad and param
         return n * FP32 * (3 + upcasts)
     return 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _grad_totals(tensors: tuple) -> tuple[int, int]:
+    """(all gradient bytes, those outside the decoder layers: embeddings and LM head)."""
+    total = sum(n * pb for n, pb, _, _ in tensors)
+    outside = sum(n * pb for n, pb, role, _ in tensors if role in ("embeddings", "lm_head"))
+    return total, outside
 
 
 # --------------------------------------------------------------------------- activations
@@ -162,7 +195,7 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     weights = weight_bytes(spec, s, targets, c)
     W = sum(weights.values())
     tensors = trainable_tensors(spec, s, targets)
-    G = sum(n * pb for n, pb, _, _ in tensors)
+    G, G_out = _grad_totals(tensors)
     O = optimizer_state_bytes(tensors, s, c)
     paged = O if s.optimizer.paged else 0
     O_torch = O - paged
@@ -177,7 +210,7 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     max_tensor = max((r.max_tensor_lin for r in profile.layers), default=0.0)
     layer_transient = int(c.layer_backward_factor * max_tensor * T + 2 * profile.layer_input_lin * T)
     if s.method == "qlora":  # dequantize_4bit(W) in bf16 for the input gradient of each 4-bit layer
-        layer_transient += max((l.numel for l in spec.quantizable_linears()), default=0) * 2
+        layer_transient += _quant_totals(spec, c, s.double_quant)[2] * 2
 
     if s.grad_ckpt:
         kept_per_layer = int(profile.layer_input_lin * T)
@@ -186,8 +219,6 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     else:
         A_fwd = outside_saved + sum(layer_saved)
 
-    # trainable parameters inside the decoder layers vs outside (embeddings, head, final norm)
-    G_out = sum(n * pb for n, pb, role, _ in tensors if role in ("embeddings", "lm_head"))
     G_layers = G - G_out
     g_layer = G_layers / max(n_layers, 1)
 
@@ -238,12 +269,12 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     comps["cuda_context"] = c.cuda_context_bytes + c.kernel_growth_bytes
     comps = {k: int(v) for k, v in comps.items()}
 
-    lora_n = _lora_params(spec, targets, s.lora_r)[0] if s.method != "full" else 0
+    lora_n = _lora_total(spec, tuple(targets), s.lora_r) if s.method != "full" else 0
     total = spec.params_total + lora_n
     trainable = spec.params_total if s.method == "full" else lora_n
     packed = spec.params_total  # the base model alone, as model.num_parameters() shows it
     if s.method == "qlora":
-        packed -= sum(l.numel for l in spec.quantizable_linears()) // 2
+        packed -= _quant_totals(spec, c, s.double_quant)[0] // 2
     return Breakdown(components=comps, phases=phases, peak_phase=peak_phase,
                      peak_allocated_bytes=int(peak_alloc), peak_reserved_bytes=int(peak_reserved),
                      device_bytes=int(device), params_total=total, params_trainable=trainable,

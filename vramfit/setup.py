@@ -7,6 +7,7 @@ LoRA fields are `peft.LoraConfig`'s.  Nothing here imports torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass, field, replace
 
@@ -161,15 +162,19 @@ def validate(s: Setup) -> None:
 
 
 def resolve_targets(spec, setup: Setup) -> tuple:
+    if setup.method == "full":
+        return ()
+    return _resolve_targets(spec, setup.targets.strip())
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_targets(spec, raw: str) -> tuple:
     """peft's matching of target_modules against the model's Linear layers -> module paths.
 
     A comma list matches a module whose path equals a name or ends with '.name'; a single
     string with regex characters is matched with re.fullmatch (as peft does); 'all-linear'
     is every Linear but the output layer.
     """
-    if setup.method == "full":
-        return ()
-    raw = setup.targets.strip()
     names = [l.name for l in spec.linears]
     if raw == "all-linear":
         chosen = [n for n in names if n != spec.output_layer]
@@ -189,6 +194,4 @@ def resolve_targets(spec, setup: Setup) -> tuple:
                                f"its Linear layers are named: {', '.join(leaves)}")
     if not chosen:
         raise VramfitError(f"target-modules '{raw}' matches no Linear layer of {spec.name}")
-    if setup.method == "qlora" and spec.output_layer in chosen:
-        pass  # peft wraps an unquantized LM head in a plain LoRA layer: allowed
     return tuple(chosen)

@@ -308,11 +308,21 @@ def _spec_from_json(name: str, blob: str) -> ModelSpec:
                      config_hash=config_hash(data), **facts, **_shape_facts(config))
 
 
-def load_spec(model: str, trust_remote_code: bool = False) -> ModelSpec:
-    """MODEL -> ModelSpec, cached in memory (and on disk by vramfit.cache) per config."""
+def load_spec(model: str, trust_remote_code: bool = False, overrides: dict | None = None) -> ModelSpec:
+    """MODEL -> ModelSpec, cached in memory (and on disk by vramfit.cache) per config.
+
+    `overrides` replaces config keys (e.g. {"num_hidden_layers": 4} for a shrunk model).
+    """
+    name, data = resolve_config_dict(model, trust_remote_code)
+    if overrides:
+        data = {**data, **overrides}
+    return spec_from_config(name, data)
+
+
+def spec_from_config(name: str, data: dict) -> ModelSpec:
+    """A config dict -> ModelSpec, through the same caches."""
     from vramfit import cache
 
-    name, data = resolve_config_dict(model, trust_remote_code)
     hit = cache.load_spec(data)
     if hit is not None:
         return hit

@@ -82,7 +82,11 @@ class ActivationProfile:
 # --------------------------------------------------------------------------- emulations
 
 
-def _flash_like_sdpa():
+def _flash_like_sdpa(autocast_dtype=None):
+    """A stand-in for F.scaled_dot_product_attention saving what the flash kernel saves.
+
+    Under autocast, sdpa is on the low-precision list: q, k, v are cast first (new tensors).
+    """
     import torch
 
     class _FlashLikeAttention(torch.autograd.Function):
@@ -99,6 +103,8 @@ def _flash_like_sdpa():
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if autocast_dtype is not None:
+            query, key, value = (t.to(autocast_dtype) for t in (query, key, value))
         return _FlashLikeAttention.apply(query, key, value)
 
     return sdpa
@@ -255,14 +261,14 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _patched_sdpa(enabled: bool):
+def _patched_sdpa(enabled: bool, autocast_dtype=None):
     import torch
 
     if not enabled:
         yield
         return
     orig = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa()
+    torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa(autocast_dtype)
     try:
         yield
     finally:
@@ -316,7 +322,8 @@ def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: 
         emb = model.get_input_embeddings()
         emb_hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     try:
-        with _patched_sdpa(key.attn != "eager"), autocast, _quiet():
+        ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
+        with _patched_sdpa(key.attn != "eager", ac_dtype), autocast, _quiet():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(input_ids=ids, labels=ids)
     finally:

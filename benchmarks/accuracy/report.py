@@ -1,0 +1,192 @@
+"""Predicted vs measured: `python -m benchmarks.accuracy.report [RESULTS.jsonl ...]`.
+
+For every measured case the current memory model predicts the three peaks; the report prints
+median / p90 / max relative error per peak, overall and per method and architecture, the share
+of dangerous under-predictions (> 2% below the measurement), whether every OOM was predicted not
+to fit, and writes a markdown table and a scatter plot next to the results.
+
+Relative error = (predicted - measured) / measured: negative means under-predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import statistics
+from pathlib import Path
+
+from vramfit.constants import DEFAULT, Constants
+from vramfit.api import estimate_setup
+from vramfit.setup import Setup, validate
+from vramfit.spec import load_spec
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+PEAKS = (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"), ("device", "device_bytes"))
+
+
+def case_setup(case: dict) -> Setup:
+    targets = case.get("target_modules")
+    if isinstance(targets, list):
+        targets = ",".join(targets)
+    s = Setup(method=case["method"], precision=case["precision"], optim=case["optim"],
+              lora_r=case.get("lora_r") or 16, lora_alpha=case.get("lora_alpha"),
+              lora_dropout=case.get("lora_dropout") if case.get("lora_dropout") is not None else 0.05,
+              target_modules=targets, seq_len=case["seq_len"], micro_batch=case["micro_batch"],
+              grad_ckpt=bool(case.get("grad_ckpt")), attn=case.get("attn", "sdpa"),
+              allocator=case.get("allocator", "default"))
+    validate(s)
+    return s
+
+
+def predict(case: dict, constants: Constants = DEFAULT):
+    spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
+    bd, _ = estimate_setup(spec, case_setup(case), constants)
+    return spec, bd
+
+
+def measured(rec: dict) -> dict:
+    return {"allocated": rec.get("peak_allocated_bytes"), "reserved": rec.get("peak_reserved_bytes"),
+            "device": rec.get("nvml_peak_bytes")}
+
+
+def load_records(paths) -> list[dict]:
+    out = []
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                if rec.get("case", {}).get("kind", "train") == "train":
+                    out.append(rec)
+    return out
+
+
+def rows(records, constants: Constants = DEFAULT) -> list[dict]:
+    out = []
+    for rec in records:
+        case = rec["case"]
+        if rec["status"] not in ("ok", "oom"):
+            continue
+        spec, bd = predict(case, constants)
+        row = {"label": rec["label"], "status": rec["status"], "method": case["method"],
+               "arch": spec.model_type, "model": case["model"], "predicted_phase": bd.peak_phase,
+               "gpu_total": rec.get("environment", {}).get("gpu_total_bytes"),
+               "memory_fraction": case.get("memory_fraction")}
+        meas = measured(rec)
+        pred = {"allocated": bd.peak_allocated_bytes, "reserved": bd.peak_reserved_bytes, "device": bd.device_bytes}
+        for k in ("allocated", "reserved", "device"):
+            row[f"pred_{k}"] = pred[k]
+            row[f"meas_{k}"] = meas[k]
+            row[f"err_{k}"] = (pred[k] - meas[k]) / meas[k] if rec["status"] == "ok" and meas[k] else None
+        out.append(row)
+    return out
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    i = min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))
+    return xs[i]
+
+
+def summarize(rs, key: str) -> dict:
+    errs = [r[f"err_{key}"] for r in rs if r[f"err_{key}"] is not None]
+    if not errs:
+        return {"n": 0}
+    a = [abs(e) for e in errs]
+    return {"n": len(errs), "median": statistics.median(a), "p90": _pct(a, 0.9), "max": max(a),
+            "under2": sum(e < -0.02 for e in errs) / len(errs), "bias": statistics.median(errs)}
+
+
+def oom_check(rs) -> tuple[int, int]:
+    """(OOM cases, of which predicted not to fit on the budget they ran under)."""
+    n = ok = 0
+    for r in rs:
+        if r["status"] != "oom":
+            continue
+        n += 1
+        budget = r["gpu_total"] * (r["memory_fraction"] or 1.0) if r["gpu_total"] else None
+        if budget and r["pred_device"] > budget:
+            ok += 1
+    return n, ok
+
+
+def markdown(rs) -> str:
+    lines = ["| group | n | peak | median | p90 | max | under >2% |", "|---|---|---|---|---|---|---|"]
+    groups = [("all", rs)] + [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
+    groups += [(f"arch={a}", [r for r in rs if r["arch"] == a]) for a in sorted({r["arch"] for r in rs})]
+    for name, g in groups:
+        for label, _ in PEAKS:
+            s = summarize(g, label)
+            if s["n"]:
+                lines.append(f"| {name} | {s['n']} | {label} | {100 * s['median']:.2f}% | {100 * s['p90']:.2f}% | "
+                             f"{100 * s['max']:.2f}% | {100 * s['under2']:.1f}% |")
+    n, ok = oom_check(rs)
+    lines.append("")
+    lines.append(f"OOM cases predicted not to fit: {ok} of {n}")
+    return "\n".join(lines)
+
+
+def case_table(rs) -> str:
+    lines = ["| case | status | phase | alloc pred/meas MiB | reserved pred/meas MiB | device pred/meas MiB | device err |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rs:
+        e = r["err_device"]
+        lines.append(f"| {r['label']} | {r['status']} | {r['predicted_phase']} | {r['pred_allocated'] >> 20} / "
+                     f"{(r['meas_allocated'] or 0) >> 20} | {r['pred_reserved'] >> 20} / {(r['meas_reserved'] or 0) >> 20} | "
+                     f"{r['pred_device'] >> 20} / {(r['meas_device'] or 0) >> 20} | "
+                     f"{'' if e is None else f'{100 * e:+.2f}%'} |")
+    return "\n".join(lines)
+
+
+def scatter(rs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    colors = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:green"}
+    for ax, (label, _) in zip(axes, PEAKS):
+        for m, c in colors.items():
+            pts = [(r[f"meas_{label}"] / 2**30, r[f"pred_{label}"] / 2**30) for r in rs
+                   if r["method"] == m and r["status"] == "ok" and r[f"meas_{label}"]]
+            if pts:
+                ax.scatter(*zip(*pts), s=14, c=c, label=m, alpha=0.8)
+        lo = min([r[f"pred_{label}"] for r in rs] + [1 << 28]) / 2**30
+        hi = max([r[f"pred_{label}"] for r in rs] + [1 << 30]) / 2**30
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label} (GiB)")
+        ax.set_ylabel(f"predicted {label} (GiB)")
+        ax.set_title(f"peak {label}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="*", help="JSONL files (default: benchmarks/results/*.jsonl)")
+    ap.add_argument("--out", default=None, help="basename for the .md and .png (default: next to the first file)")
+    ap.add_argument("--cases", action="store_true", help="print every case")
+    args = ap.parse_args(argv)
+    paths = args.results or sorted(glob.glob(str(RESULTS / "*.jsonl")))
+    rs = rows(load_records(paths))
+    md = markdown(rs)
+    print(md)
+    if args.cases:
+        print()
+        print(case_table(rs))
+    out = Path(args.out) if args.out else Path(paths[0]).with_suffix("")
+    out.with_name(out.name + "-report.md").write_text(
+        f"# Predicted vs measured\n\nSources: {', '.join(Path(p).name for p in paths)}\n\n{md}\n\n{case_table(rs)}\n")
+    scatter(rs, out.with_name(out.name + "-scatter.png"))
+
+
+if __name__ == "__main__":
+    main()
