@@ -1,0 +1,1 @@
+"""Benchmarks of vramfit against real GPUs: `accuracy/` (memory) and `speed/`."""

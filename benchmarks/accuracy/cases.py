@@ -1,0 +1,148 @@
+"""What a case is: a plain dict (JSON) with fixed key names, shared with the memory model.
+
+A training case:
+    model             profile name: profiles/models/<model>.json (an HF config.json plus `_` keys)
+    config_overrides  dict applied to that config, e.g. {"num_hidden_layers": 4}
+    method            full | lora | qlora
+    precision         32-true | bf16-true | bf16-mixed | 16-mixed | 16-true
+    optim             a transformers TrainingArguments.optim name
+    lora_r, lora_alpha, lora_dropout, target_modules   (None for full fine-tuning)
+    seq_len, micro_batch, grad_ckpt, attn, allocator, steps, memory_fraction
+A context micro-case: {"kind": "context", "allocator": ...}.
+
+Every key is filled in by `training_case` / `context_case`, so a case dict is complete and its
+`case_id` (a hash of the dict) is stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROFILES_DIR = REPO_ROOT / "profiles" / "models"
+# Tests point this at a folder of tiny profiles; the child inherits it through fork.
+PROFILES_ENV = "VRAMFIT_PROFILES_DIR"
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed", "16-true")
+ALLOCATORS = {"default": None, "expandable": "expandable_segments:True"}
+
+# precision -> (dtype the weights are loaded in, TrainingArguments bf16, fp16)
+PRECISION_SETUP = {
+    "32-true": ("float32", False, False),
+    "bf16-true": ("bfloat16", False, False),
+    "bf16-mixed": ("float32", True, False),
+    "16-mixed": ("float32", False, True),
+    "16-true": ("float16", False, False),
+}
+
+
+def training_case(
+    model: str,
+    method: str = "full",
+    precision: str = "bf16-true",
+    optim: str = "adamw_torch",
+    seq_len: int = 512,
+    micro_batch: int = 1,
+    grad_ckpt: bool = False,
+    attn: str = "sdpa",
+    allocator: str = "default",
+    lora_r: int | None = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = 0.05,
+    target_modules: list[str] | str | None = "all-linear",
+    config_overrides: dict | None = None,
+    steps: int = 3,
+    memory_fraction: float | None = None,
+) -> dict:
+    """A complete training case dict; LoRA keys are None for full fine-tuning."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} not in {METHODS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} not in {PRECISIONS}")
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator {allocator!r} not in {list(ALLOCATORS)}")
+    lora = method != "full"
+    return {
+        "kind": "train",
+        "model": model,
+        "config_overrides": dict(config_overrides or {}),
+        "method": method,
+        "precision": precision,
+        "optim": optim,
+        "lora_r": lora_r if lora else None,
+        "lora_alpha": (lora_alpha if lora_alpha is not None else 2 * lora_r) if lora else None,
+        "lora_dropout": lora_dropout if lora else None,
+        "target_modules": (list(target_modules) if isinstance(target_modules, (list, tuple))
+                           else target_modules) if lora else None,
+        "seq_len": seq_len,
+        "micro_batch": micro_batch,
+        "grad_ckpt": grad_ckpt,
+        "attn": attn,
+        "allocator": allocator,
+        "steps": steps,
+        "memory_fraction": memory_fraction,
+    }
+
+
+def context_case(allocator: str = "default") -> dict:
+    """The micro-case that measures CUDA context, cuBLAS workspace and allocator rounding."""
+    return {"kind": "context", "allocator": allocator}
+
+
+def case_id(case: dict) -> str:
+    """Stable id: sha1 of the canonical JSON of the case (without any `id` key), 12 hex digits."""
+    body = {k: v for k, v in case.items() if k != "id"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def case_label(case: dict) -> str:
+    """Short human label for progress lines and `--only` matching."""
+    if case.get("kind") == "context":
+        return f"context/{case['allocator']}"
+    parts = [case["model"]]
+    if case["config_overrides"]:
+        parts[0] += "[" + ",".join(f"{k}={v}" for k, v in sorted(case["config_overrides"].items())) + "]"
+    method = case["method"]
+    if method != "full":
+        targets = case["target_modules"]
+        targets = targets if isinstance(targets, str) else ",".join(targets)
+        method += f"-r{case['lora_r']}-{targets}"
+    parts += [method, case["precision"], case["optim"],
+              f"s{case['seq_len']}xb{case['micro_batch']}", case["attn"]]
+    if case["grad_ckpt"]:
+        parts.append("ckpt")
+    if case["allocator"] != "default":
+        parts.append(case["allocator"])
+    if case.get("memory_fraction"):
+        parts.append(f"frac{case['memory_fraction']}")
+    return "/".join(parts)
+
+
+def profiles_dir() -> Path:
+    return Path(os.environ.get(PROFILES_ENV) or PROFILES_DIR)
+
+
+def load_profile(name: str) -> dict:
+    """The profile file as stored, `_` keys included."""
+    path = profiles_dir() / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no model profile {path}")
+    return json.loads(path.read_text())
+
+
+def model_config_dict(case: dict) -> dict:
+    """The HF config dict the case trains: profile without `_` keys, overrides applied."""
+    config = {k: v for k, v in load_profile(case["model"]).items() if not k.startswith("_")}
+    config.update(case["config_overrides"])
+    return config
+
+
+def checkpoint_key(case: dict) -> str:
+    """Cache key of the random-init checkpoint a QLoRA case loads: model and overrides only."""
+    text = json.dumps([case["model"], case["config_overrides"]], sort_keys=True)
+    return case["model"] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]

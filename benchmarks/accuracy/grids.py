@@ -1,0 +1,280 @@
+"""Named grids: lists of case dicts (see cases.py).
+
+- `smoke`  : two small cases and the context micro-case (first check of a new machine).
+- `issue2` : 36 configurations, 8 architectures, ~135M to ~7B, all methods; under ~8 min on an H100.
+- `full`   : the issue 3 grid (>=160 configurations, >=10 architectures, a shrunk MoE, configurations
+             that do not fit in 80 GB); run it in shards of <= 9 minutes (`--shard i/4`).
+
+Large architectures are shrunk with `config_overrides` (fewer layers) where the aim is the shape
+of the model, not its size. Paged optimizers use CUDA managed memory: they appear only in cases
+whose optimizer state is far below the card's free memory.
+"""
+
+from __future__ import annotations
+
+from .cases import case_id, context_case
+from .cases import training_case as T
+
+QV = {  # the attention projections usually called "q,v" in each family
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "phi3": ["qkv_proj"],
+    "falcon": ["query_key_value"],
+}
+QV_DEFAULT = ["q_proj", "v_proj"]
+
+# model type of each profile used here (for the q,v target names)
+MODEL_TYPES = {
+    "gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-410m": "gpt_neox", "pythia-1b": "gpt_neox",
+    "phi-3-mini": "phi3", "falcon-7b": "falcon",
+}
+
+
+def qv(model: str) -> list[str]:
+    return QV.get(MODEL_TYPES.get(model, ""), QV_DEFAULT)
+
+
+def smoke() -> list[dict]:
+    return [
+        context_case("default"),
+        T("smollm2-135m", "full", "bf16-mixed", "adamw_torch", seq_len=512, micro_batch=4),
+        T("qwen2.5-0.5b", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=512, micro_batch=2,
+          grad_ckpt=True, lora_r=16, target_modules="all-linear"),
+    ]
+
+
+def issue2() -> list[dict]:
+    full = [
+        T("smollm2-135m", "full", "bf16-mixed", "adamw_torch", seq_len=512, micro_batch=4),
+        T("smollm2-135m", "full", "32-true", "adamw_torch", seq_len=1024, micro_batch=2, attn="eager"),
+        T("gpt2", "full", "32-true", "adamw_torch", seq_len=1024, micro_batch=4),
+        T("gpt2", "full", "bf16-mixed", "adamw_torch_fused", seq_len=1024, micro_batch=8, grad_ckpt=True),
+        T("pythia-410m", "full", "bf16-mixed", "adamw_torch", seq_len=2048, micro_batch=2),
+        T("pythia-410m", "full", "bf16-true", "sgd", seq_len=512, micro_batch=8, attn="eager"),
+        T("opt-350m", "full", "32-true", "adafactor", seq_len=1024, micro_batch=4),
+        T("opt-350m", "full", "bf16-mixed", "adamw_bnb_8bit", seq_len=2048, micro_batch=2,
+          grad_ckpt=True, allocator="expandable"),
+        T("qwen2.5-0.5b", "full", "bf16-true", "adamw_torch_fused", seq_len=2048, micro_batch=4, grad_ckpt=True),
+        T("qwen2.5-0.5b", "full", "bf16-mixed", "adamw_torch", seq_len=1024, micro_batch=2,
+          allocator="expandable"),
+        T("llama-3.2-1b", "full", "bf16-true", "adamw_torch", seq_len=1024, micro_batch=4),
+        T("llama-3.2-1b", "full", "bf16-mixed", "paged_adamw_8bit", seq_len=2048, micro_batch=2, grad_ckpt=True),
+        T("tinyllama-1.1b", "full", "32-true", "adamw_torch", seq_len=256, micro_batch=8, grad_ckpt=True),
+        T("gemma-2b", "full", "bf16-true", "adamw_bnb_8bit", seq_len=1024, micro_batch=2, grad_ckpt=True),
+        T("phi-3-mini", "full", "bf16-true", "adafactor", seq_len=1024, micro_batch=1, grad_ckpt=True),
+        T("mistral-7b-v0.1", "full", "bf16-true", "adamw_bnb_8bit", seq_len=512, micro_batch=1, grad_ckpt=True),
+    ]
+    lora = [
+        T("smollm2-135m", "lora", "bf16-true", "adamw_torch", seq_len=512, micro_batch=8,
+          lora_r=8, target_modules=qv("smollm2-135m")),
+        T("qwen2.5-0.5b", "lora", "bf16-mixed", "adamw_torch", seq_len=2048, micro_batch=4,
+          attn="eager", lora_r=16),
+        T("gpt2", "lora", "bf16-mixed", "adamw_torch", seq_len=1024, micro_batch=8, lora_r=8),
+        T("pythia-410m", "lora", "32-true", "adamw_torch", seq_len=1024, micro_batch=4,
+          lora_r=32, target_modules=qv("pythia-410m")),
+        T("opt-350m", "lora", "bf16-true", "sgd", seq_len=2048, micro_batch=2, lora_r=16,
+          target_modules=qv("opt-350m")),
+        T("llama-3.2-1b", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=8,
+          grad_ckpt=True, allocator="expandable", lora_r=16),
+        T("llama-3.2-1b", "lora", "bf16-mixed", "adamw_torch_fused", seq_len=1024, micro_batch=4,
+          lora_r=64, target_modules=qv("llama-3.2-1b")),
+        T("tinyllama-1.1b", "lora", "bf16-mixed", "paged_adamw_32bit", seq_len=512, micro_batch=4,
+          attn="eager", lora_r=128),
+        T("gemma-2b", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=2, grad_ckpt=True, lora_r=16),
+        T("phi-3-mini", "lora", "bf16-true", "adamw_torch", seq_len=1024, micro_batch=2,
+          grad_ckpt=True, attn="eager", lora_r=32),
+        T("mistral-7b-v0.1", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=1,
+          grad_ckpt=True, lora_r=16),
+        T("mistral-7b-v0.1", "lora", "bf16-true", "adamw_torch", seq_len=1024, micro_batch=2,
+          lora_r=8, target_modules=qv("mistral-7b-v0.1")),
+    ]
+    qlora = [
+        T("qwen2.5-0.5b", "qlora", "bf16-mixed", "adamw_torch", seq_len=512, micro_batch=8,
+          lora_r=8, target_modules=qv("qwen2.5-0.5b")),
+        T("pythia-410m", "qlora", "bf16-true", "adamw_torch", seq_len=1024, micro_batch=4,
+          grad_ckpt=True, lora_r=16),
+        T("llama-3.2-1b", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=1024, micro_batch=4,
+          grad_ckpt=True, lora_r=16),
+        T("tinyllama-1.1b", "qlora", "bf16-true", "adamw_bnb_8bit", seq_len=2048, micro_batch=2,
+          grad_ckpt=True, allocator="expandable", lora_r=64),
+        T("gemma-2b", "qlora", "bf16-mixed", "adamw_torch", seq_len=512, micro_batch=2,
+          grad_ckpt=True, attn="eager", lora_r=16),
+        T("phi-3-mini", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=2048, micro_batch=1,
+          grad_ckpt=True, lora_r=16),
+        T("mistral-7b-v0.1", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=1024, micro_batch=2,
+          grad_ckpt=True, lora_r=16),
+    ]
+    return [context_case("default"), context_case("expandable")] + full + lora + qlora
+
+
+# ---------------------------------------------------------------- the issue 3 grid
+
+# Every architecture family, at a size that keeps a case to seconds: big ones are shrunk.
+ARCHITECTURES = {
+    "gpt2": {},
+    "pythia-410m": {},
+    "opt-350m": {},
+    "smollm2-135m": {},
+    "qwen2.5-0.5b": {},
+    "llama-3.2-1b": {},
+    "tinyllama-1.1b": {},
+    "olmo-1b-hf": {},
+    "gemma-2b": {},
+    "gemma-2-2b": {},
+    "phi-3-mini": {"num_hidden_layers": 8},
+    "mistral-7b-v0.1": {"num_hidden_layers": 8},
+    "llama-2-7b": {"num_hidden_layers": 8},
+    "qwen2.5-7b": {"num_hidden_layers": 6},
+    "falcon-7b": {"num_hidden_layers": 8},
+    "qwen1.5-moe-a2.7b": {"num_hidden_layers": 4},
+    "mixtral-8x7b": {"num_hidden_layers": 2},
+}
+# Gemma-2 has no sdpa path in transformers (attention logit soft-capping): eager only.
+ATTN = {"gemma-2-2b": "eager"}
+# Positions the model can take: learned position tables cap the sequence.
+MAX_SEQ = {"gpt2": 1024, "tinyllama-1.1b": 2048, "opt-350m": 2048, "olmo-1b-hf": 2048}
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit", "adafactor", "sgd")
+
+
+def _architecture_sweep() -> list[dict]:
+    out = []
+    for model, overrides in ARCHITECTURES.items():
+        seq, attn = min(1024, MAX_SEQ.get(model, 8192)), ATTN.get(model, "sdpa")
+        out += [
+            T(model, "full", "bf16-mixed", "adamw_torch", seq_len=seq, micro_batch=4,
+              attn=attn, config_overrides=overrides),
+            T(model, "lora", "bf16-true", "adamw_torch", seq_len=seq, micro_batch=4,
+              attn=attn, lora_r=16, config_overrides=overrides),
+            T(model, "qlora", "bf16-true", "adamw_torch", seq_len=seq, micro_batch=4,
+              attn=attn, grad_ckpt=True, lora_r=16, config_overrides=overrides),
+        ]
+    return out
+
+
+def _precision_optimizer_sweep() -> list[dict]:
+    out = [T("llama-3.2-1b", "full", precision, optim, seq_len=512, micro_batch=4)
+           for precision in ("32-true", "bf16-true", "bf16-mixed") for optim in OPTIMIZERS]
+    out += [T("qwen2.5-0.5b", "full", precision, "adamw_torch", seq_len=512, micro_batch=4)
+            for precision in ("16-mixed", "16-true")]
+    out += [T("qwen2.5-0.5b", "lora", precision, "adamw_torch", seq_len=512, micro_batch=4, lora_r=16)
+            for precision in ("32-true", "bf16-mixed", "16-mixed", "16-true")]
+    return out
+
+
+def _shape_sweep() -> list[dict]:
+    out = []
+    shapes = ((128, 32), (512, 16), (1024, 8), (2048, 4), (4096, 2), (8192, 1))
+    for seq, batch in shapes:
+        for ckpt in (False, True):
+            out.append(T("llama-3.2-1b", "full", "bf16-mixed", "adamw_torch", seq_len=seq,
+                         micro_batch=batch, grad_ckpt=ckpt))
+        out.append(T("qwen2.5-0.5b", "lora", "bf16-true", "adamw_torch", seq_len=seq,
+                     micro_batch=batch, grad_ckpt=True, lora_r=16))
+    for seq, batch in ((512, 8), (2048, 2), (4096, 1)):
+        out.append(T("llama-3.2-1b", "full", "bf16-mixed", "adamw_torch", seq_len=seq,
+                     micro_batch=batch, attn="eager"))
+        out.append(T("smollm2-135m", "lora", "bf16-true", "adamw_torch", seq_len=seq,
+                     micro_batch=batch, attn="eager", lora_r=8))
+    for seq, batch in ((512, 8), (2048, 4), (8192, 1)):
+        out.append(T("gemma-2b", "lora", "bf16-true", "adamw_torch", seq_len=seq,
+                     micro_batch=batch, grad_ckpt=True, lora_r=16))
+    for seq, batch in ((256, 32), (1024, 16), (1024, 32)):
+        out.append(T("pythia-410m", "full", "bf16-mixed", "adamw_torch_fused", seq_len=seq,
+                     micro_batch=batch, grad_ckpt=True))
+    return out
+
+
+def _lora_sweep() -> list[dict]:
+    out = []
+    for r in (4, 8, 16, 32, 64, 128, 256):
+        for targets in (qv("llama-3.2-1b"), "all-linear"):
+            out.append(T("llama-3.2-1b", "lora", "bf16-true", "adamw_torch", seq_len=1024,
+                         micro_batch=4, lora_r=r, target_modules=targets))
+    for r in (4, 16, 64, 256):
+        for targets in (qv("tinyllama-1.1b"), "all-linear"):
+            out.append(T("tinyllama-1.1b", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=1024,
+                         micro_batch=4, grad_ckpt=True, lora_r=r, target_modules=targets))
+    for model in ("gpt2", "pythia-410m", "phi-3-mini", "falcon-7b"):
+        overrides = ARCHITECTURES[model]
+        out.append(T(model, "lora", "bf16-true", "adamw_torch", seq_len=1024, micro_batch=4,
+                     lora_r=64, target_modules=qv(model), config_overrides=overrides))
+    return out
+
+
+def _allocator_and_fraction_sweep() -> list[dict]:
+    base = [
+        T("llama-3.2-1b", "full", "bf16-mixed", "adamw_torch", seq_len=2048, micro_batch=4),
+        T("qwen2.5-0.5b", "full", "bf16-true", "adamw_bnb_8bit", seq_len=1024, micro_batch=8),
+        T("gemma-2b", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=4, lora_r=16),
+        T("mistral-7b-v0.1", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=2,
+          grad_ckpt=True, lora_r=16),
+        T("tinyllama-1.1b", "qlora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=4, lora_r=16),
+        T("phi-3-mini", "full", "bf16-true", "adamw_bnb_8bit", seq_len=1024, micro_batch=2, grad_ckpt=True),
+        T("smollm2-135m", "full", "32-true", "adamw_torch", seq_len=4096, micro_batch=4),
+        T("llama-3.2-1b", "lora", "bf16-mixed", "adamw_torch", seq_len=4096, micro_batch=4,
+          attn="eager", lora_r=16),
+    ]
+    out = [dict(c, allocator="expandable") for c in base] + base[:4]
+    # A 24 GB and a 40 GB card, emulated with set_per_process_memory_fraction.
+    for fraction in (0.3, 0.5):
+        out += [
+            T("llama-3.2-1b", "full", "bf16-mixed", "adamw_torch", seq_len=2048, micro_batch=4,
+              memory_fraction=fraction),
+            T("mistral-7b-v0.1", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=2048,
+              micro_batch=2, grad_ckpt=True, lora_r=16, memory_fraction=fraction),
+        ]
+    return out
+
+
+def _large_and_oom() -> list[dict]:
+    """Full-size large models; several do not fit in 80 GB and must OOM cleanly."""
+    return [
+        T("mistral-7b-v0.1", "full", "bf16-true", "adamw_bnb_8bit", seq_len=1024, micro_batch=1, grad_ckpt=True),
+        T("mistral-7b-v0.1", "lora", "bf16-true", "adamw_torch", seq_len=4096, micro_batch=2,
+          grad_ckpt=True, lora_r=16),
+        T("mistral-7b-v0.1", "qlora", "bf16-true", "paged_adamw_8bit", seq_len=2048, micro_batch=4,
+          grad_ckpt=True, lora_r=64),
+        T("llama-3.1-8b", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=4, lora_r=16),
+        T("phi-3-mini", "full", "bf16-mixed", "adamw_torch", seq_len=1024, micro_batch=2, grad_ckpt=True),
+        # do not fit in 80 GB
+        T("mistral-7b-v0.1", "full", "32-true", "adamw_torch", seq_len=512, micro_batch=1),
+        T("llama-3.1-8b", "full", "bf16-mixed", "adamw_torch", seq_len=512, micro_batch=1, grad_ckpt=True),
+        T("llama-2-13b", "full", "bf16-true", "adamw_torch", seq_len=512, micro_batch=1, grad_ckpt=True),
+        T("qwen2.5-14b", "full", "bf16-true", "adamw_bnb_8bit", seq_len=512, micro_batch=1, grad_ckpt=True),
+        T("qwen2.5-32b", "lora", "bf16-true", "adamw_torch", seq_len=2048, micro_batch=4, lora_r=16),
+        T("llama-3.2-1b", "full", "bf16-mixed", "adamw_torch", seq_len=8192, micro_batch=32),
+        T("gemma-2b", "full", "bf16-mixed", "adamw_torch", seq_len=4096, micro_batch=16),
+        T("phi-3-mini", "full", "32-true", "adamw_torch", seq_len=2048, micro_batch=4),
+    ]
+
+
+def _size_sweep() -> list[dict]:
+    out = []
+    for model in ("gpt2-medium", "smollm2-360m", "pythia-1b", "qwen2.5-1.5b", "smollm2-1.7b"):
+        seq = min(2048, MAX_SEQ.get(model, 8192))
+        out += [
+            T(model, "full", "bf16-true", "adamw_torch_fused", seq_len=seq, micro_batch=2, grad_ckpt=True),
+            T(model, "lora", "bf16-mixed", "adamw_torch", seq_len=seq, micro_batch=2, lora_r=32,
+              target_modules=qv(model)),
+        ]
+    return out
+
+
+def full() -> list[dict]:
+    return ([context_case("default"), context_case("expandable")] + _architecture_sweep()
+            + _precision_optimizer_sweep() + _shape_sweep() + _lora_sweep() + _size_sweep()
+            + _allocator_and_fraction_sweep() + _large_and_oom())
+
+
+GRIDS = {"smoke": smoke, "issue2": issue2, "full": full}
+
+
+def get(name: str) -> list[dict]:
+    if name not in GRIDS:
+        raise KeyError(f"no grid {name!r}; have {sorted(GRIDS)}")
+    unique: dict[str, dict] = {}
+    for case in GRIDS[name]():  # sweeps overlap: keep the first of equal cases
+        unique.setdefault(case_id(case), case)
+    return list(unique.values())

@@ -1,0 +1,324 @@
+"""One training case, run inside a fresh (forked) child process.
+
+Builds the model as a user's run would (random init, no download), applies the method, trains
+`steps` steps with transformers.Trainer on random token ids, and records peak memory for the
+whole run and per phase of each step. Phases of a step, each closed by a callback or a Trainer
+override (synchronize, read the peaks, reset them):
+    forward    on_step_begin -> end of compute_loss (loss included)
+    backward   -> end of training_step (accelerator.backward)
+    clip       -> on_pre_optimizer_step (gradient-norm clipping)
+    optimizer  -> on_optimizer_step (optimizer.step; states are created in the first one)
+    post_step  -> on_step_end (lr scheduler, zero_grad)
+    idle       -> next on_step_begin
+Outside the steps: `load` (CUDA init to model built, LoRA applied) and `setup` (Trainer init,
+optimizer creation, first batch) up to the first on_step_begin.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import traceback
+
+from . import cases, probe
+
+QLORA_COMPUTE_DTYPE = "bfloat16"
+SEED = 1234
+MEMORY_STAT_KEYS = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free",
+                    "segment.all.peak", "active_bytes.all.peak", "inactive_split_bytes.all.peak")
+
+
+class PhaseRecorder:
+    """Splits the run into phases and keeps each phase's peak allocated/reserved bytes."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.phase = "load"
+        self.outside_steps: dict[str, dict] = {}
+        self.steps: list[dict] = []
+        self.peak_allocated = 0 if self.cuda else None
+        self.peak_reserved = 0 if self.cuda else None
+        self._t0 = 0.0
+
+    def close(self, next_phase: str) -> dict:
+        """End the current phase: record its peaks, reset the counters, start `next_phase`."""
+        torch = self.torch
+        if self.cuda:
+            torch.cuda.synchronize()
+            record = {
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "allocated_end_bytes": torch.cuda.memory_allocated(),
+                "reserved_end_bytes": torch.cuda.memory_reserved(),
+            }
+            torch.cuda.reset_peak_memory_stats()
+            self.peak_allocated = max(self.peak_allocated, record["peak_allocated_bytes"])
+            self.peak_reserved = max(self.peak_reserved, record["peak_reserved_bytes"])
+        else:
+            record = dict.fromkeys(("peak_allocated_bytes", "peak_reserved_bytes",
+                                    "allocated_end_bytes", "reserved_end_bytes"))
+        if self.steps:
+            self.steps[-1]["phases"][self.phase] = record
+        else:
+            self.outside_steps[self.phase] = record
+        self.phase = next_phase
+        return record
+
+    def begin_step(self) -> None:
+        self.close("forward")
+        allocated = self.torch.cuda.memory_allocated() if self.cuda else None
+        self.steps.append({"step": len(self.steps), "allocated_start_bytes": allocated,
+                           "phases": {}, "seconds": None, "loss": None})
+        self._t0 = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.close("idle")
+        self.steps[-1]["seconds"] = time.perf_counter() - self._t0
+
+
+def make_trainer_class(transformers, recorder: PhaseRecorder):
+    class MeasuredTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            loss = out[0] if return_outputs else out
+            if recorder.steps:
+                recorder.steps[-1]["loss"] = float(loss.detach().float())
+            recorder.close("backward")
+            return out
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            recorder.close("clip")
+            return loss
+
+    return MeasuredTrainer
+
+
+def make_callback(transformers, recorder: PhaseRecorder, result: dict):
+    class PhaseCallback(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if not recorder.steps:
+                result["gradient_checkpointing"] = checkpointing_info(model)
+            recorder.begin_step()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            recorder.close("optimizer")
+            if len(recorder.steps) == 1:
+                # LoRA + checkpointing without input grads would train nothing: check it did.
+                result["trainable_params_without_grad"] = sum(
+                    1 for p in model.parameters() if p.requires_grad and p.grad is None)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            recorder.close("post_step")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            recorder.end_step()
+
+    return PhaseCallback()
+
+
+def checkpointing_info(model) -> dict | None:
+    """Which checkpoint function and kwargs (use_reentrant) transformers ended up using."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            inner = getattr(func, "func", func)
+            return {"function": f"{inner.__module__}.{getattr(inner, '__qualname__', inner)}",
+                    "kwargs": {k: repr(v) if not isinstance(v, (bool, int, float, str, type(None)))
+                               else v for k, v in getattr(func, "keywords", {}).items()}}
+    return None
+
+
+def random_tokens_dataset(torch, n: int, seq_len: int, vocab_size: int):
+    """`n` samples of exactly `seq_len` random ids; labels = input_ids, no padding."""
+    ids = torch.randint(0, vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(SEED))
+
+    class RandomTokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]),
+                    "labels": ids[i].clone()}
+
+    return RandomTokens()
+
+
+def build_config(transformers, config_dict: dict):
+    rest = dict(config_dict)
+    config = transformers.AutoConfig.for_model(rest.pop("model_type"), **rest)
+    config.use_cache = False
+    return config
+
+
+def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
+    import torch
+    import transformers
+
+    dtype = getattr(torch, cases.PRECISION_SETUP[case["precision"]][0])
+    if case["method"] == "qlora":
+        import peft
+
+        quant = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, QLORA_COMPUTE_DTYPE))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint_dir, quantization_config=quant, dtype=dtype,
+            attn_implementation=case["attn"], device_map={"": 0})
+        model.config.use_cache = False
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=case["grad_ckpt"])
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(SEED)
+        with torch.device(device):  # init straight on the GPU: a 7B model in seconds
+            model = transformers.AutoModelForCausalLM.from_config(
+                build_config(transformers, config_dict), dtype=dtype,
+                attn_implementation=case["attn"])
+    if case["method"] in ("lora", "qlora"):
+        import peft
+
+        lora = peft.LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"],
+                               lora_dropout=case["lora_dropout"],
+                               target_modules=case["target_modules"], task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+def param_census(model) -> dict:
+    """Parameter counts (as peft prints them for LoRA) and bytes per dtype of params and buffers."""
+    by_dtype: dict[str, int] = {}
+    for p in model.parameters():
+        by_dtype[str(p.dtype)] = by_dtype.get(str(p.dtype), 0) + p.numel() * p.element_size()
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {"total_params": int(total), "trainable_params": int(trainable),
+            "trainable_bytes": int(trainable_bytes), "param_bytes_by_dtype": by_dtype,
+            "buffer_bytes": int(buffers), "model_class": type(model).__name__,
+            "param_device": str(next(model.parameters()).device)}
+
+
+def training_arguments(transformers, case: dict, output_dir: str, cuda: bool):
+    _, bf16, fp16 = cases.PRECISION_SETUP[case["precision"]]
+    return transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=case["steps"],
+        per_device_train_batch_size=case["micro_batch"], gradient_accumulation_steps=1,
+        optim=case["optim"], bf16=bf16, fp16=fp16, gradient_checkpointing=case["grad_ckpt"],
+        report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True, seed=SEED, use_cpu=not cuda)
+
+
+def cuda_stats(torch) -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k) for k in MEMORY_STAT_KEYS}
+
+
+def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = None) -> dict:
+    """Run one training case in this (fresh) process; returns the result dict. Never raises."""
+    started = time.perf_counter()
+    conf = cases.ALLOCATORS[case["allocator"]]
+    if conf:  # before CUDA is initialised in this process
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    import torch
+    import transformers
+
+    result: dict = {"status": "error", "phase": "init"}
+    sampler = probe.start_sampler() if torch.cuda.is_available() else None
+    recorder = PhaseRecorder(torch)
+    try:
+        if recorder.cuda:
+            torch.cuda.init()
+            torch.empty(1, device="cuda")
+            if case.get("memory_fraction"):
+                torch.cuda.set_per_process_memory_fraction(case["memory_fraction"], 0)
+            result["after_cuda_init"] = {**probe.torch_memory(torch), **sampler.read()}
+        result["environment"] = probe.environment(torch, sampler)
+        config_dict = cases.model_config_dict(case)
+        result["config"] = config_dict
+        t = time.perf_counter()
+        model = build_model(case, config_dict, checkpoint_dir)
+        result["load_seconds"] = time.perf_counter() - t
+        result["params"] = param_census(model)
+        recorder.close("setup")
+        load = recorder.outside_steps["load"]
+        result["after_load"] = {**probe.torch_memory(torch), **(sampler.read() if sampler else {}),
+                                "peak_allocated_bytes": load["peak_allocated_bytes"],
+                                "peak_reserved_bytes": load["peak_reserved_bytes"]}
+        report(dict(result, phase="setup"))
+
+        n = case["steps"] * case["micro_batch"]
+        dataset = random_tokens_dataset(torch, n, case["seq_len"], config_dict["vocab_size"])
+        with tempfile.TemporaryDirectory() as out_dir:
+            args = training_arguments(transformers, case, out_dir, recorder.cuda)
+            trainer = make_trainer_class(transformers, recorder)(
+                model=model, args=args, train_dataset=dataset,
+                callbacks=[make_callback(transformers, recorder, result)])
+            t = time.perf_counter()
+            trainer.train()
+            result["train_seconds"] = time.perf_counter() - t
+        recorder.close("done")
+        result["status"] = "ok"
+    except torch.OutOfMemoryError as error:
+        result["status"] = "oom"
+        result["oom_phase"] = recorder.phase
+        result["oom_step"] = len(recorder.steps) - 1 if recorder.steps else None
+        message = str(error)
+        result["oom_message"] = message[:600]
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", message)
+        result["oom_tried_to_allocate"] = asked.group(1) if asked else None
+        recorder.close("after_oom")
+    except Exception:
+        result["status"] = "error"
+        result["error_phase"] = recorder.phase
+        result["traceback"] = traceback.format_exc()[-3000:]
+    result.pop("phase", None)
+    result.update(summary(torch, recorder, case))
+    if sampler:
+        result.update(sampler.stop())
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def summary(torch, recorder: PhaseRecorder, case: dict) -> dict:
+    step_seconds = [s["seconds"] for s in recorder.steps if s["seconds"] is not None]
+    later = step_seconds[1:]
+    tokens = case["seq_len"] * case["micro_batch"]
+    return {
+        "peak_allocated_bytes": recorder.peak_allocated,
+        "peak_reserved_bytes": recorder.peak_reserved,
+        "phases_outside_steps": recorder.outside_steps,
+        "steps": recorder.steps,
+        "step_seconds": step_seconds,
+        "tokens_per_second": tokens * len(later) / sum(later) if later else None,
+        "cuda_memory_stats": cuda_stats(torch),
+    }
+
+
+def save_random_checkpoint(case: dict, directory: str) -> dict:
+    """Random-init bf16 checkpoint of the case's model (built on the GPU), for QLoRA to load.
+
+    Runs in its own child, so the QLoRA case loads it the way a user loads a Hub checkpoint.
+    """
+    import torch
+    import transformers
+
+    started = time.perf_counter()
+    config = build_config(transformers, cases.model_config_dict(case))
+    torch.manual_seed(SEED)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="20GB")
+    open(os.path.join(directory, "COMPLETE"), "w").close()
+    return {"status": "ok", "seconds": time.perf_counter() - started}
