@@ -27,8 +27,11 @@ def _real_saved_bytes(model, batch, seq):
             total += st.nbytes()
         return t
 
+    from vramfit.trace import _patched_sdpa
+
     ids = torch.randint(0, 512, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # the real CPU run with CUDA's dropout (bool masks), as the trace emulates it
+    with _patched_sdpa(False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids)
     return total
 
@@ -47,7 +50,8 @@ def test_eager_trace_matches_real_cpu_forward_at_untraced_shape(tmp_path, method
     prof = activation_profile(spec, trace_key(spec, setup, targets))
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA, use_cache=False),
+                                             attn_implementation="eager")
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                                  target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -88,3 +92,18 @@ def test_qlora_residual_stream_is_fp32_after_kbit_preparation():
     setup = make_setup("qlora", grad_ckpt=True)
     prof = activation_profile(spec, trace_key(spec, setup, resolve_targets(spec, setup)), grad_ckpt=True)
     assert prof.residual_dtype_bytes == 4
+
+
+def test_qlora_gqa_in_fp32_takes_the_math_path_with_seq_squared_memory():
+    # measured on an H200: fp32 q with grouped KV heads has no fused kernel (saved_tensors.py)
+    spec = load_spec("tinyllama-1.1b")
+    setup = make_setup("qlora", grad_ckpt=False)
+    prof = activation_profile(spec, trace_key(spec, setup, resolve_targets(spec, setup)))
+    assert prof.layers[-1].quad >= 4 * spec.num_heads  # one fp32 seq x seq tensor per head
+
+
+def test_dropout_keeps_bool_masks_like_cuda():
+    spec = load_spec("opt-125m")  # dropout 0.1 in its config
+    prof = activation_profile(spec, trace_key(spec, make_setup("full", precision="32-true"), ()))
+    with_fp32_masks = prof.layers[-1].lin + 3 * 2 * spec.hidden_size  # two residual dropouts
+    assert prof.layers[-1].lin < with_fp32_masks

@@ -28,7 +28,7 @@ def _versions() -> str:
             out.append(f"{pkg}={metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
             out.append(f"{pkg}=none")
-    return ",".join(out) + ",format=1"
+    return ",".join(out) + ",format=3"
 
 
 def _digest(*parts) -> str:

@@ -13,13 +13,13 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class Constants:
-    # CUDA context + kernels loaded by torch, as nvidia-smi shows a process that has only
-    # initialised CUDA and run a first matmul (lazy module loading on).  Measured on H100,
-    # torch 2.11 + CUDA 13 (benchmarks/results, `context` case); replaced by `vramfit calibrate`.
-    cuda_context_bytes: int = 530 * MiB
-    # Extra device memory the process holds outside torch's allocator once training kernels
-    # (cuBLASLt, cuDNN, NCCL-free) have been loaded: context growth during the first step.
-    kernel_growth_bytes: int = 0
+    # CUDA context as nvidia-smi shows a process right after torch initialised CUDA: 520 MiB
+    # (545,259,520 B) on an H200, driver 580.159, CUDA 13.0, torch 2.11 (context micro-case).
+    cuda_context_bytes: int = 520 * MiB
+    # What the context grows by once a training step has loaded its kernels (cuBLAS/cuBLASLt,
+    # attention, optimizer): device - reserved was 742 or 758 MiB in all 41 measured training
+    # runs (benchmarks/results/h200-2026-11-23-*.jsonl); the larger value is kept.
+    kernel_growth_bytes: int = 238 * MiB
     # cuBLAS workspace, allocated through the caching allocator once per (handle, stream): torch
     # uses 32 MiB per handle on Hopper (CUBLAS_WORKSPACE_CONFIG default :4096:8); the forward
     # thread and the autograd thread each hold a handle.
@@ -36,15 +36,16 @@ class Constants:
     # Backward working set of one decoder layer, in units of its largest saved tensor
     # (gradients of that tensor and of its producer held at once); fitted on the issue-2 grid.
     layer_backward_factor: float = 2.0
-    # Caching allocator: reserved = allocated + fragmentation.  The default allocator keeps freed
-    # blocks of activations that later, differently sized requests cannot reuse; modelled as a
-    # fraction of the step's transient bytes (activations + loss buffers).  Fitted on a declared
-    # subset of the grid (see benchmarks/accuracy/report.py).
-    frag_fraction_default: float = 0.10
-    frag_fraction_expandable: float = 0.02
-    # Allocator rounding: blocks > 1 MiB are rounded up to 2 MiB (kRoundLarge); segments of
-    # 20 MiB serve 1-10 MiB requests (kLargeBuffer).  Per-step floor of unusable reserve.
-    alloc_floor_bytes: int = 20 * MiB
+    # Caching allocator: reserved - allocated at the peak.  Freed blocks of the loss buffers
+    # (fp32 logits-sized) and of activations are cached and only partly reusable.  A linear fit
+    # reserve = const + logits * fp32_logits_bytes + act * activation_bytes, least squares on the
+    # llama, qwen2, gpt2 and opt runs of the issue-2 grid, reported on the others
+    # (benchmarks/accuracy/fit_reserve.py prints both).  Floor: one 2 MiB small-block segment
+    # plus one 20 MiB large-buffer segment (kLargeBuffer), the least a training step leaves.
+    reserve_const_bytes: int = -114 * MiB
+    reserve_per_logits_byte: float = 0.75
+    reserve_per_activation_byte: float = 0.0104
+    reserve_floor_bytes: int = 22 * MiB
 
     def with_(self, **kw) -> "Constants":
         return replace(self, **kw)

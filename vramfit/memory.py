@@ -207,8 +207,10 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     outside_saved = profile.outside.bytes(B, S)
     fwd_loss, bwd_loss = loss_transients(spec, s)
     logprobs = T * spec.vocab_size * FP32  # saved by log_softmax, inside outside_saved
-    max_tensor = max((r.max_tensor_lin for r in profile.layers), default=0.0)
-    layer_transient = int(c.layer_backward_factor * max_tensor * T + 2 * profile.layer_input_lin * T)
+    max_tensor = max((int(B * r.max_tensor_lin * S) for r in profile.layers), default=0)
+    # the largest saved tensor is per token, or seq x seq (eager or math-path attention scores)
+    max_sq = max((int(B * r.max_tensor_quad * S * S) for r in profile.layers), default=0)
+    layer_transient = int(c.layer_backward_factor * max(max_tensor, max_sq) + 2 * profile.layer_input_lin * T)
     if s.method == "qlora":  # dequantize_4bit(W) in bf16 for the input gradient of each 4-bit layer
         layer_transient += _quant_totals(spec, c, s.double_quant)[2] * 2
 
@@ -223,36 +225,44 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     g_layer = G_layers / max(n_layers, 1)
 
     persist = W + O_torch + ws
-    forward = persist + A_fwd + fwd_loss
+    # autocast keeps bf16 copies of trainable weights until the forward ends; without
+    # checkpointing they are saved for backward anyway (inside layer_saved), with it they are not
+    weight_copies = sum(r.const for r in profile.layers) if s.grad_ckpt else 0
+    layer_fwd = int(c.layer_backward_factor * max_tensor) if s.grad_ckpt else 0  # one layer, unsaved
+    forward = persist + A_fwd + weight_copies + max(fwd_loss, layer_fwd)
     # Backward, walked from the loss down to the first layer; every term is linear in the layer
     # index, so the two ends bound the walk.
     at_loss = persist + A_fwd + bwd_loss
-    after_head = A_fwd - logprobs + T * spec.vocab_size * logits_dtype_bytes(s) + G_out
+    dlogits = T * spec.vocab_size * logits_dtype_bytes(s)
+    head_freed = logprobs + max(0, int(profile.outside.const))  # log-probs, LM-head weight copy
+    l_max = max(layer_saved, default=0)
     if s.grad_ckpt:
-        top = after_head + max(layer_saved, default=0) + g_layer + layer_transient
-        bottom = (outside_saved - logprobs + kept_shared + kept_per_layer + max(layer_saved, default=0)
-                  + G + layer_transient)
+        top = A_fwd - head_freed + dlogits + l_max + G_out + g_layer + layer_transient
+        bottom = kept_shared + kept_per_layer + l_max + G + layer_transient
     else:
-        top = after_head + g_layer + layer_transient
-        bottom = outside_saved - logprobs + (layer_saved[0] if layer_saved else 0) + G + layer_transient
+        top = A_fwd - head_freed + dlogits + G_out + g_layer + layer_transient
+        bottom = (layer_saved[0] if layer_saved else 0) + G + layer_transient
     backward = max(at_loss, persist + top, persist + bottom)
     optimizer = W + G + O_torch + opt_temp + ws
     phases = {"forward": int(forward), "backward": int(backward), "optimizer": int(optimizer)}
     peak_phase = max(phases, key=phases.get)
     peak_alloc = phases[peak_phase]
 
-    transient = A_fwd + max(fwd_loss, bwd_loss)
-    frac = c.frag_fraction_expandable if s.allocator == "expandable" else c.frag_fraction_default
-    reserve = int(frac * transient) + c.alloc_floor_bytes
+    logits_fp32 = T * spec.vocab_size * FP32
+    reserve = max(c.reserve_floor_bytes, int(c.reserve_const_bytes + c.reserve_per_logits_byte * logits_fp32
+                                             + c.reserve_per_activation_byte * (A_fwd - logprobs)))
     peak_reserved = peak_alloc + reserve
-    device = peak_reserved + c.cuda_context_bytes + c.kernel_growth_bytes + paged
+    # paged optimizer states live in CUDA managed memory: nvidia-smi does not count them for the
+    # process (measured: device - reserved is the same with and without them)
+    device = peak_reserved + c.cuda_context_bytes + c.kernel_growth_bytes
 
     comps = dict(weights)
     comps["gradients"] = G if peak_phase != "forward" else 0
     comps["optimizer_states"] = O_torch
     if paged:
         comps["optimizer_states_paged"] = paged
-        notes.append("paged optimizer states live in CUDA managed memory: in nvidia-smi, not in torch's counters")
+        notes.append("paged optimizer states live in CUDA managed memory: counted neither by torch nor by "
+                     "nvidia-smi for the process, and moved to host memory when the GPU runs short")
     if peak_phase == "forward":
         comps["activations"] = A_fwd - logprobs
         comps["logits_and_loss"] = logprobs + fwd_loss

@@ -5,13 +5,16 @@ device the forward costs no memory, yet the saved set is exactly what the real o
 GPU (dropout masks, fp32 norm upcasts, peft's adapter casts, the fp32 log-softmax of the loss).
 Storages are de-duplicated (views and tensors saved twice count once) and parameters excluded.
 
-Two things differ on the meta device and are emulated:
+Three things differ on the meta device (and the CPU) and are emulated as CUDA runs them:
 - `scaled_dot_product_attention` would take the math path there, keeping seq x seq scores.  On a
   GPU with no mask it runs flash / memory-efficient attention, which keeps q, k, v, the output
   and a float32 log-sum-exp per row.  `_FlashLikeAttention` saves exactly those.
 - autocast (bf16-mixed, 16-mixed) does not act on meta tensors.  `_AutocastEmulation`, a
   TorchFunctionMode, casts the inputs of the ops autocast runs in low precision (linear, matmul,
   bmm, baddbmm, sdpa) and caches the casts of trainable leaf weights as autocast does.
+- dropout on the CPU keeps a float mask; CUDA's `native_dropout` keeps a bool one.
+SDPA in fp32 with grouped KV heads has no fused CUDA kernel and runs the math path, which the
+trace then runs for real (measured: benchmarks/accuracy/saved_tensors.py on an H200).
 
 Bytes scale as c + batch * (a * seq + b * seq^2); three traces at short sequence lengths give
 c, a and b per region (outside the decoder layers, each decoder layer).  The 4-bit base layers
@@ -53,10 +56,14 @@ class Region:
     const: float
     lin: float
     quad: float
-    max_tensor_lin: float  # bytes/token of the largest single saved storage (for transients)
+    max_tensor_lin: float  # largest per-token saved storage: batch * lin * seq bytes
+    max_tensor_quad: float = 0.0  # largest seq x seq saved storage: batch * quad * seq^2 bytes
 
     def bytes(self, batch: int, seq: int) -> int:
         return int(round(self.const + batch * (self.lin * seq + self.quad * seq * seq)))
+
+    def max_tensor_bytes(self, batch: int, seq: int) -> int:
+        return int(batch * max(self.max_tensor_lin * seq, self.max_tensor_quad * seq * seq))
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,11 @@ def _flash_like_sdpa(autocast_dtype=None):
     class _FlashLikeAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+            # flash / cuDNN / efficient kernels write the output as (B, S, H, D) and return a
+            # transposed view, so the o_proj input made from it is the same storage
+            b, h, s, _ = q.shape
+            out = q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+            lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
@@ -105,9 +115,42 @@ def _flash_like_sdpa(autocast_dtype=None):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if autocast_dtype is not None:
             query, key, value = (t.to(autocast_dtype) for t in (query, key, value))
+        if query.dtype == torch.float32 and enable_gqa and key.shape[1] != query.shape[1]:
+            # no fused CUDA kernel takes fp32 with grouped KV heads: torch falls back to the math
+            # path (KV repeated, seq x seq probabilities kept).  QLoRA's fp32 residual stream
+            # meets this on every GQA model.
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)[0]
         return _FlashLikeAttention.apply(query, key, value)
 
     return sdpa
+
+
+def _cuda_dropout():
+    """F.dropout as CUDA's native_dropout keeps it: a bool mask, not a float one."""
+    import torch
+
+    class _NativeDropout(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p):
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+            if x.device.type != "meta":
+                mask = torch.rand(x.shape, device=x.device) >= p
+            ctx.save_for_backward(mask)
+            ctx.scale = 1.0 / (1.0 - p)
+            return x * mask * ctx.scale if x.device.type != "meta" else torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # pragma: no cover
+            (mask,) = ctx.saved_tensors
+            return grad * mask * ctx.scale, None
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0:
+            return input
+        return _NativeDropout.apply(input, p)
+
+    return dropout
 
 
 def _autocast_mode(dtype):
@@ -191,6 +234,7 @@ def _traced_config(config_dict: dict, n_layers: int):
 
     data = copy.deepcopy(config_dict)
     config = config_from_dict(data)
+    config.use_cache = False  # training runs build no KV cache (the launcher sets this too)
     irregular = any(getattr(config, k, None) not in (None, 0, 1, [], ()) for k in _IRREGULAR_LAYER_KEYS)
     traced = n_layers if irregular else min(n_layers, 2)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -262,17 +306,27 @@ def _quiet():
 
 @contextlib.contextmanager
 def _patched_sdpa(enabled: bool, autocast_dtype=None):
+    """What a CUDA run does where the meta device differs: flash-like sdpa (or the math path),
+    CUDA's bool dropout masks, and no data-dependent packed-sequence check (it reads values,
+    which the meta device has not; our batches are never packed)."""
     import torch
+    from transformers import masking_utils
 
-    if not enabled:
-        yield
-        return
+    orig_find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if orig_find is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
     orig = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa(autocast_dtype)
+    orig_dropout = torch.nn.functional.dropout
+    if enabled:
+        torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa(autocast_dtype)
+    torch.nn.functional.dropout = _cuda_dropout()
     try:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
+        torch.nn.functional.dropout = orig_dropout
+        if orig_find is not None:
+            masking_utils.find_packed_sequence_indices = orig_find
 
 
 def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: bool) -> dict:
@@ -283,9 +337,9 @@ def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: 
     known = {p.untyped_storage()._cdata for p in model.parameters()}
     known |= {b.untyped_storage()._cdata for b in model.buffers()}
     state = {"region": "outside"}
-    totals = {"outside": [0, 0]}
+    totals = {"outside": [0, 0, 0]}  # bytes, largest per-token storage, largest seq x seq storage
     for i in range(len(layers)):
-        totals[i] = [0, 0]
+        totals[i] = [0, 0, 0]
     layer_inputs = {}
     seen = set()
 
@@ -296,7 +350,11 @@ def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: 
             seen.add(sid)
             rec = totals[state["region"]]
             rec[0] += st.nbytes()
-            rec[1] = max(rec[1], st.nbytes())
+            n_seq = sum(1 for d in t.shape if d == seq)  # weight-sized autocast copies have none
+            if n_seq == 1:
+                rec[1] = max(rec[1], st.nbytes())
+            elif n_seq >= 2:  # seq x seq scores (eager or math-path attention)
+                rec[2] = max(rec[2], st.nbytes())
         return t
 
     def pre_hook(idx):
@@ -323,7 +381,7 @@ def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: 
         emb_hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     try:
         ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
-        with _patched_sdpa(key.attn != "eager", ac_dtype), autocast, _quiet():
+        with _patched_sdpa(key.attn != "eager", ac_dtype), autocast, _quiet():  # noqa: SIM117
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(input_ids=ids, labels=ids)
     finally:
@@ -339,15 +397,15 @@ def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: 
 
 
 def _solve_region(points) -> Region:
-    """points: [(seq, bytes, max_tensor)] for seq in TRACE_SEQ_LENS -> c + a*s + b*s^2."""
-    (s1, y1, m1), (s2, y2, m2), (s3, y3, m3) = points
+    """points: [(seq, bytes, max per-token, max seq x seq)] at TRACE_SEQ_LENS -> c + a*s + b*s^2."""
+    (s1, y1, _, _), (s2, y2, _, _), (s3, y3, m3, q3) = points
     # divided differences for the quadratic through three points
     d12 = (y2 - y1) / (s2 - s1)
     d23 = (y3 - y2) / (s3 - s2)
     b = (d23 - d12) / (s3 - s1)
     a = d12 - b * (s1 + s2)
     c = y1 - a * s1 - b * s1 * s1
-    return Region(const=c, lin=a, quad=b, max_tensor_lin=m3 / s3)
+    return Region(const=c, lin=a, quad=b, max_tensor_lin=m3 / s3, max_tensor_quad=q3 / (s3 * s3))
 
 
 @functools.lru_cache(maxsize=256)
@@ -356,11 +414,9 @@ def _profile_cached(spec, key: TraceKey, needs_input_grad: bool) -> ActivationPr
     with _quiet():
         model = _prepare_model(config, key, spec)
     runs = [_run_trace(model, key, traced, s, needs_input_grad) for s in TRACE_SEQ_LENS]
-    outside = _solve_region([(s, r["totals"]["outside"][0], r["totals"]["outside"][1]) for s, r in zip(TRACE_SEQ_LENS, runs)])
-    traced_layers = [
-        _solve_region([(s, r["totals"][i][0], r["totals"][i][1]) for s, r in zip(TRACE_SEQ_LENS, runs)])
-        for i in range(traced)
-    ]
+    outside = _solve_region([(s, *r["totals"]["outside"]) for s, r in zip(TRACE_SEQ_LENS, runs)])
+    traced_layers = [_solve_region([(s, *r["totals"][i]) for s, r in zip(TRACE_SEQ_LENS, runs)])
+                     for i in range(traced)]
     if traced < spec.num_layers:  # identical layers: the last traced one stands for the rest
         layers = tuple(traced_layers[:-1]) + (traced_layers[-1],) * (spec.num_layers - traced + 1)
     else:

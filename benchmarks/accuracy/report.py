@@ -115,7 +115,11 @@ def oom_check(rs) -> tuple[int, int]:
 
 def markdown(rs) -> str:
     lines = ["| group | n | peak | median | p90 | max | under >2% |", "|---|---|---|---|---|---|---|"]
-    groups = [("all", rs)] + [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
+    from benchmarks.accuracy.fit_reserve import FIT_ARCHS
+
+    groups = [("all", rs), ("reserve-fit archs", [r for r in rs if r["arch"] in FIT_ARCHS]),
+              ("held-out archs", [r for r in rs if r["arch"] not in FIT_ARCHS])]
+    groups += [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
     groups += [(f"arch={a}", [r for r in rs if r["arch"] == a]) for a in sorted({r["arch"] for r in rs})]
     for name, g in groups:
         for label, _ in PEAKS:
