@@ -3,7 +3,7 @@
 from vramfit.errors import VramfitError
 
 __version__ = "0.1.0"
-__all__ = ["VramfitError", "estimate", "__version__"]
+__all__ = ["VramfitError", "estimate", "plan", "__version__"]
 
 
 def estimate(*args, **kwargs):
@@ -11,3 +11,10 @@ def estimate(*args, **kwargs):
     from vramfit.api import estimate as _estimate
 
     return _estimate(*args, **kwargs)
+
+
+def plan(*args, **kwargs):
+    """The best setup of a model that fits a GPU; see `vramfit.planner.plan`."""
+    from vramfit.planner import plan as _plan
+
+    return _plan(*args, **kwargs)

@@ -99,5 +99,146 @@ def profiles():
     Console().print(table)
 
 
+class PlanMethod(str, Enum):
+    auto = "auto"
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+
+
+class Prefer(str, Enum):
+    speed = "speed"
+    memory = "memory"
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="bundled profile (`vramfit profiles`), config.json, model directory or hub id"),
+    gpu: Optional[str] = typer.Option(None, help="auto (probe: the free memory of the GPU), a profile name (3060, "
+                                      "rtx-3060, T4, h100; `vramfit gpus`) or a size (12GB decimal, 12GiB binary, "
+                                      "12000MiB) [default: auto]"),
+    headroom: str = typer.Option("5%", help="memory kept free: a percentage of the budget or a size (1GiB)"),
+    method: PlanMethod = typer.Option(PlanMethod.auto, help="auto picks the fastest that fits; or restrict to one"),
+    prefer: Prefer = typer.Option(Prefer.speed, help="speed: fastest per token; memory: smallest footprint"),
+    seq_len: int = typer.Option(2048, help="tokens per sequence"),
+    effective_batch: int = typer.Option(16, help="sequences per optimizer step (micro-batch x accumulation)"),
+    micro_batch: Optional[int] = typer.Option(None, help="fix the micro-batch [default: searched]"),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha [default: 2 x rank]"),
+    target_modules: Optional[str] = typer.Option(None, help="comma list, 'all-linear' or a regex [default: all-linear]"),
+    precision: Optional[str] = typer.Option(None, help="fix the precision [default: searched: bf16-true, bf16-mixed; "
+                                            "16-true, 16-mixed, 32-true without bf16]"),
+    optim: Optional[str] = typer.Option(None, help="fix the optimizer [default: searched]"),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
+                                             "[default: searched]"),
+    find_gpu: bool = typer.Option(False, "--find-gpu", help="the smallest bundled GPU that fits, and the best setup on each"),
+    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
+):
+    """The best fine-tuning setup of MODEL that fits the GPU: verdict, candidates, rejections, levers."""
+    from vramfit import planner
+
+    restrictions = dict(method=method.value, seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch,
+                        lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, precision=precision,
+                        optim=optim, grad_ckpt=grad_ckpt)
+    try:
+        if find_gpu:
+            if gpu is not None:
+                raise VramfitError("--find-gpu tries every bundled GPU profile: drop --gpu")
+            plans = planner.find_gpu(model, headroom=headroom, prefer=prefer.value,
+                                     trust_remote_code=trust_remote_code, **restrictions)
+        else:
+            result = planner.plan(model, gpu or "auto", headroom=headroom, prefer=prefer.value,
+                                  trust_remote_code=trust_remote_code, **restrictions)
+    except VramfitError as exc:
+        _fail(exc)
+    from rich.console import Console
+
+    from vramfit import report
+
+    if find_gpu:
+        if as_json:
+            sys.stdout.write(json.dumps({"model": plans[0].model if plans else model,
+                                         "gpus": [_find_gpu_json(p) for p in plans]}) + "\n")
+            return
+        console = Console()
+        console.print(report.find_gpu_verdict(plans), highlight=False)
+        console.print(report.find_gpu_table(plans))
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    console = Console()
+    console.print(report.plan_verdict(result), highlight=False)
+    console.print(report.plan_budget_line(result), highlight=False)
+    console.print(report.plan_candidates_table(result))
+    rejected = report.plan_rejection_lines(result)
+    if rejected:
+        console.print("[bold]faster, but nothing of them fits:[/]")
+        for line in rejected:
+            console.print("  " + line, highlight=False)
+    console.print(report.plan_levers_table(result))
+    for line in report.plan_extra_lines(result):
+        console.print(line, highlight=False)
+
+
+def _find_gpu_json(p) -> dict:
+    return {"gpu": p.device.key, "name": p.device.name, "usable_bytes": p.usable_bytes, "fits": p.chosen is not None,
+            "chosen": p.chosen.to_json() if p.chosen else None, "closest": p.closest.to_json()}
+
+
+@app.command()
+def gpus(as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else")):
+    """The bundled GPU profiles, and this machine's GPUs when it has any."""
+    from dataclasses import asdict
+
+    from vramfit.gpu import load_profiles, probe
+
+    profiles = load_profiles()
+    try:
+        found, why = probe(), None
+    except VramfitError as exc:
+        found, why = None, str(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "profiles": {k: asdict(d) for k, d in profiles.items()},
+            "probe": None if found is None else {"driver_version": found.driver_version,
+                                                 "cuda_version": found.cuda_version,
+                                                 "devices": [asdict(d) for d in found.devices]},
+            "probe_error": why}) + "\n")
+        return
+    from rich.console import Console
+
+    from vramfit.report import gpus_table, probe_table
+
+    console = Console()
+    console.print(gpus_table(profiles))
+    if found is not None:
+        console.print(probe_table(found))
+    else:
+        console.print(f"this machine: {why}", highlight=False)
+
+
+@app.command()
+def calibrate(
+    model: Optional[str] = typer.Option(None, help="also measure this model's saved activations against the trace"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
+):
+    """Measure this GPU's CUDA context, kernel and cuBLAS overheads; later estimates use them."""
+    from vramfit.calibrate import calibrate as run_calibrate
+
+    try:
+        data = run_calibrate(model)
+    except VramfitError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    from vramfit.report import calibration_lines
+
+    for line in calibration_lines(data):
+        typer.echo(line)
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -1,0 +1,357 @@
+"""The planner: what fits where, the ranking, the cost model, the converters and `vramfit plan`."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from vramfit import planner
+from vramfit.cli import app
+from vramfit.errors import VramfitError
+from vramfit.gpu import resolve_gpu
+from vramfit.planner import (CostModel, divisors, find_gpu, fit_cost_model, make_space, max_micro_batch, max_seq_len,
+                             plan, search, seconds_per_token, train_flops_per_token)
+from vramfit.setup import Setup, resolve_targets
+from vramfit.spec import load_spec
+
+GiB = 1 << 30
+runner = CliRunner()
+SMALL = "qwen2.5-0.5b"
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_spec(SMALL)
+
+
+@pytest.fixture(scope="module")
+def seven_b():
+    return load_spec("llama-2-7b")
+
+
+@pytest.fixture(scope="module")
+def floor(small):
+    """The smallest device bytes of any setup of SMALL: budgets below are multiples of it, so the
+    tests hold whatever the memory model's absolute numbers."""
+    big = resolve_gpu("80GiB")
+    return search(small, big, make_space(small, big), prefer="memory", details=False).chosen.device_bytes
+
+
+def budget(floor, factor):
+    """A --gpu size whose usable memory (5% headroom off) is `factor` x floor."""
+    return f"{int(floor * factor / 0.95)}B"
+
+
+def _next_divisor(effective, mb):
+    bigger = [d for d in divisors(effective) if d > mb]
+    return bigger[0] if bigger else None
+
+
+# --------------------------------------------------------------------------- what fits where
+
+
+def test_a_7b_fits_on_12gb_only_with_qlora(seven_b):
+    p = plan(seven_b, "12GiB")
+    assert p.chosen.setup.method == "qlora" and p.chosen.fits
+    assert p.chosen.device_bytes <= p.usable_bytes < 12 * GiB
+    assert {c.setup.method for c in p.candidates} == {"qlora"}
+    for method in ("lora", "full"):
+        with pytest.raises(VramfitError, match="nothing fits.*GiB over"):
+            plan(seven_b, "12GiB", method=method)
+
+
+def test_on_an_80gb_card_the_7b_gets_something_faster_than_qlora(seven_b):
+    big = plan(seven_b, "h100")
+    small_card = plan(seven_b, "12GiB")
+    assert big.chosen.setup.method != "qlora"
+    assert big.chosen.tokens_per_s > small_card.chosen.tokens_per_s
+
+
+@pytest.mark.parametrize("method", ["auto", "lora", "qlora"])
+def test_bigger_budget_never_yields_a_slower_choice(small, floor, method):
+    last = 0.0
+    for factor in (1.25, 1.4, 1.6, 2, 2.5, 3, 4, 6, 10, 14):
+        p = plan(small, budget(floor, factor), method=method)
+        # ties within planner.SPEED_TIE may go to a plainer setup
+        assert p.chosen.tokens_per_s >= last * (1 - planner.SPEED_TIE), (factor, p.chosen.setup)
+        last = max(last, p.chosen.tokens_per_s)
+
+
+@pytest.mark.parametrize("factor", [1.1, 1.7, 2.6, 5])
+def test_chosen_micro_batch_is_the_largest_that_fits_at_its_checkpointing_setting(small, floor, factor):
+    p = plan(small, budget(floor, factor))
+    s = p.chosen.setup
+    nxt = _next_divisor(p.space.effective_batch, s.micro_batch)
+    if nxt is not None:
+        bigger = s.with_(micro_batch=nxt, grad_accum=p.space.effective_batch // nxt)
+        needed = planner.Evaluator(small).memory(bigger)[0].device_bytes
+        assert needed > p.usable_bytes, f"micro-batch {nxt} would fit too: {needed} <= {p.usable_bytes}"
+    assert p.largest_micro_batch >= s.micro_batch
+
+
+def test_the_chosen_setup_is_the_fastest_that_fits_and_rejections_are_faster_misses(small, floor):
+    p = plan(small, budget(floor, 1.05))
+    assert all(c.fits for c in p.candidates)
+    bucket = lambda c: planner._rank_key("speed")(c)[0]
+    assert bucket(p.chosen) == min(bucket(c) for c in p.candidates)
+    for r in p.rejections:
+        assert not r.candidate.fits and r.over_bytes == r.candidate.device_bytes - p.usable_bytes > 0
+    space_all = search(small, p.device, p.space, details=False)
+    assert p.searched == space_all.searched == 720 and p.rejections
+
+
+def test_bounding_micro_batches_changes_nothing_but_the_work(small, floor):
+    device = resolve_gpu(budget(floor, 1.5))
+    space = make_space(small, device)
+    fast, full = search(small, device, space), search(small, device, space, exhaustive=True)
+    assert fast.chosen == full.chosen and fast.candidates == full.candidates
+    assert [r.candidate.setup for r in fast.rejections] == [r.candidate.setup for r in full.rejections]
+    assert fast.evaluated < full.evaluated == full.searched == fast.searched
+    by_family: dict = {}  # the bound rests on memory growing with the micro-batch
+    every = planner.Evaluator(small).candidates(space.setups(True), device, device.free_bytes, exhaustive=True)
+    for c in sorted(every, key=lambda c: c.setup.micro_batch):
+        s = c.setup
+        by_family.setdefault((s.method, s.precision, s.optim, s.grad_ckpt, s.allocator), []).append(c.device_bytes)
+    assert len(by_family) == 3 * 2 * 6 * 2 * 2 and all(b == sorted(b) for b in by_family.values())
+
+
+def test_prefer_memory_picks_the_smallest_footprint(small, floor):
+    fast = plan(small, budget(floor, 1.5))
+    lean = plan(small, budget(floor, 1.5), prefer="memory")
+    assert lean.chosen.device_bytes == min(c.device_bytes for c in lean.candidates)
+    assert lean.chosen.device_bytes <= fast.chosen.device_bytes
+    assert lean.chosen.tokens_per_s <= fast.chosen.tokens_per_s * (1 + planner.SPEED_TIE)
+
+
+def test_method_restriction_and_fixed_knobs_are_respected(small):
+    p = plan(small, "24GiB", method="lora", optim="adamw_torch", grad_ckpt=True, lora_r=8, target_modules="q_proj,v_proj")
+    assert {(c.setup.method, c.setup.optim, c.setup.grad_ckpt, c.setup.lora_r) for c in p.candidates} == {
+        ("lora", "adamw_torch", True, 8)}
+    assert p.to_lora_config_kwargs()["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_without_bf16_only_fp16_and_fp32_are_tried(small):
+    p = plan(small, "T4")
+    assert {c.setup.precision for c in p.candidates} <= {"16-true", "16-mixed", "32-true"}
+    assert p.chosen.setup.precision != "32-true"  # fp32 matmuls are far slower
+    with pytest.raises(VramfitError, match="no bf16"):
+        plan(small, "T4", precision="bf16-true")
+
+
+def test_headroom_is_taken_off_the_budget(small):
+    p = plan(small, "40GiB", headroom="1GiB")
+    assert (p.budget_bytes, p.headroom_bytes, p.usable_bytes) == (40 * GiB, GiB, 39 * GiB)
+    assert plan(small, "40GiB").headroom_bytes == int(40 * GiB * 0.05)
+    assert plan(small, "40GiB", headroom="0").usable_bytes == 40 * GiB
+    with pytest.raises(VramfitError, match="headroom"):
+        plan(small, "40GiB", headroom="lots")
+
+
+def test_a_budget_below_the_cuda_context_is_refused(small):
+    with pytest.raises(VramfitError, match="CUDA context"):
+        plan(small, "400MiB")
+
+
+def test_levers_turn_one_knob_and_checkpointing_trades_memory_for_speed(small, floor):
+    p = plan(small, budget(floor, 3))
+    s = p.chosen.setup
+    ckpt = next(l for l in p.levers if l.knob == "grad_ckpt")
+    assert ckpt.candidate.setup == s.with_(grad_ckpt=not s.grad_ckpt)
+    if s.grad_ckpt:  # turning it off costs memory and buys speed
+        assert ckpt.delta_bytes > 0 and ckpt.speedup > 1
+    else:
+        assert ckpt.delta_bytes < 0 and ckpt.speedup < 1
+    seq = [l for l in p.levers if l.knob == "seq_len" and l.candidate.setup.seq_len > s.seq_len]
+    assert seq and seq[0].delta_bytes > 0
+
+
+# --------------------------------------------------------------------------- inverse questions
+
+
+def test_longest_seq_len_and_largest_micro_batch_are_the_edges(small, floor):
+    usable = 2 * floor
+    s = Setup(method="lora", target_modules="all-linear", micro_batch=2, grad_accum=8, grad_ckpt=True)
+    ev = planner.Evaluator(small)
+    n = max_seq_len(small, s, usable, evaluator=ev)
+    assert 0 < n < 32768
+    assert ev.memory(s.with_(seq_len=n))[0].device_bytes <= usable < ev.memory(s.with_(seq_len=n + 1))[0].device_bytes
+    b = max_micro_batch(small, s, usable, evaluator=ev)
+    assert ev.memory(s.with_(micro_batch=b, grad_accum=1))[0].device_bytes <= usable
+    assert ev.memory(s.with_(micro_batch=b + 1, grad_accum=1))[0].device_bytes > usable
+
+
+def test_longest_seq_len_is_capped_at_the_models_positions(small):
+    s = Setup(method="qlora", grad_ckpt=True)
+    assert max_seq_len(small, s, 10**15) == small.config["max_position_embeddings"]
+
+
+def test_find_gpu_returns_the_smallest_card_that_fits(seven_b):
+    plans = find_gpu(seven_b, method="lora")
+    usable = [p.usable_bytes for p in plans]
+    assert usable == sorted(usable)
+    first = next(i for i, p in enumerate(plans) if p.chosen is not None)
+    assert all(p.chosen is None for p in plans[:first])
+    assert all(p.chosen.setup.method == "lora" for p in plans[first:])
+    assert plans[first].chosen.device_bytes <= plans[first].usable_bytes
+    assert plans[first].device.total_bytes >= 16 * 10**9  # a 7B's bf16 weights alone are 13.5 GB
+
+
+# --------------------------------------------------------------------------- the cost model
+
+
+def test_full_fine_tuning_costs_about_6n_flops_per_token(seven_b):
+    s = Setup(method="full", seq_len=128)
+    main, fp32 = train_flops_per_token(seven_b, s, ())
+    n = planner.matmul_params(seven_b)
+    assert fp32 == 0 and 6 * n < main < 6.1 * n  # attention at 128 tokens is a sliver
+
+
+def test_lora_costs_two_thirds_of_full_and_checkpointing_adds_a_forward(seven_b):
+    full = sum(train_flops_per_token(seven_b, Setup(method="full"), ()))
+    lora = Setup(method="lora", precision="bf16-mixed", target_modules="all-linear")
+    targets = resolve_targets(seven_b, lora)
+    plain = sum(train_flops_per_token(seven_b, lora, targets))
+    ckpt = sum(train_flops_per_token(seven_b, lora.with_(grad_ckpt=True), targets))
+    assert 0.64 < plain / full < 0.70
+    assert 1.4 < ckpt / plain < 1.55
+
+
+def test_qlora_is_slower_than_lora_and_bigger_micro_batches_are_faster(seven_b):
+    h100 = resolve_gpu("h100")
+    lora = Setup(method="lora", target_modules="all-linear", micro_batch=1, grad_accum=16)
+    qlora = lora.with_(method="qlora", precision="bf16-mixed")
+    t = lambda s: seconds_per_token(seven_b, s, h100, resolve_targets(seven_b, s))
+    assert t(qlora) > t(lora.with_(precision="bf16-mixed"))
+    times = [t(lora.with_(micro_batch=mb, grad_accum=16 // mb)) for mb in (1, 2, 4, 8, 16)]
+    assert times == sorted(times, reverse=True)
+
+
+def test_fit_cost_model_recovers_known_constants(small, seven_b):
+    truth = CostModel(mfu_max=0.37, layer_overhead_s=250e-6, dequant_bytes_per_param=11.0)
+    h100 = resolve_gpu("h100")
+    samples = []
+    for spec in (small, seven_b):
+        for method in ("lora", "qlora"):
+            for mb, seq in ((1, 512), (4, 2048)):
+                s = Setup(method=method, precision="bf16-mixed", target_modules="all-linear", micro_batch=mb,
+                          seq_len=seq, grad_accum=1)
+                tps = 1 / seconds_per_token(spec, s, h100, resolve_targets(spec, s), truth)
+                samples.append((spec, s, h100, tps))
+    fitted = fit_cost_model(samples)
+    assert fitted.mfu_max == pytest.approx(0.37, rel=1e-6)
+    assert fitted.layer_overhead_s == pytest.approx(250e-6, rel=1e-6)
+    assert fitted.dequant_bytes_per_param == pytest.approx(11.0, rel=1e-6)
+    assert "fitted on 8" in fitted.source
+    with pytest.raises(VramfitError, match="at least"):
+        fit_cost_model(samples[:1])
+
+
+def test_a_calibrated_cost_model_is_used_by_the_plan(small):
+    slow = replace(planner.DEFAULT_COST, mfu_max=0.1, source="test")
+    p = plan(small, "24GiB", cost=slow)
+    assert p.cost_source == "test" and p.chosen.tokens_per_s < plan(small, "24GiB").chosen.tokens_per_s
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def test_converters_give_the_kwargs_and_the_real_objects(seven_b, tmp_path):
+    p = plan(seven_b, "12GiB")
+    s = p.setup
+    kw = p.to_training_arguments_kwargs()
+    assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 16
+    assert kw["gradient_checkpointing"] == s.grad_ckpt and kw["optim"] == s.optim
+    assert kw["bf16"] == (s.precision == "bf16-mixed") and kw["fp16"] is False
+    assert p.to_sft_config_kwargs()["max_length"] == 2048
+    assert p.to_lora_config_kwargs() == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                                         "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    assert p.to_bnb_config_kwargs() == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    args = p.training_arguments(str(tmp_path), report_to=[], use_cpu=True, optim="adamw_torch",
+                                bf16=False, gradient_checkpointing=False)
+    assert args.per_device_train_batch_size == s.micro_batch and args.gradient_accumulation_steps == s.grad_accum
+    lora = p.lora_config()
+    assert lora.r == 16 and lora.target_modules == "all-linear"
+    assert p.bnb_config().load_in_4bit
+
+
+def test_full_fine_tuning_plan_has_no_lora_or_bnb_config(small):
+    p = plan(small, "80GiB", method="full")
+    assert p.to_lora_config_kwargs() is None and p.to_bnb_config_kwargs() is None and p.lora_config() is None
+    assert p.to_model_kwargs()["dtype"] == p.setup.param_dtype
+
+
+def test_plan_json_is_plain_data(small):
+    data = json.loads(json.dumps(plan(small, "24GiB").to_json()))
+    assert data["chosen"]["fits"] and data["usable_bytes"] == data["budget_bytes"] - data["headroom_bytes"]
+    assert data["searched"] >= 600 and isinstance(data["chosen"]["device_bytes"], int)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_plan_cli_prints_the_verdict_first():
+    r = runner.invoke(app, ["plan", "llama-2-7b", "--gpu", "12GiB"])
+    assert r.exit_code == 0, r.output
+    first = r.stdout.splitlines()[0]
+    assert "fits on" in first and "QLoRA" in first
+    for word in ("best setups", "levers", "TrainingArguments", "LoraConfig", "BitsAndBytesConfig"):
+        assert word in r.stdout
+
+
+def test_plan_cli_json():
+    r = runner.invoke(app, ["plan", SMALL, "--gpu", "24GB", "--json", "--seq-len", "1024", "--effective-batch", "8"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["seq_len"] == 1024 and data["effective_batch"] == 8
+    assert data["budget_bytes"] == 24 * 10**9
+    assert data["chosen"]["micro_batch"] * data["chosen"]["grad_accum"] == 8
+
+
+def test_find_gpu_cli():
+    r = runner.invoke(app, ["plan", "llama-2-7b", "--find-gpu", "--method", "qlora", "--json"])
+    assert r.exit_code == 0, r.output
+    gpus = json.loads(r.stdout)["gpus"]
+    first = next(i for i, g in enumerate(gpus) if g["fits"])
+    assert gpus[first]["chosen"]["method"] == "qlora" and not any(g["fits"] for g in gpus[:first])
+    assert [g["usable_bytes"] for g in gpus] == sorted(g["usable_bytes"] for g in gpus)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", SMALL, "--gpu", "rtx 9090"], "rtx-5090"),
+    (["plan", SMALL, "--gpu", "12G"], "12GiB (binary"),
+    (["plan", SMALL, "--gpu", "400MiB"], "CUDA context"),
+    (["plan", "llama-2-7b", "--gpu", "6GiB"], "GiB over"),
+    (["plan", SMALL, "--gpu", "8GiB", "--headroom", "150%"], "headroom"),
+    (["plan", SMALL, "--gpu", "8GiB", "--method", "full", "--lora-r", "8"], "--lora-r"),
+    (["plan", SMALL, "--gpu", "8GiB", "--micro-batch", "3"], "does not divide"),
+    (["plan", SMALL, "--gpu", "8GiB", "--find-gpu"], "drop --gpu"),
+    (["plan", SMALL, "--gpu", "8GiB", "--target-modules", "c_attn"], "q_proj"),
+])
+def test_plan_bad_input_is_one_line_and_exit_code_2(args, needle):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_nothing_fits_says_what_comes_closest_and_by_how_much():
+    r = runner.invoke(app, ["plan", "llama-2-7b", "--gpu", "6GiB"])
+    assert r.exit_code == 2
+    assert "nothing fits" in r.stderr and "the smallest setup" in r.stderr and "QLoRA" in r.stderr
+
+
+def test_auto_without_a_driver_says_to_use_gpu(monkeypatch):
+    from tests.test_gpu import fake_pynvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(init_error="Driver Not Loaded"))
+    r = runner.invoke(app, ["plan", SMALL])
+    assert r.exit_code == 2 and "no NVIDIA driver" in r.stderr and "--gpu" in r.stderr
+
+
+def test_vramfit_plan_is_exported_lazily():
+    code = "import sys, vramfit; assert callable(vramfit.plan); assert 'vramfit.planner' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
