@@ -96,7 +96,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     if constants is None and use_calibration:
         from vramfit.calibrate import load_local_constants
 
-        constants, calibration = load_local_constants()
+        constants, calibration = load_local_constants(spec)
     bd, targets = estimate_setup(spec, setup, constants)
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,

@@ -203,8 +203,8 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     ws = c.cublas_workspace_bytes
 
     n_layers = len(profile.layers)
-    layer_saved = [r.bytes(B, S) for r in profile.layers]
-    outside_saved = profile.outside.bytes(B, S)
+    layer_saved = [int(c.activation_scale * r.bytes(B, S)) for r in profile.layers]
+    outside_saved = int(c.activation_scale * profile.outside.bytes(B, S))
     fwd_loss, bwd_loss = loss_transients(spec, s)
     logprobs = T * spec.vocab_size * FP32  # saved by log_softmax, inside outside_saved
     max_tensor = max((int(B * r.max_tensor_lin * S) for r in profile.layers), default=0)
@@ -250,7 +250,8 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
 
     logits_fp32 = T * spec.vocab_size * FP32
     reserve = max(c.reserve_floor_bytes, int(c.reserve_const_bytes + c.reserve_per_logits_byte * logits_fp32
-                                             + c.reserve_per_activation_byte * (A_fwd - logprobs)))
+                                             + c.reserve_per_activation_byte * (A_fwd - logprobs)
+                                             + c.reserve_per_optimizer_temp_byte * opt_temp))
     peak_reserved = peak_alloc + reserve
     # paged optimizer states live in CUDA managed memory: nvidia-smi does not count them for the
     # process (measured: device - reserved is the same with and without them)

@@ -161,6 +161,11 @@ def _autocast_mode(dtype):
         torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm,
         torch.baddbmm, torch.addmm, torch.Tensor.__matmul__,
     }
+    for name in ("_grouped_mm",):  # MoE experts (transformers' grouped_mm path)
+        if hasattr(torch, name):
+            low_ops.add(getattr(torch, name))
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        low_ops.add(torch.nn.functional.grouped_mm)
 
     class _AutocastEmulation(TorchFunctionMode):
         def __init__(self):

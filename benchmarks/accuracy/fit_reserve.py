@@ -1,6 +1,7 @@
 """Fit the allocator-reserve constants: `python -m benchmarks.accuracy.fit_reserve [RESULTS ...]`.
 
-reserve (= peak reserved - peak allocated, measured) ~ const + a * fp32_logits_bytes + b * activations,
+reserve (= peak reserved - peak allocated, measured)
+    ~ const + a * fp32_logits_bytes + b * activations + c * optimizer_step_temporaries,
 least squares on a declared set of architectures (FIT_ARCHS), reported on the others.  The
 predicted allocation comes from the current memory model, so refit after changing it.
 """
@@ -13,6 +14,8 @@ import glob
 import numpy as np
 
 from benchmarks.accuracy.report import RESULTS, case_setup, load_records, predict
+from vramfit.memory import optimizer_step_temp_bytes, trainable_tensors
+from vramfit.setup import resolve_targets
 
 FIT_ARCHS = ("llama", "qwen2", "gpt2", "opt")
 MiB = 1 << 20
@@ -23,12 +26,16 @@ def features(records):
     for r in records:
         if r["status"] != "ok":
             continue
-        spec, bd = predict(r["case"])
+        try:
+            spec, bd = predict(r["case"])
+        except Exception:  # reported by report.py
+            continue
         s = case_setup(r["case"])
         logits = s.tokens * spec.vocab_size * 4
         act = bd.components.get("activations", 0)
+        temp = optimizer_step_temp_bytes(trainable_tensors(spec, s, resolve_targets(spec, s)), s, spec)
         target = fit if spec.model_type in FIT_ARCHS else held
-        target[0].append([1.0, logits / MiB, act / MiB])
+        target[0].append([1.0, logits / MiB, act / MiB, temp / MiB])
         target[1].append((r["peak_reserved_bytes"] - r["peak_allocated_bytes"]) / MiB)
     return fit, held
 
@@ -42,7 +49,7 @@ def main(argv=None) -> None:
     coef, *_ = np.linalg.lstsq(np.array(xf), np.array(yf), rcond=None)
     print(f"fit on {FIT_ARCHS}: n={len(yf)}; held out: n={len(yh)}")
     print(f"reserve_const_bytes = {coef[0]:.0f} MiB, reserve_per_logits_byte = {coef[1]:.4f}, "
-          f"reserve_per_activation_byte = {coef[2]:.4f}")
+          f"reserve_per_activation_byte = {coef[2]:.4f}, reserve_per_optimizer_temp_byte = {coef[3]:.4f}")
     for name, x, y in (("fit", xf, yf), ("held-out", xh, yh)):
         if not y:
             continue
