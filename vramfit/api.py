@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from vramfit.constants import DEFAULT, Constants
+from vramfit.errors import VramfitError
 from vramfit.memory import Breakdown, breakdown
 from vramfit.setup import Setup, make_setup, resolve_targets, validate
 
@@ -63,7 +64,7 @@ def trace_key(spec, setup: Setup, targets):
     if setup.method == "qlora" and setup.precision.startswith("16"):
         param_dtype = "float16"
     return TraceKey(method=setup.method, param_dtype=param_dtype, autocast_dtype=setup.autocast_dtype,
-                    attn="eager" if setup.attn == "eager" else "sdpa",
+                    attn="eager" if setup.attn == "eager" or not spec.supports_sdpa else "sdpa",
                     lora_r=setup.lora_r if setup.method != "full" else 0,
                     lora_dropout=setup.method != "full" and setup.lora_dropout > 0,
                     target_modules=tuple(targets))
@@ -74,6 +75,10 @@ def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tu
     from vramfit.trace import activation_profile
 
     validate(setup)
+    if setup.method == "qlora" and spec.has_fused_experts:
+        raise VramfitError(f"QLoRA on {spec.architecture}: its experts are fused 3-D parameters, which "
+                           "bitsandbytes does not quantize as Linear layers; vramfit does not model this yet "
+                           "(use --method lora or full)")
     targets = resolve_targets(spec, setup)
     profile = activation_profile(spec, trace_key(spec, setup, targets), grad_ckpt=setup.grad_ckpt)
     return breakdown(spec, setup, targets, profile, constants or DEFAULT), targets
@@ -98,6 +103,9 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
 
         constants, calibration = load_local_constants(spec)
     bd, targets = estimate_setup(spec, setup, constants)
+    if setup.attn != "eager" and not spec.supports_sdpa:
+        bd = replace(bd, notes=bd.notes + (f"{spec.architecture} has no {setup.attn} support in transformers: "
+                                           "estimated with eager attention, which transformers uses for it",))
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

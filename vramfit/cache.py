@@ -3,6 +3,12 @@
 Keyed by the config's hash and the versions of the libraries whose code the census and the
 trace read (transformers, peft): a new version recomputes.  Location: $VRAMFIT_CACHE_DIR, else
 ~/.cache/vramfit.  A corrupt or unreadable entry is ignored and rebuilt.
+
+profiles/cache/ ships the same entries, made by the same code (`python -m vramfit.cache
+--build-bundled`), for the bundled profiles at the default setups, so a first `vramfit estimate`
+on a bundled profile needs no torch import when the installed versions are the ones they were
+made with; with other versions the keys differ and nothing stale is read
+(tests/test_cache.py recomputes them).
 """
 
 from __future__ import annotations
@@ -28,18 +34,24 @@ def _versions() -> str:
             out.append(f"{pkg}={metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
             out.append(f"{pkg}=none")
-    return ",".join(out) + ",format=3"
+    return ",".join(out) + ",format=5"
 
 
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "profiles" / "cache"
+
+
 def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """An entry from the user cache, else from the bundled one (same relative path)."""
+    for candidate in (path, BUNDLED_DIR / path.relative_to(cache_dir())):
+        try:
+            return json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _write(path: Path, data) -> None:
@@ -115,3 +127,33 @@ def load_profile(spec, key, needs_input_grad: bool):
 def store_profile(spec, key, needs_input_grad: bool, prof) -> None:
     _profiles[(spec.config_hash, key, needs_input_grad)] = prof
     _write(_profile_path(spec, key, needs_input_grad), dataclasses.asdict(prof))
+
+
+def build_bundled(profiles=None) -> int:
+    """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
+    the default setups (`vramfit estimate` defaults, and the README's QLoRA command)."""
+    from vramfit.api import estimate
+
+    os.environ["VRAMFIT_CACHE_DIR"] = str(BUNDLED_DIR)
+    _specs.clear()
+    _profiles.clear()
+    from vramfit.spec import list_profiles
+
+    n = 0
+    from vramfit.errors import VramfitError
+
+    for name in profiles or list_profiles():
+        estimate(name, use_calibration=False)
+        try:
+            estimate(name, method="qlora", grad_ckpt=True, use_calibration=False)
+        except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
+            pass
+        n += 1
+    return n
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    if sys.argv[1:] == ["--build-bundled"]:
+        print(f"bundled cache: {build_bundled()} profiles -> {BUNDLED_DIR}")

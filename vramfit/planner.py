@@ -610,6 +610,8 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
                allocator: str | None = None, attn: str = "sdpa") -> Space:
     """Validate the user's restrictions against the model and the GPU -> Space."""
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
+    if method == "auto" and spec.has_fused_experts:  # QLoRA of fused MoE experts is not modelled
+        methods = ("full", "lora")
     if method != "auto":
         make_setup(method=method, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules)
     elif precision is not None:  # keep the methods the precision applies to

@@ -57,6 +57,13 @@ OPTIMIZERS = {
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 ALLOCATORS = ("default", "expandable")
 DEFAULT_LORA_TARGETS = {"lora": "q_proj,v_proj", "qlora": "all-linear"}
+# peft's own default LoRA targets for architectures whose attention projections are not named
+# q_proj / v_proj (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+PEFT_DEFAULT_TARGETS = {
+    "gpt2": "c_attn", "gpt_neox": "query_key_value", "falcon": "query_key_value", "bloom": "query_key_value",
+    "phi3": "qkv_proj", "gptj": "q_proj,v_proj", "gpt_bigcode": "c_attn", "mpt": "Wqkv", "chatglm": "query_key_value",
+    "phi": "q_proj,v_proj", "stablelm": "q_proj,v_proj", "gpt_neo": "q_proj,v_proj",
+}
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,10 @@ def validate(s: Setup) -> None:
 def resolve_targets(spec, setup: Setup) -> tuple:
     if setup.method == "full":
         return ()
-    return _resolve_targets(spec, setup.targets.strip())
+    raw = setup.targets.strip()
+    if setup.target_modules is None and setup.method == "lora":
+        raw = PEFT_DEFAULT_TARGETS.get(spec.model_type, raw)
+    return _resolve_targets(spec, raw)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -75,6 +75,7 @@ class ModelSpec:
     num_experts: int
     experts_per_token: int
     config_hash: str
+    supports_sdpa: bool = True  # transformers can run this architecture with sdpa attention
 
     def __hash__(self) -> int:  # one spec per config: the hash of its config is its identity
         return hash(self.config_hash)
@@ -83,6 +84,11 @@ class ModelSpec:
     def linear_params(self) -> int:
         """Parameters held in Linear/Conv1D weights and biases (the LM head included)."""
         return sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears)
+
+    @property
+    def has_fused_experts(self) -> bool:
+        """MoE experts stored as 3-D parameters (transformers 5), which are not nn.Linear layers."""
+        return any(len(shape) >= 3 for shape, _, _ in self.param_shapes)
 
     def quantizable_linears(self) -> tuple:
         """The layers bitsandbytes turns into Linear4bit: every Linear but the LM head."""
@@ -302,10 +308,11 @@ def _spec_from_json(name: str, blob: str) -> ModelSpec:
         if isinstance(v, int) and v <= 0:
             raise VramfitError(f"{name}: '{key}' must be positive, got {v}")
     model = build_meta_model(config)
+    supports_sdpa = bool(getattr(type(model), "_supports_sdpa", True))  # Gemma 2: False (soft-capping)
     facts = census(model)
     arch = type(model).__name__
     return ModelSpec(name=name, model_type=config.model_type, architecture=arch, config=data,
-                     config_hash=config_hash(data), **facts, **_shape_facts(config))
+                     config_hash=config_hash(data), supports_sdpa=supports_sdpa, **facts, **_shape_facts(config))
 
 
 def load_spec(model: str, trust_remote_code: bool = False, overrides: dict | None = None) -> ModelSpec:
