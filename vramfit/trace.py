@@ -275,6 +275,11 @@ def _prepare_model(config, key: TraceKey, spec):
         for p in model.parameters():  # prepare_model_for_kbit_training: non-quantized params to fp32
             if p.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_param(model, p):
                 p.data = p.data.to(torch.float32)
+    import logging
+
+    # peft imports bitsandbytes where installed; on a CPU machine it logs a kernel warning that is
+    # not the user's business
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=key.lora_r, lora_alpha=key.lora_r * 2, lora_dropout=0.1 if key.lora_dropout else 0.0,
