@@ -33,6 +33,13 @@ TINY_LLAMA_LORA_QV_R4 = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
 
 
 @pytest.fixture(autouse=True)
+def spawned_children(monkeypatch):
+    """Earlier tests have started torch's OpenMP pool in this process, and a forked child of it
+    can hang: the tests start their children fresh (the GPU runs keep fork, see harness.py)."""
+    monkeypatch.setenv("VRAMFIT_HARNESS_START_METHOD", "spawn")
+
+
+@pytest.fixture(autouse=True)
 def cuda_not_initialised_here():
     """Children are forked: a CUDA context made in this process (say, another test imported
     bitsandbytes through peft) would be unusable in them."""

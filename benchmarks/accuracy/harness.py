@@ -96,7 +96,9 @@ def _log_tail(path: str, chars: int = 2000) -> str:
 def run_in_child(kind: str, case: dict, timeout_s: float, log_path: str,
                  extra: str | None = None) -> dict:
     """Fork a child for one case; return its final result (or what it sent, marked timeout/crash)."""
-    context = multiprocessing.get_context("fork")
+    # fork saves the imports per case; a process whose OpenMP pool or CUDA is already running (a
+    # test session, say) cannot fork safely and sets VRAMFIT_HARNESS_START_METHOD=spawn
+    context = multiprocessing.get_context(os.environ.get("VRAMFIT_HARNESS_START_METHOD", "fork"))
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_child_main, args=(sender, kind, case, extra, log_path))
     process.start()
