@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     if args.cases:
         print()
         print(case_table(rs))
-    out = Path(args.out) if args.out else Path(paths[0]).with_suffix("")
+    out = Path(args.out) if args.out else RESULTS / "accuracy"
     out.with_name(out.name + "-report.md").write_text(
         f"# Predicted vs measured\n\nSources: {', '.join(Path(p).name for p in paths)}\n\n{md}\n\n{case_table(rs)}\n")
     scatter(rs, out.with_name(out.name + "-scatter.png"))
