@@ -236,13 +236,16 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     dlogits = T * spec.vocab_size * logits_dtype_bytes(s)
     head_freed = logprobs + max(0, int(profile.outside.const))  # log-probs, LM-head weight copy
     l_max = max(layer_saved, default=0)
+    # the logits' gradient (dlogits) is freed once the LM head's backward is done, before the top
+    # layer's: it belongs to at_loss and to the head, not to the layers' walk
+    head = persist + A_fwd - logprobs + dlogits + G_out
     if s.grad_ckpt:
-        top = A_fwd - head_freed + dlogits + l_max + G_out + g_layer + layer_transient
+        top = A_fwd - head_freed + l_max + G_out + g_layer + layer_transient
         bottom = kept_shared + kept_per_layer + l_max + G + layer_transient
     else:
-        top = A_fwd - head_freed + dlogits + G_out + g_layer + layer_transient
+        top = A_fwd - head_freed + G_out + g_layer + layer_transient
         bottom = (layer_saved[0] if layer_saved else 0) + G + layer_transient
-    backward = max(at_loss, persist + top, persist + bottom)
+    backward = max(at_loss, head, persist + top, persist + bottom)
     optimizer = W + G + O_torch + opt_temp + ws
     phases = {"forward": int(forward), "backward": int(backward), "optimizer": int(optimizer)}
     peak_phase = max(phases, key=phases.get)
