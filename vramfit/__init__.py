@@ -18,3 +18,12 @@ def plan(*args, **kwargs):
     from vramfit.planner import plan as _plan
 
     return _plan(*args, **kwargs)
+
+
+def __getattr__(name):
+    """`vramfit.MemoryTracker` without importing transformers at `import vramfit`."""
+    if name == "MemoryTracker":
+        from vramfit.tracker import MemoryTracker
+
+        return MemoryTracker
+    raise AttributeError(f"module 'vramfit' has no attribute {name!r}")

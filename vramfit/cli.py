@@ -240,5 +240,143 @@ def calibrate(
         typer.echo(line)
 
 
+class DataFormat(str, Enum):
+    auto = "auto"
+    alpaca = "alpaca"
+    prompt_completion = "prompt-completion"
+    messages = "messages"
+    text = "text"
+
+
+class BadRowAction(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class Init(str, Enum):
+    pretrained = "pretrained"
+    random = "random"
+
+
+class SeqLenFrom(str, Enum):
+    max = "max"
+    p99 = "p99"
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="a model directory with weights or a hub id; with --init random also a "
+                                "bundled profile or a config.json"),
+    data: str = typer.Argument(..., help="JSONL / JSON / CSV / Parquet file, a datasets.save_to_disk folder, or a "
+                               "hub dataset name (online)"),
+    out: str = typer.Option("vramfit-run", "--out", help="output directory (must be new or empty, unless --resume)"),
+    init: Init = typer.Option(Init.pretrained, help="pretrained weights, or random weights from the config"),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer directory or hub id [default: the model's]"),
+    data_format: DataFormat = typer.Option(DataFormat.auto, "--format", help="data format [default: detected]"),
+    on_bad_row: BadRowAction = typer.Option(BadRowAction.skip, help="skip bad rows (reported) or fail on them"),
+    val_split: float = typer.Option(0.1, help="fraction of the data held out for validation (0: none)"),
+    val_file: Optional[str] = typer.Option(None, help="validation data file instead of a held-out split"),
+    max_seq_len: int = typer.Option(2048, help="longest sequence trained on: longer rows are truncated"),
+    seq_len_from: SeqLenFrom = typer.Option(SeqLenFrom.max, help="the data's token length the memory prediction "
+                                            "uses: the longest row or the 99th percentile"),
+    method: Optional[Method] = typer.Option(None, help="full | lora | qlora [default: the planner's]"),
+    precision: Optional[str] = typer.Option(None, help="32-true | bf16-true | bf16-mixed | 16-mixed | 16-true"),
+    optim: Optional[str] = typer.Option(None, help="a TrainingArguments.optim name"),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha [default: 2 x rank]"),
+    lora_dropout: Optional[float] = typer.Option(None, help="LoRA dropout [default: 0.05]"),
+    target_modules: Optional[str] = typer.Option(None, help="comma list, 'all-linear' or a regex"),
+    micro_batch: Optional[int] = typer.Option(None, help="sequences per micro-batch"),
+    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step"),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
+    seq_len: Optional[int] = typer.Option(None, help="sequence length for the prediction [default: from the data]"),
+    attn: Attn = typer.Option(Attn.sdpa, help="attention implementation"),
+    gpu: Optional[str] = typer.Option(None, help="for the planner and the fit check: auto, a profile or a size "
+                                      "[default: auto]"),
+    headroom: str = typer.Option("5%", help="memory kept free: a percentage or a size"),
+    effective_batch: Optional[int] = typer.Option(None, help="sequences per optimizer step, when the planner "
+                                                  "chooses the micro-batch [default: 16]"),
+    epochs: float = typer.Option(1.0, help="passes over the training data (when --max-steps is not given)"),
+    max_steps: Optional[int] = typer.Option(None, help="optimizer steps [default: from --epochs]"),
+    learning_rate: Optional[float] = typer.Option(None, help="[default: 2e-4 LoRA/QLoRA, 2e-5 full]"),
+    warmup: float = typer.Option(0.03, help="warm-up: a fraction of the steps (< 1) or a number of steps"),
+    logging_steps: int = typer.Option(1, help="log the loss every N steps"),
+    eval_steps: Optional[int] = typer.Option(None, help="evaluate every N steps [default: a tenth of the run]"),
+    save_steps: Optional[int] = typer.Option(None, help="checkpoint every N steps [default: --eval-steps]"),
+    early_stopping_patience: int = typer.Option(3, help="evaluations without a better validation loss before "
+                                                "stopping (0: never)"),
+    seed: int = typer.Option(42),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="on out-of-memory, continue with a "
+                                  "cheaper setup from the last checkpoint"),
+    fit_check: bool = typer.Option(True, "--fit-check/--no-fit-check", help="refuse a setup predicted not to fit"),
+    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+    as_json: bool = typer.Option(False, "--json", help="progress on stderr, the run report as JSON on stdout"),
+):
+    """Fine-tune MODEL on DATA with the setup that fits, tracking memory against the prediction."""
+    from rich.console import Console
+
+    from vramfit.train import RunOptions
+    from vramfit.train import train as run_train
+
+    _quiet_libraries()
+    opts = RunOptions(out_dir=out, init=init.value, tokenizer=tokenizer, data_format=data_format.value,
+                      on_bad_row=on_bad_row.value, val_split=val_split, val_file=val_file, max_seq_len=max_seq_len,
+                      seq_len_from=seq_len_from.value, epochs=epochs, max_steps=max_steps,
+                      learning_rate=learning_rate, warmup=warmup, logging_steps=logging_steps, eval_steps=eval_steps,
+                      save_steps=save_steps, early_stopping_patience=early_stopping_patience, seed=seed,
+                      resume=resume, fallback=fallback, fit_check=fit_check, gpu=gpu, headroom=headroom,
+                      effective_batch=effective_batch, trust_remote_code=trust_remote_code)
+    setup_options = dict(method=method.value if method else None, precision=precision, optim=optim, lora_r=lora_r,
+                         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                         micro_batch=micro_batch, grad_accum=grad_accum, grad_ckpt=grad_ckpt, seq_len=seq_len,
+                         attn=attn.value)
+    try:
+        rep = run_train(model, data, opts, setup_options, console=Console(stderr=as_json))
+    except VramfitError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:  # outside the steps (loading, saving): nothing to keep but what is written
+        typer.echo("vramfit: interrupted", err=True)
+        raise typer.Exit(code=130)
+    if as_json:
+        sys.stdout.write(json.dumps(rep, default=str) + "\n")
+    if rep["status"] in ("interrupted", "aborted"):
+        raise typer.Exit(code=130)
+
+
+@app.command()
+def merge(
+    adapter_dir: str = typer.Argument(..., help="a LoRA adapter directory (adapter_config.json + weights)"),
+    out: str = typer.Option(..., "--out", help="directory for the merged model (must be new or empty)"),
+    base: Optional[str] = typer.Option(None, help="base model [default: the adapter's base_model_name_or_path]"),
+    dtype: str = typer.Option("auto", help="dtype to merge and save in: auto (the base's), bfloat16, float16, "
+                              "float32"),
+    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+):
+    """Merge a LoRA adapter into its base model and save a standard model (merge_and_unload)."""
+    from vramfit.train import merge as run_merge
+
+    _quiet_libraries()
+    try:
+        result = run_merge(adapter_dir, out, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    except VramfitError as exc:
+        _fail(exc)
+    typer.echo(f"merged {result['adapter']} into {result['base']}: {result['params']:,} parameters saved to "
+               f"{result['out']}")
+
+
+def _quiet_libraries() -> None:
+    """transformers/trl info and warnings would bury the run's own lines."""
+    import warnings
+
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft/trl, not the user's to fix
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -289,3 +289,201 @@ def calibration_lines(data: dict) -> list[str]:
         scale = list(data["activation_scale"].values())[-1]
         lines.append(f"  {data['model']}: real / traced saved activations = {scale:.4f}")
     return lines
+
+
+# --------------------------------------------------------------------------- train
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def data_report_lines(d) -> list[str]:
+    """What was read, what was dropped, and the token lengths, before any GPU work."""
+    t, n = d.train, d.lengths
+    how = "detected" if t.detected else "forced with --format"
+    lines = [f"data: {t.source}: {t.total_rows:,} rows, format {t.format} ({how}); {len(t.rows):,} for training, "
+             f"{len(d.eval_rows):,} for validation ({d.eval_source})"]
+    if t.bad_rows:
+        lines.append(f"skipped {len(t.bad_rows):,} bad rows: " + "; ".join(str(b) for b in t.bad_rows[:5])
+                     + (" ..." if len(t.bad_rows) > 5 else ""))
+    lines.append(f"tokens per row: median {n.p50:,}, p99 {n.p99:,}, max {n.max:,} (mean {n.mean:,.1f}); "
+                 f"{n.over_max_seq_len:,} of {n.count:,} rows are over --max-seq-len {n.max_seq_len:,} and will be "
+                 f"truncated")
+    basis = "the longest row" if d.seq_len_basis == "max" else "the 99th percentile row"
+    capped = " (capped by --max-seq-len)" if d.seq_len < (n.max if d.seq_len_basis == "max" else n.p99) else ""
+    lines.append(f"sequence length for the memory prediction: {d.seq_len:,} tokens = {basis}{capped}")
+    return lines
+
+
+def prediction_line(setup, predicted: dict, budget_bytes: int | None) -> str:
+    where = f" of {fmt_bytes(budget_bytes)} available" if budget_bytes else " (no CUDA GPU: not checked against one)"
+    return (f"setup: {setup_label(setup)} · seq {setup.seq_len:,}; predicted peaks: allocated "
+            f"{fmt_bytes(predicted['peak_allocated_bytes'])}, reserved {fmt_bytes(predicted['peak_reserved_bytes'])}, "
+            f"device {fmt_bytes(predicted['device_bytes'])}{where}")
+
+
+def _gib_or_dash(n) -> str:
+    return gib(n) if n is not None else "-"
+
+
+def memory_summary_table(summary: dict):
+    """Predicted against measured peaks (the tracker's summary)."""
+    from rich.table import Table
+
+    table = Table(title="memory: predicted vs measured", title_justify="left")
+    for col, just in (("peak", "left"), ("predicted GiB", "right"), ("measured GiB", "right"), ("error", "right")):
+        table.add_column(col, justify=just)
+    pred = summary.get("predicted") or {}
+    for key, label in (("peak_allocated_bytes", "allocated (torch)"), ("peak_reserved_bytes", "reserved (torch)"),
+                       ("device_bytes", "device (NVML, this process)")):
+        err = summary["relative_error"].get(key)
+        table.add_row(label, _gib_or_dash(pred.get(key)), _gib_or_dash(summary["measured"].get(key)),
+                      f"{100 * err:+.1f}%" if err is not None else "-")
+    if not summary.get("cuda"):
+        table.caption = f"CUDA absent; host resident memory peaked at {_gib_or_dash(summary['measured'].get('rss_bytes'))} GiB"
+    return table
+
+
+def train_status(step: int, max_steps: int, elapsed_s: float, tokens_per_s: float | None, loss, eval_loss,
+                 reading: dict, predicted: dict | None) -> dict:
+    """The figures the live view and the plain log line show, computed once."""
+    eta = elapsed_s / step * (max_steps - step) if step else None
+    return dict(step=step, max_steps=max_steps, elapsed_s=elapsed_s, eta_s=eta, tokens_per_s=tokens_per_s,
+                loss=loss, eval_loss=eval_loss, reading=reading or {}, predicted=predicted or {})
+
+
+def train_status_line(s: dict) -> str:
+    """One plain line for a pipe or CI log."""
+    parts = [f"step {s['step']}/{s['max_steps']}"]
+    if s["loss"] is not None:
+        parts.append(f"loss {s['loss']:.4f}")
+    if s["eval_loss"] is not None:
+        parts.append(f"eval_loss {s['eval_loss']:.4f}")
+    if s["tokens_per_s"]:
+        parts.append(f"{s['tokens_per_s']:,.0f} tokens/s")
+    r, p = s["reading"], s["predicted"]
+    if r.get("peak_allocated_bytes") is not None:
+        parts.append(f"allocated {gib(r['peak_allocated_bytes'])}/{_gib_or_dash(p.get('peak_allocated_bytes'))} GiB "
+                     f"predicted")
+    if r.get("device_bytes") is not None:
+        parts.append(f"device {gib(r['device_bytes'])}/{_gib_or_dash(p.get('device_bytes'))} GiB predicted")
+    if r.get("peak_allocated_bytes") is None and r.get("rss_bytes") is not None:
+        parts.append(f"host RSS {gib(r['rss_bytes'])} GiB (no CUDA)")
+    parts.append(f"{fmt_duration(s['elapsed_s'])} elapsed, ETA {fmt_duration(s['eta_s'])}")
+    return " · ".join(parts)
+
+
+def _gauge(label: str, value, predicted, capacity, width: int = 40) -> str:
+    """A bar of `value` with the prediction as a red mark; the scale leaves room above both."""
+    if value is None:
+        return f"{label:<10} -"
+    full = 1.2 * max(x for x in (value, predicted, 1) if x is not None)
+    if capacity:
+        full = min(full, capacity)
+    filled = min(width, int(width * value / full))
+    mark = min(width - 1, int(width * predicted / full)) if predicted else None
+    bar = "".join("[red]|[/]" if i == mark else ("█" if i < filled else "·") for i in range(width))
+    tail = f"{gib(value)} GiB" + (f" / predicted {gib(predicted)}" if predicted else "")
+    tail += f" / capacity {gib(capacity)}" if capacity else ""
+    return f"{label:<10} {bar} {tail}"
+
+
+def train_live(s: dict, capacity_bytes: int | None = None):
+    """The terminal view: progress and memory gauges against the predicted peaks (red mark)."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    r, p = s["reading"], s["predicted"]
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column()
+    grid.add_row(ProgressBar(total=max(s["max_steps"], 1), completed=s["step"], width=50))
+    grid.add_row(Text(train_status_line({**s, "reading": {}})))
+    if r.get("peak_allocated_bytes") is not None:
+        for key, label in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
+                           ("device_bytes", "device")):
+            grid.add_row(Text.from_markup(_gauge(label, r.get(key), p.get(key), capacity_bytes)))
+    else:
+        grid.add_row(Text(f"no CUDA: host RSS {_gib_or_dash(r.get('rss_bytes'))} GiB"))
+    return grid
+
+
+def fallback_line(f: dict) -> str:
+    """What the OOM fall-back did, for the log."""
+    how = f"resumed from {f['resumed_from']}" if f.get("resumed_from") else "restarted (no checkpoint yet)"
+    measured = f" (measured {fmt_bytes(f['measured_bytes'])} against {fmt_bytes(f['predicted_bytes'])} predicted)" \
+        if f.get("measured_bytes") else ""
+    return (f"out of memory at step {f['step']}{measured}: {setup_label_from_json(f['setup_before'])} -> "
+            f"{setup_label_from_json(f['setup_after'])}; {how}")
+
+
+def setup_label_from_json(d: dict) -> str:
+    from vramfit.setup import Setup
+
+    return setup_label(Setup(**{k: v for k, v in d.items() if k in Setup.__dataclass_fields__ and v is not None}))
+
+
+def run_summary_lines(rep: dict) -> list[str]:
+    lines = [f"run {rep['status']}: {rep['steps']} of {rep['max_steps']} steps in {fmt_duration(rep['train_seconds'])}"]
+    if rep.get("final_loss") is not None:
+        lines[0] += f", final loss {rep['final_loss']:.4f}"
+    if rep.get("best_eval_loss") is not None:
+        lines[0] += f", best eval_loss {rep['best_eval_loss']:.4f}"
+    for f in rep.get("fallbacks", []):
+        lines.append(fallback_line(f))
+    for key, label in (("adapter", "adapter"), ("model", "model"), ("checkpoint", "checkpoint"),
+                       ("report", "run report"), ("timeline", "memory timeline"), ("plot", "memory plot")):
+        if rep["outputs"].get(key):
+            lines.append(f"{label}: {rep['outputs'][key]}")
+    if rep["status"] == "interrupted":
+        lines.append("continue with the same command and --resume")
+    return lines
+
+
+def memory_timeline_plot(records: list, path) -> None:
+    """PNG of allocated / reserved / device memory over the run, the predicted peaks as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = next((r for r in records if r.get("kind") == "start"), {})
+    samples = [r for r in records if "t" in r and r.get("kind") not in ("log", "summary")]
+    pred = next((r["predicted"] for r in reversed(records) if r.get("predicted")), None) or {}
+    fig, ax = plt.subplots(figsize=(10, 5))
+    t = [r["t"] for r in samples]
+    series = (("peak_allocated_bytes", "allocated (peak between readings)", "tab:blue"),
+              ("peak_reserved_bytes", "reserved (peak between readings)", "tab:orange"),
+              ("device_bytes", "device (NVML, this process)", "tab:green"))
+    drew = False
+    for key, label, color in series:
+        pts = [(x, r[key] / GiB) for x, r in zip(t, samples) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label, color=color, linewidth=1.2)
+            drew = True
+        if pred.get(key):
+            ax.axhline(pred[key] / GiB, color=color, linestyle="--", linewidth=1, label=f"predicted {label.split()[0]}")
+    if not drew:
+        pts = [(x, r["rss_bytes"] / GiB) for x, r in zip(t, samples) if r.get("rss_bytes") is not None]
+        if pts:
+            ax.plot(*zip(*pts), label="host resident memory (no CUDA)", color="tab:gray")
+    limit = start.get("allocator_limit_bytes") or start.get("capacity_bytes")
+    if limit:
+        ax.axhline(limit / GiB, color="black", linewidth=1, label="allocator limit" if start.get(
+            "allocator_limit_bytes") else "GPU capacity")
+    for r in samples:
+        if r.get("kind") == "event" and r.get("message") != "setup":
+            ax.axvline(r["t"], color="red", linewidth=0.8)
+            ax.annotate(str(r.get("message", ""))[:40], (r["t"], ax.get_ylim()[1]), rotation=90, va="top",
+                        fontsize=7, color="red")
+    title = f"memory over the run ({start.get('device') or 'CUDA absent'})"
+    ax.set(xlabel="seconds since start", ylabel="GiB (2^30 bytes)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

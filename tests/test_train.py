@@ -1,0 +1,292 @@
+"""`vramfit train` end to end on CPU: a tiny random Llama and tokenizer built here, real SFTTrainer
+steps (LoRA and full), the OOM fall-back from inside a step, Ctrl-C and --resume, merge, and the
+user errors caught before any work."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from vramfit import VramfitError
+from vramfit.cli import app
+from vramfit.setup import make_setup
+from vramfit.spec import spec_from_config
+from vramfit.train import RunOptions, choose_setup, fallback_ladder, fallback_setup, predict, train
+
+from conftest import TINY_LLAMA
+from tiny_lm import alpaca_rows, chat_rows, make_model_dir, write_jsonl
+
+runner = CliRunner()
+LORA = dict(method="lora", precision="32-true", optim="adamw_torch", micro_batch=2, grad_accum=1, grad_ckpt=False)
+LORA_ARGS = ["--method", "lora", "--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "2",
+             "--grad-accum", "1", "--no-grad-ckpt", "--max-steps", "3", "--max-seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    return str(make_model_dir(workdir / "tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def alpaca(workdir):
+    return write_jsonl(workdir / "alpaca.jsonl", alpaca_rows(24))
+
+
+@pytest.fixture(scope="module")
+def lora_run(workdir, model_dir, alpaca):
+    out = workdir / "lora-run"
+    r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(out), *LORA_ARGS])
+    return out, r
+
+
+def report(out):
+    return json.loads((out / "run_report.json").read_text())
+
+
+def timeline(out):
+    return [json.loads(x) for x in (out / "memory_timeline.jsonl").read_text().splitlines()]
+
+
+def test_lora_three_steps_through_the_cli_write_adapter_report_timeline_and_plot(lora_run):
+    out, r = lora_run
+    assert r.exit_code == 0, r.output
+    rep = report(out)
+    assert (rep["status"], rep["steps"], rep["max_steps"]) == ("completed", 3, 3)
+    assert [x["step"] for x in rep["losses"]] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in rep["losses"])
+    assert rep["eval_losses"] and rep["data"]["format"] == "alpaca" and rep["data"]["eval_rows"] == 2
+    assert rep["setup"]["seq_len"] == rep["data"]["seq_len"] <= 64  # the data's longest row, not a guess
+    assert rep["predicted"]["device_bytes"] > rep["predicted"]["peak_reserved_bytes"] > 0
+    assert rep["versions"]["trl"] and rep["cuda"] is False
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "tokenizer_config.json").is_file()
+    lines = timeline(out)
+    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "summary"
+    assert {x["step"] for x in lines if x["kind"] == "step_end"} == {1, 2, 3}
+    assert (out / "memory_timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tokens per row: median" in r.output and "run completed: 3 of 3 steps" in r.output
+    assert "step 3/3 · loss" in r.output  # plain progress lines in a pipe
+
+
+def test_merge_folds_the_adapter_into_a_standard_model(lora_run, model_dir, workdir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = lora_run
+    merged = workdir / "merged"
+    r = runner.invoke(app, ["merge", str(out / "adapter"), "--out", str(merged)])
+    assert r.exit_code == 0, r.output
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    ids = torch.tensor([[1, 5, 9, 14, 20, 7]])
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, peft(ids).logits, atol=1e-5)
+    again = runner.invoke(app, ["merge", str(out / "adapter"), "--out", str(merged)])
+    assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+def test_full_fine_tuning_on_chat_data_with_checkpointing_saves_the_model(workdir, model_dir):
+    data = write_jsonl(workdir / "chat.jsonl", chat_rows(20))
+    out = workdir / "full-run"
+    rep = train(model_dir, data, RunOptions(out_dir=str(out), max_steps=3, max_seq_len=64, live=False),
+                dict(LORA, method="full", grad_ckpt=True))
+    assert (rep["status"], rep["steps"], rep["data"]["format"], rep["loss_note"]) == ("completed", 3, "messages", None)
+    assert all(math.isfinite(x["loss"]) for x in rep["losses"])
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    assert not (out / "adapter").exists()
+
+
+def test_random_init_from_a_config_directory_trains_and_merge_asks_for_a_base(workdir, alpaca):
+    from tiny_lm import llama_config, make_tokenizer
+
+    cfg_dir = workdir / "config-and-tokenizer"
+    tok = make_tokenizer()
+    llama_config(tok).save_pretrained(cfg_dir)
+    tok.save_pretrained(cfg_dir)
+    out = workdir / "random-run"
+    rep = train(str(cfg_dir), alpaca, RunOptions(out_dir=str(out), init="random", max_steps=2, max_seq_len=64,
+                                                 val_split=0, live=False), LORA)
+    assert (rep["status"], rep["init"], rep["data"]["eval_rows"], rep["eval_losses"]) == ("completed", "random", 0, [])
+    r = runner.invoke(app, ["merge", str(out / "adapter"), "--out", str(workdir / "nowhere")])
+    assert r.exit_code == 2 and "give the base with --base" in r.stderr
+
+
+class OomOnce(TrainerCallback):
+    """Raises torch.OutOfMemoryError from the model's forward in step `at`, once."""
+
+    def __init__(self, at: int):
+        self.at, self.fired = at, False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 != self.at or self.fired:
+            return
+
+        def hook(module, inputs):
+            self.fired = True
+            handle.remove()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. (injected by the test)")
+
+        handle = model.register_forward_pre_hook(hook)
+
+
+def test_oom_in_a_step_replans_to_a_smaller_micro_batch_and_finishes_from_the_checkpoint(workdir, model_dir, alpaca):
+    out = workdir / "oom-run"
+    rep = train(model_dir, alpaca, RunOptions(out_dir=str(out), max_steps=3, max_seq_len=64, save_steps=1, live=False),
+                LORA, callbacks=[OomOnce(at=2)])
+    assert (rep["status"], rep["steps"]) == ("completed", 3)
+    [f] = rep["fallbacks"]
+    assert f["step"] == 2 and f["resumed_from"].endswith("checkpoint-1")
+    assert (f["setup_before"]["micro_batch"], f["setup_before"]["grad_accum"]) == (2, 1)
+    assert (f["setup_after"]["micro_batch"], f["setup_after"]["grad_accum"]) == (1, 2)
+    assert (rep["setup"]["micro_batch"], rep["setup"]["grad_accum"]) == (1, 2)
+    assert [a["outcome"] for a in rep["attempts"]] == ["out of memory", "finished"]
+    assert rep["predicted"]["peak_allocated_bytes"] < rep["attempts"][0]["predicted"]["peak_allocated_bytes"]
+    assert [x["step"] for x in rep["losses"]][-1] == 3 and all(math.isfinite(x["loss"]) for x in rep["losses"])
+    events = [x["message"] for x in timeline(out) if x["kind"] == "event"]
+    assert events == ["setup", "out of memory", "re-planned", "setup"]
+    assert json.loads((out / "run_setup.json").read_text())["setup"]["micro_batch"] == 1  # what --resume uses
+
+
+def test_oom_without_the_fall_back_is_a_user_error_with_the_report_written(workdir, model_dir, alpaca):
+    out = workdir / "oom-no-fallback"
+    with pytest.raises(VramfitError, match=r"out of memory at step 1 .*--no-fallback"):
+        train(model_dir, alpaca, RunOptions(out_dir=str(out), max_steps=3, max_seq_len=64, fallback=False, live=False),
+              LORA, callbacks=[OomOnce(at=1)])
+    assert report(out)["status"] == "out of memory" and timeline(out)[-1]["kind"] == "summary"
+
+
+class CtrlCAt(TrainerCallback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_adapter_then_resume_finishes(workdir, model_dir, alpaca):
+    out = workdir / "interrupted"
+    opts = RunOptions(out_dir=str(out), max_steps=3, max_seq_len=64, save_steps=3, eval_steps=3, live=False)
+    rep = train(model_dir, alpaca, opts, LORA, callbacks=[CtrlCAt(at=2)])
+    assert (rep["status"], rep["steps"]) == ("interrupted", 2)
+    assert rep["outputs"]["checkpoint"].endswith("checkpoint-2") and (out / "adapter" / "adapter_config.json").is_file()
+    assert timeline(out)[-1]["kind"] == "summary"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is gone
+
+    resumed = train(model_dir, alpaca, RunOptions(**{**opts.__dict__, "resume": True}), {"method": "full"})
+    assert (resumed["status"], resumed["steps"], resumed["setup"]["method"]) == ("completed", 3, "lora")
+    assert [x["step"] for x in resumed["losses"]] == [1, 2, 3]  # the history comes back with the checkpoint
+    assert sum(x["kind"] == "start" for x in timeline(out)) == 2
+
+
+@pytest.mark.parametrize("positional, options, needle", [
+    (["{model}", "{tmp}/missing.jsonl"], {}, "no such data file"),
+    (["{tmp}/config-only", "{data}"], {}, "has a config but no weights"),
+    (["smollm2-135m", "{data}"], {}, "config without weights: its weights are on the hub as"),
+    (["{model}", "{data}"], {"--method": "qlora", "--precision": "bf16-true"}, "QLoRA needs a CUDA GPU"),
+    (["{model}", "{data}"], {"--optim": "paged_adamw_8bit"}, "needs bitsandbytes on a CUDA GPU"),
+    (["{model}", "{data}"], {"--format": "messages"}, "none of its 24 rows is valid for format messages"),
+    (["{model}", "{data}"], {"--save-steps": "3", "--eval-steps": "2"}, "multiple of --eval-steps"),
+    (["{model}", "{data}"], {"--resume": None}, "nothing to resume"),
+])
+def test_user_errors_are_one_line_before_anything_is_written(tmp_path, model_dir, alpaca, positional, options,
+                                                              needle):
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    fill = {"model": model_dir, "data": alpaca, "tmp": str(tmp_path)}
+    given = {"--method": "lora", "--precision": "32-true", "--optim": "adamw_torch", "--micro-batch": "1",
+             "--grad-accum": "1", "--no-grad-ckpt": None, "--max-steps": "3", **options}
+    out = tmp_path / "out"
+    args = [a.format(**fill) for a in positional] + [x for k, v in given.items() for x in (k, v) if x is not None]
+    r = runner.invoke(app, ["train", *args, "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_setup_predicted_not_to_fit_the_gpu_is_refused_before_loading(tmp_path, model_dir, alpaca, monkeypatch):
+    import vramfit.train as vt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU with 100 MB free: checked, never used
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(vt, "usable_bytes", lambda gpu, headroom: 100_000_000)
+    out = tmp_path / "out"
+    with pytest.raises(VramfitError, match=r"predicted to need 0\.\d\d GiB but 0\.09 GiB is usable"):
+        train(model_dir, alpaca, RunOptions(out_dir=str(out), max_steps=3), LORA)
+    assert not out.exists()
+
+
+def test_when_nothing_fits_the_planner_says_so_in_one_line(tmp_path, model_dir, alpaca):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(out), "--gpu", "0.3GiB", "--max-steps", "3"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "CUDA context" in r.stderr
+    assert not out.exists()
+
+
+def test_an_existing_run_is_never_overwritten(lora_run, model_dir, alpaca):
+    out, _ = lora_run
+    r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(out), *LORA_ARGS])
+    assert r.exit_code == 2 and "already exists and is not empty" in r.stderr
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@pytest.fixture(scope="module")
+def tiny_spec():
+    return spec_from_config("tiny-llama", TINY_LLAMA)
+
+
+def test_fallback_ladder_halves_the_micro_batch_then_checkpoints_then_changes_method():
+    s = make_setup(method="full", precision="bf16-true", micro_batch=4, grad_accum=2, seq_len=128)
+    ladder = [(x.method, x.grad_ckpt, x.micro_batch, x.grad_accum) for x in fallback_ladder(s)]
+    assert ladder[:6] == [("full", False, 2, 4), ("full", False, 1, 8), ("full", True, 4, 2), ("full", True, 2, 4),
+                          ("full", True, 1, 8), ("lora", False, 4, 2)]
+    assert ladder[-1] == ("qlora", True, 1, 8) and len(ladder) == 5 + 6 + 6
+    lora = fallback_ladder(make_setup(method="lora", target_modules="q_proj", micro_batch=1, grad_ckpt=True))
+    assert [(x.method, x.targets) for x in lora] == [("qlora", "q_proj")]  # same LoRA layers: the adapter loads
+
+
+def test_fallback_picks_the_first_setup_predicted_to_fit_after_the_measured_overshoot(tiny_spec):
+    s = make_setup(method="full", precision="32-true", micro_batch=8, grad_accum=1, seq_len=256)
+    ladder = fallback_ladder(s)
+    reserved = [predict(tiny_spec, x)["peak_reserved_bytes"] for x in ladder]
+    scale = 1.3
+    cap = int(sorted(reserved)[len(reserved) // 2] * scale)  # half the ladder fits
+    chosen, pred = fallback_setup(tiny_spec, s, scale, cap, cuda=True)
+    i = ladder.index(chosen)
+    assert pred["peak_reserved_bytes"] * scale <= cap and all(r * scale > cap for r in reserved[:i])
+    assert fallback_setup(tiny_spec, s, scale, None, cuda=False)[0] == ladder[0]  # no cap known: the next rung
+    assert fallback_setup(tiny_spec, s, scale, 1, cuda=True) == (None, None)
+
+
+def test_a_complete_setup_from_options_skips_the_planner(tiny_spec):
+    s, plan = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)
+    assert plan is None and s == make_setup(**LORA, lora_r=8, seq_len=100)
+
+
+def test_missing_options_are_chosen_by_the_planner(tiny_spec):
+    pytest.importorskip("vramfit.planner")
+    s, plan = choose_setup(tiny_spec, {"method": "lora", "micro_batch": 2}, seq_len=100, gpu="24GiB",
+                           effective_batch=8)
+    assert plan is not None and plan.setup == s
+    assert (s.method, s.seq_len, s.micro_batch, s.micro_batch * s.grad_accum) == ("lora", 100, 2, 8)
+
+
+def test_without_a_planner_the_missing_options_are_named(tiny_spec, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vramfit.planner", None)
+    with pytest.raises(VramfitError, match="give --precision, --grad-ckpt"):
+        choose_setup(tiny_spec, {"method": "lora", "optim": "sgd", "micro_batch": 1, "grad_accum": 1}, seq_len=64)
