@@ -1,0 +1,70 @@
+"""Calibrate the planner's cost model on measured tokens/s: `python -m benchmarks.accuracy.fit_cost`.
+
+Uses every measured training run (status ok, tokens/s of the steps after the first) in
+benchmarks/results/*.jsonl, fits `vramfit.planner.fit_cost_model` on the runs whose case id is
+even (a declared half) and reports |predicted - measured| / measured tokens/s on the other half,
+with the uncalibrated priors alongside.  The GPU is the one the runs name (H200 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+
+from benchmarks.accuracy.report import RESULTS, case_setup, load_records
+from vramfit.gpu import resolve_gpu
+from vramfit.planner import DEFAULT_COST, fit_cost_model, seconds_per_token
+from vramfit.setup import resolve_targets
+from vramfit.spec import load_spec
+
+
+def samples(paths) -> list:
+    out = []
+    for r in load_records(paths):
+        tps = r.get("tokens_per_second")
+        if r["status"] != "ok" or not tps:
+            continue
+        gpu = r.get("environment", {}).get("gpu_name", "")
+        device = resolve_gpu("h200" if "H200" in gpu else "h100")
+        case = r["case"]
+        try:
+            spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
+            s = case_setup(case)
+            resolve_targets(spec, s)
+        except Exception:
+            continue
+        out.append((r["id"], spec, s, device, tps))
+    return out
+
+
+def errors(rows, cost) -> list[float]:
+    errs = []
+    for _, spec, s, device, tps in rows:
+        predicted = 1.0 / seconds_per_token(spec, s, device, resolve_targets(spec, s), cost)
+        errs.append((predicted - tps) / tps)
+    return errs
+
+
+def summary(errs) -> str:
+    a = sorted(abs(e) for e in errs)
+    p90 = a[min(len(a) - 1, int(0.9 * len(a)))]
+    return f"n={len(a)} median |err| {100 * statistics.median(a):.1f}%, p90 {100 * p90:.1f}%, max {100 * a[-1]:.1f}%"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", nargs="*")
+    args = ap.parse_args(argv)
+    rows = samples(args.results or sorted(glob.glob(str(RESULTS / "*.jsonl"))))
+    fit = [r for r in rows if int(r[0], 16) % 2 == 0]
+    held = [r for r in rows if int(r[0], 16) % 2 == 1]
+    cost = fit_cost_model([(spec, s, d, tps) for _, spec, s, d, tps in fit])
+    print(f"fitted: mfu_max={cost.mfu_max:.3f} layer_overhead_s={cost.layer_overhead_s * 1e6:.1f}us "
+          f"dequant_bytes_per_param={cost.dequant_bytes_per_param:.2f} ({cost.source})")
+    for name, part in (("fit half", fit), ("held-out half", held)):
+        print(f"{name}: priors {summary(errors(part, DEFAULT_COST))}; fitted {summary(errors(part, cost))}")
+
+
+if __name__ == "__main__":
+    main()
