@@ -79,6 +79,9 @@ def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tu
         raise VramfitError(f"QLoRA on {spec.architecture}: its experts are fused 3-D parameters, which "
                            "bitsandbytes does not quantize as Linear layers; vramfit does not model this yet "
                            "(use --method lora or full)")
+    if spec.has_fused_experts and setup.compute_dtype != "bfloat16":
+        raise VramfitError(f"{spec.architecture}'s fused experts run torch's grouped_mm, which takes bf16 "
+                           f"only: use --precision bf16-true or bf16-mixed (not {setup.precision})")
     targets = resolve_targets(spec, setup)
     profile = activation_profile(spec, trace_key(spec, setup, targets), grad_ckpt=setup.grad_ckpt)
     return breakdown(spec, setup, targets, profile, constants or DEFAULT), targets

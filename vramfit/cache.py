@@ -131,7 +131,8 @@ def store_profile(spec, key, needs_input_grad: bool, prof) -> None:
 
 def build_bundled(profiles=None) -> int:
     """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
-    the default setups (`vramfit estimate` defaults, and the README's QLoRA command)."""
+    the default setups (`vramfit estimate` defaults, the README's QLoRA command, and what the
+    default `vramfit plan` evaluates on a bf16 and on an fp16 card)."""
     from vramfit.api import estimate
 
     os.environ["VRAMFIT_CACHE_DIR"] = str(BUNDLED_DIR)
@@ -142,12 +143,19 @@ def build_bundled(profiles=None) -> int:
     n = 0
     from vramfit.errors import VramfitError
 
+    from vramfit.planner import plan
+
     for name in profiles or list_profiles():
         estimate(name, use_calibration=False)
         try:
             estimate(name, method="qlora", grad_ckpt=True, use_calibration=False)
         except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
             pass
+        for gpu in ("h100", "t4"):  # the default plan's setups, on a bf16 card and on an fp16 one
+            try:
+                plan(name, gpu=gpu)
+            except VramfitError:  # nothing fits: the traces it needed are stored all the same
+                pass
         n += 1
     return n
 

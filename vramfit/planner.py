@@ -615,6 +615,9 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
     if method == "auto" and spec.has_fused_experts:  # QLoRA of fused MoE experts is not modelled
         methods = ("full", "lora")
+    if spec.has_fused_experts and not device.bf16:
+        raise VramfitError(f"{spec.architecture}'s fused experts need bf16 (torch's grouped_mm), which the "
+                           f"{device.name} does not have")
     if method != "auto":
         make_setup(method=method, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules)
     elif precision is not None:  # keep the methods the precision applies to
@@ -774,7 +777,7 @@ def _levers(ev: Evaluator, chosen: Candidate, device, usable: int, space: Space)
         variants.append(("micro_batch", s.with_(micro_batch=s.micro_batch // 2, grad_accum=s.grad_accum * 2)))
     variants += [("optim", s.with_(optim=o)) for o in OPTIMS if o != s.optim]
     variants += [("precision", s.with_(precision=p)) for p in precisions_for(s.method, device.bf16) if p != s.precision]
-    for m in ("full", "lora", "qlora"):
+    for m in ("full", "lora") if ev.spec.has_fused_experts else ("full", "lora", "qlora"):
         if m != s.method:
             variants.append(("method", s.with_(method=m, precision=precisions_for(m, device.bf16)[0],
                                                lora_r=space.lora_r, lora_alpha=space.lora_alpha,
