@@ -115,12 +115,13 @@ def _flash_like_sdpa(autocast_dtype=None):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if autocast_dtype is not None:
             query, key, value = (t.to(autocast_dtype) for t in (query, key, value))
-        if query.dtype == torch.float32 and enable_gqa and key.shape[1] != query.shape[1]:
-            # no fused CUDA kernel takes fp32 with grouped KV heads: torch falls back to the math
-            # path (KV repeated, seq x seq probabilities kept).  QLoRA's fp32 residual stream
-            # meets this on every GQA model.
+        if key.shape[1] != query.shape[1] and (query.dtype == torch.float32 or not enable_gqa):
+            # No fused CUDA kernel takes fp32 with grouped KV heads, nor KV heads broadcast without
+            # enable_gqa (Falcon's multi-query attention with its always-materialised mask): torch
+            # falls back to the math path (seq x seq probabilities kept).  QLoRA's fp32 residual
+            # stream meets the first on every GQA model.
             return torch.ops.aten._scaled_dot_product_attention_math(
-                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)[0]
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
         return _FlashLikeAttention.apply(query, key, value)
 
     return sdpa
