@@ -114,3 +114,13 @@ def test_non_causal_lm_is_rejected(tmp_path):
 def test_offline_hub_id_names_the_alternatives():
     with pytest.raises(VramfitError, match="profile"):
         load_spec("some-org/some-model-that-is-not-here")
+
+
+def test_only_plain_linears_are_4bit_quantized_like_transformers():
+    # transformers' replace_with_bnb_linear tests `type(module) is nn.Linear`: Falcon's
+    # FalconLinear subclass stays in its dtype (measured: a Falcon QLoRA run held no uint8 weights)
+    falcon = load_spec("falcon-7b")
+    kinds = {l.kind for l in falcon.linears}
+    assert "FalconLinear" in kinds
+    assert all(l.kind in ("linear", "conv1d") for l in falcon.quantizable_linears())
+    assert len(load_spec("gpt2").quantizable_linears()) == 4 * 12  # Conv1D layers are quantized

@@ -42,7 +42,7 @@ class LinearLayer:
     in_features: int
     out_features: int
     bias: bool
-    kind: str = "linear"  # "linear" or "conv1d"
+    kind: str = "linear"  # "linear" (exactly nn.Linear), "conv1d" (GPT-2), or a subclass's name
 
     @property
     def numel(self) -> int:
@@ -91,8 +91,10 @@ class ModelSpec:
         return any(len(shape) >= 3 for shape, _, _ in self.param_shapes)
 
     def quantizable_linears(self) -> tuple:
-        """The layers bitsandbytes turns into Linear4bit: every Linear but the LM head."""
-        return tuple(l for l in self.linears if l.name != self.output_layer)
+        """The layers bitsandbytes turns into Linear4bit: every plain nn.Linear (transformers checks
+        `type(module) is nn.Linear`, so subclasses such as FalconLinear stay unquantized) and
+        Conv1D, but the LM head."""
+        return tuple(l for l in self.linears if l.kind in ("linear", "conv1d") and l.name != self.output_layer)
 
 
 # --------------------------------------------------------------------------- resolution
@@ -259,7 +261,11 @@ def census(model) -> dict:
             if type(module).__name__ == "Conv1D":  # GPT-2 stores weight as (in, out)
                 linears.append(LinearLayer(path, w.shape[0], w.shape[1], module.bias is not None, "conv1d"))
             else:
-                linears.append(LinearLayer(path, module.in_features, module.out_features, module.bias is not None))
+                import torch
+
+                kind = "linear" if type(module) is torch.nn.Linear else type(module).__name__
+                linears.append(LinearLayer(path, module.in_features, module.out_features, module.bias is not None,
+                                           kind))
     tied = output_emb is not None and input_emb is not None and output_emb.weight is input_emb.weight
     return dict(params_total=total, params_by_role=by_role, linears=tuple(linears), output_layer=out_name,
                 tied_embeddings=tied, largest_param_numel=largest, num_param_tensors=count,

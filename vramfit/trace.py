@@ -271,7 +271,7 @@ def _prepare_model(config, key: TraceKey, spec):
         cls = _meta_4bit_linear_class()
         out_name = spec.output_layer
         for name, mod in list(model.named_modules()):
-            if isinstance(mod, torch.nn.Linear) and name != out_name and name:
+            if type(mod) is torch.nn.Linear and name != out_name and name:  # transformers' own test
                 mod.__class__ = cls  # same parameters, bitsandbytes' forward
         for p in model.parameters():  # prepare_model_for_kbit_training: non-quantized params to fp32
             if p.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_param(model, p):
