@@ -34,7 +34,7 @@ def _versions() -> str:
             out.append(f"{pkg}={metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
             out.append(f"{pkg}=none")
-    return ",".join(out) + ",format=7"
+    return ",".join(out) + ",format=8"
 
 
 def _digest(*parts) -> str:

@@ -11,7 +11,8 @@ Three things differ on the meta device (and the CPU) and are emulated as CUDA ru
   and a float32 log-sum-exp per row.  `_FlashLikeAttention` saves exactly those.
 - autocast (bf16-mixed, 16-mixed) does not act on meta tensors.  `_AutocastEmulation`, a
   TorchFunctionMode, casts the inputs of the ops autocast runs in low precision (linear, matmul,
-  bmm, baddbmm, sdpa) and caches the casts of trainable leaf weights as autocast does.
+  bmm, baddbmm, grouped_mm, sdpa), caching the casts of trainable leaf weights as autocast does,
+  and upcasts the inputs of the ops it runs in fp32 (pow, exp, softmax, layer_norm, sum, ...).
 - dropout on the CPU keeps a float mask; CUDA's `native_dropout` keeps a bool one.
 SDPA in fp32 with grouped KV heads has no fused CUDA kernel and runs the math path, which the
 trace then runs for real (measured: benchmarks/accuracy/saved_tensors.py on an H200).
@@ -168,6 +169,22 @@ def _autocast_mode(dtype):
     if hasattr(torch.nn.functional, "grouped_mm"):
         low_ops.add(torch.nn.functional.grouped_mm)
 
+    # CUDA autocast's "ops that can autocast to float32": low-precision inputs are upcast (e.g.
+    # GPT-2's tanh GELU goes fp32 at torch.pow and stays fp32 to the end of the activation)
+    T, F = torch.Tensor, torch.nn.functional
+    fp32_ops = {
+        torch.pow, T.pow, T.__pow__, T.__rpow__, torch.exp, T.exp, torch.expm1, torch.log, T.log, torch.log1p,
+        torch.log2, torch.log10, torch.rsqrt, T.rsqrt, torch.reciprocal, T.reciprocal, torch.tan, torch.sinh,
+        torch.cosh, torch.acos, torch.asin, torch.erfinv, torch.sum, T.sum, torch.prod, T.prod, torch.cumsum,
+        T.cumsum, torch.cumprod, torch.norm, T.norm, torch.softmax, T.softmax, torch.log_softmax, T.log_softmax,
+        F.softmax, F.log_softmax, F.softmin, F.softplus, F.layer_norm, F.group_norm, F.normalize, F.cross_entropy,
+        F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.kl_div, F.cosine_similarity, torch.cdist,
+        torch.dist, torch.renorm,
+    }
+
+    def _up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+
     class _AutocastEmulation(TorchFunctionMode):
         def __init__(self):
             super().__init__()
@@ -188,6 +205,9 @@ def _autocast_mode(dtype):
             if func in low_ops:
                 args = tuple(self._cast(a) for a in args)
                 kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+            elif func in fp32_ops:
+                args = tuple(_up(a) for a in args)
+                kwargs = {k: _up(v) for k, v in kwargs.items()}
             return func(*args, **kwargs)
 
     return _AutocastEmulation()
