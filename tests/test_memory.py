@@ -1,6 +1,5 @@
 """The memory model: optimizer states against real optimizers, and the step's shape."""
 
-import math
 
 import pytest
 

@@ -72,7 +72,6 @@ def test_regex_targets_use_fullmatch():
 
 @pytest.mark.parametrize("targets", ["q_proj,v_proj", "all-linear"])
 def test_lora_count_matches_peft_on_a_real_tiny_model(tmp_path, targets):
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 

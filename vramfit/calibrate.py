@@ -26,24 +26,15 @@ def calibration_dir() -> Path:
     return cache_dir() / "calibration"
 
 
-def _nvml_name_driver():
-    import pynvml
-
-    pynvml.nvmlInit()
-    h = pynvml.nvmlDeviceGetHandleByIndex(0)
-    name = pynvml.nvmlDeviceGetName(h)
-    driver = pynvml.nvmlSystemGetDriverVersion()
-    return (name.decode() if isinstance(name, bytes) else name,
-            driver.decode() if isinstance(driver, bytes) else driver)
-
-
 def local_key() -> str | None:
     """GPU name, driver, torch and transformers versions of this machine; None without a GPU."""
     from importlib import metadata
 
+    from vramfit.gpu import probe
+
     try:
-        name, driver = _nvml_name_driver()
-    except Exception:
+        found = probe()
+    except VramfitError:
         return None
     vers = []
     for pkg in ("torch", "transformers"):
@@ -51,7 +42,7 @@ def local_key() -> str | None:
             vers.append(metadata.version(pkg))
         except metadata.PackageNotFoundError:
             vers.append("none")
-    return "_".join([name.replace(" ", "-"), driver, *vers])
+    return "_".join([found.devices[0].name.replace(" ", "-"), found.driver_version, *vers])
 
 
 def load_local_constants(spec=None) -> tuple[Constants, str | None]:
@@ -79,6 +70,7 @@ def load_local_constants(spec=None) -> tuple[Constants, str | None]:
 def _process_device_bytes(pid: int) -> int | None:
     import pynvml
 
+    pynvml.nvmlInit()  # reference-counted: cheap when already initialised
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
         if p.pid == pid and p.usedGpuMemory is not None:
@@ -147,19 +139,18 @@ def measure_activation_scale(model: str) -> tuple[str, float]:
     known = {p.untyped_storage().data_ptr() for p in m.parameters()}
     ratios = []
     for seq in (128, 256):
-        seen, total = set(), 0
+        seen: dict = {}  # storage -> bytes, saved tensors de-duplicated
 
-        def pack(t):
-            nonlocal total
+        def pack(t, seen=seen):
             ptr = t.untyped_storage().data_ptr()
-            if ptr not in known and ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
+            if ptr not in known:
+                seen[ptr] = t.untyped_storage().nbytes()
             return t
 
         ids = torch.randint(0, spec.vocab_size, (1, seq), device="cuda")
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             m(input_ids=ids, labels=ids)
+        total = sum(seen.values())
         traced = prof.outside.bytes(1, seq) + sum(r.bytes(1, seq) for r in prof.layers[:layers])
         ratios.append(total / traced)
     del m

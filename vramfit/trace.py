@@ -293,8 +293,9 @@ def _prepare_model(config, key: TraceKey, spec):
         for name, mod in list(model.named_modules()):
             if type(mod) is torch.nn.Linear and name != out_name and name:  # transformers' own test
                 mod.__class__ = cls  # same parameters, bitsandbytes' forward
+        quantized = {id(m.weight) for m in model.modules() if isinstance(m, cls)}
         for p in model.parameters():  # prepare_model_for_kbit_training: non-quantized params to fp32
-            if p.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_param(model, p):
+            if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in quantized:
                 p.data = p.data.to(torch.float32)
     import logging
 
@@ -309,14 +310,6 @@ def _prepare_model(config, key: TraceKey, spec):
         model = get_peft_model(model, lcfg)
     model.train()
     return model
-
-
-def _is_quantized_param(model, param) -> bool:
-    cls = _meta_4bit_linear_class
-    for mod in model.modules():
-        if type(mod).__name__ == "_Meta4bitLinear" and mod.weight is param:
-            return True
-    return False
 
 
 @contextlib.contextmanager
