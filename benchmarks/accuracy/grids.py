@@ -132,7 +132,7 @@ ARCHITECTURES = {
 # Gemma-2 has no sdpa path in transformers (attention logit soft-capping): eager only.
 ATTN = {"gemma-2-2b": "eager"}
 # Positions the model can take: learned position tables cap the sequence.
-MAX_SEQ = {"gpt2": 1024, "tinyllama-1.1b": 2048, "opt-350m": 2048, "olmo-1b-hf": 2048}
+MAX_SEQ = {"gpt2": 1024, "gpt2-medium": 1024, "tinyllama-1.1b": 2048, "opt-350m": 2048, "olmo-1b-hf": 2048}
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit", "adafactor", "sgd")

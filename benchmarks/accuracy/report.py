@@ -17,8 +17,8 @@ import math
 import statistics
 from pathlib import Path
 
-from vramfit.constants import DEFAULT, Constants
 from vramfit.api import estimate_setup
+from vramfit.constants import DEFAULT, Constants
 from vramfit.setup import Setup, validate
 from vramfit.spec import load_spec
 
@@ -40,10 +40,21 @@ def case_setup(case: dict) -> Setup:
     return s
 
 
-def predict(case: dict, constants: Constants = DEFAULT):
+def predict(case: dict, constants: Constants = DEFAULT, calibration: dict | None = None):
     spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
+    if calibration is not None:
+        constants = calibrated_constants(calibration, spec, constants)
     bd, _ = estimate_setup(spec, case_setup(case), constants)
     return spec, bd
+
+
+def calibrated_constants(calibration: dict, spec, base: Constants = DEFAULT) -> Constants:
+    """The constants a `vramfit calibrate` JSON gives for `spec` (as calibrate.load_local_constants)."""
+    fields = {k: v for k, v in calibration.get("constants", {}).items() if k in Constants.__dataclass_fields__}
+    scale = calibration.get("activation_scale", {}).get(spec.config_hash)
+    if scale:
+        fields["activation_scale"] = scale
+    return base.with_(**fields)
 
 
 def measured(rec: dict) -> dict:
@@ -62,18 +73,19 @@ def load_records(paths) -> list[dict]:
     return out
 
 
-def rows(records, constants: Constants = DEFAULT) -> list[dict]:
+def rows(records, constants: Constants = DEFAULT, calibration: dict | None = None) -> list[dict]:
     out = []
     for rec in records:
         case = rec["case"]
         if rec["status"] not in ("ok", "oom"):
             continue
         try:
-            spec, bd = predict(case, constants)
-        except Exception as exc:  # a model the estimator cannot trace yet: listed, not hidden
+            spec, bd = predict(case, constants, calibration)
+        except Exception as exc:  # noqa: BLE001 - a model the estimator cannot trace yet: listed, not hidden
             print(f"no prediction for {rec['label']}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
         row = {"label": rec["label"], "status": rec["status"], "method": case["method"],
+               "gpu": rec.get("environment", {}).get("gpu_name", "?"),
                "arch": spec.model_type, "model": case["model"], "predicted_phase": bd.peak_phase,
                "gpu_total": rec.get("environment", {}).get("gpu_total_bytes"),
                "memory_fraction": case.get("memory_fraction")}
@@ -123,6 +135,7 @@ def markdown(rs) -> str:
 
     groups = [("all", rs), ("reserve-fit archs", [r for r in rs if r["arch"] in FIT_ARCHS]),
               ("held-out archs", [r for r in rs if r["arch"] not in FIT_ARCHS])]
+    groups += [(f"gpu={g}", [r for r in rs if r["gpu"] == g]) for g in sorted({r["gpu"] for r in rs})]
     groups += [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
     groups += [(f"arch={a}", [r for r in rs if r["arch"] == a]) for a in sorted({r["arch"] for r in rs})]
     for name, g in groups:
@@ -146,6 +159,22 @@ def case_table(rs) -> str:
                      f"{(r['meas_allocated'] or 0) >> 20} | {r['pred_reserved'] >> 20} / {(r['meas_reserved'] or 0) >> 20} | "
                      f"{r['pred_device'] >> 20} / {(r['meas_device'] or 0) >> 20} | "
                      f"{'' if e is None else f'{100 * e:+.2f}%'} |")
+    return "\n".join(lines)
+
+
+def before_after(records, calibration: dict) -> str:
+    """Device-peak accuracy on the calibration's GPU with the bundled constants and with its own."""
+    gpu = calibration["key"].split("_")[0].replace("-", " ")
+    mine = [r for r in records if r.get("environment", {}).get("gpu_name") == gpu]
+    lines = [f"Cases measured on {gpu}: {len(mine)}; calibration {calibration['key']} ({calibration.get('date')})",
+             "", "| constants | n | peak | median | p90 | max | under >2% |", "|---|---|---|---|---|---|---|"]
+    for name, cal in (("bundled", None), ("calibrated", calibration)):
+        rs = rows(mine, DEFAULT, cal)
+        for label in ("allocated", "reserved", "device"):
+            s = summarize(rs, label)
+            if s["n"]:
+                lines.append(f"| {name} | {s['n']} | {label} | {100 * s['median']:.2f}% | {100 * s['p90']:.2f}% | "
+                             f"{100 * s['max']:.2f}% | {100 * s['under2']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -182,8 +211,13 @@ def main(argv=None) -> None:
     ap.add_argument("results", nargs="*", help="JSONL files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--out", default=None, help="basename for the .md and .png (default: next to the first file)")
     ap.add_argument("--cases", action="store_true", help="print every case")
+    ap.add_argument("--calibration", help="a `vramfit calibrate` JSON: report the cases measured on its GPU "
+                                          "before and after applying it, and stop")
     args = ap.parse_args(argv)
     paths = args.results or sorted(glob.glob(str(RESULTS / "*.jsonl")))
+    if args.calibration:
+        print(before_after(load_records(paths), json.loads(Path(args.calibration).read_text())))
+        return
     rs = rows(load_records(paths))
     md = markdown(rs)
     print(md)
