@@ -63,7 +63,7 @@ def cells(records: list) -> tuple[list, dict]:
     rows, fit_ok, fit_n, all_ok, next_ok, next_n, speed_ok, speed_n = [], 0, 0, 0, 0, 0, 0, 0
     for key, p in plans.items():
         ts = [t for t in trials.get(key, []) if t.get("status") != "skipped_time"]
-        by = lambda role: [t for t in ts if t["role"] == role]
+        by = lambda role, ts=ts: [t for t in ts if t["role"] == role]
         row = {"model": key[0], "budget": key[1]}
         if p["status"] != "ok":
             small = by("smallest")

@@ -238,6 +238,8 @@ class Trials:
             return rec
         trainer = model = None
         clock = StepClock(torch, self.cuda, cap_s, min_steps, self.deadline - 2)
+        if s.method == "qlora":
+            self.qlora_checkpoint()  # written unenforced, before this trial's budget and peaks
         started = time.perf_counter()
         if self.cuda:
             torch.cuda.memory._set_allocator_settings(
