@@ -290,3 +290,29 @@ def test_without_a_planner_the_missing_options_are_named(tiny_spec, monkeypatch)
     monkeypatch.setitem(sys.modules, "vramfit.planner", None)
     with pytest.raises(VramfitError, match="give --precision, --grad-ckpt"):
         choose_setup(tiny_spec, {"method": "lora", "optim": "sgd", "micro_batch": 1, "grad_accum": 1}, seq_len=64)
+
+
+def test_save_steps_zero_writes_no_checkpoint_and_needs_no_validation(workdir, model_dir, alpaca):
+    out = workdir / "no-checkpoints"
+    rep = train(model_dir, alpaca, RunOptions(out_dir=str(out), max_steps=2, max_seq_len=64, val_split=0, save_steps=0,
+                                              live=False), LORA)
+    assert (rep["status"], rep["steps"], rep["outputs"]["checkpoint"]) == ("completed", 2, None)
+    assert not list(out.glob("checkpoints/*/checkpoint-*")) and (out / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(VramfitError, match="--save-steps 0 .* needs --val-split 0"):
+        train(model_dir, alpaca, RunOptions(out_dir=str(workdir / "x"), max_steps=2, max_seq_len=64, save_steps=0,
+                                            live=False), LORA)
+
+
+def test_enforce_budget_caps_the_allocator_below_the_card_by_what_lives_outside_it(monkeypatch):
+    import vramfit.train as vt
+    from vramfit.constants import DEFAULT
+
+    usable = 24 * 2**30 - int(0.05 * 24 * 2**30)
+    assert vt.usable_bytes("24GiB", "5%") == usable
+    assert vt.allocator_cap_bytes("24GiB", "5%") == usable - DEFAULT.cuda_context_bytes - DEFAULT.kernel_growth_bytes
+    with pytest.raises(VramfitError, match="no CUDA GPU"):
+        vt.enforce_budget("24GiB", "5%")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpu in (None, "auto", "cuda:0"):
+        with pytest.raises(VramfitError, match="needs --gpu with a smaller card"):
+            vt.enforce_budget(gpu, "5%")

@@ -294,6 +294,9 @@ def train(
     gpu: Optional[str] = typer.Option(None, help="for the planner and the fit check: auto, a profile or a size "
                                       "[default: auto]"),
     headroom: str = typer.Option("5%", help="memory kept free: a percentage or a size"),
+    enforce_budget: bool = typer.Option(False, "--enforce-budget", help="emulate the smaller card of --gpu on this "
+                                        "one: torch's allocator is capped (set_per_process_memory_fraction) so the "
+                                        "process stays within --gpu less the headroom, CUDA context included"),
     effective_batch: Optional[int] = typer.Option(None, help="sequences per optimizer step, when the planner "
                                                   "chooses the micro-batch [default: 16]"),
     epochs: float = typer.Option(1.0, help="passes over the training data (when --max-steps is not given)"),
@@ -302,7 +305,8 @@ def train(
     warmup: float = typer.Option(0.03, help="warm-up: a fraction of the steps (< 1) or a number of steps"),
     logging_steps: int = typer.Option(1, help="log the loss every N steps"),
     eval_steps: Optional[int] = typer.Option(None, help="evaluate every N steps [default: a tenth of the run]"),
-    save_steps: Optional[int] = typer.Option(None, help="checkpoint every N steps [default: --eval-steps]"),
+    save_steps: Optional[int] = typer.Option(None, help="checkpoint every N steps; 0: no checkpoints (needs "
+                                             "--val-split 0) [default: --eval-steps]"),
     early_stopping_patience: int = typer.Option(3, help="evaluations without a better validation loss before "
                                                 "stopping (0: never)"),
     seed: int = typer.Option(42),
@@ -326,6 +330,7 @@ def train(
                       learning_rate=learning_rate, warmup=warmup, logging_steps=logging_steps, eval_steps=eval_steps,
                       save_steps=save_steps, early_stopping_patience=early_stopping_patience, seed=seed,
                       resume=resume, fallback=fallback, fit_check=fit_check, gpu=gpu, headroom=headroom,
+                      enforce_budget=enforce_budget,
                       effective_batch=effective_batch, trust_remote_code=trust_remote_code)
     setup_options = dict(method=method.value if method else None, precision=precision, optim=optim, lora_r=lora_r,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,

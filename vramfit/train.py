@@ -64,7 +64,7 @@ class RunOptions:
     warmup: float = 0.03  # a fraction of the steps (< 1) or a number of steps
     logging_steps: int = 1
     eval_steps: int | None = None  # default: a tenth of the steps
-    save_steps: int | None = None  # default: eval_steps
+    save_steps: int | None = None  # default: eval_steps; 0: no checkpoints (nor one at the end)
     save_total_limit: int = 2
     early_stopping_patience: int = 3
     seed: int = 42
@@ -72,6 +72,7 @@ class RunOptions:
     fallback: bool = True
     fit_check: bool = True
     gpu: str | None = None  # for the planner and the fit check: auto, a profile, a size
+    enforce_budget: bool = False  # cap torch's allocator so this process cannot use more than `gpu` (CUDA)
     headroom: str = "5%"
     effective_batch: int | None = None
     trust_remote_code: bool = False
@@ -210,6 +211,39 @@ def usable_bytes(gpu: str, headroom: str) -> int:
 
     free = resolve_gpu(gpu or "auto").free_bytes
     return free - parse_headroom(headroom, free)
+
+
+def allocator_cap_bytes(gpu: str, headroom: str, constants=None) -> int:
+    """`--enforce-budget`: the most torch's caching allocator may reserve so that the process, as
+    nvidia-smi shows it, stays within `gpu` less the headroom: that budget less what lives outside
+    the allocator (the CUDA context and the kernels a training step loads)."""
+    from vramfit.constants import DEFAULT
+
+    c = constants or DEFAULT
+    return usable_bytes(gpu, headroom) - c.cuda_context_bytes - c.kernel_growth_bytes
+
+
+def enforce_budget(gpu: str | None, headroom: str, constants=None) -> dict:
+    """Emulate a smaller card on this one: `torch.cuda.set_per_process_memory_fraction` at
+    `allocator_cap_bytes`, so an allocation past it raises torch.OutOfMemoryError in the step as
+    the smaller card would.  -> what was enforced (for the run report)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise VramfitError("--enforce-budget caps a CUDA GPU's allocator: there is no CUDA GPU here")
+    if gpu is None or re.fullmatch(r"(cuda|gpu|auto)(:\d+)?", gpu.strip().lower()):
+        raise VramfitError("--enforce-budget needs --gpu with a smaller card's name or size (e.g. --gpu 16GB): "
+                           "it emulates that card on this one")
+    dev = torch.cuda.current_device()
+    total = int(torch.cuda.get_device_properties(dev).total_memory)
+    cap = allocator_cap_bytes(gpu, headroom, constants)
+    if cap <= 0 or cap > total:
+        raise VramfitError(f"--gpu {gpu} less the headroom and the CUDA context leaves {cap:,} bytes for the "
+                           f"allocator; this GPU has {total:,}: give a size between")
+    fraction = cap / total
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    return {"gpu": gpu, "headroom": headroom, "allocator_cap_bytes": cap, "device_total_bytes": total,
+            "fraction": fraction}
 
 
 # --------------------------------------------------------------------------- the OOM fall-back
@@ -464,10 +498,15 @@ def lora_config(s: Setup):
 def schedule(opts: RunOptions, max_steps: int, has_eval: bool) -> dict:
     """Eval, save and logging intervals; save steps must be a multiple of eval steps for early stopping."""
     eval_steps = opts.eval_steps or max(1, max_steps // 10)
-    save_steps = opts.save_steps or eval_steps
-    for name, v in (("--eval-steps", eval_steps), ("--save-steps", save_steps), ("--logging-steps", opts.logging_steps)):
+    save_steps = opts.save_steps if opts.save_steps is not None else eval_steps
+    for name, v in (("--eval-steps", eval_steps), ("--logging-steps", opts.logging_steps)):
         if v <= 0:
             raise VramfitError(f"{name} must be a positive integer, got {v}")
+    if save_steps < 0:
+        raise VramfitError(f"--save-steps must be a positive integer or 0 (no checkpoints), got {save_steps}")
+    if has_eval and save_steps == 0:
+        raise VramfitError("--save-steps 0 (no checkpoints) needs --val-split 0: early stopping keeps the best "
+                           "checkpoint, so checkpoints are saved at evaluations")
     if has_eval and save_steps % eval_steps:
         raise VramfitError(f"--save-steps {save_steps} must be a multiple of --eval-steps {eval_steps} (early "
                            f"stopping keeps the best checkpoint, so checkpoints are saved at evaluations)")
@@ -488,9 +527,11 @@ def sft_config(s: Setup, opts: RunOptions, output_dir: Path, max_steps: int, has
               bf16=s.autocast_dtype == "bfloat16", fp16=s.autocast_dtype == "float16", optim=s.optim,
               learning_rate=opts.learning_rate or DEFAULT_LR[s.method], warmup_steps=opts.warmup,
               max_length=opts.max_seq_len, packing=False, assistant_only_loss=assistant_only,
-              logging_steps=opts.logging_steps, save_strategy="steps", save_steps=sched["save_steps"],
+              logging_steps=opts.logging_steps, save_strategy="steps" if sched["save_steps"] else "no",
               save_total_limit=opts.save_total_limit, report_to=[], seed=opts.seed, dataloader_num_workers=0,
               disable_tqdm=True, use_cpu=not cuda, include_num_input_tokens_seen="non_padding")
+    if sched["save_steps"]:
+        kw["save_steps"] = sched["save_steps"]
     if has_eval:
         kw.update(eval_strategy="steps", eval_steps=sched["eval_steps"], load_best_model_at_end=True,
                   metric_for_best_model="eval_loss", greater_is_better=False)
@@ -558,6 +599,10 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     predicted = predict(source.spec, s, constants)  # 5
     budget = usable_bytes(gpu, opts.headroom) if cuda else None
     say(report.prediction_line(s, predicted, budget))
+    enforced = enforce_budget(opts.gpu, opts.headroom, constants) if opts.enforce_budget else None
+    if enforced:
+        say(f"budget enforced: torch's allocator is capped at {report.fmt_bytes(enforced['allocator_cap_bytes'])} "
+            f"({enforced['fraction']:.4f} of this GPU) to emulate --gpu {enforced['gpu']}")
     if opts.fit_check and budget is not None and predicted["device_bytes"] > budget and not saved:
         raise VramfitError(f"{report.setup_label(s)} is predicted to need {report.fmt_bytes(predicted['device_bytes'])}"
                            f" but {report.fmt_bytes(budget)} is usable: leave out some of --method/--micro-batch/"
@@ -591,6 +636,7 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
         outputs["model" if s.method == "full" else "adapter"] = str(target)
     outputs["checkpoint"] = _last_checkpoint(out, s)
     rep = _run_report(status, source, opts, d, s, plan, predicted, runner, max_steps, outputs, loss_note, cuda)
+    rep["enforced_budget"] = enforced
     _write_json(out / REPORT_NAME, rep)
     console.print(report.memory_summary_table(rep["measured"]))
     for line in report.run_summary_lines(rep):

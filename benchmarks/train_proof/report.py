@@ -1,0 +1,160 @@
+"""Results of the `vramfit train` GPU proof (benchmarks/train_proof/run.py) -> benchmarks/results/.
+
+    python -m benchmarks.train_proof.report OUT_DIR_OR_TGZ [--name h100-2026-11-23-train-proof]
+
+Unpacks the run reports, memory timelines and plots into benchmarks/results/NAME/ and writes
+benchmarks/results/NAME.md: per run the setup, outcome, tokens/s and fall-back events; per setup
+tried, the three peaks predicted (by the run itself, and recomputed now from the recorded setup with
+the current memory model) against measured, with the error (predicted - measured) / measured; and
+the device figure's errors against the accuracy targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tarfile
+from pathlib import Path
+
+from vramfit.report import fmt_bytes, setup_label_from_json
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+PEAKS = (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"), ("device_bytes", "device"))
+# Targets on the device figure (nvidia-smi for the process), from the project's accuracy goals.
+TARGETS = {"median": 0.015, "p90": 0.03, "max": 0.06, "under_2pct_share": 0.02}
+
+
+def unpack(src: Path, dest: Path) -> Path:
+    """OUT dir (with train_proof.tgz) or the .tgz itself -> dest (the archive's train_proof/ folder)."""
+    tgz = src if src.is_file() else src / "train_proof.tgz"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tgz) as tar:
+        for m in tar.getmembers():
+            if not m.isfile() or ".." in Path(m.name).parts or not m.name.startswith("train_proof/"):
+                continue
+            target = dest / Path(m.name).relative_to("train_proof")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(m).read())
+    if src.is_dir() and (src / "train_proof.jsonl").is_file():  # the newest summary, if the archive is older
+        (dest / "train_proof.jsonl").write_bytes((src / "train_proof.jsonl").read_bytes())
+    return dest
+
+
+def recompute(model: str, setup: dict, bundle: Path) -> dict | None:
+    """The three peaks of `setup` as the memory model predicts them now (default constants)."""
+    from vramfit.errors import VramfitError
+    from vramfit.setup import Setup
+    from vramfit.spec import spec_from_config
+    from vramfit.train import predict, resolve_model
+
+    try:
+        spec = resolve_model(model, "random").spec
+    except VramfitError:
+        cfg = bundle / "config.json"  # the --tiny dry run's model
+        if not cfg.is_file():
+            return None
+        spec = spec_from_config("tiny-llama", json.loads(cfg.read_text()))
+    s = Setup(**{k: v for k, v in setup.items() if k in Setup.__dataclass_fields__})
+    return predict(spec, s)
+
+
+def err(p, m) -> float | None:
+    return (p - m) / m if p and m else None
+
+
+def pct(e: float | None) -> str:
+    return "-" if e is None else f"{100 * e:+.1f}%"
+
+
+def gib(n) -> str:
+    return "-" if n is None else fmt_bytes(n).replace(" GiB", "")
+
+
+def target_line(errors: list, label: str) -> str:
+    if not errors:
+        return f"- {label}: no finished setup with a device reading"
+    a = sorted(abs(e) for e in errors)
+    p90 = a[min(len(a) - 1, round(0.9 * (len(a) - 1)))]
+    under = sum(1 for e in errors if e < -0.02)
+    ok = (statistics.median(a) <= TARGETS["median"] and p90 <= TARGETS["p90"] and a[-1] <= TARGETS["max"]
+          and under / len(errors) <= TARGETS["under_2pct_share"])
+    return (f"- {label} (n = {len(errors)}): median |error| {100 * statistics.median(a):.2f}% (target <= 1.5%), "
+            f"p90 {100 * p90:.2f}% (<= 3%), max {100 * a[-1]:.2f}% (<= 6%), under-predicted by more than 2%: "
+            f"{under} of {len(errors)} (<= 2% of cases) -> {'within' if ok else 'NOT within'} the targets")
+
+
+def build(bundle: Path, name: str) -> str:
+    lines = [json.loads(x) for x in (bundle / "train_proof.jsonl").read_text().splitlines() if x.strip()]
+    env = json.loads((bundle / "environment.json").read_text()) if (bundle / "environment.json").is_file() else {}
+    v = env.get("versions") or {}
+    out = [f"# `vramfit train` proof: {name}", "",
+           f"Machine: {env.get('nvidia_smi', '?')} (nvidia-smi: name, driver, memory); CUDA (torch) "
+           f"{env.get('torch_cuda')}, Python {env.get('python')}; "
+           + ", ".join(f"{k} {v.get(k)}" for k in ("torch", "transformers", "peft", "trl", "bitsandbytes",
+                                                   "accelerate", "datasets")) + ".",
+           f"Mode: {env.get('mode', '?')}.  Data: {json.dumps(env.get('data'))}.",
+           "Produced by `benchmarks/train_proof/run.py` (each run one `vramfit train --init random` process); "
+           "this page by `python -m benchmarks.train_proof.report`.  Timelines, plots and run reports: "
+           f"`benchmarks/results/{name}/`.", "",
+           "## Runs", "",
+           "| run | model | setup (final) | status | steps | wall s | tokens/s | fall-back events |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        fb = "; ".join(f"step {f['step']}: OOM ({f['error'][:80]}) -> {setup_label_from_json(f['setup_after'])}, "
+                       f"{'resumed from ' + Path(f['resumed_from']).name if f.get('resumed_from') else 'restarted'}"
+                       for f in r.get("fallbacks") or []) or "-"
+        setup = setup_label_from_json(r["setup"]) if r.get("setup") else "-"
+        if not r.get("setup") and r.get("error_tail"):  # why it did not run: the CLI's one error line
+            said = [x for x in r["error_tail"].splitlines() if x.startswith("vramfit:")]
+            setup = (said[-1] if said else r["error_tail"].strip().splitlines()[-1])[:160].replace("|", "/")
+        out.append(f"| {r['run']} | {r['model']} | {setup} | {r['status']} | {r.get('steps', '-')}/"
+                   f"{r.get('max_steps', '-')} | {r.get('wall_s', '-')} | {r.get('tokens_per_s') or '-'} | {fb} |")
+    out += ["", "## Peaks: predicted vs measured (GiB; error = (predicted - measured) / measured)", "",
+            "\"run\": the prediction the run made and recorded; \"now\": recomputed from the recorded setup with "
+            "the memory model of this commit.  A setup that ran out of memory has only a partial measurement.", "",
+            "| run | setup | outcome | peak | predicted (run) | predicted (now) | measured | error (run) | error (now) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    dev_run, dev_now = [], []
+    for r in lines:
+        for a in r.get("attempts") or []:
+            now = recompute(r["model"], a["setup"], bundle)
+            for key, label in PEAKS:
+                p, m = a["predicted"].get(key), (a["measured"] or {}).get(key)
+                q = now[key] if now else None
+                out.append(f"| {r['run']} | {setup_label_from_json(a['setup'])} | {a['outcome']} | {label} | {gib(p)} | "
+                           f"{gib(q)} | {gib(m)} | {pct(err(p, m))} | {pct(err(q, m))} |")
+                if key == "device_bytes" and a["outcome"] == "finished" and m:
+                    dev_run.append(err(p, m))
+                    if q:
+                        dev_now.append(err(q, m))
+    out += ["", "## Device figure against the accuracy targets (finished setups only)", "",
+            target_line(dev_run, "predicted by the run"), target_line(dev_now, "recomputed now"), ""]
+    sources = {r.get("device_bytes_source") for r in lines if r.get("device_bytes_source")}
+    if sources:
+        out.append(f"Device figure source (tracker): {', '.join(sorted(sources))}.")
+    enforced = [r for r in lines if r.get("enforced_budget")]
+    for r in enforced:
+        e = r["enforced_budget"]
+        out.append(f"Enforced budget in {r['run']}: --gpu {e['gpu']} (headroom {e['headroom']}) -> allocator "
+                   f"capped at {gib(e['allocator_cap_bytes'])} GiB = {e['fraction']:.4f} of "
+                   f"{gib(e['device_total_bytes'])} GiB (set_per_process_memory_fraction).")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="the proof's OUT directory or its train_proof.tgz")
+    ap.add_argument("--name", default="h100-2026-11-23-train-proof")
+    ap.add_argument("--results", default=str(RESULTS), help="where NAME/ and NAME.md go")
+    a = ap.parse_args(argv)
+    results = Path(a.results)
+    bundle = unpack(Path(a.src), results / a.name)
+    md = build(bundle, a.name)
+    (results / f"{a.name}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
