@@ -142,6 +142,17 @@ def launch_command(config: Path, launch_json: Path, gpus: int, cpu: bool = False
     return cmd + ["-m", "vramfit.launch", str(launch_json)]
 
 
+def launch_env(config: Path) -> dict:
+    """The environment `accelerate launch --config_file config` gives each process (accelerate's own
+    parsing and validation), for checking a config without GPUs: the engine's plugin reads it."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE", "FSDP"))}
+
+
 # --------------------------------------------------------------------------- parent
 
 
