@@ -218,6 +218,20 @@ def test_planner_shards_full_fine_tuning_that_one_gpu_cannot_hold(llama8b):
     assert p.chosen.setup.micro_batch * p.chosen.setup.grad_accum * 4 == p.effective_batch
 
 
+def test_train_without_a_complete_setup_asks_the_planner_for_setup_and_strategy(llama1b, monkeypatch):
+    from vramfit.launch import choose
+
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3"] * 2)
+    s, strategy, p = choose(llama1b, {"method": "full", "precision": "bf16-mixed"}, 2048, 2, None, "5%", None)
+    assert p is not None and p.gpus.count == 2 and strategy == p.chosen.strategy
+    assert (s.method, s.precision) == ("full", "bf16-mixed")
+    assert s.micro_batch * s.grad_accum * 2 == 16  # the default effective batch over both GPUs
+    given = {"method": "lora", "precision": "bf16-true", "optim": "adamw_torch", "micro_batch": 2, "grad_accum": 4,
+             "grad_ckpt": False}
+    s, strategy, p = choose(llama1b, given, 512, 2, "fsdp-full", "5%", None)
+    assert p is None and strategy == "fsdp-full" and s.micro_batch == 2
+
+
 def test_planner_skips_strategies_whose_package_is_missing(llama1b, monkeypatch):
     from vramfit import multigpu
 

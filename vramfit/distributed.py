@@ -39,12 +39,15 @@ MiB = 1 << 20
 # buckets are a second copy of all gradients, held from wrapping to the end of the run
 # (torch/csrc/distributed/c10d/reducer.cpp, initialize_buckets).
 DDP_BUCKET_CAP_BYTES = 25 * MiB
-# NCCL's own device memory per process (channel buffers: NCCL_BUFFSIZE 4 MiB per channel and peer
-# for the Simple protocol, plus LL/LL128 buffers and the communicator's work FIFO), allocated with
-# cudaMalloc outside torch's caching allocator: nvidia-smi counts it, torch does not.  A prior
-# (NCCL documentation: NCCL_BUFFSIZE, NCCL_MAX_NCHANNELS), not yet measured here: the 2-GPU proof
-# (benchmarks/distributed) measures device - reserved per rank and `fit` replaces it.
-NCCL_DEVICE_BYTES = 512 * MiB
+# NCCL's own device memory per process (channel buffers, NCCL_BUFFSIZE 4 MiB per channel and peer
+# for the Simple protocol plus the LL/LL128 buffers, the communicator's work FIFO), allocated
+# outside torch's caching allocator: nvidia-smi counts it, torch does not.  Reported for PyTorch
+# process groups on 4 A100s with NVLink after one all-reduce: 544 MB for a group of 2 GPUs, 688 MB
+# for larger groups (github.com/NVIDIA/nccl/issues/964); NCCL's maintainers: it grows with the
+# channels the link needs, not with the model (issue 986).  Not yet measured here: the 2-GPU
+# proof (benchmarks/distributed) measures device - reserved per rank.
+NCCL_DEVICE_BYTES = 544 * MiB
+NCCL_DEVICE_BYTES_LARGER_GROUPS = 688 * MiB
 # DeepSpeed ZeRO sizes, written explicitly into the generated DeepSpeed config (vramfit.launch);
 # the values are DeepSpeed's documented defaults (deepspeed.ai/docs/config-json, "ZeRO
 # optimizations"): reduce_bucket_size 5e8 and allgather_bucket_size 5e8 elements,
@@ -200,7 +203,7 @@ def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) 
     O = optimizer_state_bytes(tensors, s, c)
     temp = optimizer_step_temp_bytes(tensors, s, spec)
     el = _elements(spec)
-    nccl = NCCL_DEVICE_BYTES if gpus > 1 else 0
+    nccl = 0 if gpus < 2 else NCCL_DEVICE_BYTES if gpus == 2 else NCCL_DEVICE_BYTES_LARGER_GROUPS
     if strategy.engine == "ddp":
         bucket = G if gpus > 1 else 0  # a DDP of one process still builds buckets; N=1 means no DDP here
         named = {ph: {"ddp_gradient_buckets": bucket} for ph in ("forward", "backward", "optimizer")} if bucket else {}
@@ -364,8 +367,8 @@ def _zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl) -> Sharding:
         largest = max([el["layer"]] + [math.prod(sh) for sh, _, _ in spec.param_shapes])
         if P <= ZERO3_MAX_REUSE_DISTANCE:  # reused within the distance: kept gathered
             live = P + (pt if s.method != "full" else 0)
-        else:
-            live = max(layer, largest) + ZERO3_PREFETCH_BUCKET
+        else:  # the layers within the reuse distance of the forward/backward turn stay gathered
+            live = ZERO3_MAX_REUSE_DISTANCE / 2 + max(layer, largest) + ZERO3_PREFETCH_BUCKET
         live = min(live, ZERO3_MAX_LIVE_PARAMETERS)
         gathered = int(live * (base - constants + adapters) / (P + (pt if s.method != "full" else 0)))
         extra = {"forward": gathered, "backward_top": gathered, "backward_bottom": gathered}

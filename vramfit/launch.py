@@ -145,7 +145,10 @@ def launch_command(config: Path, launch_json: Path, gpus: int, cpu: bool = False
 def launch_env(config: Path) -> dict:
     """The environment `accelerate launch --config_file config` gives each process (accelerate's own
     parsing and validation), for checking a config without GPUs: the engine's plugin reads it."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
@@ -254,7 +257,13 @@ def launch(model: str, data: str, options, setup_options: dict, gpus: int, strat
     if rc != 0 or not rep_path.is_file():
         raise VramfitError(f"accelerate launch exited with code {rc}; the per-rank logs are above and the "
                            f"memory timelines in {out}")
-    return json.loads(rep_path.read_text())
+    rep = json.loads(rep_path.read_text())
+    from vramfit.report_multi import rank_lines
+
+    for line in rank_lines(rep):
+        say(line)
+    say(f"{rep['status']}: {rep['steps']} steps in {rep['train_seconds']} s; report {rep_path}")
+    return rep
 
 
 def _setup_json(s) -> dict:

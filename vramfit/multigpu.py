@@ -337,11 +337,25 @@ def plan_gpus(model, gpus="auto", *, strategy: str | None = None, headroom=DEFAU
     space = make_space(spec, gset.device, method=method, seq_len=seq_len, effective_batch=effective_batch,
                        micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
                        precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn)
+    if host_budget_bytes is None and gset.source == "probe":  # offload must fit this machine's RAM
+        host_budget_bytes = host_available_bytes()
     result = search_gpus(spec, gset, space, strategies, headroom, prefer, constants, cost, host_budget_bytes,
                          installed_only)
     if result.chosen is None:
         raise VramfitError(nothing_fits_line(result))
     return result
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of this machine (/proc/meminfo), the budget for offload's pinned memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def estimate_gpus(model: str, gpus: int = 2, strategy: str = "ddp", trust_remote_code: bool = False,

@@ -62,3 +62,20 @@ def gpus_strategy_table(p):
                       gib(c.host_bytes) if c.host_bytes else "-", f"{c.tokens_per_s:,.0f}",
                       "yes" if c.fits else f"no (+{gib(c.device_bytes - p.usable_bytes)})")
     return table
+
+
+def rank_lines(rep: dict) -> list[str]:
+    """One line per rank of a finished multi-GPU run: measured against predicted peaks."""
+    predicted = rep["predicted"]["per_gpu"]
+    lines = []
+    for rank, r in enumerate(rep.get("measured_per_rank") or []):
+        m = (r or {}).get("measured") or {}
+        if m.get("peak_allocated_bytes") is None:
+            rss = m.get("rss_bytes")
+            lines.append(f"rank {rank}: no CUDA (host resident {gib(rss)} GiB)" if rss else f"rank {rank}: no reading")
+            continue
+        parts = [f"{label} {gib(m[k])} GiB (predicted {gib(predicted[k])})" for k, label in
+                 (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
+                  ("device_bytes", "device")) if m.get(k) is not None]
+        lines.append(f"rank {rank}: " + ", ".join(parts))
+    return lines
