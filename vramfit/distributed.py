@@ -260,12 +260,14 @@ def _fsdp_terms(spec, s, targets, st, n, c, weights, tensors, G, G_out, O, temp,
             w[name + "_sharded"] = int(b * shard_fraction)
     # one decoder layer unsharded in the compute dtype (adapters included); QLoRA's 4-bit layers
     # are gathered packed
-    adapters = weights.get("lora_adapters", 0) / FP32
+    # adapters (fp32, peft) are gathered in fp32 unless a MixedPrecisionPolicy casts every parameter
+    # (FSDP2 all-gathers mixed dtypes of one group as bytes)
+    adapters = weights.get("lora_adapters", 0) / FP32 * (cb if s.autocast_dtype else FP32)
     if s.method == "qlora":
         q_numel = _q_numel(spec, c, s)
-        layer_gather = ((q_numel + 1) // 2 + (el["layer"] * layers - q_numel) * cb + adapters * cb) / layers
+        layer_gather = ((q_numel + 1) // 2 + (el["layer"] * layers - q_numel) * cb + adapters) / layers
     else:
-        layer_gather = (el["layer"] + adapters / layers) * cb
+        layer_gather = el["layer"] * cb + adapters / layers
     root_gather = el["outside"] * cb
     gather_fwd = int(2 * layer_gather + layer_gather)  # running + prefetched + the prefetch's all-gather output
     trainable_layer = (G - G_out) / layers  # one layer's gradient bytes (param dtype)
@@ -492,7 +494,9 @@ def communication_bytes(spec, s: Setup, targets, st: Strategy, n: int, c=None) -
         return int(2 * f * grad_bytes), 0
     if st.engine == "fsdp":
         params = sum(weight_bytes(spec, s, targets, c).values()) * cb // DTYPE_BYTES[s.param_dtype]
-        gathers = 2 if st.reshard_after_forward else 1
+        # forward; again in backward when resharded after forward; once more for the recompute of
+        # checkpointed layers (transformers' warning: "a redundant AllGather in the backward pass")
+        gathers = (2 + int(s.grad_ckpt)) if st.reshard_after_forward else 1
         reduce = pt * (2 if s.autocast_dtype else DTYPE_BYTES[s.param_dtype] if s.method == "full" else FP32)
         return int(micro * f * (gathers * params + reduce)), 0
     pb = 2 if s.compute_dtype != "float32" else FP32
