@@ -330,6 +330,20 @@ def test_train_with_more_gpus_than_exist_is_one_line_and_exit_2(tiny, monkeypatc
     assert r.exit_code == 2 and "DDP over gloo only" in r.output
 
 
+def test_plan_with_mismatched_gpus_and_train_with_a_missing_engine_are_one_line_and_exit_2(tiny, monkeypatch):
+    model, data, d = tiny
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])
+    r = runner.invoke(app, ["plan", "llama-3.2-1b", "--gpus", "auto"])
+    assert r.exit_code == 2 and "mismatched GPUs: 0: NVIDIA H100 80GB HBM3, 1: NVIDIA A100-SXM4-40GB" in r.output
+    from vramfit import multigpu
+
+    monkeypatch.setattr(multigpu.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
+    r = runner.invoke(app, ["train", str(model), str(data), "--out", str(d / "z"), "--gpus", "2", "--strategy",
+                            "zero3", *TRAIN])
+    assert r.exit_code == 2 and "zero3 needs DeepSpeed, which is not installed" in r.output
+    assert not (d / "z").exists()
+
+
 def test_two_cpu_processes_train_ddp_with_a_timeline_per_rank(tiny):
     """A real launch: torch.distributed.run, 2 processes, gloo, vramfit's training path in each."""
     model, data, d = tiny

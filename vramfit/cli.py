@@ -56,9 +56,9 @@ def estimate(
     allocator: Allocator = typer.Option(Allocator.default, help="torch caching allocator: default or "
                                         "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
-    gpus: Optional[int] = typer.Option(None, help="data-parallel GPUs: the memory of each [default: 1]"),
-    strategy: Optional[str] = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
-                                           "zero3, zero2-offload, zero3-offload [default: ddp]"),
+    gpus: int | None = typer.Option(None, help="data-parallel GPUs: the memory of each [default: 1]"),
+    strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
+                                        "zero3, zero2-offload, zero3-offload [default: ddp]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
 ):
     """Predict the GPU memory of one fine-tuning step: a breakdown and the three peaks."""
@@ -66,10 +66,10 @@ def estimate(
 
     if gpus is not None or strategy is not None:
         return _estimate_gpus(model, gpus or 1, strategy or "ddp", as_json, trust_remote_code,
-                              dict(method=method.value, precision=precision, optim=optim, lora_r=lora_r,
-                                   lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                                   seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
-                                   allocator=allocator.value))
+                              {"method": method.value, "precision": precision, "optim": optim, "lora_r": lora_r,
+                               "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                               "target_modules": target_modules, "seq_len": seq_len, "micro_batch": batch_size,
+                               "grad_ckpt": grad_ckpt, "attn": attn.value, "allocator": allocator.value})
     try:
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
@@ -161,9 +161,9 @@ def plan(
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
                                              "[default: searched]"),
     find_gpu: bool = typer.Option(False, "--find-gpu", help="the smallest bundled GPU that fits, and the best setup on each"),
-    gpus: Optional[str] = typer.Option(None, help="several GPUs: 4x24GB, 2xh100-sxm, auto (every probed GPU) or N; "
+    gpus: str | None = typer.Option(None, help="several GPUs: 4x24GB, 2xh100-sxm, auto (every probed GPU) or N; "
                                        "the strategies (DDP, FSDP, DeepSpeed ZeRO) become candidates"),
-    strategy: Optional[str] = typer.Option(None, help="with --gpus: fix the strategy [default: searched]"),
+    strategy: str | None = typer.Option(None, help="with --gpus: fix the strategy [default: searched]"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
 ):
@@ -234,13 +234,13 @@ def _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer, as_json, 
         return
     from rich.console import Console
 
-    from vramfit.report_multi import gpus_plan_lines, gpus_plan_verdict, gpus_strategy_table
+    from vramfit import report_multi
 
     console = Console()
-    console.print(gpus_plan_verdict(result), highlight=False)
-    for line in gpus_plan_lines(result):
+    console.print(report_multi.gpus_plan_verdict(result), highlight=False)
+    for line in report_multi.gpus_plan_lines(result):
         console.print(line, highlight=False)
-    console.print(gpus_strategy_table(result))
+    console.print(report_multi.gpus_strategy_table(result))
 
 
 def _find_gpu_json(p) -> dict:
@@ -372,10 +372,10 @@ def train(
                                   "cheaper setup from the last checkpoint"),
     fit_check: bool = typer.Option(True, "--fit-check/--no-fit-check", help="refuse a setup predicted not to fit"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
-    gpus: Optional[int] = typer.Option(None, help="train on N GPUs of this machine through accelerate launch "
+    gpus: int | None = typer.Option(None, help="train on N GPUs of this machine through accelerate launch "
                                        "(one process per GPU) [default: 1, no launcher]"),
-    strategy: Optional[str] = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
-                                           "zero3, zero2-offload, zero3-offload [default: the planner's]"),
+    strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
+                                        "zero3, zero2-offload, zero3-offload [default: the planner's]"),
     cpu: bool = typer.Option(False, "--cpu", help="with --gpus N: N CPU processes over gloo instead (DDP only; "
                              "to test a launch on a machine without GPUs)"),
     as_json: bool = typer.Option(False, "--json", help="progress on stderr, the run report as JSON on stdout"),

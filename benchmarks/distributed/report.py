@@ -67,9 +67,10 @@ def main(argv=None) -> int:
     rs = rows(records)
     other = [f"- {r['name']}: {r['status']}" + (f" ({r.get('error', '')[:160]})" if r.get("error") else "")
              for r in records if r.get("status") != "ok"]
+    header = (f"{len(rs)} rank measurements of {len({r['name'] for r in rs})} cases ({args.jsonl}); "
+              f"GPU: {', '.join(sorted({str(r['gpu']) for r in rs})) or 'none'}")
     text = "\n\n".join(x for x in (
-        f"{len(rs)} rank measurements of {len({r['name'] for r in rs})} cases ({args.jsonl}); "
-        f"GPU: {', '.join(sorted({str(r['gpu']) for r in rs})) or 'none'}",
+        header,
         summary(rs) if rs else "no measured case", table(rs) if rs else "", "\n".join(other)) if x)
     print(text)
     if args.md:
