@@ -226,6 +226,8 @@ def _fsdp_terms(spec, s, targets, st, n, c, weights, tensors, G, G_out, O, temp,
       QLoRA (bnb_4bit_quant_storage=bfloat16, as peft's FSDP-QLoRA guide requires, so the packed
       4-bit weights are bf16-typed and shard with the rest): the packed bytes are sharded, the
       quantization constants (absmax, a QuantState attribute, not a parameter) stay on every rank.
+      vramfit launches QLoRA with FSDP1 (peft's recipe: one flat parameter per decoder layer,
+      limit_all_gathers keeps two in flight, BACKWARD_PRE prefetch): the same bytes up to padding.
     - all-gathered layers: the layer running and the next one prefetched (FSDP2's implicit forward
       prefetch and backward_prefetch of one layer), each unsharded in MixedPrecisionPolicy's
       param_dtype (accelerate sets param_dtype = reduce_dtype = bf16 under mixed precision), plus
