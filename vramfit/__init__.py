@@ -3,7 +3,7 @@
 from vramfit.errors import VramfitError
 
 __version__ = "0.1.0"
-__all__ = ["VramfitError", "estimate", "plan", "__version__"]
+__all__ = ["VramfitError", "estimate", "estimate_gpus", "plan", "plan_gpus", "__version__"]
 
 
 def estimate(*args, **kwargs):
@@ -18,6 +18,20 @@ def plan(*args, **kwargs):
     from vramfit.planner import plan as _plan
 
     return _plan(*args, **kwargs)
+
+
+def estimate_gpus(*args, **kwargs):
+    """Per-GPU memory on N GPUs with a strategy (ddp, fsdp-full, zero3, ...); see `vramfit.multigpu.estimate_gpus`."""
+    from vramfit.multigpu import estimate_gpus as _estimate_gpus
+
+    return _estimate_gpus(*args, **kwargs)
+
+
+def plan_gpus(*args, **kwargs):
+    """The best strategy and setup on several GPUs; see `vramfit.multigpu.plan_gpus`."""
+    from vramfit.multigpu import plan_gpus as _plan_gpus
+
+    return _plan_gpus(*args, **kwargs)
 
 
 def __getattr__(name):

@@ -56,11 +56,20 @@ def estimate(
     allocator: Allocator = typer.Option(Allocator.default, help="torch caching allocator: default or "
                                         "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+    gpus: int | None = typer.Option(None, help="data-parallel GPUs: the memory of each [default: 1]"),
+    strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
+                                        "zero3, zero2-offload, zero3-offload [default: ddp]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
 ):
     """Predict the GPU memory of one fine-tuning step: a breakdown and the three peaks."""
     from vramfit.api import estimate as run_estimate
 
+    if gpus is not None or strategy is not None:
+        return _estimate_gpus(model, gpus or 1, strategy or "ddp", as_json, trust_remote_code,
+                              {"method": method.value, "precision": precision, "optim": optim, "lora_r": lora_r,
+                               "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                               "target_modules": target_modules, "seq_len": seq_len, "micro_batch": batch_size,
+                               "grad_ckpt": grad_ckpt, "attn": attn.value, "allocator": allocator.value})
     try:
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
@@ -78,6 +87,26 @@ def estimate(
     console = Console()
     console.print(estimate_table(est))
     for line in estimate_summary(est):
+        console.print(line, highlight=False)
+
+
+def _estimate_gpus(model, gpus, strategy, as_json, trust_remote_code, options) -> None:
+    from vramfit.multigpu import estimate_gpus
+
+    try:
+        d = estimate_gpus(model, gpus=gpus, strategy=strategy, trust_remote_code=trust_remote_code, **options)
+    except VramfitError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({**d.per_gpu.to_json(), **d.to_json()}) + "\n")
+        return
+    from rich.console import Console
+
+    from vramfit.report_multi import gpus_estimate_lines, gpus_estimate_table
+
+    console = Console()
+    console.print(gpus_estimate_table(d))
+    for line in gpus_estimate_lines(d):
         console.print(line, highlight=False)
 
 
@@ -132,6 +161,9 @@ def plan(
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
                                              "[default: searched]"),
     find_gpu: bool = typer.Option(False, "--find-gpu", help="the smallest bundled GPU that fits, and the best setup on each"),
+    gpus: str | None = typer.Option(None, help="several GPUs: 4x24GB, 2xh100-sxm, auto (every probed GPU) or N; "
+                                       "the strategies (DDP, FSDP, DeepSpeed ZeRO) become candidates"),
+    strategy: str | None = typer.Option(None, help="with --gpus: fix the strategy [default: searched]"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
 ):
@@ -141,6 +173,9 @@ def plan(
     restrictions = dict(method=method.value, seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch,
                         lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, precision=precision,
                         optim=optim, grad_ckpt=grad_ckpt)
+    if gpus is not None or strategy is not None:
+        return _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer.value, as_json, trust_remote_code,
+                          restrictions)
     try:
         if find_gpu:
             if gpu is not None:
@@ -180,6 +215,32 @@ def plan(
     console.print(report.plan_levers_table(result))
     for line in report.plan_extra_lines(result):
         console.print(line, highlight=False)
+
+
+def _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer, as_json, trust_remote_code, restrictions):
+    from vramfit.multigpu import plan_gpus
+
+    try:
+        if gpus is None:
+            raise VramfitError("--strategy needs --gpus (4x24GB, 2xh100-sxm, auto or N)")
+        if gpu is not None or find_gpu:
+            raise VramfitError("--gpus names the GPUs: drop --gpu / --find-gpu")
+        result = plan_gpus(model, gpus, strategy=strategy, headroom=headroom, prefer=prefer,
+                           trust_remote_code=trust_remote_code, **restrictions)
+    except VramfitError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    from rich.console import Console
+
+    from vramfit import report_multi
+
+    console = Console()
+    console.print(report_multi.gpus_plan_verdict(result), highlight=False)
+    for line in report_multi.gpus_plan_lines(result):
+        console.print(line, highlight=False)
+    console.print(report_multi.gpus_strategy_table(result))
 
 
 def _find_gpu_json(p) -> dict:
@@ -315,6 +376,12 @@ def train(
                                   "cheaper setup from the last checkpoint"),
     fit_check: bool = typer.Option(True, "--fit-check/--no-fit-check", help="refuse a setup predicted not to fit"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
+    gpus: int | None = typer.Option(None, help="train on N GPUs of this machine through accelerate launch "
+                                       "(one process per GPU) [default: 1, no launcher]"),
+    strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
+                                        "zero3, zero2-offload, zero3-offload [default: the planner's]"),
+    cpu: bool = typer.Option(False, "--cpu", help="with --gpus N: N CPU processes over gloo instead (DDP only; "
+                             "to test a launch on a machine without GPUs)"),
     as_json: bool = typer.Option(False, "--json", help="progress on stderr, the run report as JSON on stdout"),
 ):
     """Fine-tune MODEL on DATA with the setup that fits, tracking memory against the prediction."""
@@ -337,7 +404,14 @@ def train(
                          micro_batch=micro_batch, grad_accum=grad_accum, grad_ckpt=grad_ckpt, seq_len=seq_len,
                          attn=attn.value)
     try:
-        rep = run_train(model, data, opts, setup_options, console=Console(stderr=as_json))
+        if gpus is not None or strategy is not None or cpu:
+            from vramfit.launch import launch
+
+            if gpus is None:
+                raise VramfitError("--strategy and --cpu need --gpus N")
+            rep = launch(model, data, opts, setup_options, gpus, strategy, cpu, console=Console(stderr=as_json))
+        else:
+            rep = run_train(model, data, opts, setup_options, console=Console(stderr=as_json))
     except VramfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:  # outside the steps (loading, saving): nothing to keep but what is written

@@ -189,7 +189,10 @@ def loss_transients(spec, s: Setup) -> tuple[int, int]:
 # --------------------------------------------------------------------------- the step
 
 
-def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Breakdown:
+def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding=None) -> Breakdown:
+    """`sharding`: one GPU's terms under a distributed strategy (`vramfit.distributed.Sharding`):
+    its weights, gradients and optimizer bytes replace the single-GPU ones, and its buffers
+    (all-gathered layers, gradient buckets) are added to the phases they live in."""
     B, S, T = s.micro_batch, s.seq_len, s.tokens
     notes = []
     weights = weight_bytes(spec, s, targets, c)
@@ -201,9 +204,16 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     O_torch = O - paged
     opt_temp = optimizer_step_temp_bytes(tensors, s, spec)
     ws = c.cublas_workspace_bytes
+    G_step, extra = G, {}
+    if sharding is not None:
+        weights, G, G_out, G_step = dict(sharding.weights), sharding.grads, sharding.grads_outside, sharding.grads_step
+        W, O_torch, opt_temp, paged, extra = sum(weights.values()), sharding.optimizer, sharding.optimizer_temp, 0, \
+            sharding.extra
 
     n_layers = len(profile.layers)
-    layer_saved = [int(c.activation_scale * r.bytes(B, S)) for r in profile.layers]
+    # a sharded engine gathers params in the compute dtype: autocast makes no weight copies then
+    drop = sharding is not None and sharding.no_weight_copies
+    layer_saved = [int(c.activation_scale * (r.bytes(B, S) - (r.const if drop else 0))) for r in profile.layers]
     outside_saved = int(c.activation_scale * profile.outside.bytes(B, S))
     fwd_loss, bwd_loss = loss_transients(spec, s)
     logprobs = T * spec.vocab_size * FP32  # saved by log_softmax, inside outside_saved
@@ -227,9 +237,9 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     persist = W + O_torch + ws
     # autocast keeps bf16 copies of trainable weights until the forward ends; without
     # checkpointing they are saved for backward anyway (inside layer_saved), with it they are not
-    weight_copies = sum(r.const for r in profile.layers) if s.grad_ckpt else 0
+    weight_copies = sum(r.const for r in profile.layers) if s.grad_ckpt and not drop else 0
     layer_fwd = int(c.layer_backward_factor * max_tensor) if s.grad_ckpt else 0  # one layer, unsaved
-    forward = persist + A_fwd + weight_copies + max(fwd_loss, layer_fwd)
+    forward = persist + A_fwd + weight_copies + max(fwd_loss, layer_fwd) + extra.get("forward", 0)
     # Backward, walked from the loss down to the first layer; every term is linear in the layer
     # index, so the two ends bound the walk.
     at_loss = persist + A_fwd + bwd_loss
@@ -245,8 +255,10 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     else:
         top = A_fwd - head_freed + G_out + g_layer + layer_transient
         bottom = (layer_saved[0] if layer_saved else 0) + G + layer_transient
-    backward = max(at_loss, head, persist + top, persist + bottom)
-    optimizer = W + G + O_torch + opt_temp + ws
+    top_extra = extra.get("backward_top", 0)
+    backward = max(at_loss + top_extra, head + top_extra, persist + top + top_extra,
+                   persist + bottom + extra.get("backward_bottom", 0))
+    optimizer = W + G_step + O_torch + opt_temp + ws + extra.get("optimizer", 0)
     phases = {"forward": int(forward), "backward": int(backward), "optimizer": int(optimizer)}
     peak_phase = max(phases, key=phases.get)
     peak_alloc = phases[peak_phase]
@@ -259,6 +271,8 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
     # paged optimizer states live in CUDA managed memory: nvidia-smi does not count them for the
     # process (measured: device - reserved is the same with and without them)
     device = peak_reserved + c.cuda_context_bytes + c.kernel_growth_bytes
+    if sharding is not None:
+        device += sharding.device_extra  # NCCL's buffers: outside torch's allocator
 
     comps = dict(weights)
     comps["gradients"] = G if peak_phase != "forward" else 0
@@ -277,10 +291,18 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT) -> Break
         comps["backward_transients"] = max(0, backward - persist - A_fwd - bwd_loss - G)
     else:
         comps["activations"] = 0
+        comps["gradients"] = G_step
         comps["optimizer_step_temporaries"] = opt_temp
+    if sharding is not None:
+        buffers = sharding.components(peak_phase)
+        comps.update(buffers)
+        if "backward_transients" in comps:
+            comps["backward_transients"] = max(0, comps["backward_transients"] - sum(buffers.values()))
     comps["cublas_workspace"] = ws
     comps["allocator_reserve"] = reserve
     comps["cuda_context"] = c.cuda_context_bytes + c.kernel_growth_bytes
+    if sharding is not None and sharding.device_extra:
+        comps["nccl_buffers"] = sharding.device_extra
     comps = {k: int(v) for k, v in comps.items()}
 
     lora_n = _lora_total(spec, tuple(targets), s.lora_r) if s.method != "full" else 0

@@ -79,9 +79,13 @@ class _Nvml:
 
 
 def nvml_index() -> int:
-    """NVML's index of the GPU torch calls cuda:0 (the first of CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return int(visible) if visible.isdigit() else 0
+    """NVML's index of the GPU this process uses: cuda:0, or cuda:LOCAL_RANK in a process that
+    accelerate launched (one per GPU), mapped through CUDA_VISIBLE_DEVICES."""
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if local < len(visible):
+        return int(visible[local]) if visible[local].isdigit() else local
+    return local
 
 
 class MemoryTracker(TrainerCallback):

@@ -1,0 +1,362 @@
+"""Per-GPU memory on N GPUs (vramfit.distributed), --gpus planning (vramfit.multigpu) and the
+accelerate launch (vramfit.launch): invariants of the memory model, the planner's choice when one
+GPU is not enough, the configs accelerate reads, the bad-input lines, and a real 2-process run."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from tiny_lm import alpaca_rows, make_model_dir, write_jsonl
+from typer.testing import CliRunner
+
+from vramfit.cli import app
+from vramfit.distributed import (
+    NCCL_DEVICE_BYTES,
+    ZERO_REDUCE_BUCKET,
+    estimate_distributed,
+    fsdp_shard_numel,
+    get_strategy,
+    shard_terms,
+)
+from vramfit.errors import VramfitError
+from vramfit.memory import _grad_totals, optimizer_state_bytes, trainable_tensors
+from vramfit.setup import make_setup, resolve_targets
+from vramfit.spec import load_spec
+
+runner = CliRunner()
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_spec("llama-3.1-8b")
+
+
+@pytest.fixture(scope="module")
+def llama1b():
+    return load_spec("llama-3.2-1b")
+
+
+def full(precision="bf16-true", **kw):
+    return make_setup(method="full", precision=precision, optim="adamw_torch", seq_len=1024, **kw)
+
+
+# --------------------------------------------------------------------------- the memory model
+
+
+def test_fsdp_shard_numel_is_each_tensors_padded_dim0_chunk(llama1b):
+    # FSDP2 chunks every parameter on dim 0; each rank's chunk is ceil(rows / N) rows
+    assert fsdp_shard_numel(llama1b, 1) == llama1b.params_total
+    by_hand = sum(count * math.ceil(shape[0] / 3) * math.prod(shape[1:]) for shape, count, _ in llama1b.param_shapes)
+    assert fsdp_shard_numel(llama1b, 3) == by_hand
+    # 128256 embedding rows do not divide by 7: padding makes the shard larger than total / 7
+    assert fsdp_shard_numel(llama1b, 7) > llama1b.params_total / 7
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_fsdp_full_shard_holds_its_shards_plus_the_root_and_two_gathered_layers(llama8b, n):
+    s = full("bf16-true")
+    sh = shard_terms(llama8b, s, (), get_strategy("fsdp-full"), n)
+    weights = dict(sh.weights)
+    assert weights == {"weights_bfloat16_sharded": int(2 * llama8b.params_total * fsdp_shard_numel(llama8b, n)
+                                                       / llama8b.params_total)}
+    roles = llama8b.params_by_role
+    root = roles["embeddings"] + roles["lm_head"] + llama8b.hidden_size
+    layer = (llama8b.params_total - root) / llama8b.num_layers
+    # the root stays gathered (reshard_after_forward=False for the root); the running layer, the
+    # prefetched one and its all-gather output
+    assert sh.extra["forward"] == pytest.approx(2 * (root + 3 * layer), rel=1e-6)
+    assert sh.optimizer == math.ceil(optimizer_state_bytes(trainable_tensors(llama8b, s, ()), s) / n)
+
+
+def test_shard_grad_op_keeps_every_layer_gathered_through_backward(llama8b):
+    s = full("bf16-true")
+    op = shard_terms(llama8b, s, (), get_strategy("fsdp-grad-op"), 4)
+    fs = shard_terms(llama8b, s, (), get_strategy("fsdp-full"), 4)
+    assert op.extra["backward_top"] - fs.extra["backward_top"] > 0.8 * 2 * llama8b.params_total * 0.8
+    assert op.weights == fs.weights and op.optimizer == fs.optimizer
+
+
+def test_zero2_partitions_gradients_and_states_but_not_the_bf16_weights(llama8b):
+    s = full("bf16-mixed")
+    n = 4
+    sh = shard_terms(llama8b, s, (), get_strategy("zero2"), n)
+    p = llama8b.params_total
+    assert dict(sh.weights) == {"weights_bfloat16": 2 * p}
+    assert sh.grads == math.ceil(2 * p / n) + 2 * ZERO_REDUCE_BUCKET  # bf16 partition + the ipg bucket
+    assert sh.optimizer == math.ceil(12 * p / n)  # fp32 master + AdamW's two fp32 states
+    z1 = shard_terms(llama8b, s, (), get_strategy("zero1"), n)
+    assert z1.grads == 2 * p and z1.optimizer == sh.optimizer
+
+
+def test_offload_moves_master_weights_states_and_fp32_grads_to_the_host(llama8b):
+    s = full("bf16-mixed")
+    on = shard_terms(llama8b, s, (), get_strategy("zero2"), 2)
+    off = shard_terms(llama8b, s, (), get_strategy("zero2-offload"), 2)
+    assert off.optimizer == 0 and off.grads_step == 0
+    assert dict(off.host_named)["optimizer_master_and_states"] == on.optimizer
+    assert off.host_bytes == on.optimizer + math.ceil(4 * llama8b.params_total / 2)
+    est = estimate_distributed(llama8b, s, "zero2-offload", 2)
+    assert est.host_bytes == 2 * est.host_bytes_per_rank
+    assert est.device_bytes < estimate_distributed(llama8b, s, "zero2", 2).device_bytes - 50 * GiB
+    z3 = estimate_distributed(llama8b, s, "zero3-offload", 2)
+    assert z3.host_bytes > est.host_bytes  # the bf16 parameter partitions as well
+
+
+def test_ddp_is_the_single_gpu_step_plus_a_bucket_copy_of_the_gradients_and_nccl(llama1b):
+    from vramfit.api import estimate_setup
+
+    s = full("bf16-true", micro_batch=2)
+    single, _ = estimate_setup(llama1b, s)
+    d = estimate_distributed(llama1b, s, "ddp", 2)
+    grads = _grad_totals(trainable_tensors(llama1b, s, ()))[0]
+    assert d.peak_allocated_bytes == single.peak_allocated_bytes + grads
+    assert d.device_bytes >= single.device_bytes + grads + NCCL_DEVICE_BYTES
+    assert d.breakdown.components["ddp_gradient_buckets"] == grads
+
+
+def test_one_gpu_ddp_is_exactly_the_single_gpu_estimate(llama1b):
+    from vramfit.api import estimate_setup
+
+    s = make_setup(method="lora", seq_len=512, micro_batch=2)
+    single, _ = estimate_setup(llama1b, s)
+    one = estimate_distributed(llama1b, s, "ddp", 1)
+    assert (one.peak_allocated_bytes, one.device_bytes, one.breakdown.components) == \
+        (single.peak_allocated_bytes, single.device_bytes, single.components)
+    assert one.comm_bytes_per_step == 0 and one.host_bytes == 0
+
+
+@pytest.mark.parametrize("strategy", ["fsdp-full", "zero3", "zero2"])
+def test_per_gpu_memory_of_full_fine_tuning_falls_as_gpus_are_added(llama8b, strategy):
+    s = full("bf16-mixed")
+    peaks = [estimate_distributed(llama8b, s, strategy, n).peak_allocated_bytes for n in (2, 4, 8)]
+    assert peaks[0] > peaks[1] > peaks[2]
+
+
+def test_fsdp_qlora_shards_the_packed_weights_and_keeps_the_quant_constants_on_every_rank(llama8b):
+    s = make_setup(method="qlora", seq_len=1024)
+    targets = resolve_targets(llama8b, s)
+    two = dict(shard_terms(llama8b, s, targets, get_strategy("fsdp-full"), 2).weights)
+    four = dict(shard_terms(llama8b, s, targets, get_strategy("fsdp-full"), 4).weights)
+    assert four["weights_4bit_sharded"] == pytest.approx(two["weights_4bit_sharded"] / 2, abs=1)
+    assert four["weights_4bit_quant_constants"] == two["weights_4bit_quant_constants"] > 0
+    # bnb_4bit_quant_storage=bfloat16: the unquantized parameters stay bf16 (not fp32) under FSDP
+    assert "weights_bfloat16_unquantized_sharded" in two
+
+
+def test_deepspeed_refuses_what_it_cannot_run(llama1b):
+    with pytest.raises(VramfitError, match="adamw_torch"):
+        estimate_distributed(llama1b, make_setup(method="lora", optim="paged_adamw_8bit"), "zero2", 2)
+    with pytest.raises(VramfitError, match="bf16-mixed"):
+        estimate_distributed(llama1b, make_setup(method="lora", precision="16-true"), "zero3", 2)
+    with pytest.raises(VramfitError, match="unknown strategy 'zero4'.*zero3"):
+        estimate_distributed(llama1b, make_setup(method="lora"), "zero4", 2)
+
+
+def test_estimate_cli_reports_per_gpu_and_host_bytes(tmp_path):
+    r = runner.invoke(app, ["estimate", "llama-3.1-8b", "--method", "full", "--precision", "bf16-mixed",
+                            "--gpus", "2", "--strategy", "zero3-offload", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["strategy"] == "zero3-offload" and d["gpus"] == 2
+    assert d["per_gpu"]["device_bytes"] == d["device_bytes"] < 40 * GiB
+    assert d["host_bytes"] == 2 * d["host_bytes_per_rank"] > 100 * GiB
+    r = runner.invoke(app, ["estimate", "llama-3.1-8b", "--gpus", "2", "--strategy", "fsdp-ful"])
+    assert r.exit_code == 2 and "did you mean fsdp-full" in r.output
+
+
+# --------------------------------------------------------------------------- --gpus and the planner
+
+
+def test_gpus_forms_parse_count_card_and_link():
+    from vramfit.multigpu import resolve_gpus
+
+    g = resolve_gpus("2xh100-sxm")
+    assert (g.count, g.device.key, g.link_bytes_per_s) == (2, "h100-sxm", 450_000_000_000)
+    g = resolve_gpus("4x24GiB")
+    assert (g.count, g.device.total_bytes, g.source) == (4, 24 * GiB, "size")
+    for bad in ("x24GB", "0xh100", "2xnocard"):
+        with pytest.raises(VramfitError):
+            resolve_gpus(bad)
+
+
+def fake_probe(monkeypatch, names):
+    from vramfit import gpu
+
+    h100 = gpu.load_profiles()["h100-sxm"]
+    devices = tuple(replace(h100, name=n, source="probe", index=i, throughput_from="h100-sxm", key=None)
+                    for i, n in enumerate(names))
+    monkeypatch.setattr(gpu, "probe", lambda: gpu.Probe("580", "13.0", devices))
+
+
+def test_gpus_auto_takes_every_probed_gpu_and_refuses_mismatched_or_too_many(monkeypatch):
+    from vramfit.multigpu import resolve_gpus
+
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3"] * 2)
+    assert resolve_gpus("auto").count == 2
+    with pytest.raises(VramfitError, match="--gpus 4: this machine has 2 GPUs"):
+        resolve_gpus("4")
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])
+    with pytest.raises(VramfitError, match="mismatched GPUs"):
+        resolve_gpus("auto")
+
+
+def test_planner_shards_full_fine_tuning_that_one_gpu_cannot_hold(llama8b):
+    from vramfit.multigpu import plan_gpus
+    from vramfit.planner import plan
+
+    with pytest.raises(VramfitError):  # bf16-mixed full fine-tuning of 8B: ~160 GB on one card
+        plan(llama8b, "80GiB", method="full", precision="bf16-mixed", optim="adamw_torch")
+    p = plan_gpus(llama8b, "4x80GiB", method="full", precision="bf16-mixed", optim="adamw_torch",
+                  installed_only=False)
+    assert p.chosen.strategy != "ddp" and get_strategy(p.chosen.strategy).sharded
+    assert p.chosen.device_bytes <= p.usable_bytes
+    by = {c.strategy: c for c in p.by_strategy}
+    assert not by["ddp"].fits  # replicated states do not fit either
+    assert p.chosen.setup.micro_batch * p.chosen.setup.grad_accum * 4 == p.effective_batch
+
+
+def test_train_without_a_complete_setup_asks_the_planner_for_setup_and_strategy(llama1b, monkeypatch):
+    from vramfit.launch import choose
+
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3"] * 2)
+    s, strategy, p = choose(llama1b, {"method": "full", "precision": "bf16-mixed"}, 2048, 2, None, "5%", None)
+    assert p is not None and p.gpus.count == 2 and strategy == p.chosen.strategy
+    assert (s.method, s.precision) == ("full", "bf16-mixed")
+    assert s.micro_batch * s.grad_accum * 2 == 16  # the default effective batch over both GPUs
+    given = {"method": "lora", "precision": "bf16-true", "optim": "adamw_torch", "micro_batch": 2, "grad_accum": 4,
+             "grad_ckpt": False}
+    s, strategy, p = choose(llama1b, given, 512, 2, "fsdp-full", "5%", None)
+    assert p is None and strategy == "fsdp-full" and s.micro_batch == 2
+
+
+def test_planner_skips_strategies_whose_package_is_missing(llama1b, monkeypatch):
+    from vramfit import multigpu
+
+    monkeypatch.setattr(multigpu.importlib.util, "find_spec",
+                        lambda name: None if name == "deepspeed" else object())
+    p = multigpu.plan_gpus(llama1b, "2x24GiB", method="lora")
+    assert {c.strategy for c in p.by_strategy} <= {"ddp", "fsdp-full", "fsdp-grad-op"}
+    assert any(n == "zero3" and "pip install deepspeed" in w for n, w in p.skipped)
+    with pytest.raises(VramfitError, match="needs DeepSpeed, which is not installed"):
+        multigpu.plan_gpus(llama1b, "2x24GiB", strategy="zero3")
+    r = runner.invoke(app, ["plan", "llama-3.2-1b", "--gpus", "2x24GiB", "--strategy", "zero2"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "deepspeed" in r.output
+
+
+def test_plan_cli_with_gpus_names_the_strategy(tmp_path):
+    r = runner.invoke(app, ["plan", "qwen2.5-0.5b", "--gpus", "2xh100-sxm", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["gpus"] == 2 and d["chosen"]["strategy"] in ("ddp", "fsdp-full", "fsdp-grad-op", "zero1", "zero2",
+                                                          "zero3", "zero2-offload", "zero3-offload")
+    assert d["link_bytes_per_s"] == 450_000_000_000
+
+
+# --------------------------------------------------------------------------- the launch
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp-full", "fsdp-grad-op", "zero2", "zero3-offload"])
+def test_written_accelerate_config_loads_with_accelerates_own_class(tmp_path, strategy):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from vramfit.launch import write_configs
+
+    s = make_setup(method="lora", precision="bf16-mixed")
+    path = write_configs(tmp_path, strategy, 2, s)
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes == 2
+    st = get_strategy(strategy)
+    if st.engine == "ddp":
+        assert str(cfg.distributed_type).endswith("MULTI_GPU") and cfg.mixed_precision == "bf16"
+    elif st.engine == "fsdp":
+        assert str(cfg.distributed_type).endswith("FSDP")
+        assert cfg.fsdp_config["fsdp_version"] == 2
+        assert cfg.fsdp_config["fsdp_reshard_after_forward"] is st.reshard_after_forward
+    else:
+        assert str(cfg.distributed_type).endswith("DEEPSPEED")
+        ds = json.loads(Path(cfg.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == st.zero_stage
+        assert ("offload_optimizer" in ds["zero_optimization"]) is st.offload_optimizer
+        assert ds["zero_optimization"]["reduce_bucket_size"] == ZERO_REDUCE_BUCKET
+
+
+@pytest.mark.parametrize("strategy", ["fsdp-full", "fsdp-grad-op"])
+def test_accelerate_launch_turns_the_fsdp_config_into_the_plugin_we_model(tmp_path, strategy, monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from vramfit.launch import launch_env, write_configs
+
+    env = launch_env(write_configs(tmp_path, strategy, 2, make_setup(method="full", precision="bf16-mixed")))
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is get_strategy(strategy).reshard_after_forward
+
+
+def test_qlora_under_fsdp_uses_fsdp1_flat_parameters(tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from vramfit.launch import write_configs
+
+    path = write_configs(tmp_path, "fsdp-grad-op", 2, make_setup(method="qlora"))
+    cfg = ClusterConfig.from_yaml_file(str(path)).fsdp_config
+    assert cfg["fsdp_version"] == 1 and cfg["fsdp_sharding_strategy"] == "SHARD_GRAD_OP"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    return make_model_dir(d / "model"), write_jsonl(d / "alpaca.jsonl", alpaca_rows(24)), d
+
+
+TRAIN = ["--method", "lora", "--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "2",
+         "--grad-accum", "1", "--no-grad-ckpt", "--max-steps", "3"]
+
+
+def test_train_with_more_gpus_than_exist_is_one_line_and_exit_2(tiny, monkeypatch):
+    model, data, d = tiny
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3"])
+    r = runner.invoke(app, ["train", str(model), str(data), "--out", str(d / "x"), "--gpus", "2", "--strategy",
+                            "ddp", *TRAIN])
+    assert r.exit_code == 2 and "--gpus 2: this machine has 1 GPU" in r.output
+    assert not (d / "x").exists()
+    r = runner.invoke(app, ["train", str(model), str(data), "--out", str(d / "x"), "--gpus", "2", "--strategy",
+                            "fsdp-full", "--cpu", *TRAIN])
+    assert r.exit_code == 2 and "DDP over gloo only" in r.output
+
+
+def test_plan_with_mismatched_gpus_and_train_with_a_missing_engine_are_one_line_and_exit_2(tiny, monkeypatch):
+    model, data, d = tiny
+    fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])
+    r = runner.invoke(app, ["plan", "llama-3.2-1b", "--gpus", "auto"])
+    assert r.exit_code == 2 and "mismatched GPUs: 0: NVIDIA H100 80GB HBM3, 1: NVIDIA A100-SXM4-40GB" in r.output
+    from vramfit import multigpu
+
+    monkeypatch.setattr(multigpu.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
+    r = runner.invoke(app, ["train", str(model), str(data), "--out", str(d / "z"), "--gpus", "2", "--strategy",
+                            "zero3", *TRAIN])
+    assert r.exit_code == 2 and "zero3 needs DeepSpeed, which is not installed" in r.output
+    assert not (d / "z").exists()
+
+
+def test_two_cpu_processes_train_ddp_with_a_timeline_per_rank(tiny):
+    """A real launch: torch.distributed.run, 2 processes, gloo, vramfit's training path in each."""
+    model, data, d = tiny
+    out = d / "ddp-run"
+    r = runner.invoke(app, ["train", str(model), str(data), "--out", str(out), "--gpus", "2", "--strategy", "ddp",
+                            "--cpu", *TRAIN])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "run_report.json").read_text())
+    assert rep["gpus"] == 2 and rep["strategy"] == "ddp" and rep["steps"] == 3
+    assert len(rep["measured_per_rank"]) == 2
+    for rank in (0, 1):
+        lines = [json.loads(x) for x in (out / f"memory_timeline.rank{rank}.jsonl").read_text().splitlines()]
+        assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "summary"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    cfg = (out / "launch" / "accelerate_config.yaml").read_text()
+    assert "distributed_type: MULTI_CPU" in cfg and "num_processes: 2" in cfg
