@@ -106,3 +106,75 @@ def test_big_vocabulary_loss_buffers_dominate_small_models():
     e = estimate("gemma-2b", method="lora", seq_len=4096)
     assert e.breakdown["logits_and_loss"] > e.breakdown["activations"] / 4
     assert e.breakdown["logits_and_loss"] >= 4096 * 256_000 * 4
+
+
+def _saved_bytes(model, ids, **kw) -> int:
+    """Bytes autograd saves for backward in one forward, storages once, parameters excluded."""
+    import torch
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, **kw)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fused_loss_saves_what_trls_chunked_head_saves(method):
+    """trl's SFTTrainer scores tokens with a chunked LM head: the saved set loses the fp32
+    log-softmax of the logits and gains the head's inputs; the model's delta is checked against a
+    real forward of both paths (CPU: every position is scored, B fewer than the tokens)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    if not hasattr(trl_utils, "add_fused_lm_head"):
+        pytest.skip("this trl has no fused LM head")
+    from vramfit.api import trace_key
+    from vramfit.memory import head_terms
+    from vramfit.setup import resolve_targets
+    from vramfit.spec import spec_from_config
+    from vramfit.trace import activation_profile
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    else:
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model.train()
+    B, S = 2, 32
+    ids = torch.randint(0, 512, (B, S))
+    measured = _saved_bytes(model, ids, fused_lm_head=True) - _saved_bytes(model, ids)
+
+    spec = spec_from_config("tiny-llama", TINY_LLAMA)
+    s = make_setup(method, precision="32-true", seq_len=S, micro_batch=B, loss="fused",
+                   **({"target_modules": "q_proj,v_proj", "lora_r": 4, "lora_dropout": 0.0} if method == "lora" else {}))
+    prof = activation_profile(spec, trace_key(spec, s, resolve_targets(spec, s)))
+    predicted = head_terms(spec, s, prof).saved_delta
+    shift = B * (spec.hidden_size * 4 + 16)  # the fused head scores S - 1 positions a row
+    assert predicted - shift <= measured <= predicted + shift, (measured, predicted)
+    assert predicted < -s.tokens * spec.vocab_size * 3  # the fp32 log-probs (T x V) are gone
+
+
+def test_fused_loss_is_what_a_large_vocabulary_saves_on():
+    spec = load_spec("llama-3.2-1b")
+    base = {"precision": "bf16-mixed", "seq_len": 512, "micro_batch": 8, "target_modules": "all-linear"}
+    logits = estimate_setup(spec, make_setup("lora", **base))[0]
+    fused = estimate_setup(spec, make_setup("lora", loss="fused", **base))[0]
+    # three (tokens x vocab) fp32 buffers at the loss (log-probs, their gradient, the logits')
+    assert logits.peak_allocated_bytes - fused.peak_allocated_bytes > 2 * 4096 * spec.vocab_size * 4
+    # full fine-tuning: the head's weight gradient is accumulated in fp32 by the fused kernel
+    full = estimate_setup(spec, make_setup("full", loss="fused", **{k: v for k, v in base.items()
+                                                                      if k != "target_modules"}))[0]
+    assert full.phases["backward"] > full.components["weights_float32"]

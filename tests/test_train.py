@@ -16,7 +16,7 @@ from vramfit import VramfitError
 from vramfit.cli import app
 from vramfit.setup import make_setup
 from vramfit.spec import spec_from_config
-from vramfit.train import RunOptions, choose_setup, fallback_ladder, fallback_setup, predict, train
+from vramfit.train import RunOptions, choose_setup, fallback_ladder, fallback_setup, predict, train, trainer_loss
 
 from conftest import TINY_LLAMA
 from tiny_lm import alpaca_rows, chat_rows, make_model_dir, write_jsonl
@@ -273,7 +273,16 @@ def test_fallback_picks_the_first_setup_predicted_to_fit_after_the_measured_over
 
 def test_a_complete_setup_from_options_skips_the_planner(tiny_spec):
     s, plan = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)
-    assert plan is None and s == make_setup(**LORA, lora_r=8, seq_len=100)
+    assert plan is None and s == make_setup(**LORA, lora_r=8, seq_len=100, loss=trainer_loss())
+
+
+def test_the_run_is_predicted_with_the_loss_its_trainer_computes(tiny_spec):
+    # trl's SFTTrainer (trl 1.x) patches the model with a chunked LM head: no full logits
+    from trl.trainer import utils as trl_utils
+
+    assert trainer_loss() == ("fused" if hasattr(trl_utils, "add_fused_lm_head") else "logits")
+    s, _ = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)
+    assert s.loss == trainer_loss()
 
 
 def test_missing_options_are_chosen_by_the_planner(tiny_spec):

@@ -90,7 +90,7 @@ def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tu
 def estimate(model: str, method: str = "lora", precision: str | None = None, optim: str = "adamw_torch",
              lora_r: int | None = None, lora_alpha: int | None = None, lora_dropout: float | None = None,
              target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
-             grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default",
+             grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default", loss: str = "logits",
              trust_remote_code: bool = False, constants: Constants | None = None,
              use_calibration: bool = True) -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id)."""
@@ -98,7 +98,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
 
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
                        lora_dropout=lora_dropout, target_modules=target_modules, seq_len=seq_len,
-                       micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator)
+                       micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator, loss=loss)
     spec = load_spec(model, trust_remote_code=trust_remote_code)
     calibration = None
     if constants is None and use_calibration:

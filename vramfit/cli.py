@@ -32,6 +32,15 @@ class Allocator(str, Enum):
     expandable = "expandable"
 
 
+class Loss(str, Enum):
+    logits = "logits"
+    fused = "fused"
+
+
+LOSS_HELP = ("how the loss is computed: logits (transformers Trainer, model(labels=...): full logits, fp32 "
+             "log-softmax) or fused (trl SFTTrainer's chunked LM head, what `vramfit train` runs)")
+
+
 def _fail(exc: Exception) -> None:
     typer.echo(f"vramfit: error: {exc}", err=True)
     raise typer.Exit(code=2)
@@ -55,6 +64,7 @@ def estimate(
     attn: Attn = typer.Option(Attn.sdpa, help="attention implementation"),
     allocator: Allocator = typer.Option(Allocator.default, help="torch caching allocator: default or "
                                         "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"),
+    loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
     gpus: int | None = typer.Option(None, help="data-parallel GPUs: the memory of each [default: 1]"),
     strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
@@ -74,7 +84,7 @@ def estimate(
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                            seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
-                           allocator=allocator.value, trust_remote_code=trust_remote_code)
+                           allocator=allocator.value, loss=loss.value, trust_remote_code=trust_remote_code)
     except VramfitError as exc:
         _fail(exc)
     if as_json:
@@ -160,6 +170,7 @@ def plan(
     optim: Optional[str] = typer.Option(None, help="fix the optimizer [default: searched]"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
                                              "[default: searched]"),
+    loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
     find_gpu: bool = typer.Option(False, "--find-gpu", help="the smallest bundled GPU that fits, and the best setup on each"),
     gpus: str | None = typer.Option(None, help="several GPUs: 4x24GB, 2xh100-sxm, auto (every probed GPU) or N; "
                                        "the strategies (DDP, FSDP, DeepSpeed ZeRO) become candidates"),
@@ -176,6 +187,7 @@ def plan(
     if gpus is not None or strategy is not None:
         return _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer.value, as_json, trust_remote_code,
                           restrictions)
+    restrictions["loss"] = loss.value
     try:
         if find_gpu:
             if gpu is not None:

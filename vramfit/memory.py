@@ -186,6 +186,55 @@ def loss_transients(spec, s: Setup) -> tuple[int, int]:
     return fwd, bwd
 
 
+# trl's fused LM head (trl.kernels.chunked_logprob): TOKEN_CHUNK_SIZE rows by
+# trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE vocabulary columns per tile
+TRL_TOKEN_CHUNK = 4096
+TRL_VOCAB_CHUNK = 32768
+
+
+@dataclass(frozen=True)
+class HeadTerms:
+    """The LM head and the loss, by how the loss is computed (Setup.loss)."""
+
+    saved_delta: int  # change to the traced saved bytes outside the layers (traced: the logits path)
+    saved_head: int  # saved bytes the head's backward frees (the log-softmax output; the fused head's inputs)
+    fwd: int  # transient bytes at the loss in the forward
+    bwd: int  # transient bytes at the loss in the backward
+    dlogits: int  # the logits' gradient, held through the LM head's backward
+    largest_block: int  # the largest transient block: what the allocator caches after the loss
+
+
+def head_terms(spec, s: Setup, profile) -> HeadTerms:
+    T, V, H = s.tokens, spec.vocab_size, spec.hidden_size
+    logprobs = T * V * FP32  # saved by log_softmax: inside the traced outside-layers bytes
+    if s.loss != "fused":
+        fwd, bwd = loss_transients(spec, s)
+        return HeadTerms(0, logprobs, fwd, bwd, T * V * logits_dtype_bytes(s), logprobs)
+    # trl's ChunkedLogProbFunction on CUDA (compact: only positions with a label; every position is
+    # counted here, an upper bound when prompts are masked).  Forward: the masked hidden states
+    # (a copy), seven fp32 statistics per token and one tile; saved: the hidden copy, log_z, the
+    # entropy and the labels (as the logits path's nll_loss saves them).  Backward: fp32 gradients of the hidden states (and of the head's
+    # weight when it trains), cast back to their dtypes on return, and the tile again.
+    hb = profile.residual_dtype_bytes  # the final norm's output dtype
+    cb = DTYPE_BYTES[s.autocast_dtype] if s.autocast_dtype else hb
+    wb = FP32 if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]  # prepare_model_for_kbit_training: fp32 head
+    trainable = s.method == "full"
+    rows, cols = min(T, TRL_TOKEN_CHUNK), min(V, TRL_VOCAB_CHUNK)
+    tile = rows * cols * cb
+    copies = (rows * H * cb if hb != cb else 0) + (cols * H * cb if wb != cb else 0)
+    hidden_copy = T * H * hb
+    small = T * (FP32 + FP32)  # log_z and the entropy (the int64 labels are saved on both paths)
+    # the logits path's LM head saved its input only when its weight trains: the copy replaces it then
+    saved = small + hidden_copy
+    delta = saved - logprobs - (hidden_copy if trainable else 0)
+    if s.autocast_dtype:  # no autocast copy of the head's weight (the traced constant outside the layers)
+        delta -= min(max(0, int(profile.outside.const)), V * H * cb)
+    fwd = tile + copies + 10 * T * FP32  # statistics, log-probs, entropy, is_top1
+    grad_w = (V * H * FP32 + (V * H * wb if wb != FP32 else 0)) if trainable else 0
+    bwd = T * H * FP32 + (T * H * hb if hb != FP32 else 0) + grad_w + tile + copies + T * FP32
+    return HeadTerms(delta, saved, fwd, bwd, 0, max(tile, V * H * FP32 if trainable else 0))
+
+
 # --------------------------------------------------------------------------- the step
 
 
@@ -214,9 +263,10 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     # a sharded engine gathers params in the compute dtype: autocast makes no weight copies then
     drop = sharding is not None and sharding.no_weight_copies
     layer_saved = [int(c.activation_scale * (r.bytes(B, S) - (r.const if drop else 0))) for r in profile.layers]
-    outside_saved = int(c.activation_scale * profile.outside.bytes(B, S))
-    fwd_loss, bwd_loss = loss_transients(spec, s)
-    logprobs = T * spec.vocab_size * FP32  # saved by log_softmax, inside outside_saved
+    ht = head_terms(spec, s, profile)
+    outside_saved = int(c.activation_scale * profile.outside.bytes(B, S)) + ht.saved_delta
+    fwd_loss, bwd_loss = ht.fwd, ht.bwd
+    logprobs = ht.saved_head  # inside outside_saved, freed by the LM head's backward
     max_tensor = max((int(B * r.max_tensor_lin * S) for r in profile.layers), default=0)
     # the largest saved tensor is per token, or seq x seq (eager or math-path attention scores)
     max_sq = max((int(B * r.max_tensor_quad * S * S) for r in profile.layers), default=0)
@@ -243,8 +293,9 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     # Backward, walked from the loss down to the first layer; every term is linear in the layer
     # index, so the two ends bound the walk.
     at_loss = persist + A_fwd + bwd_loss
-    dlogits = T * spec.vocab_size * logits_dtype_bytes(s)
-    head_freed = logprobs + max(0, int(profile.outside.const))  # log-probs, LM-head weight copy
+    dlogits = ht.dlogits
+    head_copy = max(0, int(profile.outside.const)) if s.loss != "fused" else 0
+    head_freed = logprobs + head_copy  # log-probs (or the fused head's inputs), LM-head weight copy
     l_max = max(layer_saved, default=0)
     # the logits' gradient (dlogits) is freed once the LM head's backward is done, before the top
     # layer's: it belongs to at_loss and to the head, not to the layers' walk
@@ -263,8 +314,7 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     peak_phase = max(phases, key=phases.get)
     peak_alloc = phases[peak_phase]
 
-    logits_fp32 = T * spec.vocab_size * FP32
-    reserve = max(c.reserve_floor_bytes, int(c.reserve_const_bytes + c.reserve_per_logits_byte * logits_fp32
+    reserve = max(c.reserve_floor_bytes, int(c.reserve_const_bytes + c.reserve_per_logits_byte * ht.largest_block
                                              + c.reserve_per_activation_byte * (A_fwd - logprobs)
                                              + c.reserve_per_optimizer_temp_byte * opt_temp))
     peak_reserved = peak_alloc + reserve

@@ -55,6 +55,12 @@ OPTIMIZERS = {
 }
 
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
+# How the loss is computed from the last hidden states:
+# - "logits": the model's own loss (transformers Trainer, `model(labels=...)`): the (tokens x vocab)
+#   logits are materialised, upcast to fp32 and log-softmaxed;
+# - "fused": trl's SFTTrainer (`trl.trainer.utils.add_fused_lm_head`, trl >= 1.x) scores tokens in
+#   4,096 x 32,768 tiles and never materialises the logits (what `vramfit train` runs).
+LOSSES = ("logits", "fused")
 ALLOCATORS = ("default", "expandable")
 DEFAULT_LORA_TARGETS = {"lora": "q_proj,v_proj", "qlora": "all-linear"}
 # peft's own default LoRA targets for architectures whose attention projections are not named
@@ -83,6 +89,7 @@ class Setup:
     allocator: str = "default"
     double_quant: bool = True
     quant_type: str = "nf4"
+    loss: str = "logits"
     extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -153,6 +160,7 @@ def validate(s: Setup) -> None:
     _choice("optimizer", s.optim, OPTIMIZERS)
     _choice("attention implementation", s.attn, ATTENTION)
     _choice("allocator", s.allocator, ALLOCATORS)
+    _choice("loss", s.loss, LOSSES)
     for name in ("seq_len", "micro_batch", "grad_accum"):
         _positive(name.replace("_", "-"), getattr(s, name))
     if s.method != "full":

@@ -146,12 +146,23 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None, trust_remote_code
 # --------------------------------------------------------------------------- 4-5. setup and prediction
 
 
+def trainer_loss() -> str:
+    """How the run's trainer computes the loss (Setup.loss): trl's SFTTrainer scores tokens with its
+    fused, chunked LM head where trl has one (`add_fused_lm_head`), else from full logits."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return "logits"
+    return "fused" if hasattr(trl_utils, "add_fused_lm_head") else "logits"
+
+
 def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, headroom: str = "5%",
                  effective_batch: int | None = None):
     """The setup the run uses -> (Setup, Plan or None).  All of SETUP_FIELDS given: the user's,
     validated.  Any missing: `vramfit.planner.plan` chooses them, the given ones fixed."""
     given = {k: v for k, v in options.items() if v is not None}
     given.setdefault("seq_len", seq_len)
+    given.setdefault("loss", trainer_loss())
     if all(k in given for k in SETUP_FIELDS):
         return make_setup(**given), None
     try:
@@ -166,7 +177,7 @@ def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, head
     if effective:
         kw["effective_batch"] = effective
     p = plan(spec, gpu or "auto", headroom=headroom, method=given.get("method", "auto"), seq_len=given["seq_len"],
-             **kw)
+             loss=given["loss"], **kw)
     s = p.setup
     if s.method != "full" and "lora_dropout" in given:
         s = s.with_(lora_dropout=given["lora_dropout"])

@@ -55,8 +55,11 @@ def recompute(model: str, setup: dict, bundle: Path) -> dict | None:
         if not cfg.is_file():
             return None
         spec = spec_from_config("tiny-llama", json.loads(cfg.read_text()))
-    s = Setup(**{k: v for k, v in setup.items() if k in Setup.__dataclass_fields__})
-    return predict(spec, s)
+    fields = {k: v for k, v in setup.items() if k in Setup.__dataclass_fields__}
+    # runs recorded before Setup had `loss` trained with trl 1.16's SFTTrainer, whose fused LM head
+    # is always on (what `vramfit train` now predicts with)
+    fields.setdefault("loss", "fused")
+    return predict(spec, Setup(**fields))
 
 
 def err(p, m) -> float | None:
@@ -107,7 +110,10 @@ def build(bundle: Path, name: str) -> str:
         setup = setup_label_from_json(r["setup"]) if r.get("setup") else "-"
         if not r.get("setup") and r.get("error_tail"):  # why it did not run: the CLI's one error line
             said = [x for x in r["error_tail"].splitlines() if x.startswith("vramfit:")]
-            setup = (said[-1] if said else r["error_tail"].strip().splitlines()[-1])[:160].replace("|", "/")
+            if said:
+                setup = said[-1][:160].replace("|", "/")
+            elif r.get("status") == "timeout":
+                setup = f"(killed at the time limit after step {r.get('timeline_last_step', '?')}; no run report)"
         out.append(f"| {r['run']} | {r['model']} | {setup} | {r['status']} | {r.get('steps', '-')}/"
                    f"{r.get('max_steps', '-')} | {r.get('wall_s', '-')} | {r.get('tokens_per_s') or '-'} | {fb} |")
     out += ["", "## Peaks: predicted vs measured (GiB; error = (predicted - measured) / measured)", "",
