@@ -1,4 +1,4 @@
-"""The bundled cache (profiles/cache) holds what the code computes today, and is only read back
+"""The bundled cache (profiles/cache.zip) holds what the code computes today, and is only read back
 for the library versions it was made with."""
 
 import dataclasses
@@ -10,14 +10,8 @@ from vramfit import cache
 from vramfit.api import estimate
 
 
-def _bundled_versions():
-    for path in (cache.BUNDLED_DIR / "specs").glob("*.json"):
-        return path
-    return None
-
-
 def _fresh(monkeypatch, tmp_path, name, **kw):
-    monkeypatch.setattr(cache, "BUNDLED_DIR", tmp_path / "no-bundled-cache")
+    monkeypatch.setattr(cache, "BUNDLED_ZIP", tmp_path / "no-bundled-cache.zip")
     monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path / "fresh"))
     cache._specs.clear()
     cache._profiles.clear()

@@ -107,3 +107,26 @@ def test_dropout_keeps_bool_masks_like_cuda():
     prof = activation_profile(spec, trace_key(spec, make_setup("full", precision="32-true"), ()))
     with_fp32_masks = prof.layers[-1].lin + 3 * 2 * spec.hidden_size  # two residual dropouts
     assert prof.layers[-1].lin < with_fp32_masks
+
+
+@pytest.mark.parametrize("method, precision, dropout", [("lora", "bf16-true", 0.05), ("lora", "bf16-mixed", 0.0),
+                                                         ("qlora", "bf16-true", 0.05), ("lora", "32-true", 0.1)])
+@pytest.mark.parametrize("r", [1, 4, 64])
+def test_other_lora_ranks_are_interpolated_exactly(method, precision, dropout, r):
+    """Ranks outside RANK_ANCHORS come from the two anchors' traces; a direct trace agrees."""
+    import dataclasses
+
+    from vramfit.api import trace_key
+    from vramfit.setup import make_setup, resolve_targets
+    from vramfit.spec import spec_from_config
+    from vramfit.trace import RANK_ANCHORS, _interpolate_rank, _profile_cached
+
+    spec = spec_from_config("tiny-llama", TINY_LLAMA)
+    s = make_setup(method, precision=precision, lora_r=r, lora_dropout=dropout, target_modules="all-linear")
+    key = trace_key(spec, s, resolve_targets(spec, s))
+    direct = _profile_cached(spec, key, False)
+    anchors = [_profile_cached(spec, dataclasses.replace(key, lora_r=a), False) for a in RANK_ANCHORS]
+    got = _interpolate_rank(anchors, RANK_ANCHORS, r)
+    for a, b in zip((got.outside, *got.layers), (direct.outside, *direct.layers)):
+        for f in ("const", "lin", "quad", "max_tensor_lin", "max_tensor_quad"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-9, abs=1e-6), f

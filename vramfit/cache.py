@@ -4,11 +4,11 @@ Keyed by the config's hash and the versions of the libraries whose code the cens
 trace read (transformers, peft): a new version recomputes.  Location: $VRAMFIT_CACHE_DIR, else
 ~/.cache/vramfit.  A corrupt or unreadable entry is ignored and rebuilt.
 
-profiles/cache/ ships the same entries, made by the same code (`python -m vramfit.cache
---build-bundled`), for the bundled profiles at the default setups, so a first `vramfit estimate`
-on a bundled profile needs no torch import when the installed versions are the ones they were
-made with; with other versions the keys differ and nothing stale is read
-(tests/test_cache.py recomputes them).
+profiles/cache.zip ships the same entries (one zip member per entry, same relative paths), made
+by the same code (`python -m vramfit.cache --build-bundled`), for the bundled profiles at the
+default setups, so a first `vramfit estimate` on a bundled profile needs no torch import when the
+installed versions are the ones they were made with; with other versions the keys differ and
+nothing stale is read (tests/test_cache.py recomputes them).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -41,17 +43,30 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "profiles" / "cache"
+BUNDLED_ZIP = Path(__file__).resolve().parent.parent / "profiles" / "cache.zip"
+
+
+@functools.lru_cache(maxsize=2)
+def _bundle(path: Path) -> zipfile.ZipFile | None:
+    try:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def _read(path: Path):
     """An entry from the user cache, else from the bundled one (same relative path)."""
-    for candidate in (path, BUNDLED_DIR / path.relative_to(cache_dir())):
-        try:
-            return json.loads(candidate.read_text())
-        except (OSError, ValueError):
-            continue
-    return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    bundle = _bundle(BUNDLED_ZIP)
+    if bundle is None:
+        return None
+    try:
+        return json.loads(bundle.read(path.relative_to(cache_dir()).as_posix()))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return None
 
 
 def _write(path: Path, data) -> None:
@@ -133,11 +148,15 @@ def build_bundled(profiles=None) -> int:
     """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
     the default setups (`vramfit estimate` defaults, the README's QLoRA command, and what the
     default `vramfit plan` evaluates on a bf16 and on an fp16 card)."""
+    from vramfit import cache as live  # not this module's globals when it runs as __main__
     from vramfit.api import estimate
 
-    os.environ["VRAMFIT_CACHE_DIR"] = str(BUNDLED_DIR)
-    _specs.clear()
-    _profiles.clear()
+    dest = live.BUNDLED_ZIP
+    build_dir = Path(tempfile.mkdtemp(prefix="vramfit-bundle-"))
+    os.environ["VRAMFIT_CACHE_DIR"] = str(build_dir)
+    live.BUNDLED_ZIP = build_dir / "none.zip"  # computed afresh, not read from the old bundle
+    live._specs.clear()
+    live._profiles.clear()
     from vramfit.spec import list_profiles
 
     n = 0
@@ -156,12 +175,35 @@ def build_bundled(profiles=None) -> int:
                 plan(name, gpu=gpu)
             except VramfitError:  # nothing fits: the traces it needed are stored all the same
                 pass
+        # the second LoRA rank anchor of every LoRA/QLoRA trace: any rank is then interpolated
+        # (trace.RANK_ANCHORS), so rank levers and --lora-r need no new trace
+        from vramfit.trace import RANK_ANCHORS, activation_profile
+
+        for (config_hash, key, needs_input_grad) in list(live._profiles):
+            if key.method != "full" and key.lora_r in RANK_ANCHORS:
+                spec = next(s for s in live._specs.values() if s.config_hash == config_hash)
+                for r in RANK_ANCHORS:
+                    activation_profile(spec, dataclasses.replace(key, lora_r=r), needs_input_grad)
         n += 1
+    _pack(build_dir, dest)
+    live.BUNDLED_ZIP = dest
     return n
+
+
+def _pack(src: Path, dest: Path) -> None:
+    """Every entry under `src` into one zip, sorted, with fixed timestamps (the same bytes for the
+    same entries)."""
+    tmp = dest.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for f in sorted(p for p in src.rglob("*.json") if p.is_file()):
+            info = zipfile.ZipInfo(f.relative_to(src).as_posix(), date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, f.read_bytes())
+    tmp.replace(dest)
 
 
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
     if sys.argv[1:] == ["--build-bundled"]:
-        print(f"bundled cache: {build_bundled()} profiles -> {BUNDLED_DIR}")
+        print(f"bundled cache: {build_bundled()} profiles -> {BUNDLED_ZIP}")

@@ -24,6 +24,15 @@ import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 
+from vramfit.convert import (
+    bnb_config,
+    bnb_config_kwargs,
+    lora_config,
+    lora_config_kwargs,
+    model_kwargs,
+    rename_checkpointing,
+    training_arguments_kwargs,
+)
 from vramfit.errors import VramfitError
 from vramfit.setup import DTYPE_BYTES, OPTIMIZERS, Setup, make_setup, resolve_targets
 
@@ -510,29 +519,20 @@ class Plan:
     def training_arguments(self, output_dir: str, **overrides):
         from transformers import TrainingArguments
 
-        return TrainingArguments(output_dir=output_dir, **{**self.to_training_arguments_kwargs(), **overrides})
+        kw = rename_checkpointing({**self.to_training_arguments_kwargs(), **overrides}, TrainingArguments)
+        return TrainingArguments(output_dir=output_dir, **kw)
 
     def sft_config(self, output_dir: str, **overrides):
         from trl import SFTConfig
 
-        return SFTConfig(output_dir=output_dir, **{**self.to_sft_config_kwargs(), **overrides})
+        return SFTConfig(output_dir=output_dir, **rename_checkpointing({**self.to_sft_config_kwargs(), **overrides},
+                                                                       SFTConfig))
 
     def lora_config(self):
-        kw = self.to_lora_config_kwargs()
-        if kw is None:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(**kw)
+        return lora_config(self.setup)
 
     def bnb_config(self):
-        kw = self.to_bnb_config_kwargs()
-        if kw is None:
-            return None
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(**{**kw, "bnb_4bit_compute_dtype": getattr(torch, kw["bnb_4bit_compute_dtype"])})
+        return bnb_config(self.setup)
 
     def model_kwargs(self) -> dict:
         """`AutoModelForCausalLM.from_pretrained(name, **plan.model_kwargs())`."""
@@ -572,36 +572,6 @@ class Plan:
 # Setup -> the kwargs of the real objects.  Precision mapping as the accuracy harness ran it
 # (benchmarks/accuracy/cases.py): "-true" loads the weights in that dtype and leaves autocast off;
 # "-mixed" loads fp32 weights and turns on Trainer's bf16/fp16 autocast.
-
-
-def training_arguments_kwargs(s: Setup) -> dict:
-    return {"per_device_train_batch_size": s.micro_batch, "gradient_accumulation_steps": s.grad_accum,
-            "gradient_checkpointing": s.grad_ckpt, "bf16": s.autocast_dtype == "bfloat16",
-            "fp16": s.autocast_dtype == "float16", "optim": s.optim}
-
-
-def lora_config_kwargs(s: Setup) -> dict | None:
-    if s.method == "full":
-        return None
-    t = s.targets  # "all-linear" and regexes go to peft as strings, comma lists as lists
-    regex = any(ch in t for ch in "\\[]()*+?|^$")
-    targets = t if t == "all-linear" or regex else [x.strip() for x in t.split(",") if x.strip()]
-    return {"r": s.lora_r, "lora_alpha": s.lora_alpha or 2 * s.lora_r, "lora_dropout": s.lora_dropout,
-            "target_modules": targets, "task_type": "CAUSAL_LM"}
-
-
-def bnb_config_kwargs(s: Setup) -> dict | None:
-    if s.method != "qlora":
-        return None
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": s.quant_type, "bnb_4bit_use_double_quant": s.double_quant,
-            "bnb_4bit_compute_dtype": "float16" if s.precision.startswith("16") else "bfloat16"}
-
-
-def model_kwargs(s: Setup) -> dict:
-    out = {"dtype": s.param_dtype, "attn_implementation": s.attn}
-    if s.method == "qlora":
-        out["quantization_config"] = bnb_config_kwargs(s)
-    return out
 
 
 # --------------------------------------------------------------------------- search and plan

@@ -452,14 +452,45 @@ def _profile_cached(spec, key: TraceKey, needs_input_grad: bool) -> ActivationPr
                              shared_input_lin=last["shared"] / s, residual_dtype_bytes=res_bytes)
 
 
+# LoRA ranks that are traced; every other rank is interpolated from these two (see below)
+RANK_ANCHORS = (8, 16)
+
+
+def _interpolate_rank(anchors, ranks, r: int) -> ActivationProfile:
+    """Saved bytes are linear in the LoRA rank (the A output each B saves, the adapters' autocast
+    copies: all r x something), so two traced ranks give any other exactly."""
+    (p1, p2), (r1, r2) = anchors, ranks
+    w = (r - r1) / (r2 - r1)
+
+    def lerp(a, b):
+        return a if a == b else a + w * (b - a)
+
+    def region(a: Region, b: Region) -> Region:
+        return Region(const=lerp(a.const, b.const), lin=lerp(a.lin, b.lin), quad=lerp(a.quad, b.quad),
+                      max_tensor_lin=max(0.0, lerp(a.max_tensor_lin, b.max_tensor_lin)),
+                      max_tensor_quad=max(0.0, lerp(a.max_tensor_quad, b.max_tensor_quad)))
+
+    return ActivationProfile(outside=region(p1.outside, p2.outside),
+                             layers=tuple(region(a, b) for a, b in zip(p1.layers, p2.layers)),
+                             layer_input_lin=p2.layer_input_lin, shared_input_lin=p2.shared_input_lin,
+                             residual_dtype_bytes=p2.residual_dtype_bytes)
+
+
 def activation_profile(spec, key: TraceKey, grad_ckpt: bool = False) -> ActivationProfile:
-    """Saved-activation profile for `spec` under `key` (cached in memory and on disk)."""
+    """Saved-activation profile for `spec` under `key` (cached in memory and on disk).  LoRA ranks
+    other than RANK_ANCHORS come from the anchors' profiles, so a new rank needs no new trace."""
+    import dataclasses
+
     from vramfit import cache
 
     needs_input_grad = grad_ckpt and key.method != "full"
     hit = cache.load_profile(spec, key, needs_input_grad)
     if hit is not None:
         return hit
-    prof = _profile_cached(spec, key, needs_input_grad)
+    if key.method != "full" and key.lora_r not in RANK_ANCHORS:
+        anchors = [activation_profile(spec, dataclasses.replace(key, lora_r=r), grad_ckpt) for r in RANK_ANCHORS]
+        prof = _interpolate_rank(anchors, RANK_ANCHORS, key.lora_r)
+    else:
+        prof = _profile_cached(spec, key, needs_input_grad)
     cache.store_profile(spec, key, needs_input_grad, prof)
     return prof

@@ -30,6 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vramfit import data as vdata
+from vramfit.convert import (
+    CHECKPOINTING_KWARGS,
+    bnb_config,
+    lora_config,
+    rename_checkpointing,
+    training_arguments_kwargs,
+)
 from vramfit.errors import VramfitError
 from vramfit.setup import Setup, make_setup, validate
 from vramfit.tracker import nvml_index
@@ -441,11 +448,7 @@ def build_model(source: ModelSource, s: Setup, cuda: bool, seed: int, base_path:
     path = base_path or source.path
     kw = {"dtype": dtype, "attn_implementation": s.attn, "trust_remote_code": source.trust_remote_code}
     if s.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=s.quant_type, bnb_4bit_use_double_quant=s.double_quant,
-            bnb_4bit_compute_dtype=torch.float16 if s.precision.startswith("16") else torch.bfloat16)
+        kw["quantization_config"] = bnb_config(s)
         kw["device_map"] = {"": torch.cuda.current_device()}
         if path is None:  # bitsandbytes quantizes while loading: write the random weights first
             path = _random_checkpoint(source, seed, scratch)
@@ -467,7 +470,7 @@ def build_model(source: ModelSource, s: Setup, cuda: bool, seed: int, base_path:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.grad_ckpt,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
     return model
 
 
@@ -495,17 +498,6 @@ def _random_checkpoint(source: ModelSource, seed: int, scratch: Path) -> str:
     return str(target)
 
 
-def lora_config(s: Setup):
-    if s.method == "full":
-        return None
-    from peft import LoraConfig
-
-    t = s.targets  # "all-linear" and regexes go to peft as strings, comma lists as lists
-    targets = t if t == "all-linear" or re.search(r"[\\\[\]()*+?|^$]", t) else [x.strip() for x in t.split(",")]
-    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha or 2 * s.lora_r, lora_dropout=s.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-
-
 def schedule(opts: RunOptions, max_steps: int, has_eval: bool) -> dict:
     """Eval, save and logging intervals; save steps must be a multiple of eval steps for early stopping."""
     eval_steps = opts.eval_steps or max(1, max_steps // 10)
@@ -529,13 +521,8 @@ def sft_config(s: Setup, opts: RunOptions, output_dir: Path, max_steps: int, has
     from trl import SFTConfig
 
     sched = schedule(opts, max_steps, has_eval)
-    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
-        else "gradient_checkpointing"
-    kw = {ckpt: s.grad_ckpt, ckpt + "_kwargs": {"use_reentrant": False} if s.grad_ckpt else None}
-    kw.update(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=s.micro_batch,
-              per_device_eval_batch_size=s.micro_batch, gradient_accumulation_steps=s.grad_accum,
-              bf16=s.autocast_dtype == "bfloat16", fp16=s.autocast_dtype == "float16", optim=s.optim,
+    kw = rename_checkpointing(training_arguments_kwargs(s), SFTConfig)  # what `vramfit plan` prints
+    kw.update(output_dir=str(output_dir), max_steps=max_steps, per_device_eval_batch_size=s.micro_batch,
               learning_rate=opts.learning_rate or DEFAULT_LR[s.method], warmup_steps=opts.warmup,
               max_length=opts.max_seq_len, packing=False, assistant_only_loss=assistant_only,
               logging_steps=opts.logging_steps, save_strategy="steps" if sched["save_steps"] else "no",
@@ -552,7 +539,10 @@ def sft_config(s: Setup, opts: RunOptions, output_dir: Path, max_steps: int, has
 def assistant_only_loss(tokenizer) -> tuple[bool, str | None]:
     """Loss on the assistant turns needs `{% generation %}` markers (or trl's training version of
     the template); without them: loss on the whole conversation, and a note saying so."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+    )
 
     if has_generation_markers(tokenizer.chat_template):
         return True, None
