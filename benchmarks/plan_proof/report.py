@@ -1,6 +1,10 @@
 """The plan proof's JSON lines -> a markdown table with the three pass rates.
 
-    python -m benchmarks.plan_proof.report FILE [--md benchmarks/results/h100-2026-11-23-plan-proof.md]
+    python -m benchmarks.plan_proof.report FILE [FILE ...] [--md benchmarks/results/h100-2026-11-23-plan-proof.md]
+
+Several files (the commands of one proof, or a resumed run's one file) are read as one: for each
+(model, budget, role, setup) the latest trial with a result counts (a plan trial: the one with the
+most steps), so a trial run again after a cut replaces the cut one.
 
 Per model x budget: the plan's setup, its predicted device bytes (as recorded at run time and
 recomputed with today's memory model), the measured device bytes (torch's reserved peak + what
@@ -20,8 +24,28 @@ SPEED_PASS = 0.9
 DEFAULT_MD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "h100-2026-11-23-plan-proof.md"
 
 
-def load(path) -> list:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def load(*paths) -> list:
+    out = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+    return out
+
+
+def latest(ts: list, role: str) -> list:
+    """The trials of `role`, one per setup: the latest with a result (plan: the most steps)."""
+    best: dict = {}
+    for t in ts:
+        if t["role"] != role:
+            continue
+        key = json.dumps([t["setup"], t.get("afbs_start")], sort_keys=True)
+        old = best.get(key)
+        if old is None or role != "plan" or (t.get("steps_done") or 0) >= (old.get("steps_done") or 0):
+            best[key] = t
+    return list(best.values())
 
 
 def recomputed_device_bytes(rec: dict) -> int | None:
@@ -63,7 +87,7 @@ def cells(records: list) -> tuple[list, dict]:
     rows, fit_ok, fit_n, all_ok, next_ok, next_n, speed_ok, speed_n = [], 0, 0, 0, 0, 0, 0, 0
     for key, p in plans.items():
         ts = [t for t in trials.get(key, []) if t.get("status") != "skipped_time"]
-        by = lambda role, ts=ts: [t for t in ts if t["role"] == role]
+        by = lambda role, ts=ts: latest(ts, role)
         row = {"model": key[0], "budget": key[1]}
         if p["status"] != "ok":
             small = by("smallest")
@@ -90,7 +114,7 @@ def cells(records: list) -> tuple[list, dict]:
                 "OOM" if nxt["status"] == "oom" else "headroom" if needs_headroom else nxt["status"])
             next_n += 1
             next_ok += nxt["status"] == "oom" or needs_headroom
-        ran = [t for t in ts if t["role"] in ("plan", "alt") and t["status"] == "ok" and t.get("tokens_per_s")]
+        ran = [t for t in by("plan") + by("alt") if t["status"] == "ok" and t.get("tokens_per_s")]
         if plan is not None and plan.get("tokens_per_s") and ran:
             best = max(ran, key=lambda t: t["tokens_per_s"])
             row["best"] = f"{setup_text(best['setup'])}: {best['tokens_per_s']:.0f}"
@@ -137,20 +161,25 @@ def markdown(records: list) -> str:
                      f"{gb(r.get('recomputed'))} | {gb(r.get('measured'))} / {gb(r.get('nvml'))} | "
                      f"{r.get('status', '-')} {r.get('steps', '')} | {r.get('next', '-')} | - | ")
         lines[-1] += f"{r.get('best', '-')} | {ratio} | {r.get('afbs', '-')} |"
-    skipped = sum(1 for r in records if r.get("status") == "skipped_time")
-    done = next((r for r in records if r["kind"] == "run_done"), None)
-    lines += ["", f"Trials skipped by the time guard: {skipped}.  "
-              + (f"Whole run: {done['seconds']:.0f} s of {done['max_seconds']:.0f} s allowed." if done else
+    result = {json.dumps([r["model"], r["budget"], r["role"], r["setup"]], sort_keys=True) for r in records
+              if r["kind"] == "trial" and r.get("status") not in (None, "skipped_time")}
+    skipped = {json.dumps([r["model"], r["budget"], r["role"], r["setup"]], sort_keys=True) for r in records
+               if r["kind"] == "trial" and r.get("status") == "skipped_time"} - result
+    done = [r for r in records if r["kind"] == "run_done"]
+    took = ", ".join(f"{d['seconds']:.0f}" for d in done)
+    allowed = ", ".join(f"{d['max_seconds']:.0f}" for d in done)
+    lines += ["", f"Trials skipped by the time guard and not run later: {len(skipped)}.  "
+              + (f"Commands: {len(done)}, {took} s of {allowed} s allowed." if done else
                  "The run did not finish (no run_done line).")]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("file")
+    ap.add_argument("file", nargs="+")
     ap.add_argument("--md", default=str(DEFAULT_MD), help="markdown output ('-': stdout only)")
     a = ap.parse_args(argv)
-    text = markdown(load(a.file))
+    text = markdown(load(*a.file))
     print(text)
     if a.md != "-":
         Path(a.md).write_text(text)

@@ -1,10 +1,12 @@
-"""The GPU proof of `vramfit plan` under enforced budgets (issue 4), in one command.
+"""The GPU proof of `vramfit plan` under enforced budgets (issue 4), in passes and shards that resume.
 
-    python -m benchmarks.plan_proof.run --out $OUT/plan_proof.jsonl --max-seconds 480
-    python -m benchmarks.plan_proof.run --device cpu --tiny --out /tmp/pp.jsonl     # the same code path on CPU
+    python -m benchmarks.plan_proof.run --print-schedule                      # the commands, estimated
+    python -m benchmarks.plan_proof.run --out $OUT/pp.jsonl --passes 1 --max-seconds 520
+    python -m benchmarks.plan_proof.run --out $OUT/pp.jsonl --passes 2 3 4 --skip-done --max-seconds 520
+    python -m benchmarks.plan_proof.run --device cpu --tiny --out /tmp/pp.jsonl   # the same code path on CPU
 
-For each model (one fresh process per model, so each starts with a clean CUDA context and no
-import is repeated within it) and each budget (8, 12, 16, 24, 40 GB, decimal as `--gpu 8GB`):
+For each model (one process per model, reused across its budgets and trials) and each budget
+(8, 12, 16, 24, 40 GB, decimal as `--gpu 8GB`):
 
 - plan: `vramfit.plan(spec, gpu=Device)` where the Device has the budget as its memory and the
   H100 SXM's throughput (the plain size form `8GB` borrows an RTX 4090's, which would rank setups
@@ -14,20 +16,40 @@ import is repeated within it) and each budget (8, 12, 16, 24, 40 GB, decimal as 
   vramfit/constants.py), so the allocator may reserve what the budget leaves for it;
 - trials, each building the model as a launcher would from the plan's own objects
   (`model_kwargs`, `lora_config`, `bnb_config`, `training_arguments`; QLoRA: from_pretrained of
-  a random bf16 checkpoint written once per model, prepare_model_for_kbit_training) and training
-  on random tokens with transformers' Trainer:
-    plan         the chosen setup, --steps optimizer steps (cut at --plan-cap-s, at least 3)
-    next_larger  the chosen setup at the next micro-batch the planner rejected (same accumulation
-                 product): does it really OOM (or need the headroom)?
-    alt          the planner's next fastest fitting setups and the best of each other method: the
-                 fastest setup that really fits, found by trying
-    afbs         transformers' auto_find_batch_size from batch 64, same method as the plan
-    smallest     where nothing fits: the smallest setup searched (does it really OOM?)
-  Phases run in that priority across all budgets (plans of every budget first), each trial
-  checks the time left, so a timeout loses only the least important work.
+  a random bf16 checkpoint written once per model and kept, under a fixed path, for every budget,
+  pass and later command on the same machine; prepare_model_for_kbit_training) and training on
+  random tokens with transformers' Trainer, in passes (cheapest and most required first):
+    1 plan         the chosen setup, --steps (20) optimizer steps
+    2 next_larger  the chosen setup at the first larger micro-batch the memory model rejects (a
+                   divisor of the effective batch, or beyond it at accumulation 1), 3 steps: does it
+                   really OOM (or need the headroom)?
+    3 alt          a few other fitting setups (the next fastest predicted that differs in method,
+                   precision, micro-batch or checkpointing, and the best of each other method
+                   predicted at least --alt-min-ratio of the plan's speed), --alt-steps steps: the
+                   fastest setup that really fits, found by trying
+    4 afbs         transformers' auto_find_batch_size from batch --afbs-start, same method as the
+                   plan, on a small subset (--afbs-models x --afbs-budgets)
+    5 smallest     (--confirm-nothing-fits) where nothing fits: does the smallest setup really OOM?
 
-Each result is one JSON line, flushed and fsynced at once.  `python -m
-benchmarks.plan_proof.report FILE` turns the lines into the table.
+Cost (H100, 2026-11-23): the steps are bound by the host's kernel launches, ~18 ms per decoder
+layer and micro-batch with LoRA or full fine-tuning and ~28 ms with QLoRA, whatever the tokens; so
+the effective batch is 4 here (the issue does not fix it; 16 made pass 1 alone ~21 minutes and 8
+all passes ~26) and the sequence stays 512 (a shorter one saves little time: the same tokens per
+micro-batch cost the same launches).  So that every plan still has a rejected micro-batch to try,
+pass 2 goes beyond the effective batch where its divisors all fit: the smallest micro-batch the
+memory model rejects for the chosen setup at accumulation 1.
+`--print-schedule` estimates each model's and pass's seconds from those rates.
+
+The Trainer is kept for every trial: a minimal loop would have to re-create what it does to the
+memory (autocast for bf16-mixed, the bitsandbytes/paged optimizers, checkpointing's wiring, the
+optimizer states created at the first step) and auto_find_batch_size needs it anyway, while its own
+cost measured today is ~1 s per trial (build + Trainer) against 20 steps of 0.3-8 s.
+
+Resuming: every result is one JSON line, flushed and fsynced at once; `--skip-done` reads --out
+and skips each trial already there with a result (ok, oom or error; a plan trial cut before its
+steps is run again), and each model whose trials are all done is not started at all.  Each trial
+checks the time left against its estimate, so a timeout loses only the least important work.
+`python -m benchmarks.plan_proof.report FILE` turns the lines into the table.
 """
 
 from __future__ import annotations
@@ -36,6 +58,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,7 +71,18 @@ from pathlib import Path
 MODELS = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen2.5-3b", "llama-3.1-8b", "qwen2.5-14b")
 BUDGETS = ("8GB", "12GB", "16GB", "24GB", "40GB")
 AFBS_MODELS = ("qwen2.5-1.5b", "llama-3.1-8b")
-AFBS_BUDGETS = ("12GB", "16GB", "24GB")
+AFBS_BUDGETS = ("24GB",)
+EFFECTIVE_BATCH = 4
+PASSES = {1: "plan", 2: "next_larger", 3: "alt", 4: "afbs", 5: "smallest"}
+# measured on the H100 machine, 2026-11-23 (plan-proof and train-proof logs): seconds per decoder
+# layer and micro-batch (host-bound), start-up and QLoRA checkpoint writes
+LAUNCH_S_PER_LAYER = {"qlora": 0.028, "lora": 0.018, "full": 0.018}
+NO_CKPT_FACTOR = 0.7
+MFU = 0.35
+H100_BF16_FLOPS = 989e12
+PROCESS_START_S = 25.0
+CHECKPOINT_BYTES_PER_S = 0.65e9
+CKPT_ROOT = "vramfit_plan_proof"
 SEQ_LEN = 512
 THROUGHPUT_PROFILE = "h100-sxm"
 SEED = 1234
@@ -96,24 +130,36 @@ def candidate_json(c) -> dict:
             "predicted_tokens_per_s": round(c.tokens_per_s, 1), "predicted_fits": c.fits}
 
 
-def next_larger(plan):
-    """The chosen setup at the next micro-batch the search had (a divisor of the effective batch)."""
+def next_larger(plan, ev, limit: int = 1024):
+    """The first micro-batch above the chosen one that the memory model rejects, as a Candidate:
+    among the effective batch's divisors (what the search had, accumulation adjusted), else beyond
+    the effective batch at accumulation 1 (the smallest rejected, by bisection: the memory model's
+    own boundary for this setup).  None where even `limit` fits."""
     s = plan.chosen.setup
     effective = s.micro_batch * s.grad_accum
-    larger = [d for d in range(s.micro_batch + 1, effective + 1) if effective % d == 0]
-    return s.with_(micro_batch=larger[0], grad_accum=effective // larger[0]) if larger else None
 
+    def cand(mb, ga):
+        return ev.candidate(s.with_(micro_batch=mb, grad_accum=ga), plan.device, plan.usable_bytes)
 
-def alternatives(plan, top: int) -> list:
-    """Fitting candidates worth trying besides the chosen one: the next `top` by predicted speed,
-    and the fastest of each other method."""
-    chosen = plan.chosen.setup
-    out = list(plan.candidates[1:1 + top])
-    for method in ("full", "lora", "qlora"):
-        best = next((c for c in plan.candidates if c.setup.method == method), None)
-        if method != chosen.method and best is not None and best not in out:
-            out.append(best)
-    return out
+    for d in range(s.micro_batch + 1, effective + 1):
+        if effective % d == 0:
+            c = cand(d, effective // d)
+            if not c.fits:
+                return c
+    lo, hi = max(effective, s.micro_batch), None  # lo fits (or was the search's), hi does not
+    m = lo
+    while m < limit:
+        m = min(2 * m, limit)
+        if not cand(m, 1).fits:
+            hi = m
+            break
+        lo = m
+    if hi is None:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cand(mid, 1).fits else (lo, mid)
+    return cand(hi, 1)
 
 
 # --------------------------------------------------------------------------- one trial (torch)
@@ -156,6 +202,8 @@ class Trials:
 
     # -- the QLoRA checkpoint
     def qlora_checkpoint(self) -> str:
+        """A random bf16 checkpoint of the model, written once under a fixed path (RAM disk where it
+        has room) and kept: every budget, pass and later command on this machine reuses it."""
         if self.checkpoint:
             return self.checkpoint
         import torch
@@ -164,27 +212,38 @@ class Trials:
         from vramfit.spec import config_from_dict
 
         t = time.perf_counter()
+        tag = f"{self.model}-{'tiny' if self.args.tiny else 'full'}-seed{SEED}"
+        for root in ("/dev/shm", tempfile.gettempdir()):
+            where = Path(root) / CKPT_ROOT / tag
+            if (where / "complete").is_file():
+                self.checkpoint = str(where)
+                emit(self.args.out, self.base(kind="checkpoint", where=str(where), reused=True, seconds=0.0))
+                return self.checkpoint
         need = 2.3 * self.spec.params_total * 2
         shm = Path("/dev/shm")
-        root = str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > need else None
-        self.scratch = tempfile.mkdtemp(prefix="plan_proof_", dir=root)
+        root = shm if shm.is_dir() and shutil.disk_usage(shm).free > need else Path(tempfile.gettempdir())
+        where = root / CKPT_ROOT / tag
+        shutil.rmtree(where, ignore_errors=True)  # a half-written one
+        where.mkdir(parents=True)
         self.enforce(None)
         torch.manual_seed(SEED)
         with torch.device("cuda" if self.cuda else "cpu"):
             model = AutoModelForCausalLM.from_config(config_from_dict(self.config_data, self.model),
                                                      dtype=torch.bfloat16)
-        model.save_pretrained(self.scratch, max_shard_size="5GB")
+        model.save_pretrained(where, max_shard_size="5GB")
         del model
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
-        self.checkpoint = self.scratch
-        emit(self.args.out, self.base(kind="checkpoint", where=self.scratch, seconds=time.perf_counter() - t))
+        (where / "complete").write_text("")
+        self.checkpoint = str(where)
+        emit(self.args.out, self.base(kind="checkpoint", where=str(where), reused=False,
+                                      seconds=time.perf_counter() - t))
         return self.checkpoint
 
     def cleanup(self) -> None:
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.checkpoint and self.args.drop_checkpoints:
+            shutil.rmtree(self.checkpoint, ignore_errors=True)
 
     # -- building the model as the launcher would, from the plan's objects
     def build(self, p):
@@ -218,7 +277,7 @@ class Trials:
         return model
 
     def run(self, p, role: str, budget: str, steps: int, cap_s: float, min_steps: int, afbs_start: int = 0,
-            **extra) -> dict:
+            estimate_s: float = 0.0, **extra) -> dict:
         """Train p's chosen setup under the budget; one JSON line.  Never raises."""
         import torch
         import transformers
@@ -230,10 +289,11 @@ class Trials:
         s = p.chosen.setup
         budget_bytes = parse_size(budget)
         rec = self.base(kind="trial", role=role, budget=budget, budget_bytes=budget_bytes,
-                        usable_bytes=p.usable_bytes, steps_asked=steps, cap_s=cap_s,
+                        usable_bytes=p.usable_bytes, steps_asked=steps, cap_s=cap_s, afbs_start=afbs_start or None,
+                        estimate_s=round(estimate_s, 1),
                         **candidate_json(p.chosen), **extra)
         rec["paged_optimizer"] = s.optim.startswith("paged")  # managed memory: outside the fraction
-        if self.time_left() < cap_s / 2 + 5:
+        if self.time_left() < min(cap_s, estimate_s or cap_s) + 5:
             emit(self.args.out, dict(rec, status="skipped_time", time_left_s=round(self.time_left(), 1)))
             return rec
         trainer = model = None
@@ -249,7 +309,7 @@ class Trials:
             torch.cuda.reset_peak_memory_stats()
         rec["enforced_fraction"] = self.enforce(budget_bytes)
         rec["allocator_limit_bytes"] = int(rec["enforced_fraction"] * self.total) if self.cuda else None
-        sampler = probe.start_sampler() if self.cuda else None
+        sampler = start_sampler(probe) if self.cuda else None
         tries: list = []
         try:
             model = self.build(p)
@@ -299,6 +359,14 @@ class Trials:
             rec["seconds"] = time.perf_counter() - started
             emit(self.args.out, rec)
         return rec
+
+
+def start_sampler(probe):
+    """NVML's process figure every 20 ms (the default 5 ms thread competes with the launches)."""
+    try:
+        return probe.NvmlSampler(interval_s=0.02).start()
+    except Exception:  # noqa: BLE001 - no NVML
+        return None
 
 
 def counting_trainer(transformers, tries: list):
@@ -358,6 +426,205 @@ class StepClock(_callback_base()):
                 if self.first_step_end and self.train_called else None}
 
 
+# --------------------------------------------------------------------------- the schedule (no torch)
+
+
+def step_seconds(spec, s) -> float:
+    """One optimizer step's seconds: the host's launches or the GPU's FLOPs, whichever is longer."""
+    launch = s.grad_accum * spec.num_layers * LAUNCH_S_PER_LAYER[s.method] * (1 if s.grad_ckpt else NO_CKPT_FACTOR)
+    flops = s.micro_batch * s.grad_accum * s.seq_len * (8 if s.grad_ckpt else 6) * spec.params_total
+    return max(launch, flops / (MFU * H100_BF16_FLOPS))
+
+
+def trial_seconds(spec, s, steps: int, afbs_start: int = 0) -> float:
+    """Build (QLoRA: loading and quantizing), the first step twice (warm-up), the steps, tear-down;
+    auto_find_batch_size: plus one failed micro-step per halving."""
+    build = 2.0 + (spec.params_total * 2 / 1.4e9 if s.method == "qlora" else spec.params_total / 8e9)
+    t = build + (steps + 1) * step_seconds(spec, s)
+    if afbs_start:
+        halvings = max(0, (afbs_start // max(s.micro_batch, 1)).bit_length() - 1)
+        t += halvings * (2.0 + spec.num_layers * LAUNCH_S_PER_LAYER[s.method])
+    return t
+
+
+def trial_key(model: str, overrides: dict, seq_len: int, effective_batch: int, budget: str, role: str,
+              setup: dict, afbs_start=None) -> str:
+    return json.dumps([model, overrides or {}, seq_len, effective_batch, budget, role, setup, afbs_start or None],
+                      sort_keys=True)
+
+
+def record_key(r: dict) -> str:
+    return trial_key(r["model"], r.get("overrides"), r["seq_len"], r["effective_batch"], r["budget"], r["role"],
+                     r["setup"], r.get("afbs_start"))
+
+
+def load_done(path: str) -> tuple[set, set]:
+    """(trial keys with a result, (model, seq_len, effective_batch, budget) with a plan line) in `path`."""
+    trials, plans = set(), set()
+    if not Path(path).is_file():
+        return trials, plans
+    for line in Path(path).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if r.get("kind") == "plan":
+            plans.add((r["model"], r["seq_len"], r["effective_batch"], r["budget"]))
+        if r.get("kind") != "trial" or r.get("status") not in ("ok", "oom", "error"):
+            continue
+        if r["role"] == "plan" and r["status"] == "ok" and (r.get("steps_done") or 0) < r["steps_asked"]:
+            continue  # cut by its time cap: run it again
+        trials.add(record_key(r))
+    return trials, plans
+
+
+def distinct(s) -> tuple:
+    return (s.method, s.precision, s.micro_batch, s.grad_ckpt, s.attn)
+
+
+def alternatives(plan, top: int, min_ratio: float) -> list:
+    """Fitting candidates worth trying besides the chosen one: the next `top` by predicted speed that
+    differ from the chosen and each other in more than the optimizer or allocator, and the fastest of
+    each other method when predicted at least `min_ratio` of the chosen's speed."""
+    chosen = plan.chosen
+    seen = {distinct(chosen.setup)}
+    out = []
+    for c in plan.candidates[1:]:
+        if len(out) >= top:
+            break
+        if distinct(c.setup) not in seen:
+            seen.add(distinct(c.setup))
+            out.append(c)
+    for method in ("full", "lora", "qlora"):
+        best = next((c for c in plan.candidates if c.setup.method == method), None)
+        if (method != chosen.setup.method and best is not None and distinct(best.setup) not in seen
+                and best.tokens_per_s >= min_ratio * chosen.tokens_per_s):
+            seen.add(distinct(best.setup))
+            out.append(best)
+    return out
+
+
+class Work:
+    """One model's plans and its trials in pass order, each with its estimated seconds (torch-free:
+    the parent prints and splits the schedule, the worker runs it)."""
+
+    def __init__(self, args, model: str):
+        import vramfit
+        from vramfit.errors import VramfitError
+        from vramfit.planner import Evaluator
+        from vramfit.spec import load_spec
+
+        self.model = model
+        self.overrides = dict(TINY_OVERRIDES) if args.tiny else {}
+        self.spec = load_spec(model, overrides=self.overrides)
+        self.plans, self.plan_records, self.trials = {}, [], []
+        ev = Evaluator(self.spec)
+        for budget in args.budgets:
+            t = time.perf_counter()
+            device = plan_device(budget)
+            rec = {"model": model, "overrides": self.overrides, "seq_len": args.seq_len,
+                   "effective_batch": args.effective_batch, "kind": "plan", "budget": budget,
+                   "plan_device": dataclasses.asdict(device)}
+            try:
+                p = vramfit.plan(self.spec, gpu=device, seq_len=args.seq_len, effective_batch=args.effective_batch)
+            except VramfitError as exc:
+                p = None
+                rec.update(status="nothing_fits", message=str(exc))
+            rec["plan_seconds"] = time.perf_counter() - t
+            if p is not None:
+                self.plans[budget] = p
+                nl = next_larger(p, ev)
+                rec.update(status="ok", chosen=candidate_json(p.chosen), usable_bytes=p.usable_bytes,
+                           headroom_bytes=p.headroom_bytes, fitting=len(p.candidates),
+                           top=[candidate_json(c) for c in p.candidates[:8]],
+                           next_larger=candidate_json(nl) if nl else None)
+            try:  # what the plain size form (RTX 4090 throughput) would choose
+                plain = vramfit.plan(self.spec, gpu=budget, seq_len=args.seq_len, effective_batch=args.effective_batch)
+                rec["plain_size_chosen"] = setup_json(plain.setup)
+            except VramfitError:
+                rec["plain_size_chosen"] = None
+            self.plan_records.append(rec)
+
+        def add(pass_no, p, budget, steps, cap, min_steps, afbs_start=0):
+            est = trial_seconds(self.spec, p.chosen.setup, steps, afbs_start)
+            self.trials.append({"pass": pass_no, "role": PASSES[pass_no], "plan": p, "budget": budget,
+                                "steps": steps, "cap": cap, "min_steps": min_steps, "afbs_start": afbs_start,
+                                "estimate": est,
+                                "key": trial_key(model, self.overrides, args.seq_len, args.effective_batch, budget,
+                                                 PASSES[pass_no], setup_json(p.chosen.setup), afbs_start)})
+
+        for budget, p in self.plans.items():
+            add(1, p, budget, args.steps, args.plan_cap_s, 3)
+        for budget, p in self.plans.items():
+            c = next_larger(p, ev)
+            if c is not None:
+                add(2, dataclasses.replace(p, chosen=c), budget, 3, args.other_cap_s, 2)
+        for budget, p in self.plans.items():
+            for c in alternatives(p, args.alts, args.alt_min_ratio):
+                add(3, dataclasses.replace(p, chosen=c), budget, args.alt_steps, args.other_cap_s, 3)
+        if model in args.afbs_models:
+            for budget in args.afbs_budgets:
+                if budget in self.plans:
+                    add(4, self.plans[budget], budget, args.alt_steps, args.other_cap_s * 3, 3,
+                        afbs_start=args.afbs_start)
+        if args.confirm_nothing_fits:
+            from vramfit.planner import make_space, search
+
+            for budget in args.budgets:
+                if budget not in self.plans and self.spec.params_total:
+                    try:
+                        device = plan_device(budget)
+                        space = make_space(self.spec, device, seq_len=args.seq_len,
+                                           effective_batch=args.effective_batch)
+                        res = search(self.spec, device, space, details=False)
+                    except VramfitError:
+                        continue
+                    add(5, dataclasses.replace(res, chosen=res.closest), budget, 2, args.other_cap_s, 2)
+
+    def pending(self, args, done: set) -> list:
+        return [t for t in self.trials if t["pass"] in args.passes and t["key"] not in done]
+
+    def seconds(self, args, done: set) -> float:
+        """Estimated seconds of this model's process for what is pending (0: nothing to start)."""
+        todo = self.pending(args, done)
+        if not todo:
+            return 0.0
+        ckpt = any(t["plan"].chosen.setup.method == "qlora" for t in todo)
+        return (PROCESS_START_S + sum(t["estimate"] for t in todo)
+                + (self.spec.params_total * 2 / CHECKPOINT_BYTES_PER_S if ckpt else 0.0))
+
+
+def print_schedule(args, works: dict, done: set) -> float:
+    total = 0.0
+    print(f"[plan_proof] schedule: passes {args.passes}, seq_len {args.seq_len}, effective batch "
+          f"{args.effective_batch}, {args.steps} plan steps; estimated from the H100 rates of 2026-11-23")
+    for model, w in works.items():
+        todo = w.pending(args, done)
+        per = {}
+        for t in todo:
+            per[t["pass"]] = per.get(t["pass"], 0.0) + t["estimate"]
+        sec = w.seconds(args, done)
+        total += sec
+        passes = ", ".join(f"pass {k} ({PASSES[k]}): {len([t for t in todo if t['pass'] == k])} trials "
+                           f"{v:.0f} s" for k, v in sorted(per.items()))
+        print(f"  {model:14s} {sec:6.0f} s  {passes or 'nothing pending'}")
+        for t in todo:
+            s = t["plan"].chosen.setup
+            print(f"      {t['budget']:>5s} {t['role']:11s} {s.method} {s.precision} {s.optim} "
+                  f"{s.micro_batch}x{s.grad_accum}{' ckpt' if s.grad_ckpt else ''}"
+                  f"{' afbs from ' + str(t['afbs_start']) if t['afbs_start'] else ''}: {t['estimate']:.0f} s")
+    print(f"[plan_proof] total {total:.0f} s (--max-seconds {args.max_seconds:.0f})")
+    need = {m: w.seconds(args, done) for m, w in works.items()}
+    n = max(1, math.ceil(total / args.max_seconds))
+    groups = [[] for _ in range(n)]
+    for m in sorted(need, key=need.get, reverse=True):  # largest first, into the lightest command
+        min(groups, key=lambda g: sum(need[x] for x in g)).append(m)
+    for g in groups:
+        order = [m for m in args.models if m in g]
+        print(f"[plan_proof] a command: --models {' '.join(order)}  ({sum(need[m] for m in g):.0f} s)")
+    return total
+
+
 # --------------------------------------------------------------------------- one model's process
 
 
@@ -372,12 +639,8 @@ def environment(torch) -> dict:
 
 
 def model_main(args) -> None:
-    """All budgets of one model, phases in priority order."""
+    """One model: its pending trials, passes in order, in one process."""
     import torch
-
-    import vramfit
-    from vramfit.errors import VramfitError
-    from vramfit.planner import Evaluator
 
     model = args.worker
     if args.device == "cuda":
@@ -387,61 +650,15 @@ def model_main(args) -> None:
     tr = Trials(args, model, args.deadline)
     emit(args.out, tr.base(kind="environment", environment=env, outside_bytes=tr.outside, device=args.device,
                            argv=sys.argv[1:]))
-    plans = {}
-    for budget in args.budgets:
-        t = time.perf_counter()
-        device = plan_device(budget)
-        rec = tr.base(kind="plan", budget=budget, plan_device=dataclasses.asdict(device))
-        try:
-            p = vramfit.plan(tr.spec, gpu=device, seq_len=args.seq_len, effective_batch=args.effective_batch)
-        except VramfitError as exc:
-            p = None
-            rec.update(status="nothing_fits", message=str(exc))
-        rec["plan_seconds"] = time.perf_counter() - t
-        if p is not None:
-            plans[budget] = p
-            rec.update(status="ok", chosen=candidate_json(p.chosen), usable_bytes=p.usable_bytes,
-                       headroom_bytes=p.headroom_bytes, fitting=len(p.candidates),
-                       top=[candidate_json(c) for c in p.candidates[:8]],
-                       next_larger=setup_json(next_larger(p)) if next_larger(p) else None)
-        try:  # what the plain size form (RTX 4090 throughput) would choose
-            plain = vramfit.plan(tr.spec, gpu=budget, seq_len=args.seq_len, effective_batch=args.effective_batch)
-            rec["plain_size_chosen"] = setup_json(plain.setup)
-        except VramfitError:
-            rec["plain_size_chosen"] = None
-        emit(args.out, rec)
-    ev = Evaluator(tr.spec)
-
-    def variant(p, s):
-        return dataclasses.replace(p, chosen=ev.candidate(s, p.device, p.usable_bytes))
-
+    w = Work(args, model)
+    done, planned = load_done(args.out) if args.skip_done else (set(), set())
+    for rec in w.plan_records:
+        if (model, args.seq_len, args.effective_batch, rec["budget"]) not in planned:
+            emit(args.out, rec)
     try:
-        for budget, p in plans.items():  # 1. the plan's setup
-            tr.run(p, "plan", budget, args.steps, args.plan_cap_s, 3, plan_seconds=None)
-        for budget, p in plans.items():  # 2. the next-larger micro-batch it rejected
-            s = next_larger(p)
-            if s is not None:
-                tr.run(variant(p, s), "next_larger", budget, 3, args.other_cap_s, 2)
-        for budget, p in plans.items():  # 3. other fitting setups: the fastest found by trying
-            for c in alternatives(p, args.alts):
-                tr.run(dataclasses.replace(p, chosen=c), "alt", budget, args.alt_steps, args.other_cap_s, 3)
-        if model in args.afbs_models:  # 4. transformers' auto_find_batch_size, same method as the plan
-            for budget in args.afbs_budgets:
-                if budget in plans:
-                    tr.run(plans[budget], "afbs", budget, args.alt_steps, args.other_cap_s * 2, 3,
-                           afbs_start=args.afbs_start)
-        if args.confirm_nothing_fits:  # 5. where nothing fits: does the smallest setup really OOM?
-            for budget in args.budgets:
-                if budget not in plans and tr.spec.params_total:
-                    device = plan_device(budget)
-                    from vramfit.planner import make_space, search
-
-                    try:
-                        space = make_space(tr.spec, device, seq_len=args.seq_len, effective_batch=args.effective_batch)
-                        res = search(tr.spec, device, space, details=False)
-                    except VramfitError:
-                        continue
-                    tr.run(dataclasses.replace(res, chosen=res.closest), "smallest", budget, 2, args.other_cap_s, 2)
+        for t in w.pending(args, done):
+            tr.run(t["plan"], t["role"], t["budget"], t["steps"], t["cap"], t["min_steps"],
+                   afbs_start=t["afbs_start"], estimate_s=t["estimate"], pass_no=t["pass"])
     finally:
         tr.cleanup()
 
@@ -451,41 +668,43 @@ def model_main(args) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON lines file (appended)")
+    ap.add_argument("--out", help="JSON lines file (appended)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--tiny", action="store_true", help="shrunk models and budgets: the logic on CPU")
-    ap.add_argument("--models", nargs="+")
+    ap.add_argument("--models", nargs="+", help="a shard of the models")
     ap.add_argument("--budgets", nargs="+")
+    ap.add_argument("--passes", nargs="+", type=int, default=[1, 2, 3, 4],
+                    help="1 plan, 2 next_larger, 3 alt, 4 afbs, 5 smallest (5 also needs --confirm-nothing-fits)")
+    ap.add_argument("--skip-done", action="store_true", help="skip the trials --out already has a result for")
+    ap.add_argument("--print-schedule", action="store_true", help="print the trials and estimated seconds, run nothing")
     ap.add_argument("--seq-len", type=int)
-    ap.add_argument("--effective-batch", type=int, default=16)
+    ap.add_argument("--effective-batch", type=int, default=EFFECTIVE_BATCH)
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of the plan's setup")
-    ap.add_argument("--alt-steps", type=int, default=6)
-    ap.add_argument("--alts", type=int, default=2, help="next-fastest fitting setups tried besides each method's best")
-    ap.add_argument("--plan-cap-s", type=float, default=30.0, help="time cap of one plan trial (>= 3 steps)")
-    ap.add_argument("--other-cap-s", type=float, default=8.0, help="time cap of the other trials")
+    ap.add_argument("--alt-steps", type=int, default=3)
+    ap.add_argument("--alts", type=int, default=1, help="next-fastest distinct fitting setups tried")
+    ap.add_argument("--alt-min-ratio", type=float, default=0.8,
+                    help="another method's best is tried when predicted at least this share of the plan's speed")
+    ap.add_argument("--plan-cap-s", type=float, default=240.0, help="time cap of one plan trial (>= 3 steps)")
+    ap.add_argument("--other-cap-s", type=float, default=25.0, help="time cap of the other trials")
     ap.add_argument("--afbs-models", nargs="*")
     ap.add_argument("--afbs-budgets", nargs="*")
     ap.add_argument("--afbs-start", type=int, default=64)
     ap.add_argument("--confirm-nothing-fits", action="store_true")
-    ap.add_argument("--max-seconds", type=float, default=480.0, help="global time guard, start-up included")
+    ap.add_argument("--drop-checkpoints", action="store_true", help="delete the QLoRA checkpoints at the end")
+    ap.add_argument("--max-seconds", type=float, default=520.0, help="global time guard, start-up included")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if not a.out and not a.print_schedule:
+        ap.error("--out is required (unless --print-schedule)")
     a.models = a.models or list(TINY_MODELS if a.tiny else MODELS)
     a.budgets = a.budgets or list(TINY_BUDGETS if a.tiny else BUDGETS)
     a.seq_len = a.seq_len or (TINY_SEQ_LEN if a.tiny else SEQ_LEN)
     a.afbs_models = a.afbs_models if a.afbs_models is not None else list(TINY_MODELS[:1] if a.tiny else AFBS_MODELS)
     a.afbs_budgets = a.afbs_budgets if a.afbs_budgets is not None else list(TINY_BUDGETS[2:] if a.tiny else AFBS_BUDGETS)
+    if 5 in a.passes:
+        a.confirm_nothing_fits = True
     return a
-
-
-def weight(model: str, tiny: bool) -> float:
-    """Share of the time a model gets: bigger models load and step slower."""
-    if tiny:
-        return 1.0
-    from vramfit.spec import load_spec
-
-    return 1.0 + load_spec(model).params_total / 8e9
 
 
 def main(argv=None) -> int:
@@ -495,22 +714,33 @@ def main(argv=None) -> int:
         return 0
     start = time.time()
     end = start + args.max_seconds
+    done = load_done(args.out)[0] if args.skip_done and args.out else set()
+    works = {m: Work(args, m) for m in args.models}
+    need = {m: w.seconds(args, done) for m, w in works.items()}
+    if args.print_schedule:
+        print_schedule(args, works, done)
+        return 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    weights = {m: weight(m, args.tiny) for m in args.models}
+    print_schedule(args, works, done)
     for i, model in enumerate(args.models):
-        rest = sum(weights[m] for m in args.models[i:])
-        deadline = time.time() + (end - time.time()) * weights[model] / rest
+        if need[model] <= 0:
+            print(f"[plan_proof] {model}: nothing pending", flush=True)
+            continue
+        rest = sum(need[m] for m in args.models[i:])
+        # each model gets its estimate's share of the time left; what an earlier one saved passes on
+        deadline = time.time() + (end - time.time()) * need[model] / rest
         cmd = [sys.executable, "-m", "benchmarks.plan_proof.run", *(argv if argv is not None else sys.argv[1:]),
                "--worker", model, "--deadline", str(deadline)]
         t = time.time()
-        print(f"[plan_proof] {model}: {deadline - t:.0f} s", flush=True)
+        print(f"[plan_proof] {model}: {deadline - t:.0f} s (estimated {need[model]:.0f} s)", flush=True)
         try:
             rc = subprocess.run(cmd, check=False, timeout=max(deadline - t + 20, 1)).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         emit(args.out, {"kind": "model_done", "model": model, "rc": rc, "seconds": time.time() - t,
-                        "share_s": deadline - t})
-    emit(args.out, {"kind": "run_done", "seconds": time.time() - start, "max_seconds": args.max_seconds})
+                        "share_s": deadline - t, "estimate_s": need[model], "passes": args.passes})
+    emit(args.out, {"kind": "run_done", "seconds": time.time() - start, "max_seconds": args.max_seconds,
+                    "passes": args.passes, "models": args.models})
     return 0
 
 
