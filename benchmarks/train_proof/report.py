@@ -1,6 +1,10 @@
 """Results of the `vramfit train` GPU proof (benchmarks/train_proof/run.py) -> benchmarks/results/.
 
-    python -m benchmarks.train_proof.report OUT_DIR_OR_TGZ [--name h100-2026-11-23-train-proof]
+    python -m benchmarks.train_proof.report OUT_DIR_OR_TGZ [MORE ...] [--name h100-2026-11-23-train-proof]
+
+Several sources (the OUT of each command, their .tgz, or an already unpacked results folder such as
+benchmarks/results/h100-2026-11-23-train-proof/) are merged in order: per run the last line with a
+result counts (a later "skipped" line does not replace an earlier result).
 
 Unpacks the run reports, memory timelines and plots into benchmarks/results/NAME/ and writes
 benchmarks/results/NAME.md: per run the setup, outcome, tokens/s and fall-back events; per setup
@@ -25,20 +29,43 @@ PEAKS = (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserve
 TARGETS = {"median": 0.015, "p90": 0.03, "max": 0.06, "under_2pct_share": 0.02}
 
 
-def unpack(src: Path, dest: Path) -> Path:
-    """OUT dir (with train_proof.tgz) or the .tgz itself -> dest (the archive's train_proof/ folder)."""
-    tgz = src if src.is_file() else src / "train_proof.tgz"
+def unpack(src: Path, dest: Path) -> list:
+    """OUT dir (with train_proof.tgz), the .tgz itself, or an unpacked results folder -> its files
+    copied into dest (the archive's train_proof/ folder); returns its summary lines."""
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tgz) as tar:
-        for m in tar.getmembers():
-            if not m.isfile() or ".." in Path(m.name).parts or not m.name.startswith("train_proof/"):
-                continue
-            target = dest / Path(m.name).relative_to("train_proof")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(m).read())
+    tgz = src if src.is_file() else src / "train_proof.tgz"
+    summary = b""
+    if tgz.is_file():
+        with tarfile.open(tgz) as tar:
+            for m in tar.getmembers():
+                if not m.isfile() or ".." in Path(m.name).parts or not m.name.startswith("train_proof/"):
+                    continue
+                rel = Path(m.name).relative_to("train_proof")
+                data = tar.extractfile(m).read()
+                if str(rel) == "train_proof.jsonl":
+                    summary = data
+                    continue
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                (dest / rel).write_bytes(data)
+    else:  # an unpacked folder
+        for f in src.rglob("*"):
+            rel = f.relative_to(src)
+            if f.is_file() and str(rel) != "train_proof.jsonl" and src.resolve() != dest.resolve():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                (dest / rel).write_bytes(f.read_bytes())
     if src.is_dir() and (src / "train_proof.jsonl").is_file():  # the newest summary, if the archive is older
-        (dest / "train_proof.jsonl").write_bytes((src / "train_proof.jsonl").read_bytes())
-    return dest
+        summary = (src / "train_proof.jsonl").read_bytes()
+    return [x for x in summary.decode().splitlines() if x.strip()]
+
+
+def merged(lines: list) -> list:
+    """One line per run, in first-seen order: the last with a result (not a skip)."""
+    out: dict = {}
+    for r in lines:
+        if r["run"] in out and str(r.get("status", "")).startswith("skipped"):
+            continue
+        out[r["run"]] = r
+    return list(out.values())
 
 
 def recompute(model: str, setup: dict, bundle: Path) -> dict | None:
@@ -88,7 +115,7 @@ def target_line(errors: list, label: str) -> str:
 
 
 def build(bundle: Path, name: str) -> str:
-    lines = [json.loads(x) for x in (bundle / "train_proof.jsonl").read_text().splitlines() if x.strip()]
+    lines = merged([json.loads(x) for x in (bundle / "train_proof.jsonl").read_text().splitlines() if x.strip()])
     env = json.loads((bundle / "environment.json").read_text()) if (bundle / "environment.json").is_file() else {}
     v = env.get("versions") or {}
     out = [f"# `vramfit train` proof: {name}", "",
@@ -136,6 +163,12 @@ def build(bundle: Path, name: str) -> str:
                         dev_now.append(err(q, m))
     out += ["", "## Device figure against the accuracy targets (finished setups only)", "",
             target_line(dev_run, "predicted by the run"), target_line(dev_now, "recomputed now"), ""]
+    data = [r for r in lines if r.get("data")]
+    if data:
+        out.append("Data per run: " + "; ".join(f"{r['run']}: {json.dumps(r['data'])}" for r in data) + ".")
+    for r in lines:
+        if r.get("oom_design"):
+            out.append(f"OOM run design (memory model of the run's commit): {json.dumps(r['oom_design'])}.")
     sources = {r.get("device_bytes_source") for r in lines if r.get("device_bytes_source")}
     if sources:
         out.append(f"Device figure source (tracker): {', '.join(sorted(sources))}.")
@@ -150,12 +183,17 @@ def build(bundle: Path, name: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("src", help="the proof's OUT directory or its train_proof.tgz")
+    ap.add_argument("src", nargs="+", help="the proof's OUT directories, their train_proof.tgz, or results folders")
     ap.add_argument("--name", default="h100-2026-11-23-train-proof")
     ap.add_argument("--results", default=str(RESULTS), help="where NAME/ and NAME.md go")
     a = ap.parse_args(argv)
     results = Path(a.results)
-    bundle = unpack(Path(a.src), results / a.name)
+    dest = results / a.name
+    lines = []
+    for src in a.src:
+        lines += unpack(Path(src), dest)
+    (dest / "train_proof.jsonl").write_text("".join(x + "\n" for x in lines))
+    bundle = dest
     md = build(bundle, a.name)
     (results / f"{a.name}.md").write_text(md)
     print(md)

@@ -1,30 +1,43 @@
 """The GPU proof of `vramfit train` (issue 5): full, LoRA and QLoRA runs of a ~1B and a ~7B model
 (random init, 50 steps each) against their predictions, and the OOM fall-back triggered for real
-under an enforced budget.  One command on the GPU machine, everything it measured under --out:
+under an enforced budget.  Everything it measured goes under --out:
 
-    python3 -m benchmarks.train_proof.run --out "$OUT"            # H100: ~5-6 min, --budget-s caps it
-    python3 -m benchmarks.train_proof.run --out /tmp/tp --tiny    # CPU dry run: tiny Llama, 3 steps
+    python3 -m benchmarks.train_proof.run --out "$OUT"                               # all runs
+    python3 -m benchmarks.train_proof.run --out "$OUT" --runs 1b-oom-fallback 7b-full 7b-qlora --skip-done
+    python3 -m benchmarks.train_proof.run --print-design                             # the OOM run's numbers
+    python3 -m benchmarks.train_proof.run --out /tmp/tp --tiny                       # CPU dry run: tiny Llama
 
 Each run is its own `vramfit train` process (so nvidia-smi's per-process figure is that run's
 alone), with a per-run timeout inside one wall budget; the cheap runs come first.  After every run
 its summary line is appended to OUT/train_proof.jsonl and OUT/train_proof.tgz is rewritten (run
 reports, memory timelines and plots, logs; never weights), so a run that dies or a timeout loses
-nothing done before it.  `python -m benchmarks.train_proof.report OUT` turns them into the results.
+nothing done before it.  Resuming per run: --skip-done skips each run OUT/train_proof.jsonl already
+has as completed (copy an earlier command's train_proof.jsonl into OUT first).
+`python -m benchmarks.train_proof.report OUT [OUT2 ...]` merges them into the results.
 
-The accuracy runs fix the method, the data (so seq_len = the longest row, 512) and the effective
-batch (8 for ~1B, 4 for ~7B); the planner chooses precision, optimizer, checkpointing and
-micro-batch for the probed GPU, as `vramfit train` does for a user.  The OOM run fixes a setup that
-cannot fit an emulated 24 GiB card (`--gpu 24GiB --enforce-budget --no-fit-check`: LoRA, micro-batch
-16, no checkpointing): batches of the short rows (<= 320 tokens) fit, the first batch holding a
-512-token row runs out of memory inside its step; the fall-back re-plans and resumes from the last
-per-step checkpoint.  In --tiny mode that OOM is injected at the same batch (the same data, seed
-and micro-batch give the same order), since a CPU has no allocator to exhaust.
+Data.  The accuracy runs fix the method, the data and the effective batch (8 for ~1B, 4 for ~7B);
+the planner chooses precision, optimizer, checkpointing and micro-batch for the probed GPU, as
+`vramfit train` does for a user.  The rows' token lengths are log-normal (median ~180, sigma 0.8,
+a long tail as in instruction data), --max-seq-len 512, so ~9% of the rows are truncated to 512:
+the prediction's shape (the longest row, 512) is a micro-batch holding one of them, which has a
+~1 - 0.91^4 = 31% chance per micro-batch of 4 (7B; 1B: 53% at 8); so the peak shape is reached in
+the first steps and missed by all 50 with a chance below 1e-8 (the old data: 3% long rows).
+
+OOM fall-back.  Its fixed setup (LoRA bf16-true, adamw_torch, micro-batch 16, no checkpointing,
+seq 512) and the enforced `--gpu` budget are derived from the current memory model (trl's fused
+loss, as `vramfit train` predicts): the smallest whole GiB budget whose allocator cap holds the
+fall-back's first rung (micro-batch 8 x 2) with 20% to spare while the fixed setup's predicted
+allocated peak exceeds the cap by at least 20%.  Its data are all long rows (every row is truncated
+to 512), so step 1 already has the planned shape and runs out of memory inside its step; the
+fall-back re-plans and restarts (no checkpoint yet).  In --tiny mode that OOM is injected at the
+first batch wider than 500 tokens (step 1), since a CPU has no allocator to exhaust.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -37,24 +50,31 @@ from pathlib import Path
 
 ROWS, DATA_SEED = 2000, 1234
 MAX_SEQ_LEN = 512  # the long rows are longer and truncated to it: max = p99 = 512
-SHORT_MAX = 320  # every other row has at most this many tokens (the OOM run's batches that fit)
-LONG_FRACTION = 0.03
-OOM_GPU = "24GiB"  # the emulated card of the OOM run
+LENGTH_MEDIAN, LENGTH_SIGMA, LENGTH_MIN, LENGTH_MAX = 180, 0.8, 24, 900  # tokens per row, log-normal
+MIN_LONG_FRACTION = 0.07  # at least this share of rows reaches MAX_SEQ_LEN (checked)
+OOM_ROWS = 400  # the OOM run's data: every row longer than MAX_SEQ_LEN
+OOM_FIXED = {"method": "lora", "precision": "bf16-true", "optim": "adamw_torch", "micro_batch": 16, "grad_accum": 1,
+             "grad_ckpt": False}
+OOM_MODEL = "llama-3.2-1b"
+OOM_MARGIN = 0.2  # the fixed setup over the cap, and the fall-back's first rung under it, by at least this
 WEIGHTS = ("model", "adapter", "checkpoints", "random-init")
 KEEP = ("run_report.json", "run_setup.json", "memory_timeline.jsonl", "memory_timeline.png", "run.log")
 
 # (name, model, extra args, per-run cap in seconds), cheapest first
+OOM_ARGS = ["--method", "lora", "--precision", "bf16-true", "--optim", "adamw_torch", "--micro-batch", "16",
+            "--grad-accum", "1", "--no-grad-ckpt", "--enforce-budget", "--no-fit-check", "--save-steps", "1",
+            "--max-steps", "20"]  # + --gpu from oom_design()
+# (name, model, extra args, per-run cap in seconds), cheapest first.  H100 2026-11-23: start-up of a
+# run ~7 s (1B) to ~26 s (7B), 1B steps ~0.5 s, 7B LoRA ~0.7 s, 7B full ~0.55 s; 7B full also
+# writes its 14 GB model at the end; 7B QLoRA writes a 14 GB random checkpoint, then quantizes it.
 GPU_RUNS = [
-    ("1b-lora", "llama-3.2-1b", ["--method", "lora", "--effective-batch", "8"], 75),
-    ("1b-full", "llama-3.2-1b", ["--method", "full", "--effective-batch", "8"], 75),
-    ("1b-qlora", "llama-3.2-1b", ["--method", "qlora", "--effective-batch", "8"], 90),
-    ("1b-oom-fallback", "llama-3.2-1b",
-     ["--method", "lora", "--precision", "bf16-true", "--optim", "adamw_torch", "--micro-batch", "16",
-      "--grad-accum", "1", "--no-grad-ckpt", "--gpu", OOM_GPU, "--enforce-budget", "--no-fit-check",
-      "--save-steps", "1", "--max-steps", "20"], 90),
-    ("7b-lora", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4"], 100),
-    ("7b-full", "mistral-7b-v0.1", ["--method", "full", "--effective-batch", "4"], 130),
-    ("7b-qlora", "mistral-7b-v0.1", ["--method", "qlora", "--effective-batch", "4"], 400),
+    ("1b-lora", "llama-3.2-1b", ["--method", "lora", "--effective-batch", "8"], 90),
+    ("1b-full", "llama-3.2-1b", ["--method", "full", "--effective-batch", "8"], 90),
+    ("1b-qlora", "llama-3.2-1b", ["--method", "qlora", "--effective-batch", "8"], 100),
+    ("1b-oom-fallback", OOM_MODEL, OOM_ARGS, 120),
+    ("7b-lora", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4"], 120),
+    ("7b-full", "mistral-7b-v0.1", ["--method", "full", "--effective-batch", "4"], 200),
+    ("7b-qlora", "mistral-7b-v0.1", ["--method", "qlora", "--effective-batch", "4"], 280),
 ]
 TINY_FIXED = ["--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "4", "--grad-accum", "1",
               "--no-grad-ckpt"]
@@ -64,46 +84,98 @@ TINY_RUNS = [
     ("tiny-qlora", "TINY", ["--method", "qlora", *TINY_FIXED, "--precision", "bf16-true", "--max-steps", "3"], 120),  # refused on CPU
     ("tiny-oom-fallback", "TINY",
      ["--method", "lora", "--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "16", "--grad-accum",
-      "1", "--no-grad-ckpt", "--save-steps", "1", "--max-steps", "20"], 300),
+      "1", "--no-grad-ckpt", "--save-steps", "1", "--max-steps", "6"], 300),
 ]
 
 
 # --------------------------------------------------------------------------- inputs
 
 
+def _rows(rng, lengths: list, words) -> list:
+    """Alpaca rows of about `lengths` tokens each (~40 go to the prompt template and <eos>)."""
+    rows = []
+    for n in lengths:
+        ws = [rng.choice(words) for _ in range(max(8, n - 40))]
+        k = max(4, min(40, len(ws) // 4))
+        rows.append({"instruction": " ".join(ws[:k]), "input": "", "output": " ".join(ws[k:])})
+    return rows
+
+
+def _measure(path: Path, tok) -> tuple[dict, list]:
+    from vramfit.data import prepare, token_lengths
+
+    d = prepare(str(path), tok, max_seq_len=MAX_SEQ_LEN, val_split=0)
+    return vars(d.lengths) | {"seq_len": d.seq_len}, token_lengths(d.train.rows, d.train.format, tok)
+
+
 def build_inputs(work: Path) -> dict:
-    """The tokenizer directory (tests/tiny_lm's word-level tokenizer) and the Alpaca JSONL data:
-    ROWS rows, 97% of 48-320 tokens, 3% over 512 (truncated to it), a fixed seed."""
+    """The tokenizer directory (tests/tiny_lm's word-level tokenizer) and two Alpaca JSONL files, fixed
+    seed: the accuracy runs' ROWS rows of log-normal length (median LENGTH_MEDIAN tokens), and the OOM
+    run's OOM_ROWS rows, all longer than MAX_SEQ_LEN."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     from tiny_lm import WORDS, llama_config, make_tokenizer
 
-    from vramfit.data import prepare, token_lengths
-
-    tok_dir, data = work / "tokenizer", work / "alpaca.jsonl"
+    tok_dir, data, oom = work / "tokenizer", work / "alpaca.jsonl", work / "oom.jsonl"
     tok = make_tokenizer()
     tok.save_pretrained(tok_dir)
     rng = random.Random(DATA_SEED)
-    # ~40 tokens go to the Alpaca prompt and <eos>; the lengths are measured below
-    rows = []
-    for _ in range(ROWS):
-        n = rng.randint(600, 700) if rng.random() < LONG_FRACTION else rng.randint(48, SHORT_MAX)
-        words = [rng.choice(WORDS) for _ in range(n - 40)]
-        k = max(4, min(40, len(words) // 4))
-        rows.append({"instruction": " ".join(words[:k]), "input": "", "output": " ".join(words[k:])})
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    d = prepare(str(data), tok, max_seq_len=MAX_SEQ_LEN, val_split=0)
-    lengths = vars(d.lengths)
-
-    each = token_lengths(d.train.rows, d.train.format, tok)
-    short = [n for n in each if n <= MAX_SEQ_LEN]
-    info = {"rows": ROWS, "seed": DATA_SEED, "token_lengths": lengths, "short_max": max(short),
-            "long_rows": sum(1 for n in each if n > MAX_SEQ_LEN), "seq_len": d.seq_len}
-    if max(short) > SHORT_MAX or d.seq_len != MAX_SEQ_LEN:
+    lengths = [min(LENGTH_MAX, max(LENGTH_MIN, round(rng.lognormvariate(math.log(LENGTH_MEDIAN), LENGTH_SIGMA))))
+               for _ in range(ROWS)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, lengths, WORDS)))
+    oom.write_text("".join(json.dumps(r) + "\n" for r in
+                           _rows(rng, [rng.randint(MAX_SEQ_LEN + 60, MAX_SEQ_LEN + 160) for _ in range(OOM_ROWS)],
+                                 WORDS)))
+    stats, each = _measure(data, tok)
+    oom_stats, oom_each = _measure(oom, tok)
+    long_rows = sum(1 for n in each if n >= MAX_SEQ_LEN)
+    info = {"rows": ROWS, "seed": DATA_SEED, "lengths": f"log-normal, median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}",
+            "token_lengths": stats, "long_rows": long_rows, "long_fraction": round(long_rows / ROWS, 4),
+            "seq_len": stats["seq_len"],
+            "oom_data": {"rows": OOM_ROWS, "token_lengths": oom_stats,
+                         "shortest": min(oom_each), "seq_len": oom_stats["seq_len"]}}
+    if (stats["seq_len"] != MAX_SEQ_LEN or long_rows / ROWS < MIN_LONG_FRACTION or min(oom_each) <= MAX_SEQ_LEN
+            or oom_stats["seq_len"] != MAX_SEQ_LEN):
         raise SystemExit(f"the data is not as designed: {info}")
     tiny = work / "tiny-config"
     llama_config(tok).save_pretrained(tiny)
     tok.save_pretrained(tiny)
-    return {"tokenizer": str(tok_dir), "data": str(data), "tiny": str(tiny), "data_info": info}
+    return {"tokenizer": str(tok_dir), "data": str(data), "oom_data": str(oom), "tiny": str(tiny),
+            "data_info": info}
+
+
+def oom_design(constants=None) -> dict:
+    """The OOM run's --gpu from the current memory model: the smallest whole GiB whose allocator cap
+    (--headroom 5%, less the CUDA context) holds the fall-back's first rung with OOM_MARGIN to spare,
+    checked against the fixed setup's predicted allocated peak exceeding the cap by OOM_MARGIN."""
+    from vramfit.setup import Setup
+    from vramfit.train import (
+        allocator_cap_bytes,
+        fallback_ladder,
+        predict,
+        resolve_model,
+    )
+
+    spec = resolve_model(OOM_MODEL, "random").spec
+    fixed = Setup(**OOM_FIXED, seq_len=MAX_SEQ_LEN, loss="fused")
+    rung = fallback_ladder(fixed)[0]
+    p_fixed, p_rung = predict(spec, fixed, constants), predict(spec, rung, constants)
+    for gib in range(4, 80):
+        cap = allocator_cap_bytes(f"{gib}GiB", "5%", constants)
+        if p_rung["peak_reserved_bytes"] <= (1 - OOM_MARGIN) * cap:
+            break
+    over = p_fixed["peak_allocated_bytes"] / cap - 1
+    if over < OOM_MARGIN:
+        raise SystemExit(f"no budget makes the fixed setup clearly exceed the cap: {gib} GiB, over by {over:.1%}")
+    g = 2**30
+    return {"gpu": f"{gib}GiB", "allocator_cap_gib": round(cap / g, 3),
+            "fixed": {"setup": "LoRA bf16-true adamw_torch 16x1 no-ckpt seq 512 (fused loss)",
+                      "predicted_allocated_gib": round(p_fixed["peak_allocated_bytes"] / g, 3),
+                      "predicted_reserved_gib": round(p_fixed["peak_reserved_bytes"] / g, 3),
+                      "over_cap": round(over, 3)},
+            "fallback_first_rung": {"setup": f"micro-batch {rung.micro_batch} x {rung.grad_accum}, ckpt {rung.grad_ckpt}",
+                                    "predicted_allocated_gib": round(p_rung["peak_allocated_bytes"] / g, 3),
+                                    "predicted_reserved_gib": round(p_rung["peak_reserved_bytes"] / g, 3),
+                                    "reserved_share_of_cap": round(p_rung["peak_reserved_bytes"] / cap, 3)}}
 
 
 def environment() -> dict:
@@ -129,13 +201,18 @@ def environment() -> dict:
 # --------------------------------------------------------------------------- one run
 
 
-def command(model: str, extra: list, inputs: dict, out: Path, tiny: bool) -> list:
-    args = ["train", inputs["tiny"] if model == "TINY" else model, inputs["data"], "--init", "random",
+def command(name: str, model: str, extra: list, inputs: dict, out: Path, tiny: bool) -> list:
+    oom_run = name.endswith("oom-fallback")
+    args = ["train", inputs["tiny"] if model == "TINY" else model, inputs["oom_data" if oom_run else "data"],
+            "--init", "random",
             "--tokenizer", inputs["tokenizer"], "--out", str(out), "--max-seq-len", str(MAX_SEQ_LEN),
             "--val-split", "0", "--save-steps", "0", "--max-steps", "50", "--seed", "42"]
     args += extra  # later options win (typer keeps the last), so a run may override the defaults
-    if tiny and "--save-steps" in extra and "1" in extra:  # the OOM run: injected at the first long batch
-        return [sys.executable, "-m", "benchmarks.train_proof.inject", "--oom-above", str(SHORT_MAX), "--", *args]
+    if oom_run and not tiny:
+        args += ["--gpu", inputs["oom_design"]["gpu"]]
+    if oom_run and tiny:  # injected at the first batch of the planned shape (step 1: every row is long)
+        return [sys.executable, "-m", "benchmarks.train_proof.inject", "--oom-above", str(MAX_SEQ_LEN - 12), "--",
+                *args]
     return [sys.executable, "-c", "from vramfit.cli import main; main()", *args]
 
 
@@ -241,13 +318,22 @@ def pack(out: Path, work: Path, names: list, extra: list) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results: train_proof.jsonl, train_proof.tgz, driver.log")
+    ap.add_argument("--out", help="results: train_proof.jsonl, train_proof.tgz, driver.log")
     ap.add_argument("--work", default=None, help="run directories (weights deleted after each run) "
                     "[default: a new folder in $TMPDIR]")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: a tiny random Llama, 3 steps, OOM injected")
     ap.add_argument("--budget-s", type=float, default=400.0, help="wall budget for everything (seconds)")
     ap.add_argument("--only", default=None, help="comma list of run names to do (default: all)")
+    ap.add_argument("--runs", nargs="+", help="run names to do, in the listed order of GPU_RUNS (default: all)")
+    ap.add_argument("--skip-done", action="store_true",
+                    help="skip the runs OUT/train_proof.jsonl already has as completed")
+    ap.add_argument("--print-design", action="store_true", help="print the OOM run's budget and predictions, run nothing")
     a = ap.parse_args(argv)
+    if a.print_design:
+        print(json.dumps(oom_design(), indent=1))
+        return 0
+    if not a.out:
+        ap.error("--out is required")
     t_start = time.perf_counter()
     deadline = t_start + a.budget_s
     out = Path(a.out)
@@ -264,16 +350,35 @@ def main(argv=None) -> int:
 
     inputs = build_inputs(work)
     say(f"data: {json.dumps(inputs['data_info'])}")
+    if not a.tiny:
+        inputs["oom_design"] = oom_design()
+        say(f"OOM run design (current memory model): {json.dumps(inputs['oom_design'])}")
     env = environment()
     env["data"] = inputs["data_info"]
     env["mode"] = "tiny (CPU dry run)" if a.tiny else "gpu"
+    env["oom_design"] = inputs.get("oom_design")
     (work / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
     say(f"environment: {json.dumps(env)}")
     runs = TINY_RUNS if a.tiny else GPU_RUNS
-    if a.only:
-        keep = set(a.only.split(","))
+    keep = set(a.runs or []) | set(a.only.split(",") if a.only else [])
+    if keep:
+        unknown = keep - {r[0] for r in runs}
+        if unknown:
+            raise SystemExit(f"unknown runs {sorted(unknown)}; there are {[r[0] for r in runs]}")
         runs = [r for r in runs if r[0] in keep]
     summary = out / "train_proof.jsonl"
+    if a.skip_done and summary.is_file():
+        completed = set()
+        for x in summary.read_text().splitlines():
+            try:
+                r = json.loads(x)
+            except ValueError:
+                continue
+            if r.get("status") == "completed":
+                completed.add(r["run"])
+        for name in [r[0] for r in runs if r[0] in completed]:
+            say(f"{name}: completed before, skipped (--skip-done)")
+        runs = [r for r in runs if r[0] not in completed]
     done = []
     for name, model, extra, cap in runs:
         left = deadline - time.perf_counter() - 10  # packing the last results
@@ -282,11 +387,17 @@ def main(argv=None) -> int:
             line = {"run": name, "model": model, "status": "skipped (out of time)"}
         else:
             rdir = work / "runs" / name
-            cmd = command(model, extra, inputs, rdir, a.tiny)
+            cmd = command(name, model, extra, inputs, rdir, a.tiny)
             free = shutil.disk_usage(work).free
             say(f"{name}: start (timeout {min(cap, left):.0f} s, disk free {free / 2**30:.1f} GiB)")
             res = run_one(name, cmd, rdir, min(cap, left))
             line = summary_line(name, model, rdir, res, env)
+            oom_run = name.endswith("oom-fallback")
+            line["data"] = {"file": Path(inputs["oom_data" if oom_run else "data"]).name,
+                            **({"rows": OOM_ROWS, "all_longer_than_max_seq_len": True} if oom_run else
+                               {k: inputs["data_info"][k] for k in ("rows", "lengths", "long_fraction")})}
+            if oom_run and inputs.get("oom_design"):
+                line["oom_design"] = inputs["oom_design"]
             done.append(name)
             err = (line.get("relative_error") or {}).get("device_bytes")
             say(f"{name}: {line['status']} rc={res['rc']} {res['wall_s']} s, steps {line.get('steps')}, "
