@@ -136,8 +136,8 @@ def _flash_sdpa(autocast_dtype=None):
         if key.shape[1] != query.shape[1] and (query.dtype == torch.float32 or not enable_gqa):
             return torch.ops.aten._scaled_dot_product_attention_math(
                 query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
-        if attn_mask is not None:
-            raise Unsupported("sdpa with an explicit mask (memory-efficient kernel) is not emulated")
+        # an explicit mask (Mistral's sliding window) runs the memory-efficient kernel: approximated
+        # by the flash kernel's buffers (the mask itself is the model's own tensor)
         return _FlashAttention.apply(query, key, value)
 
     return sdpa
@@ -348,6 +348,20 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
     if setup.grad_ckpt:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # torch's checkpoint re-enters autocast for the recompute: a fresh emulation (its own cache)
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        ckpt_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
+
+        def ctx_fn():
+            recompute = trace._autocast_mode(ckpt_dtype) if ckpt_dtype is not None else contextlib.nullcontext()
+            return contextlib.nullcontext(), recompute
+
+        for mod in base_model.modules():
+            if getattr(mod, "_gradient_checkpointing_func", None) is not None:
+                mod._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, context_fn=ctx_fn)
         if setup.method != "full":
             in_emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     model.train()
