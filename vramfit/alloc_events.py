@@ -19,7 +19,7 @@ not do as CUDA does is emulated:
   (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
   temporaries (the update kernels work in place);
 - torch's fused AdamW on a device the constructor does not accept (the meta device).
-Unsupported here: QLoRA (bitsandbytes 4-bit), Adafactor, 16-mixed (GradScaler), MoE routing.
+Unsupported here: QLoRA (bitsandbytes 4-bit).  Left out: GradScaler's scalars under 16-mixed.
 """
 
 from __future__ import annotations
@@ -273,6 +273,10 @@ def _make_optimizer(model, optim: str):
         emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         return _Bnb8bitEmulation(groups, paged=optim.startswith("paged"), bits=32 if "32bit" in optim else 8,
                                  embeddings=emb)
+    if optim == "adafactor":  # Trainer: scale_parameter=False, relative_step=False
+        from transformers.optimization import Adafactor
+
+        return Adafactor(pg, lr=5e-5, scale_parameter=False, relative_step=False)
     raise Unsupported(f"optimizer {optim}")
 
 
@@ -315,8 +319,7 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
 
     if setup.method == "qlora":
         raise Unsupported("QLoRA (bitsandbytes 4-bit load and kernels)")
-    if setup.precision.startswith("16-mixed"):
-        raise Unsupported("16-mixed (GradScaler)")
+    # 16-mixed: GradScaler's own tensors (scale, found_inf: a few scalars) are left out
     key_fn = __import__("vramfit.api", fromlist=["trace_key"]).trace_key
     key = key_fn(spec, setup, targets)
     config = config_from_dict(__import__("copy").deepcopy(spec.config))
