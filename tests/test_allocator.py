@@ -1,0 +1,136 @@
+"""The caching-allocator model against hand-worked sequences (CUDACachingAllocator.cpp's rules)."""
+
+from vramfit.allocator import (
+    CachingAllocator,
+    get_allocation_size,
+    kLargeBuffer,
+    kSmallBuffer,
+    round_size,
+    simulate,
+)
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def test_round_size_and_allocation_size():
+    assert round_size(1) == 512
+    assert round_size(512) == 512
+    assert round_size(513) == 1024
+    assert get_allocation_size(1 * MiB) == kSmallBuffer  # <= kSmallSize: small pool, 2 MiB segment
+    assert get_allocation_size(1 * MiB + 512) == kLargeBuffer  # 1..10 MiB: one 20 MiB segment
+    assert get_allocation_size(10 * MiB - 512) == kLargeBuffer
+    assert get_allocation_size(10 * MiB) == 10 * MiB  # >= kMinLargeAlloc: rounded to 2 MiB
+    assert get_allocation_size(11 * MiB) == 12 * MiB
+
+
+def test_small_requests_share_one_2mib_segment():
+    a = CachingAllocator()
+    blocks = [a.malloc(100) for _ in range(4096)]  # 4096 x 512 B = exactly 2 MiB
+    assert a.reserved == 2 * MiB and a.num_device_alloc == 1
+    assert a.allocated == 2 * MiB
+    a.malloc(1)
+    assert a.reserved == 4 * MiB and a.num_device_alloc == 2
+    for b in blocks:
+        a.free(b)
+    assert a.allocated == 512
+
+
+def test_mid_size_request_splits_a_20mib_segment():
+    a = CachingAllocator()
+    x = a.malloc(3 * MiB)
+    assert a.reserved == 20 * MiB and x.size == 3 * MiB  # remainder 17 MiB > 1 MiB: split
+    y = a.malloc(5 * MiB)  # served from the remainder: no new segment
+    assert a.reserved == 20 * MiB and y.addr == x.addr + 3 * MiB
+    a.free(x)
+    a.free(y)
+    z = a.malloc(19 * MiB)  # x, y and the tail merged back into one 20 MiB block
+    assert a.reserved == 20 * MiB and z.addr == x.addr
+
+
+def test_large_remainder_of_at_most_1mib_is_not_split():
+    a = CachingAllocator()
+    x = a.malloc(19 * MiB + 512)  # >= kMinLargeAlloc: a segment rounded up to 20 MiB
+    assert a.reserved == 20 * MiB
+    assert x.size == 20 * MiB  # remainder 1 MiB - 512 <= kSmallSize: allocated whole
+    assert a.allocated == 20 * MiB
+    assert a.peak_allocated == 20 * MiB
+
+
+def test_best_fit_takes_the_smallest_then_lowest_address():
+    a = CachingAllocator()
+    big = [a.malloc(s) for s in (40 * MiB, 24 * MiB, 30 * MiB, 24 * MiB)]
+    addrs = [b.addr for b in big]
+    for b in big:
+        a.free(b)
+    r = a.reserved
+    got = a.malloc(23 * MiB)  # fits 24, 24, 30, 40: the first 24 MiB segment (lower address)
+    assert got.addr == addrs[1] and a.reserved == r
+    assert got.size == 24 * MiB  # remainder exactly 1 MiB: not split (needs > 1 MiB)
+    got2 = a.malloc(26 * MiB)  # the 30 MiB block, split (4 MiB left)
+    assert got2.addr == addrs[2] and got2.size == 26 * MiB
+
+
+def test_freed_blocks_merge_with_free_neighbours_only():
+    a = CachingAllocator()
+    x = a.malloc(20 * MiB)  # 20 MiB segment, whole
+    y = a.malloc(12 * MiB)  # 12 MiB segment
+    a.free(y)
+    a.free(x)
+    assert a.malloc(30 * MiB) and a.reserved == 62 * MiB  # different segments never merge
+    b = CachingAllocator()
+    seg = [b.malloc(4 * MiB) for _ in range(5)]  # 5 x 4 MiB fill one 20 MiB segment
+    first = seg[1].addr
+    assert b.reserved == 20 * MiB
+    b.free(seg[1])
+    b.free(seg[3])
+    assert b.malloc(8 * MiB) and b.reserved == 40 * MiB  # 4 + 4 MiB holes are not contiguous
+    b.free(seg[2])  # merges with seg[1] and seg[3]: 12 MiB
+    z = b.malloc(12 * MiB)
+    assert z.addr == first and b.reserved == 40 * MiB
+
+
+def test_simulate_events_and_peaks():
+    ev = [("a", 0, 100 * MiB), ("a", 1, 50 * MiB), ("f", 0), ("a", 2, 60 * MiB), ("a", 3, 60 * MiB)]
+    res = simulate(ev)
+    # 60 MiB reuses the freed 100 MiB block (split, 40 MiB left); the second 60 MiB needs a segment
+    assert res["peak_reserved"] == 210 * MiB
+    assert res["peak_allocated"] == 170 * MiB
+    assert res["num_device_alloc"] == 3
+
+
+def test_expandable_segment_grows_in_20mib_pages():
+    a = CachingAllocator(expandable_segments=True)
+    x = a.malloc(3 * MiB)  # maps one 20 MiB page of the large pool's segment
+    assert a.reserved == 20 * MiB and a.num_device_alloc == 1
+    y = a.malloc(30 * MiB)  # the free 17 MiB tail of the page + 13 MiB more: one more page
+    assert y.addr == x.addr + 3 * MiB
+    assert a.reserved == 40 * MiB and a.num_device_alloc == 2
+    z = a.malloc(1 * MiB + 512)  # 7 MiB - 512 left free in the mapped pages: reused
+    assert a.reserved == 40 * MiB and z.addr == y.addr + 30 * MiB
+
+
+def test_expandable_small_pool_pages_are_2mib_and_splits_go_to_512b():
+    a = CachingAllocator(expandable_segments=True)
+    a.malloc(1000)
+    assert a.reserved == 2 * MiB
+    b = CachingAllocator(expandable_segments=True)
+    x = b.malloc(19 * MiB + 512)
+    assert x.size == 19 * MiB + 512  # expandable: any remainder >= 512 B is split off
+    assert b.allocated == 19 * MiB + 512
+
+
+def test_expandable_avoids_fragmentation_the_default_allocator_suffers():
+    seq = []
+    for i in range(10):  # 10 MiB blocks, every other one freed, then a 40 MiB request
+        seq.append(("a", i, 10 * MiB))
+    for i in range(0, 10, 2):
+        seq.append(("f", i))
+    seq.append(("a", 99, 40 * MiB))
+    default = simulate(seq)
+    expandable = simulate(seq, expandable_segments=True)
+    assert default["peak_reserved"] == 100 * MiB + 40 * MiB
+    # one virtual segment: 100 MiB mapped (5 pages), the 40 MiB request maps 2 more pages at its end
+    assert expandable["peak_reserved"] == 140 * MiB
+    seq2 = seq[:-1] + [("f", 9), ("a", 99, 40 * MiB)]  # the last block freed: the tail is free
+    assert simulate(seq2, expandable_segments=True)["peak_reserved"] == 120 * MiB  # 10 MiB free + 30 mapped
+    assert simulate(seq2)["peak_reserved"] == 140 * MiB  # separate 10 MiB segments never merge

@@ -1,0 +1,408 @@
+"""The allocation events of a real training run, at full size, on the meta device.
+
+A `TorchDispatchMode` sees every op a training step runs (forward with labels, backward,
+gradient clipping, the optimizer step, zero_grad) and records each new output storage as an
+allocation ("a", id, nbytes); a `weakref.finalize` on the storage records its free ("f", id)
+when the last reference dies, in the order the real run frees it.  What the meta device does
+not do as CUDA does is emulated:
+- model load: every parameter and buffer allocated in creation order; a tied LM head's own
+  weight allocated and freed (transformers builds it, then ties it to the embeddings);
+- scaled_dot_product_attention: the flash kernel's forward (output, fp32 log-sum-exp) and backward
+  (dq, dk, dv, fp32 softmax_d and dq_accum, GQA's expanded dk/dv) as FlashAttention-2's mha_bwd
+  allocates them; fp32 runs the memory-efficient kernel, approximated by the same buffers
+  without dq_accum; fp32 with grouped KV heads runs the math path for real (as trace.py);
+- autocast (trace.py's emulation, its weight-cast cache cleared at the end of each forward);
+- CUDA's bool dropout masks;
+- cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul and one for
+  the autograd thread's at the first matmul of the first backward, never freed;
+- bitsandbytes 8-bit / paged optimizers: their states as `Optimizer8bit.init_state` allocates them
+  (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
+  temporaries (the update kernels work in place);
+- torch's fused AdamW on a device the constructor does not accept (the meta device).
+Unsupported here: QLoRA (bitsandbytes 4-bit).  Left out: GradScaler's scalars under 16-mixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+CUBLAS_WORKSPACE = 32 << 20
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "matmul")
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _recorder_class():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+            self.live = {}
+            self.next_id = 0
+            self.backward = False
+            self.workspaces = set()
+            self._finalizers = []
+
+        def alloc(self, nbytes):
+            i = self.next_id
+            self.next_id += 1
+            self.events.append(("a", i, nbytes))
+            return i
+
+        def free(self, i):
+            self.events.append(("f", i))
+
+        def track(self, t):
+            if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+                return
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self.live:
+                return
+            n = st.nbytes()
+            if n == 0:
+                return
+            i = self.alloc(n)
+            self.live[key] = i
+            weakref.finalize(st, self._dead, key, i)
+
+        def _dead(self, key, i):
+            if self.live.get(key) == i:
+                del self.live[key]
+            self.events.append(("f", i))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0] if hasattr(func, "__name__") else ""
+            if name in _MATMULS:
+                ws = "bwd" if self.backward else "fwd"
+                if ws not in self.workspaces:
+                    self.workspaces.add(ws)
+                    self.alloc(CUBLAS_WORKSPACE)
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                self.track(t)
+            return out
+
+    return Recorder
+
+
+def _flash_sdpa(autocast_dtype=None):
+    import torch
+
+    def rnd(x, m):
+        return (x + m - 1) // m * m
+
+    class _FlashAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            b, h, s, d = q.shape
+            out = q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+            lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse = ctx.saved_tensors
+            b, h, s, d = q.shape
+            hk, sk = k.shape[1], k.shape[2]
+            # mha_bwd: dq, dk, dv in (B, S, H, D); softmax_d (B, H, S_rounded) fp32; dq_accum
+            # (B, S_rounded, H, D_rounded) fp32; with grouped KV heads, dk/dv expanded to H heads
+            dq = q.new_empty((b, s, h, d))
+            dk = k.new_empty((b, sk, hk, d))
+            dv = v.new_empty((b, sk, hk, v.shape[-1]))
+            s_r = rnd(s, 128)
+            softmax_d = torch.empty((b, h, s_r), dtype=torch.float32, device=q.device)
+            flash = q.dtype != torch.float32
+            d_r = rnd(d, 32) if d <= 192 else 256
+            dq_accum = torch.empty((b, s_r, h, d_r), dtype=torch.float32, device=q.device) if flash else None
+            if hk != h:
+                dk_exp = k.new_empty((b, sk, h, d))
+                dv_exp = v.new_empty((b, sk, h, v.shape[-1]))
+                del dk_exp, dv_exp
+            del dq_accum, softmax_d
+            return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if autocast_dtype is not None:
+            query, key, value = (t.to(autocast_dtype) for t in (query, key, value))
+        if key.shape[1] != query.shape[1] and (query.dtype == torch.float32 or not enable_gqa):
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+        # an explicit mask (Mistral's sliding window) runs the memory-efficient kernel: approximated
+        # by the flash kernel's buffers (the mask itself is the model's own tensor)
+        return _FlashAttention.apply(query, key, value)
+
+    return sdpa
+
+
+def _cuda_dropout():
+    import torch
+
+    class _NativeDropout(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p):
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+            ctx.save_for_backward(mask)
+            ctx.scale = 1.0 / (1.0 - p)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (mask,) = ctx.saved_tensors
+            return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0:
+            return input
+        return _NativeDropout.apply(input, p)
+
+    return dropout
+
+
+@contextlib.contextmanager
+def _cuda_like(enabled_sdpa: bool, autocast_dtype=None):
+    import torch
+    from transformers import masking_utils
+
+    orig_find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if orig_find is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    orig = torch.nn.functional.scaled_dot_product_attention
+    orig_dropout = torch.nn.functional.dropout
+    if enabled_sdpa:
+        torch.nn.functional.scaled_dot_product_attention = _flash_sdpa(autocast_dtype)
+    torch.nn.functional.dropout = _cuda_dropout()
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+        torch.nn.functional.dropout = orig_dropout
+        if orig_find is not None:
+            masking_utils.find_packed_sequence_indices = orig_find
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+class _Bnb8bitEmulation:
+    """bitsandbytes Optimizer8bit.step: states created per parameter at its first update, in place."""
+
+    def __init__(self, groups, paged: bool, bits: int, embeddings: set):
+        self.groups = groups
+        self.paged = paged
+        self.bits = bits
+        self.embeddings = embeddings
+        self.state = {}
+
+    def _buffer(self, p, dtype):
+        import torch
+
+        if self.paged and p.numel() >= 1e5:
+            return None  # cudaMallocManaged: outside torch's allocator
+        return torch.zeros_like(p, dtype=dtype)
+
+    def step(self):
+        import torch
+
+        for group in self.groups:
+            for p in group:
+                if p.grad is None or id(p) in self.state:
+                    continue
+                st = {}
+                bits = 32 if id(p) in self.embeddings else self.bits
+                if bits == 32 or p.numel() < 4096:
+                    st["s1"] = self._buffer(p, torch.float32)
+                    st["s2"] = self._buffer(p, torch.float32)
+                else:
+                    if "qmap" not in self.state:
+                        self.state["qmap"] = (torch.empty(256, device=p.device), torch.empty(256, device=p.device))
+                    st["s1"] = self._buffer(p, torch.uint8)
+                    st["s2"] = self._buffer(p, torch.uint8)
+                    blocks = (p.numel() + 255) // 256
+                    st["a1"] = torch.zeros((blocks,), dtype=torch.float32, device=p.device)
+                    st["a2"] = torch.zeros((blocks,), dtype=torch.float32, device=p.device)
+                self.state[id(p)] = st
+
+
+def _trainer_groups(model):
+    """Trainer.create_optimizer's two groups: decay and no-decay (biases, norms), trainable only."""
+    import re
+
+    import torch
+
+    forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    ln_params = set()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            ln_params |= {id(p) for p in mod.parameters(recurse=False)}
+    decay, nodecay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in ln_params or any(re.search(f, n.lower()) for f in forbidden):
+            nodecay.append(p)
+        else:
+            decay.append(p)
+    return [g for g in (decay, nodecay) if g]
+
+
+def _make_optimizer(model, optim: str):
+    import torch
+
+    groups = _trainer_groups(model)
+    pg = [{"params": g, "weight_decay": 0.0} for g in groups]
+    if optim == "adamw_torch":
+        return torch.optim.AdamW(pg, lr=5e-5, foreach=True)
+    if optim == "adamw_torch_fused":
+        opt = torch.optim.AdamW(pg, lr=5e-5, foreach=False)
+        for g in opt.param_groups:
+            g["fused"] = True
+            g["foreach"] = False
+        return opt
+    if optim == "sgd":
+        return torch.optim.SGD(pg, lr=5e-5, foreach=True)
+    if optim in ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        return _Bnb8bitEmulation(groups, paged=optim.startswith("paged"), bits=32 if "32bit" in optim else 8,
+                                 embeddings=emb)
+    if optim == "adafactor":  # Trainer: scale_parameter=False, relative_step=False
+        from transformers.optimization import Adafactor
+
+        return Adafactor(pg, lr=5e-5, scale_parameter=False, relative_step=False)
+    raise Unsupported(f"optimizer {optim}")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _clip_grad_norm(params, max_norm):
+    """clip_grad_norm_'s CUDA path (foreach): one scalar norm per gradient, their stacked norm,
+    the clamped coefficient, gradients scaled in place."""
+    import torch
+
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        del norms
+        coef = max_norm / (total + 1e-6)
+        clamped = torch.clamp(coef, max=1.0)
+        for g in grads:
+            g.mul_(clamped)
+
+
+def _fused_ok():
+    """Let torch's fused AdamW run on meta tensors (its constructor rejects the device)."""
+    import torch.optim.adam as adam_mod  # noqa: F401
+    import torch.optim.optimizer as opt_mod
+
+    orig = opt_mod._get_fused_kernels_supported_devices
+    opt_mod._get_fused_kernels_supported_devices = lambda: list(orig()) + ["meta"]
+    return orig
+
+
+def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
+    """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts."""
+    import torch
+
+    from vramfit import trace
+    from vramfit.setup import DTYPE_BYTES  # noqa: F401
+    from vramfit.spec import config_from_dict
+
+    if setup.method == "qlora":
+        raise Unsupported("QLoRA (bitsandbytes 4-bit load and kernels)")
+    # 16-mixed: GradScaler's own tensors (scale, found_inf: a few scalars) are left out
+    key_fn = __import__("vramfit.api", fromlist=["trace_key"]).trace_key
+    key = key_fn(spec, setup, targets)
+    config = config_from_dict(__import__("copy").deepcopy(spec.config))
+    config.use_cache = False
+    with trace._quiet():
+        model = trace._prepare_model(config, key, spec)
+    Recorder = _recorder_class()
+    rec = Recorder()
+    marks = {}
+
+    # ---- load: parameters and buffers in creation order
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    lora_ids = {id(p) for p in lora}
+    base = [p for p in model.parameters() if id(p) not in lora_ids]
+    out_emb = model.get_output_embeddings()
+    in_emb = model.get_input_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    for t in base + [b for b in model.buffers() if b.device.type == "meta"]:
+        st = t.untyped_storage()
+        if st._cdata not in rec.live and st.nbytes():
+            rec.live[st._cdata] = rec.alloc(st.nbytes())
+    if tied:  # the LM head's own weight, built then replaced by the tie
+        rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
+    for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
+        st = p.untyped_storage()
+        rec.live[st._cdata] = rec.alloc(st.nbytes())
+    marks["after_load"] = len(rec.events)
+
+    if setup.grad_ckpt:
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # torch's checkpoint re-enters autocast for the recompute: a fresh emulation (its own cache)
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        ckpt_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
+
+        def ctx_fn():
+            recompute = trace._autocast_mode(ckpt_dtype) if ckpt_dtype is not None else contextlib.nullcontext()
+            return contextlib.nullcontext(), recompute
+
+        for mod in base_model.modules():
+            if getattr(mod, "_gradient_checkpointing_func", None) is not None:
+                mod._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, context_fn=ctx_fn)
+        if setup.method != "full":
+            in_emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    model.train()
+
+    orig_fused = _fused_ok() if setup.optim == "adamw_torch_fused" else None
+    try:
+        opt = _make_optimizer(model, setup.optim)
+        ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
+        B, S = setup.micro_batch, setup.seq_len
+        params = [p for p in model.parameters() if p.requires_grad]
+        with rec, _cuda_like(key.attn != "eager", ac_dtype), trace._quiet():
+            for step in range(steps):
+                marks[f"step{step}.forward"] = len(rec.events)
+                ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+                mask = torch.ones((B, S), dtype=torch.long, device="meta")
+                labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+                rec.backward = False
+                ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
+                with ac:
+                    out = model(input_ids=ids, labels=labels)
+                loss = out.loss
+                del out, ac
+                marks[f"step{step}.backward"] = len(rec.events)
+                rec.backward = True
+                loss.backward()
+                del loss, ids, mask, labels
+                rec.backward = False
+                marks[f"step{step}.clip"] = len(rec.events)
+                _clip_grad_norm(params, 1.0)
+                marks[f"step{step}.optimizer"] = len(rec.events)
+                opt.step()
+                marks[f"step{step}.post_step"] = len(rec.events)
+                for p in params:
+                    p.grad = None
+        marks["end"] = len(rec.events)
+    finally:
+        if orig_fused is not None:
+            import torch.optim.optimizer as opt_mod
+
+            opt_mod._get_fused_kernels_supported_devices = orig_fused
+    return {"events": rec.events, "marks": marks}
