@@ -134,3 +134,25 @@ def test_expandable_avoids_fragmentation_the_default_allocator_suffers():
     seq2 = seq[:-1] + [("f", 9), ("a", 99, 40 * MiB)]  # the last block freed: the tail is free
     assert simulate(seq2, expandable_segments=True)["peak_reserved"] == 120 * MiB  # 10 MiB free + 30 mapped
     assert simulate(seq2)["peak_reserved"] == 140 * MiB  # separate 10 MiB segments never merge
+
+
+def test_estimate_can_take_its_peaks_from_the_allocator_simulation(tmp_path):
+    import json
+
+    from vramfit.api import estimate
+
+    from conftest import TINY_LLAMA
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    kw = dict(method="full", precision="bf16-true", seq_len=64, micro_batch=2, use_calibration=False)
+    fitted = estimate(str(cfg), **kw)
+    sim = estimate(str(cfg), simulate_allocator=True, **kw)
+    assert any("allocator simulation" in n for n in sim.notes)
+    # the replay and the phase walk agree on what is allocated; the reserve now comes from segments
+    assert abs(sim.peak_allocated_bytes - fitted.peak_allocated_bytes) < 0.05 * fitted.peak_allocated_bytes
+    assert sim.peak_reserved_bytes >= sim.peak_allocated_bytes
+    assert sim.peak_reserved_bytes % (2 << 20) == 0  # whole 2 MiB / 20 MiB / rounded segments
+    assert sim.device_bytes - sim.peak_reserved_bytes == fitted.device_bytes - fitted.peak_reserved_bytes
+    qlora = estimate(str(cfg), simulate_allocator=True, **{**kw, "method": "qlora"})
+    assert any("does not cover QLoRA" in n for n in qlora.notes)  # said, and the fitted reserve kept

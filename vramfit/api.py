@@ -87,13 +87,44 @@ def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tu
     return breakdown(spec, setup, targets, profile, constants or DEFAULT), targets
 
 
+def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Breakdown:
+    """`bd` with its three peaks from the allocator simulation, or with a note saying why not."""
+    import time
+
+    from vramfit.alloc_events import Unsupported, training_events
+    from vramfit.allocator import simulate
+
+    if setup.loss != "logits":
+        return replace(bd, notes=bd.notes + ("the allocator simulation replays the logits loss only: the reserve "
+                                             "is the fitted one",))
+    started = time.perf_counter()
+    try:
+        ev = training_events(spec, setup, targets)
+    except Unsupported as exc:
+        return replace(bd, notes=bd.notes + (f"the allocator simulation does not cover {exc} yet: the reserve is "
+                                             "the fitted one",))
+    sim = simulate(ev["events"], expandable_segments=setup.allocator == "expandable")
+    comps = dict(bd.components)
+    comps["allocator_reserve"] = sim["peak_reserved"] - sim["peak_allocated"]
+    outside = c.cuda_context_bytes + c.kernel_growth_bytes
+    note = (f"reserved and device peaks from the allocator simulation: {len(ev['events']):,} allocations and "
+            f"frees of 3 steps replayed in {time.perf_counter() - started:.1f} s")
+    return replace(bd, components=comps, peak_allocated_bytes=sim["peak_allocated"],
+                   peak_reserved_bytes=sim["peak_reserved"], device_bytes=sim["peak_reserved"] + outside,
+                   notes=bd.notes + (note,))
+
+
 def estimate(model: str, method: str = "lora", precision: str | None = None, optim: str = "adamw_torch",
              lora_r: int | None = None, lora_alpha: int | None = None, lora_dropout: float | None = None,
              target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
              grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default", loss: str = "logits",
              trust_remote_code: bool = False, constants: Constants | None = None,
-             use_calibration: bool = True) -> Estimate:
-    """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id)."""
+             use_calibration: bool = True, simulate_allocator: bool = False) -> Estimate:
+    """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
+
+    `simulate_allocator`: replay three Trainer steps on the meta device through a model of torch's
+    caching allocator (`vramfit.allocator`) for the reserved and nvidia-smi peaks instead of the
+    fitted reserve: slower (seconds to a minute), closer (benchmarks/results/simulated-reserve.txt)."""
     from vramfit.spec import load_spec
 
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -109,6 +140,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     if setup.attn != "eager" and not spec.supports_sdpa:
         bd = replace(bd, notes=bd.notes + (f"{spec.architecture} has no {setup.attn} support in transformers: "
                                            "estimated with eager attention, which transformers uses for it",))
+    if simulate_allocator:
+        bd = _simulated(spec, setup, targets, bd, constants or DEFAULT)
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

@@ -65,6 +65,9 @@ def estimate(
     allocator: Allocator = typer.Option(Allocator.default, help="torch caching allocator: default or "
                                         "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"),
     loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
+    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="replay three training steps "
+                                            "through a model of torch's caching allocator for the reserved and "
+                                            "nvidia-smi peaks (closer; seconds to a minute on a CPU)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
     gpus: int | None = typer.Option(None, help="data-parallel GPUs: the memory of each [default: 1]"),
     strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
@@ -84,7 +87,8 @@ def estimate(
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                            seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
-                           allocator=allocator.value, loss=loss.value, trust_remote_code=trust_remote_code)
+                           allocator=allocator.value, loss=loss.value, trust_remote_code=trust_remote_code,
+                           simulate_allocator=simulate_allocator)
     except VramfitError as exc:
         _fail(exc)
     if as_json:

@@ -73,7 +73,18 @@ def load_records(paths) -> list[dict]:
     return out
 
 
-def rows(records, constants: Constants = DEFAULT, calibration: dict | None = None) -> list[dict]:
+SIMULATED = RESULTS / "simulated-reserve.json"
+
+
+def sim_key(rec: dict) -> str:
+    env = rec.get("environment", {})
+    return f"{rec['label']}|{env.get('gpu_name', '?')}|{env.get('date', '')}"
+
+
+def rows(records, constants: Constants = DEFAULT, calibration: dict | None = None,
+         simulated: dict | None = None) -> list[dict]:
+    """`simulated`: benchmarks.accuracy.simulate_reserve's results; where a case has one, its three
+    peaks are the allocator simulation's (what `vramfit estimate --simulate-allocator` gives)."""
     out = []
     for rec in records:
         case = rec["case"]
@@ -91,6 +102,13 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
                "memory_fraction": case.get("memory_fraction")}
         meas = measured(rec)
         pred = {"allocated": bd.peak_allocated_bytes, "reserved": bd.peak_reserved_bytes, "device": bd.device_bytes}
+        sim = (simulated or {}).get(sim_key(rec), {})
+        row["source"] = "fitted reserve"
+        if simulated is not None and "sim_reserved" in sim:
+            outside = bd.device_bytes - bd.peak_reserved_bytes
+            pred = {"allocated": sim["sim_allocated"], "reserved": sim["sim_reserved"],
+                    "device": sim["sim_reserved"] + outside}
+            row["source"] = "simulated allocator"
         for k in ("allocated", "reserved", "device"):
             row[f"pred_{k}"] = pred[k]
             row[f"meas_{k}"] = meas[k]
@@ -136,6 +154,8 @@ def markdown(rs) -> str:
     groups = [("all", rs), ("reserve-fit archs", [r for r in rs if r["arch"] in FIT_ARCHS]),
               ("held-out archs", [r for r in rs if r["arch"] not in FIT_ARCHS])]
     groups += [(f"gpu={g}", [r for r in rs if r["gpu"] == g]) for g in sorted({r["gpu"] for r in rs})]
+    if len({r["source"] for r in rs}) > 1:
+        groups += [(s, [r for r in rs if r["source"] == s]) for s in sorted({r["source"] for r in rs})]
     groups += [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
     groups += [(f"arch={a}", [r for r in rs if r["arch"] == a]) for a in sorted({r["arch"] for r in rs})]
     for name, g in groups:
@@ -211,6 +231,8 @@ def main(argv=None) -> None:
     ap.add_argument("results", nargs="*", help="JSONL files (default: benchmarks/results/*.jsonl)")
     ap.add_argument("--out", default=None, help="basename for the .md and .png (default: next to the first file)")
     ap.add_argument("--cases", action="store_true", help="print every case")
+    ap.add_argument("--simulated", action="store_true",
+                    help=f"peaks from the allocator simulation where {SIMULATED.name} has the case")
     ap.add_argument("--calibration", help="a `vramfit calibrate` JSON: report the cases measured on its GPU "
                                           "before and after applying it, and stop")
     args = ap.parse_args(argv)
@@ -218,7 +240,7 @@ def main(argv=None) -> None:
     if args.calibration:
         print(before_after(load_records(paths), json.loads(Path(args.calibration).read_text())))
         return
-    rs = rows(load_records(paths))
+    rs = rows(load_records(paths), simulated=json.loads(SIMULATED.read_text()) if args.simulated else None)
     md = markdown(rs)
     print(md)
     if args.cases:

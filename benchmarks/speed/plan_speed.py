@@ -80,8 +80,30 @@ def cli_speed(model: str, repeats: int) -> list[dict]:
     return rows
 
 
+SWEEP_BUDGETS = ("8GB", "12GB", "16GB", "24GB", "40GB", "80GB")
+
+
+def sweep(budgets=SWEEP_BUDGETS) -> list[dict]:
+    """`vramfit plan P --gpu B` for every bundled profile and budget, each in a fresh process with an
+    empty user cache (only the bundled one): what a user sees the first time."""
+    from vramfit.spec import list_profiles
+
+    rows = []
+    for model in list_profiles():
+        for budget in budgets:
+            cmd = [sys.executable, "-c", "from vramfit.cli import app; app()", "plan", model, "--gpu", budget, "--json"]
+            with tempfile.TemporaryDirectory() as empty:
+                env = {**os.environ, "VRAMFIT_CACHE_DIR": empty, "HF_HUB_OFFLINE": "1"}
+                t = time.perf_counter()
+                subprocess.run(cmd, env=env, capture_output=True)  # "nothing fits" exits 2: timed all the same
+                rows.append({"what": "vramfit plan, fresh process, empty user cache (sweep)", "model": model,
+                             "gpu": budget, "seconds": round(time.perf_counter() - t, 3)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="every bundled profile at 8-80 GB, cold (empty user cache)")
     ap.add_argument("--models", default="qwen2.5-0.5b,llama-3.1-8b,qwen2.5-14b")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="append the rows as JSON lines to this file")
@@ -89,6 +111,19 @@ def main() -> None:
     os.environ.setdefault("VRAMFIT_CACHE_DIR", tempfile.mkdtemp(prefix="vramfit-bench-"))
     machine = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    if args.sweep:
+        rows = sweep()
+        for r in rows:
+            print(json.dumps(r))
+        secs = sorted(r["seconds"] for r in rows)
+        slow = [r for r in rows if r["seconds"] >= CLI_TARGET_S]
+        print(f"sweep: {len(rows)} plans, median {statistics.median(secs):.2f} s, worst {secs[-1]:.2f} s, "
+              f"{len(slow)} at or over {CLI_TARGET_S:.0f} s: {[(r['model'], r['gpu']) for r in slow]}")
+        if args.out:
+            with Path(args.out).open("a") as f:
+                for r in rows:
+                    f.write(json.dumps({**r, **machine}) + "\n")
+        return
     rows = []
     for model in args.models.split(","):
         rows += search_speed(model, args.repeats)
