@@ -19,7 +19,11 @@ not do as CUDA does is emulated:
   (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
   temporaries (the update kernels work in place);
 - torch's fused AdamW on a device the constructor does not accept (the meta device).
-Unsupported here: QLoRA (bitsandbytes 4-bit).  Left out: GradScaler's scalars under 16-mixed.
+- QLoRA (bitsandbytes 0.50.2, transformers 5.23, peft 0.21): the 4-bit load (each bf16 weight
+  quantized on the GPU with its transient buffers), prepare_model_for_kbit_training's fp32 casts
+  and empty_cache, gemm_4bit's dequantize + F.linear forward and dequantize + matmul backward, and
+  peft's Linear4bit LoRA forward (base output cloned); see `_qlora_load`, `_qlora_linear_forward`.
+Left out: GradScaler's scalars under 16-mixed.
 """
 
 from __future__ import annotations
@@ -189,6 +193,142 @@ def _cuda_like(enabled_sdpa: bool, autocast_dtype=None):
             masking_utils.find_packed_sequence_indices = orig_find
 
 
+# --------------------------------------------------------------------------- QLoRA (bitsandbytes 4-bit)
+
+NF4_BLOCK = 64  # bnb_4bit blocksize
+DQ_BLOCK = 256  # double quant: the absmax quantized in blocks of 256
+GEMM_4BIT_CUSTOM_MAX_M = 512  # above this many rows gemm_4bit dequantizes + F.linear on sm90 (any weight)
+
+
+def _quantize_4bit_events(rec, numel: int, first: list) -> list:
+    """Params4bit._quantize of a bf16 weight already on the GPU (bitsandbytes 0.50.2,
+    quantize_4bit with compress_statistics): returns the ids of the storages it keeps."""
+    blocks = -(-numel // NF4_BLOCK)
+    absmax = rec.alloc(4 * blocks)  # bitsandbytes::quantize_4bit: absmax, then the packed weight
+    packed = rec.alloc((numel + 1) // 2)
+    code = rec.alloc(16 * 4)  # get_4bit_type("nf4", device): the 16-value code, per weight
+    offset = rec.alloc(4)  # _absmax.mean()
+    centred = rec.alloc(4 * blocks)  # _absmax - offset
+    if not first:  # quantize_blockwise: name2qmap["dynamic"], built once, global
+        first.append(rec.alloc(256 * 4))
+    absmax2 = rec.alloc(4 * -(-blocks // DQ_BLOCK))  # quantize_blockwise: absmax, then out
+    qabsmax = rec.alloc(blocks)
+    code2 = rec.alloc(256 * 4)  # code.to(A.device, copy=True)
+    rec.free(centred)  # quantize_blockwise returns
+    rec.free(absmax)  # del _absmax
+    return [packed, code, offset, absmax2, qabsmax, code2]
+
+
+def _qlora_linear_forward(rec, compute_dtype):
+    """peft's bnb LoRA Linear4bit.forward over bitsandbytes' Linear4bit.forward + MatMul4Bit:
+    the base output cloned, gemm_4bit's dequantize + F.linear path for more than 512 rows
+    (absmax dequantized to fp32 plus the offset, the weight dequantized to the compute dtype,
+    freed after the matmul), and in backward the weight dequantized again for the input gradient."""
+    import torch
+
+    class _MatMul4Bit(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, A, weight, bias):
+            N, K = weight.shape
+            ctx.wshape = (N, K)
+            M = A.numel() // K
+            if M > GEMM_4BIT_CUSTOM_MAX_M:  # _dequant_linear_fallback
+                absmax_dq = torch.empty((-(-N * K // NF4_BLOCK),), dtype=torch.float32, device=A.device)
+                absmax = absmax_dq + 1.0
+                B_dq = torch.empty((N, K), dtype=A.dtype, device=A.device)
+                out = torch.nn.functional.linear(A, B_dq, bias)
+                del absmax, absmax_dq, B_dq  # the frame's locals, in order
+                return out
+            A = A.contiguous()  # the fused kernel
+            return torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None
+            N, K = ctx.wshape
+            absmax = torch.empty((-(-N * K // NF4_BLOCK),), dtype=torch.float32, device=grad.device)
+            absmax += 1.0
+            W = torch.empty((N, K), dtype=grad.dtype, device=grad.device)  # dequantize_4bit
+            del absmax
+            grad_A = torch.matmul(grad, W)
+            del W
+            return grad_A, None, None
+
+    def base_forward(layer, x):
+        inp_dtype = x.dtype
+        x = x.to(compute_dtype)
+        bias = layer.bias
+        if bias is not None and bias.dtype != x.dtype:  # bias.data = bias.data.to(x.dtype), once
+            st = bias.untyped_storage()
+            old = rec.live.pop(st._cdata, None)
+            bias.data = bias.data.to(x.dtype)
+            if old is not None:
+                rec.free(old)
+            bias = layer.bias
+        return _MatMul4Bit.apply(x, layer.weight, bias).to(inp_dtype)
+
+    def forward(self, x, *args, **kwargs):
+        result = base_forward(self.base_layer, x)
+        result = result.clone()  # peft: "defensively clone"
+        for name in self.active_adapters:
+            if name not in self.lora_A.keys():
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            dropout, scaling = self.lora_dropout[name], self.scaling[name]
+            requires_conversion = not torch.is_autocast_enabled()
+            if requires_conversion:
+                expected_dtype = result.dtype
+                x = self._cast_input_dtype(x, lora_A.weight.dtype)
+            output = lora_B(lora_A(dropout(x))) * scaling
+            if requires_conversion:
+                output = output.to(expected_dtype)
+            result = result + output
+        return result
+
+    return base_forward, forward
+
+
+def _qlora_load(rec, model, base_model, quantized: dict) -> None:
+    """from_pretrained(quantization_config=nf4 + double quant, dtype=bf16, device_map GPU) of a
+    bf16 checkpoint, then prepare_model_for_kbit_training: checkpoint tensors one at a time in
+    natural key order (transformers loads synchronously when it quantizes on the fly), each on the
+    GPU in bf16, the quantized ones quantized and their bf16 copy freed; buffers; then every
+    non-quantized param cast to fp32 (new storage, old freed) and torch.cuda.empty_cache()."""
+    import torch
+    from transformers.core_model_loading import dot_natural_key
+
+    named = {}
+    for n, p in base_model.named_parameters():
+        if "lora_" in n:
+            continue
+        named[n.replace(".base_layer.", ".")] = p
+    first = []
+    bf16_ids = {}
+    for n in sorted(named, key=dot_natural_key):
+        p = named[n]
+        if id(p) in quantized:
+            w = rec.alloc(p.numel() * 2)
+            quantized[id(p)] = _quantize_4bit_events(rec, p.numel(), first)
+            rec.free(w)
+        else:
+            bf16_ids[id(p)] = rec.alloc(p.numel() * 2)
+    for b in base_model.buffers():
+        if b.device.type == "meta" and b.untyped_storage().nbytes():
+            st = b.untyped_storage()
+            if st._cdata not in rec.live:
+                rec.live[st._cdata] = rec.alloc(st.nbytes())
+    for p in base_model.parameters():  # prepare_model_for_kbit_training
+        if id(p) in bf16_ids:
+            new = rec.alloc(p.untyped_storage().nbytes())  # already fp32 in the meta model
+            rec.free(bf16_ids.pop(id(p)))
+            rec.live[p.untyped_storage()._cdata] = new
+    rec.events.append(("e",))
+    for n, p in model.named_parameters():  # peft: adapters built on the CPU, moved to the GPU
+        if "lora_" in n:
+            rec.live[p.untyped_storage()._cdata] = rec.alloc(p.untyped_storage().nbytes())
+
+
 # --------------------------------------------------------------------------- optimizers
 
 
@@ -317,27 +457,39 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
     from vramfit.setup import DTYPE_BYTES  # noqa: F401
     from vramfit.spec import config_from_dict
 
-    if setup.method == "qlora":
-        raise Unsupported("QLoRA (bitsandbytes 4-bit load and kernels)")
     # 16-mixed: GradScaler's own tensors (scale, found_inf: a few scalars) are left out
     key_fn = __import__("vramfit.api", fromlist=["trace_key"]).trace_key
     key = key_fn(spec, setup, targets)
     config = config_from_dict(__import__("copy").deepcopy(spec.config))
     config.use_cache = False
+    qlora = setup.method == "qlora"
     with trace._quiet():
-        model = trace._prepare_model(config, key, spec)
+        model = trace._prepare_model(config, key, spec, conv1d_4bit=True)
     Recorder = _recorder_class()
     rec = Recorder()
     marks = {}
-
-    # ---- load: parameters and buffers in creation order
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    lora_ids = {id(p) for p in lora}
-    base = [p for p in model.parameters() if id(p) not in lora_ids]
-    out_emb = model.get_output_embeddings()
     in_emb = model.get_input_embeddings()
-    tied = out_emb is not None and out_emb.weight is in_emb.weight
-    for t in base + [b for b in model.buffers() if b.device.type == "meta"]:
+
+    if qlora:
+        import types
+
+        base_model = model.get_base_model()
+        quantized = {id(m.weight): None for m in base_model.modules() if type(m).__name__ == "_Meta4bitLinear"}
+        _qlora_load(rec, model, base_model, quantized)
+        base_fwd, lora_fwd = _qlora_linear_forward(rec, torch.bfloat16)  # bnb_4bit_compute_dtype
+        for m in base_model.modules():
+            base = getattr(m, "base_layer", None)
+            if base is not None and id(getattr(base, "weight", None)) in quantized and hasattr(m, "lora_A"):
+                m.forward = types.MethodType(lora_fwd, m)
+            elif id(getattr(m, "weight", None)) in quantized and not hasattr(m, "base_layer"):
+                m.forward = types.MethodType(base_fwd, m)
+    # ---- load: parameters and buffers in creation order
+    lora = [] if qlora else [p for n, p in model.named_parameters() if "lora_" in n]
+    lora_ids = {id(p) for p in lora}
+    base = [] if qlora else [p for p in model.parameters() if id(p) not in lora_ids]
+    out_emb = model.get_output_embeddings()
+    tied = not qlora and out_emb is not None and out_emb.weight is in_emb.weight
+    for t in base + ([] if qlora else [b for b in model.buffers() if b.device.type == "meta"]):
         st = t.untyped_storage()
         if st._cdata not in rec.live and st.nbytes():
             rec.live[st._cdata] = rec.alloc(st.nbytes())

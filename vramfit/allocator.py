@@ -161,6 +161,19 @@ class CachingAllocator:
             self._try_merge(block, cand, pool)
         pool.insert(block)
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache: every free block that is a whole segment is cudaFree'd.
+        Expandable segments (whose free pages torch unmaps) are left mapped here."""
+        if self.expandable:
+            return
+        for pool in self.pools.values():
+            for k in list(pool.keys):
+                b = pool.blocks[k]
+                if b.prev is None and b.next is None:
+                    pool.erase(b)
+                    self.reserved -= b.size
+                    self.segments -= 1
+
     def reset_peaks(self) -> None:
         self.peak_allocated = self.allocated
         self.peak_reserved = self.reserved
@@ -273,12 +286,14 @@ class CachingAllocator:
 
 
 def simulate(events, expandable_segments: bool = False) -> dict:
-    """events: ("a", id, nbytes) / ("f", id) tuples.  Returns the peaks and the segment count."""
+    """events: ("a", id, nbytes) / ("f", id) / ("e",) (empty_cache) tuples.  Returns the peaks and the segment count."""
     a = CachingAllocator(expandable_segments)
     live = {}
     for ev in events:
         if ev[0] == "a":
             live[ev[1]] = a.malloc(ev[2])
+        elif ev[0] == "e":
+            a.empty_cache()
         else:
             a.free(live.pop(ev[1]))
     return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved,

@@ -272,7 +272,7 @@ def _traced_config(config_dict: dict, n_layers: int):
     return config, traced
 
 
-def _prepare_model(config, key: TraceKey, spec):
+def _prepare_model(config, key: TraceKey, spec, conv1d_4bit: bool = False):
     import torch
 
     from vramfit.spec import build_meta_model
@@ -293,6 +293,11 @@ def _prepare_model(config, key: TraceKey, spec):
         for name, mod in list(model.named_modules()):
             if type(mod) is torch.nn.Linear and name != out_name and name:  # transformers' own test
                 mod.__class__ = cls  # same parameters, bitsandbytes' forward
+            elif conv1d_4bit and type(mod).__name__ == "Conv1D" and name != out_name:
+                # transformers quantizes GPT-2's Conv1D too (its weight transposed to out x in)
+                nx, nf = mod.weight.shape
+                new = cls(nx, nf, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
+                model.set_submodule(name, new)
         quantized = {id(m.weight) for m in model.modules() if isinstance(m, cls)}
         for p in model.parameters():  # prepare_model_for_kbit_training: non-quantized params to fp32
             if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in quantized:

@@ -1,6 +1,6 @@
 """Simulated caching allocator vs measured peaks: `python -m benchmarks.accuracy.simulate_reserve`.
 
-For every measured run the event generator supports (vramfit/alloc_events.py: full and LoRA,
+For every measured run the event generator supports (vramfit/alloc_events.py: full, LoRA and QLoRA,
 bf16-true / bf16-mixed / 32-true, AdamW foreach or fused, SGD, bitsandbytes 8-bit and paged
 AdamW, sdpa or eager, checkpointing), 3 Trainer steps are replayed at full size on the meta
 device and fed to the allocator model (vramfit/allocator.py) with the run's allocator setting.
@@ -97,7 +97,8 @@ def main(argv=None) -> None:
         recs = [r for r in recs if args.only in r["label"]]
     cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
     key = lambda r: f"{r['label']}|{r.get('environment', {}).get('gpu_name', '?')}|{r.get('environment', {}).get('date', '')}"  # noqa: E731
-    todo = [r for r in recs if key(r) not in cache]
+    # cases cached as unsupported are retried (the generator may have learned them since)
+    todo = [r for r in recs if key(r) not in cache or "unsupported" in cache[key(r)]]
     if todo:
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
