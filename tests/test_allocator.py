@@ -155,8 +155,10 @@ def test_estimate_can_take_its_peaks_from_the_allocator_simulation(tmp_path):
     assert sim.peak_reserved_bytes % (2 << 20) == 0  # whole 2 MiB / 20 MiB / rounded segments
     assert sim.device_bytes - sim.peak_reserved_bytes == fitted.device_bytes - fitted.peak_reserved_bytes
     qlora = estimate(str(cfg), simulate_allocator=True, **{**kw, "method": "qlora"})
-    assert any("allocator simulation" in n for n in qlora.notes)
-    assert qlora.peak_reserved_bytes >= qlora.peak_allocated_bytes
+    fitted_q = estimate(str(cfg), **{**kw, "method": "qlora"})
+    # QLoRA's replay is not trusted yet: said, and the fitted peaks kept
+    assert any("simulation of QLoRA" in n for n in qlora.notes)
+    assert qlora.device_bytes == fitted_q.device_bytes
 
 
 TINY_HEADS = 4

@@ -97,6 +97,10 @@ def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Brea
     if setup.loss != "logits":
         return replace(bd, notes=bd.notes + ("the allocator simulation replays the logits loss only: the reserve "
                                              "is the fitted one",))
+    if setup.method == "qlora":  # replayed (benchmarks/results/simulated-reserve-qlora.txt), not yet trusted
+        return replace(bd, notes=bd.notes + ("the allocator simulation of QLoRA still misses a logits-sized buffer "
+                                             "on some models (up to 16% under on 24 measured runs): the reserve is "
+                                             "the fitted one",))
     started = time.perf_counter()
     try:
         ev = training_events(spec, setup, targets)

@@ -104,7 +104,8 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
         pred = {"allocated": bd.peak_allocated_bytes, "reserved": bd.peak_reserved_bytes, "device": bd.device_bytes}
         sim = (simulated or {}).get(sim_key(rec), {})
         row["source"] = "fitted reserve"
-        if simulated is not None and "sim_reserved" in sim:
+        # as `vramfit estimate --simulate-allocator` does: QLoRA keeps the fitted reserve for now
+        if simulated is not None and "sim_reserved" in sim and case["method"] != "qlora":
             outside = bd.device_bytes - bd.peak_reserved_bytes
             pred = {"allocated": sim["sim_allocated"], "reserved": sim["sim_reserved"],
                     "device": sim["sim_reserved"] + outside}
