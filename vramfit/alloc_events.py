@@ -97,102 +97,6 @@ def _recorder_class():
     return Recorder
 
 
-def _flash_sdpa(autocast_dtype=None):
-    import torch
-
-    def rnd(x, m):
-        return (x + m - 1) // m * m
-
-    class _FlashAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            b, h, s, d = q.shape
-            out = q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
-            lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
-            ctx.save_for_backward(q, k, v, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, out, lse = ctx.saved_tensors
-            b, h, s, d = q.shape
-            hk, sk = k.shape[1], k.shape[2]
-            # mha_bwd: dq, dk, dv in (B, S, H, D); softmax_d (B, H, S_rounded) fp32; dq_accum
-            # (B, S_rounded, H, D_rounded) fp32; with grouped KV heads, dk/dv expanded to H heads
-            dq = q.new_empty((b, s, h, d))
-            dk = k.new_empty((b, sk, hk, d))
-            dv = v.new_empty((b, sk, hk, v.shape[-1]))
-            s_r = rnd(s, 128)
-            softmax_d = torch.empty((b, h, s_r), dtype=torch.float32, device=q.device)
-            flash = q.dtype != torch.float32
-            d_r = rnd(d, 32) if d <= 192 else 256
-            dq_accum = torch.empty((b, s_r, h, d_r), dtype=torch.float32, device=q.device) if flash else None
-            if hk != h:
-                dk_exp = k.new_empty((b, sk, h, d))
-                dv_exp = v.new_empty((b, sk, h, v.shape[-1]))
-                del dk_exp, dv_exp
-            del dq_accum, softmax_d
-            return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if autocast_dtype is not None:
-            query, key, value = (t.to(autocast_dtype) for t in (query, key, value))
-        if key.shape[1] != query.shape[1] and (query.dtype == torch.float32 or not enable_gqa):
-            return torch.ops.aten._scaled_dot_product_attention_math(
-                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
-        # an explicit mask (Mistral's sliding window) runs the memory-efficient kernel: approximated
-        # by the flash kernel's buffers (the mask itself is the model's own tensor)
-        return _FlashAttention.apply(query, key, value)
-
-    return sdpa
-
-
-def _cuda_dropout():
-    import torch
-
-    class _NativeDropout(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, p):
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-            ctx.save_for_backward(mask)
-            ctx.scale = 1.0 / (1.0 - p)
-            return torch.empty_like(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (mask,) = ctx.saved_tensors
-            return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
-
-    def dropout(input, p=0.5, training=True, inplace=False):
-        if not training or p == 0.0:
-            return input
-        return _NativeDropout.apply(input, p)
-
-    return dropout
-
-
-@contextlib.contextmanager
-def _cuda_like(enabled_sdpa: bool, autocast_dtype=None):
-    import torch
-    from transformers import masking_utils
-
-    orig_find = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if orig_find is not None:
-        masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    orig = torch.nn.functional.scaled_dot_product_attention
-    orig_dropout = torch.nn.functional.dropout
-    if enabled_sdpa:
-        torch.nn.functional.scaled_dot_product_attention = _flash_sdpa(autocast_dtype)
-    torch.nn.functional.dropout = _cuda_dropout()
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = orig
-        torch.nn.functional.dropout = orig_dropout
-        if orig_find is not None:
-            masking_utils.find_packed_sequence_indices = orig_find
-
-
 # --------------------------------------------------------------------------- QLoRA (bitsandbytes 4-bit)
 
 NF4_BLOCK = 64  # bnb_4bit blocksize
@@ -295,7 +199,6 @@ def _qlora_load(rec, model, base_model, quantized: dict) -> None:
     natural key order (transformers loads synchronously when it quantizes on the fly), each on the
     GPU in bf16, the quantized ones quantized and their bf16 copy freed; buffers; then every
     non-quantized param cast to fp32 (new storage, old freed) and torch.cuda.empty_cache()."""
-    import torch
     from transformers.core_model_loading import dot_natural_key
 
     named = {}
@@ -527,7 +430,7 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
         ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
         B, S = setup.micro_batch, setup.seq_len
         params = [p for p in model.parameters() if p.requires_grad]
-        with rec, _cuda_like(key.attn != "eager", ac_dtype), trace._quiet():
+        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype), trace._quiet():
             for step in range(steps):
                 marks[f"step{step}.forward"] = len(rec.events)
                 ids = torch.zeros((B, S), dtype=torch.long, device="meta")

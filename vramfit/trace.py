@@ -109,9 +109,28 @@ def _flash_like_sdpa(autocast_dtype=None):
             return out
 
         @staticmethod
-        def backward(ctx, grad):  # pragma: no cover - never run on meta
+        def backward(ctx, grad):
+            # what FlashAttention-2's mha_bwd allocates (the allocator replay, vramfit.alloc_events,
+            # runs this on meta): dq, dk, dv in (B, S, H, D); softmax_d (B, H, S rounded to 128)
+            # fp32; dq_accum (B, S rounded, H, D rounded) fp32 for the flash kernel; with grouped KV
+            # heads, dk and dv expanded to H heads before they are summed
             q, k, v, _, _ = ctx.saved_tensors
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            b, h, s, d = q.shape
+            hk, sk = k.shape[1], k.shape[2]
+            dq = q.new_empty((b, s, h, d))
+            dk = k.new_empty((b, sk, hk, d))
+            dv = v.new_empty((b, sk, hk, v.shape[-1]))
+            s_r = -(-s // 128) * 128
+            softmax_d = torch.empty((b, h, s_r), dtype=torch.float32, device=q.device)
+            d_r = -(-d // 32) * 32 if d <= 192 else 256
+            dq_accum = (torch.empty((b, s_r, h, d_r), dtype=torch.float32, device=q.device)
+                        if q.dtype != torch.float32 else None)
+            if hk != h:
+                dk_exp = k.new_empty((b, sk, h, d))
+                dv_exp = v.new_empty((b, sk, h, v.shape[-1]))
+                del dk_exp, dv_exp
+            del dq_accum, softmax_d
+            return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if autocast_dtype is not None:
@@ -143,9 +162,9 @@ def _cuda_dropout():
             return x * mask * ctx.scale if x.device.type != "meta" else torch.empty_like(x)
 
         @staticmethod
-        def backward(ctx, grad):  # pragma: no cover
+        def backward(ctx, grad):
             (mask,) = ctx.saved_tensors
-            return grad * mask * ctx.scale, None
+            return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
 
     def dropout(input, p=0.5, training=True, inplace=False):
         if not training or p == 0.0:
