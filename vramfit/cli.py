@@ -65,7 +65,7 @@ def estimate(
     allocator: Allocator = typer.Option(Allocator.default, help="torch caching allocator: default or "
                                         "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"),
     loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
-    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="replay three training steps "
+    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="replay two training steps "
                                             "through a model of torch's caching allocator for the reserved and "
                                             "nvidia-smi peaks (closer; seconds to a minute on a CPU)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
