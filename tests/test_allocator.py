@@ -1,5 +1,7 @@
 """The caching-allocator model against hand-worked sequences (CUDACachingAllocator.cpp's rules)."""
 
+import pytest
+
 from vramfit.allocator import (
     CachingAllocator,
     get_allocation_size,
@@ -248,3 +250,29 @@ def test_empty_cache_releases_whole_free_segments_only():
     a.free(z)
     res = simulate([("a", 0, 30 * MiB), ("f", 0), ("e",), ("a", 1, 1 * MiB)])
     assert res["reserved"] == 2 * MiB and res["peak_reserved"] == 30 * MiB
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fused_loss_replay_agrees_with_the_fused_loss_model(tmp_path, method):
+    """trl's fused LM head replayed (its kernels as on a GPU: nothing allocated but its buffers) and
+    the phase walk's fused-loss terms give the same allocated peak; mixed precision is refused."""
+    import json
+
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    if not hasattr(trl_utils, "add_fused_lm_head"):
+        pytest.skip("this trl has no fused LM head")
+    from vramfit.api import estimate
+
+    from conftest import TINY_LLAMA
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**TINY_LLAMA, "vocab_size": 65536}))  # over trl's 32,768-wide tile
+    kw = dict(method=method, precision="bf16-true", seq_len=128, micro_batch=4, loss="fused", use_calibration=False)
+    fitted = estimate(str(cfg), **kw)
+    sim = estimate(str(cfg), simulate_allocator=True, **kw)
+    assert any("allocator simulation" in n for n in sim.notes)
+    assert abs(sim.peak_allocated_bytes - fitted.peak_allocated_bytes) < 0.05 * fitted.peak_allocated_bytes
+    logits = estimate(str(cfg), simulate_allocator=True, **{**kw, "loss": "logits"})
+    assert sim.peak_allocated_bytes < logits.peak_allocated_bytes  # no (tokens x vocab) fp32 buffers
+    mixed = estimate(str(cfg), simulate_allocator=True, **{**kw, "precision": "bf16-mixed"})
+    assert any("does not cover trl's fused loss under autocast" in n for n in mixed.notes)

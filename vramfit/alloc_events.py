@@ -232,6 +232,43 @@ def _qlora_load(rec, model, base_model, quantized: dict) -> None:
             rec.live[p.untyped_storage()._cdata] = rec.alloc(p.untyped_storage().nbytes())
 
 
+@contextlib.contextmanager
+def _trl_fused_kernels():
+    """trl's fused LM head as it runs on a GPU, on the meta device: its Triton kernels fold each
+    tile in place (nothing allocated) and the fp32 gradient GEMMs accumulate in place."""
+    import types
+
+    from trl.kernels import chunked_logprob as kern
+
+    class _NoKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved = {name: getattr(kern, name, None) for name in ("_use_triton", "_forward_kernel", "_backward_kernel",
+                                                          "_addmm_fp32", "triton")}
+    import torch
+
+    is_autocast = torch.is_autocast_enabled
+    # the kernel asks autocast about the tensors' device, which has no autocast on meta: no autocast
+    # is what a run without mixed precision has (mixed precision is refused before this)
+    torch.is_autocast_enabled = lambda *a: False if a and a[0] == "meta" else is_autocast(*a)
+    kern._use_triton = lambda device: True
+    kern._forward_kernel = kern._backward_kernel = _NoKernel()
+    kern._addmm_fp32 = lambda acc, a, b: None
+    if saved["triton"] is None:
+        kern.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = is_autocast
+        for name, value in saved.items():
+            if value is None:
+                if hasattr(kern, name):
+                    delattr(kern, name)
+            else:
+                setattr(kern, name, value)
+
+
 # --------------------------------------------------------------------------- optimizers
 
 
@@ -352,8 +389,10 @@ def _fused_ok():
     return orig
 
 
-def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
-    """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts."""
+def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> dict:
+    """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts.
+    `seq_lens`: each step's padded batch length (real data: the longest row of each batch); default
+    `setup.seq_len` for every step."""
     import torch
 
     from vramfit import trace
@@ -422,6 +461,17 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
                 mod._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, context_fn=ctx_fn)
         if setup.method != "full":
             in_emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    fused_loss = setup.loss == "fused"
+    if fused_loss:  # what trl's SFTTrainer does to the model (vramfit train)
+        if key.autocast_dtype:
+            raise Unsupported("trl's fused loss under autocast (its tile dtype follows CUDA autocast)")
+        import logging
+
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # trl imports it: its CPU-kernel notice
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                          outputs=("log_probs", "entropy", "is_top1"))
     model.train()
 
     orig_fused = _fused_ok() if setup.optim == "adamw_torch_fused" else None
@@ -430,8 +480,10 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
         ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
         B, S = setup.micro_batch, setup.seq_len
         params = [p for p in model.parameters() if p.requires_grad]
-        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype), trace._quiet():
-            for step in range(steps):
+        kernels = _trl_fused_kernels() if fused_loss else contextlib.nullcontext()
+        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype), trace._quiet(), kernels:
+            for step in range(len(seq_lens) if seq_lens else steps):
+                S = seq_lens[step] if seq_lens else setup.seq_len
                 marks[f"step{step}.forward"] = len(rec.events)
                 ids = torch.zeros((B, S), dtype=torch.long, device="meta")
                 mask = torch.ones((B, S), dtype=torch.long, device="meta")
@@ -439,7 +491,7 @@ def training_events(spec, setup, targets=(), steps: int = 3) -> dict:
                 rec.backward = False
                 ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
                 with ac:
-                    out = model(input_ids=ids, labels=labels)
+                    out = model(input_ids=ids, labels=labels, **({"fused_lm_head": True} if fused_loss else {}))
                 loss = out.loss
                 del out, ac
                 marks[f"step{step}.backward"] = len(rec.events)

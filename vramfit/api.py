@@ -94,9 +94,6 @@ def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Brea
     from vramfit.alloc_events import Unsupported, training_events
     from vramfit.allocator import simulate
 
-    if setup.loss != "logits":
-        return replace(bd, notes=bd.notes + ("the allocator simulation replays the logits loss only: the reserve "
-                                             "is the fitted one",))
     if setup.method == "qlora":  # replayed (benchmarks/results/simulated-reserve-qlora.txt), not yet trusted
         return replace(bd, notes=bd.notes + ("the allocator simulation of QLoRA still misses a logits-sized buffer "
                                              "on some models (up to 16% under on 24 measured runs): the reserve is "

@@ -220,7 +220,7 @@ def head_terms(spec, s: Setup, profile) -> HeadTerms:
     wb = FP32 if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]  # prepare_model_for_kbit_training: fp32 head
     trainable = s.method == "full"
     rows, cols = min(T, TRL_TOKEN_CHUNK), min(V, TRL_VOCAB_CHUNK)
-    tile = rows * cols * cb
+    tile = rows * TRL_VOCAB_CHUNK * cb  # allocated at the full chunk width, whatever the vocabulary
     copies = (rows * H * cb if hb != cb else 0) + (cols * H * cb if wb != cb else 0)
     hidden_copy = T * H * hb
     small = T * (FP32 + FP32)  # log_z and the entropy (the int64 labels are saved on both paths)
