@@ -194,3 +194,28 @@ def test_qlora_case_runs_on_gpu(tiny_profiles, tmp_path):
     line = harness.run_case(dict(case, id=cases.case_id(case)), "test", 300, tmp_path, checkpoints)
     assert line["status"] == "ok", line.get("traceback")
     assert line["peak_reserved_bytes"] >= line["peak_allocated_bytes"] > 0
+
+
+def test_memory_history_splits_allocator_and_replay_errors():
+    """A real stream (torch's snapshot format) through the allocator model, and the allocations of
+    1 MiB or more that the replay lacks, with where they came from."""
+    from benchmarks.accuracy import memory_history as mh
+
+    MiB = 1 << 20
+    frames = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+              {"filename": "/x/transformers/loss_utils.py", "line": 40, "name": "ForCausalLMLoss"}]
+    trace = [{"action": "alloc", "addr": 0x1000, "size": 30 * MiB, "frames": frames},
+             {"action": "alloc", "addr": 0x9000, "size": 5 * MiB, "frames": frames},
+             {"action": "free_requested", "addr": 0x1000},
+             {"action": "free_completed", "addr": 0x1000},
+             {"action": "alloc", "addr": 0x1000, "size": 10 * MiB, "frames": frames},  # address reused
+             {"action": "free_completed", "addr": 0x77}]  # allocated before the recording: skipped
+    events = mh.events_from_snapshot({"device_traces": [trace]})
+    assert [e[0] for e in events] == ["a", "a", "f", "a", "f"]
+    assert events[0][3] == "loss_utils.py:40:ForCausalLMLoss"  # the first frame outside torch
+    replay = [("a", 1, 30 * MiB), ("f", 1), ("a", 2, 10 * MiB)]  # lacks the 5 MiB one
+    res = mh.compare({"events": events}, replay)
+    real = res["allocator_on_real_stream"]
+    assert real["peak_allocated"] >= 35 * MiB and real["peak_reserved"] >= real["peak_allocated"]
+    assert [(r["size"], r["missing"]) for r in res["size_diff"]] == [(5 * MiB, 1)]
+    assert res["size_diff"][0]["frames"][0][0] == "loss_utils.py:40:ForCausalLMLoss"

@@ -242,6 +242,8 @@ def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = No
             torch.empty(1, device="cuda")
             if case.get("memory_fraction"):
                 torch.cuda.set_per_process_memory_fraction(case["memory_fraction"], 0)
+            if os.environ.get("VRAMFIT_MEMORY_HISTORY"):  # every allocation and free, for memory_history.py
+                torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
             result["after_cuda_init"] = {**probe.torch_memory(torch), **sampler.read()}
         result["environment"] = probe.environment(torch, sampler)
         config_dict = cases.model_config_dict(case)
@@ -283,6 +285,10 @@ def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = No
         result["error_phase"] = recorder.phase
         result["traceback"] = traceback.format_exc()[-3000:]
     result.pop("phase", None)
+    if recorder.cuda and os.environ.get("VRAMFIT_MEMORY_HISTORY"):
+        from . import memory_history
+
+        result["memory_history"] = memory_history.dump(torch, os.environ["VRAMFIT_MEMORY_HISTORY"], case)
     result.update(summary(torch, recorder, case))
     if sampler:
         result.update(sampler.stop())
