@@ -113,23 +113,17 @@ def main() -> None:
                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if args.sweep:
         rows = sweep()
-        for r in rows:
-            print(json.dumps(r))
+        _emit(rows, args.out, machine)
         secs = sorted(r["seconds"] for r in rows)
         slow = [r for r in rows if r["seconds"] >= CLI_TARGET_S]
         print(f"sweep: {len(rows)} plans, median {statistics.median(secs):.2f} s, worst {secs[-1]:.2f} s, "
               f"{len(slow)} at or over {CLI_TARGET_S:.0f} s: {[(r['model'], r['gpu']) for r in slow]}")
-        if args.out:
-            with Path(args.out).open("a") as f:
-                for r in rows:
-                    f.write(json.dumps({**r, **machine}) + "\n")
         return
     rows = []
     for model in args.models.split(","):
         rows += search_speed(model, args.repeats)
         rows += cli_speed(model, max(1, args.repeats // 2))
-    for r in rows:
-        print(json.dumps(r))
+    _emit(rows, args.out, machine)
     for kind in ("search", "search (exhaustive)"):
         big = [r for r in rows if r["what"] == kind and r["candidates"] >= SEARCH_MIN_CANDIDATES]
         worst = max(r["seconds"] for r in big)
@@ -139,8 +133,14 @@ def main() -> None:
         worst = max(r["seconds"] for r in rows if r["what"].endswith(kind))
         print(f"vramfit plan, fresh process, {kind}: worst {worst:.2f} s (target {CLI_TARGET_S:.0f} s): "
               f"{'ok' if worst < CLI_TARGET_S else 'MISSED'}")
-    if args.out:
-        with Path(args.out).open("a") as f:
+
+
+def _emit(rows: list, out: str | None, machine: dict) -> None:
+    """Print the rows; append them, with the machine, to `out` as JSON lines."""
+    for r in rows:
+        print(json.dumps(r))
+    if out:
+        with Path(out).open("a") as f:
             for r in rows:
                 f.write(json.dumps({**r, **machine}) + "\n")
 
