@@ -393,16 +393,17 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> d
     """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts.
     `seq_lens`: each step's padded batch length (real data: the longest row of each batch); default
     `setup.seq_len` for every step."""
+    import copy
+
     import torch
 
     from vramfit import trace
-    from vramfit.setup import DTYPE_BYTES  # noqa: F401
+    from vramfit.api import trace_key
     from vramfit.spec import config_from_dict
 
     # 16-mixed: GradScaler's own tensors (scale, found_inf: a few scalars) are left out
-    key_fn = __import__("vramfit.api", fromlist=["trace_key"]).trace_key
-    key = key_fn(spec, setup, targets)
-    config = config_from_dict(__import__("copy").deepcopy(spec.config))
+    key = trace_key(spec, setup, targets)
+    config = config_from_dict(copy.deepcopy(spec.config))
     config.use_cache = False
     qlora = setup.method == "qlora"
     with trace._quiet():
@@ -486,6 +487,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> d
                 S = seq_lens[step] if seq_lens else setup.seq_len
                 marks[f"step{step}.forward"] = len(rec.events)
                 ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+                # the batch's attention_mask, moved to the GPU with it; all ones, so the model (given
+                # none) builds the same causal attention
                 mask = torch.ones((B, S), dtype=torch.long, device="meta")
                 labels = torch.zeros((B, S), dtype=torch.long, device="meta")
                 rec.backward = False

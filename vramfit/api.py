@@ -87,6 +87,15 @@ def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tu
     return breakdown(spec, setup, targets, profile, constants or DEFAULT), targets
 
 
+def untrusted_simulation(setup: Setup) -> str | None:
+    """Why the allocator replay's peaks are not used for `setup`, or None when they are.  QLoRA is
+    replayed (benchmarks/results/simulated-reserve-qlora.txt) but not yet trusted."""
+    if setup.method == "qlora":
+        return ("the allocator simulation of QLoRA still misses a logits-sized buffer on some models (up to 16% "
+                "under on 24 measured runs): the reserve is the fitted one")
+    return None
+
+
 def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Breakdown:
     """`bd` with its three peaks from the allocator simulation, or with a note saying why not."""
     import time
@@ -94,10 +103,9 @@ def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Brea
     from vramfit.alloc_events import Unsupported, training_events
     from vramfit.allocator import simulate
 
-    if setup.method == "qlora":  # replayed (benchmarks/results/simulated-reserve-qlora.txt), not yet trusted
-        return replace(bd, notes=bd.notes + ("the allocator simulation of QLoRA still misses a logits-sized buffer "
-                                             "on some models (up to 16% under on 24 measured runs): the reserve is "
-                                             "the fitted one",))
+    why_not = untrusted_simulation(setup)
+    if why_not:
+        return replace(bd, notes=bd.notes + (why_not,))
     started = time.perf_counter()
     try:
         # two steps: measured reserved is flat from the second step on (optimizer states exist), and

@@ -20,7 +20,6 @@ import json
 import os
 import tempfile
 import zipfile
-from importlib import metadata
 from pathlib import Path
 
 
@@ -30,13 +29,9 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> str:
-    out = []
-    for pkg in ("transformers", "peft"):
-        try:
-            out.append(f"{pkg}={metadata.version(pkg)}")
-        except metadata.PackageNotFoundError:
-            out.append(f"{pkg}=none")
-    return ",".join(out) + ",format=8"
+    from vramfit.versions import installed
+
+    return ",".join(f"{pkg}={v or 'none'}" for pkg, v in installed("transformers", "peft").items()) + ",format=8"
 
 
 def _digest(*parts) -> str:
@@ -148,7 +143,8 @@ def build_bundled(profiles=None) -> int:
     """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
     the default setups (`vramfit estimate` defaults, the README's QLoRA command, and what the
     default `vramfit plan` evaluates on a bf16 and on an fp16 card)."""
-    from vramfit import cache as live  # not this module's globals when it runs as __main__
+    # this module's globals are not the live ones when it runs as __main__
+    from vramfit import cache as live
     from vramfit.api import estimate
 
     dest = live.BUNDLED_ZIP
@@ -161,7 +157,6 @@ def build_bundled(profiles=None) -> int:
 
     n = 0
     from vramfit.errors import VramfitError
-
     from vramfit.planner import plan
 
     for name in profiles or list_profiles():

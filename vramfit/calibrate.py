@@ -28,20 +28,14 @@ def calibration_dir() -> Path:
 
 def local_key() -> str | None:
     """GPU name, driver, torch and transformers versions of this machine; None without a GPU."""
-    from importlib import metadata
-
     from vramfit.gpu import probe
+    from vramfit.versions import installed
 
     try:
         found = probe()
     except VramfitError:
         return None
-    vers = []
-    for pkg in ("torch", "transformers"):
-        try:
-            vers.append(metadata.version(pkg))
-        except metadata.PackageNotFoundError:
-            vers.append("none")
+    vers = [v or "none" for v in installed("torch", "transformers").values()]
     return "_".join([found.devices[0].name.replace(" ", "-"), found.driver_version, *vers])
 
 

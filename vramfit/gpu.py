@@ -83,12 +83,17 @@ class Probe:
 
 
 @functools.lru_cache(maxsize=1)
+def gpu_table() -> dict:
+    """gpus.toml's [gpus] table, read once: {key: its fields}."""
+    with GPUS_FILE.open("rb") as f:
+        return tomllib.load(f)["gpus"]
+
+
+@functools.lru_cache(maxsize=1)
 def load_profiles() -> dict:
     """gpus.toml -> {key: Device} (source "profile"), in file order."""
-    with GPUS_FILE.open("rb") as f:
-        data = tomllib.load(f)["gpus"]
     out = {}
-    for key, g in data.items():
+    for key, g in gpu_table().items():
         total = int(g["memory_bytes"])
         out[key] = Device(name=g["name"], total_bytes=total,
                           free_bytes=total - int(total * DRIVER_RESERVED_FRACTION), bf16=bool(g["bf16"]),
@@ -101,10 +106,8 @@ def load_profiles() -> dict:
 @functools.lru_cache(maxsize=1)
 def _aliases() -> dict:
     """compact name -> profile key, for the key, every alias and the marketing name."""
-    with GPUS_FILE.open("rb") as f:
-        data = tomllib.load(f)["gpus"]
     out = {}
-    for key, g in data.items():
+    for key, g in gpu_table().items():
         for name in (key, *g.get("aliases", ()), g["name"]):
             out.setdefault(_compact(name), key)
     return out

@@ -180,7 +180,7 @@ def choose(spec, setup_options: dict, seq_len: int, gpus: int, strategy: str | N
            effective_batch: int | None):
     """The setup and strategy -> (Setup, strategy, GpusPlan or None)."""
     from vramfit.setup import make_setup
-    from vramfit.train import SETUP_FIELDS
+    from vramfit.train import SETUP_FIELDS, planner_restrictions
 
     given = {k: v for k, v in setup_options.items() if v is not None}
     given.setdefault("seq_len", seq_len)
@@ -190,14 +190,8 @@ def choose(spec, setup_options: dict, seq_len: int, gpus: int, strategy: str | N
         return s, strategy, None
     from vramfit.multigpu import plan_gpus
 
-    mb, ga = given.get("micro_batch"), given.get("grad_accum")
-    effective = effective_batch or (mb * ga * gpus if mb and ga else None)
-    kw = {k: given[k] for k in ("micro_batch", "lora_r", "lora_alpha", "target_modules", "precision", "optim",
-                                "grad_ckpt", "attn") if k in given}
-    if effective:
-        kw["effective_batch"] = effective
     p = plan_gpus(spec, str(gpus), strategy=strategy, method=given.get("method", "auto"), seq_len=given["seq_len"],
-                  headroom=headroom, **kw)
+                  headroom=headroom, **planner_restrictions(given, effective_batch, gpus))
     return p.setup, p.chosen.strategy, p
 
 

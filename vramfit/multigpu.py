@@ -19,8 +19,6 @@ import importlib.util
 import re
 from dataclasses import dataclass, replace
 
-import tomllib
-
 from vramfit.distributed import (
     DEFAULT_HOST_LINK_BYTES_PER_S,
     STRATEGIES,
@@ -71,12 +69,10 @@ class GpuSet:
 
 
 def _interconnects() -> dict:
-    from vramfit.gpu import GPUS_FILE
+    from vramfit.gpu import gpu_table
 
-    with GPUS_FILE.open("rb") as f:
-        data = tomllib.load(f)["gpus"]
     return {k: (int(g.get("interconnect_bytes_per_s", DEFAULT_HOST_LINK_BYTES_PER_S)),
-                g.get("interconnect", "PCIe 4.0 x16 (assumed)")) for k, g in data.items()}
+                g.get("interconnect", "PCIe 4.0 x16 (assumed)")) for k, g in gpu_table().items()}
 
 
 def resolve_gpus(text) -> GpuSet:

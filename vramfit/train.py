@@ -163,6 +163,18 @@ def trainer_loss() -> str:
     return "fused" if hasattr(trl_utils, "add_fused_lm_head") else "logits"
 
 
+def planner_restrictions(given: dict, effective_batch: int | None, gpus: int = 1) -> dict:
+    """The options the user fixed, as the planner's keyword arguments; the effective batch is the
+    given one, else micro-batch x accumulation x GPUs when both are fixed."""
+    mb, ga = given.get("micro_batch"), given.get("grad_accum")
+    effective = effective_batch or (mb * ga * gpus if mb and ga else None)
+    kw = {k: given[k] for k in ("micro_batch", "lora_r", "lora_alpha", "target_modules", "precision", "optim",
+                                "grad_ckpt", "attn") if k in given}
+    if effective:
+        kw["effective_batch"] = effective
+    return kw
+
+
 def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, headroom: str = "5%",
                  effective_batch: int | None = None):
     """The setup the run uses -> (Setup, Plan or None).  All of SETUP_FIELDS given: the user's,
@@ -177,14 +189,8 @@ def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, head
     except ImportError:
         missing = ", ".join("--" + k.replace("_", "-") for k in SETUP_FIELDS if k not in given)
         raise VramfitError(f"give {missing}: the planner that would choose them is not installed") from None
-    mb, ga = given.get("micro_batch"), given.get("grad_accum")
-    effective = effective_batch or (mb * ga if mb and ga else None)
-    kw = {k: given[k] for k in ("micro_batch", "lora_r", "lora_alpha", "target_modules", "precision", "optim",
-                                "grad_ckpt", "attn") if k in given}
-    if effective:
-        kw["effective_batch"] = effective
     p = plan(spec, gpu or "auto", headroom=headroom, method=given.get("method", "auto"), seq_len=given["seq_len"],
-             loss=given["loss"], **kw)
+             loss=given["loss"], **planner_restrictions(given, effective_batch))
     s = p.setup
     if s.method != "full" and "lora_dropout" in given:
         s = s.with_(lora_dropout=given["lora_dropout"])
@@ -814,15 +820,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def versions() -> dict:
-    from importlib import metadata
+    from vramfit.versions import installed
 
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return installed(*PACKAGES)
 
 
 def _run_report(status, source, opts, d, s, plan, predicted, runner, max_steps, outputs, loss_note, cuda) -> dict:

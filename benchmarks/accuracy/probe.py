@@ -15,19 +15,14 @@ import platform
 import socket
 import threading
 import time
-from importlib import metadata
+
+from vramfit.versions import installed
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "nvidia-ml-py")
 
 
 def package_versions() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return installed(*PACKAGES)
 
 
 def nvml_index() -> int:

@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from vramfit.api import estimate_setup
+from vramfit.api import estimate_setup, untrusted_simulation
 from vramfit.constants import DEFAULT, Constants
 from vramfit.setup import Setup, validate
 from vramfit.spec import load_spec
@@ -104,8 +104,8 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
         pred = {"allocated": bd.peak_allocated_bytes, "reserved": bd.peak_reserved_bytes, "device": bd.device_bytes}
         sim = (simulated or {}).get(sim_key(rec), {})
         row["source"] = "fitted reserve"
-        # as `vramfit estimate --simulate-allocator` does: QLoRA keeps the fitted reserve for now
-        if simulated is not None and "sim_reserved" in sim and case["method"] != "qlora":
+        # as `vramfit estimate --simulate-allocator` does
+        if simulated is not None and "sim_reserved" in sim and untrusted_simulation(case_setup(case)) is None:
             outside = bd.device_bytes - bd.peak_reserved_bytes
             pred = {"allocated": sim["sim_allocated"], "reserved": sim["sim_reserved"],
                     "device": sim["sim_reserved"] + outside}

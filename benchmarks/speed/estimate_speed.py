@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
+
+from vramfit.versions import installed
 
 CASES = [("llama-3.1-8b", ["--method", "qlora", "--grad-ckpt"]), ("qwen2.5-0.5b", ["--method", "lora"]),
          ("mistral-7b-v0.1", ["--method", "full", "--precision", "bf16-mixed"])]
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
               "cpus": os.cpu_count(), "python": platform.python_version(),
-              "versions": {p: metadata.version(p) for p in ("torch", "transformers", "peft")}, "cases": []}
+              "versions": installed("torch", "transformers", "peft"), "cases": []}
     for model, extra in CASES:
         with tempfile.TemporaryDirectory() as cache:
             first = _cli_seconds(model, extra, cache)
