@@ -513,7 +513,3 @@ def communication_bytes(spec, s: Setup, targets, st: Strategy, n: int, c=None) -
     if st.offload_params:
         host += int(micro * 2 * params / n)
     return int(comm), host
-
-
-def fits_per_gpu(est: DistEstimate, usable_bytes: int) -> bool:
-    return est.device_bytes <= usable_bytes

@@ -128,10 +128,6 @@ def missing_package(strategy_name: str) -> str | None:
     return None
 
 
-def available_strategies(installed_only: bool = False) -> tuple:
-    return tuple(n for n in STRATEGIES if not installed_only or missing_package(n) is None)
-
-
 # --------------------------------------------------------------------------- cost
 
 
