@@ -219,3 +219,10 @@ def test_memory_history_splits_allocator_and_replay_errors():
     assert real["peak_allocated"] >= 35 * MiB and real["peak_reserved"] >= real["peak_allocated"]
     assert [(r["size"], r["missing"]) for r in res["size_diff"]] == [(5 * MiB, 1)]
     assert res["size_diff"][0]["frames"][0][0] == "loss_utils.py:40:ForCausalLMLoss"
+
+
+def test_replay_phase_peaks_follow_the_marks():
+    from benchmarks.accuracy.replay_phases import phase_peaks
+
+    events = [("a", 1, 10), ("a", 2, 5), ("f", 1), ("a", 3, 7), ("f", 2), ("f", 3)]
+    assert phase_peaks(events, {"forward": 0, "backward": 2}) == {"forward": 15, "backward": 12}
