@@ -9,32 +9,29 @@ from typing import Optional
 
 import typer
 
+from vramfit.data import FORMATS
 from vramfit.errors import VramfitError
+from vramfit.setup import ALLOCATORS, ATTENTION, LOSSES, METHODS
+
+
+def _choices(name: str, *values: str):
+    """A str Enum of `values` (member names are the values), for typer's choice options."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Method = _choices("Method", *METHODS)
+PlanMethod = _choices("PlanMethod", "auto", *METHODS)
+Attn = _choices("Attn", *ATTENTION)
+Allocator = _choices("Allocator", *ALLOCATORS)
+Loss = _choices("Loss", *LOSSES)
+Prefer = _choices("Prefer", "speed", "memory")
+DataFormat = _choices("DataFormat", "auto", *FORMATS)
+BadRowAction = _choices("BadRowAction", "skip", "fail")
+Init = _choices("Init", "pretrained", "random")
+SeqLenFrom = _choices("SeqLenFrom", "max", "p99")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Will this fine-tuning run fit on my GPU, and what is the best setup that does?")
-
-
-class Method(str, Enum):
-    full = "full"
-    lora = "lora"
-    qlora = "qlora"
-
-
-class Attn(str, Enum):
-    sdpa = "sdpa"
-    flash_attention_2 = "flash_attention_2"
-    eager = "eager"
-
-
-class Allocator(str, Enum):
-    default = "default"
-    expandable = "expandable"
-
-
-class Loss(str, Enum):
-    logits = "logits"
-    fused = "fused"
 
 
 LOSS_HELP = ("how the loss is computed: logits (transformers Trainer, model(labels=...): full logits, fp32 "
@@ -140,18 +137,6 @@ def profiles():
         params = data.get("_params")
         table.add_row(name, data.get("model_type", "?"), data.get("_hub_id", ""), f"{params:,}" if params else "")
     Console().print(table)
-
-
-class PlanMethod(str, Enum):
-    auto = "auto"
-    full = "full"
-    lora = "lora"
-    qlora = "qlora"
-
-
-class Prefer(str, Enum):
-    speed = "speed"
-    memory = "memory"
 
 
 @app.command()
@@ -315,29 +300,6 @@ def calibrate(
 
     for line in calibration_lines(data):
         typer.echo(line)
-
-
-class DataFormat(str, Enum):
-    auto = "auto"
-    alpaca = "alpaca"
-    prompt_completion = "prompt-completion"
-    messages = "messages"
-    text = "text"
-
-
-class BadRowAction(str, Enum):
-    skip = "skip"
-    fail = "fail"
-
-
-class Init(str, Enum):
-    pretrained = "pretrained"
-    random = "random"
-
-
-class SeqLenFrom(str, Enum):
-    max = "max"
-    p99 = "p99"
 
 
 @app.command()
