@@ -249,6 +249,25 @@ def test_fit_cost_model_recovers_known_constants(small, seven_b):
         fit_cost_model(samples[:1])
 
 
+def test_fit_cost_model_separates_the_adapters_overhead_when_full_runs_are_given(small, seven_b):
+    truth = CostModel(mfu_max=0.5, layer_overhead_s=900e-6, adapter_overhead_s=40e-6, dequant_bytes_per_param=30.0)
+    h100 = resolve_gpu("h100")
+    samples = []
+    for spec in (small, seven_b):
+        for method, precision in (("full", "bf16-true"), ("lora", "bf16-true"), ("qlora", "bf16-mixed")):
+            for mb, seq in ((1, 512), (4, 2048)):
+                s = Setup(method=method, precision=precision, micro_batch=mb, seq_len=seq, grad_accum=1,
+                          **({} if method == "full" else {"target_modules": "all-linear"}))
+                tps = 1 / seconds_per_token(spec, s, h100, resolve_targets(spec, s), truth)
+                samples.append((spec, s, h100, tps))
+    fitted = fit_cost_model(samples, base=CostModel(adapter_overhead_s=0.0))
+    assert fitted.adapter_overhead_s == pytest.approx(40e-6, rel=1e-6)
+    assert fitted.layer_overhead_s == pytest.approx(900e-6, rel=1e-6)
+    assert fitted.dequant_bytes_per_param == pytest.approx(30.0, rel=1e-6)
+    lora = [x for x in samples if x[1].method == "lora"]  # no full run: the adapter term is not identifiable
+    assert fit_cost_model(lora, base=CostModel(adapter_overhead_s=5e-6)).adapter_overhead_s == 5e-6
+
+
 def test_a_calibrated_cost_model_is_used_by_the_plan(small):
     slow = replace(planner.DEFAULT_COST, mfu_max=0.1, source="test")
     p = plan(small, "24GiB", cost=slow)

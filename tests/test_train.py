@@ -273,7 +273,7 @@ def test_fallback_picks_the_first_setup_predicted_to_fit_after_the_measured_over
 
 def test_a_complete_setup_from_options_skips_the_planner(tiny_spec):
     s, plan = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)
-    assert plan is None and s == make_setup(**LORA, lora_r=8, seq_len=100, loss=trainer_loss())
+    assert plan is None and s == make_setup(**LORA, lora_r=8, seq_len=100, loss=trainer_loss(), allocator=s.allocator)
 
 
 def test_the_run_is_predicted_with_the_loss_its_trainer_computes(tiny_spec):
@@ -283,6 +283,25 @@ def test_the_run_is_predicted_with_the_loss_its_trainer_computes(tiny_spec):
     assert trainer_loss() == ("fused" if hasattr(trl_utils, "add_fused_lm_head") else "logits")
     s, _ = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)
     assert s.loss == trainer_loss()
+
+
+@pytest.mark.parametrize("conf, expected", [(None, "expandable"), ("expandable_segments:True", "expandable"),
+                                             ("max_split_size_mb:128, expandable_segments:true", "expandable"),
+                                             ("expandable_segments:False", "default")])
+def test_the_run_is_predicted_with_the_allocator_torch_will_use(tiny_spec, monkeypatch, conf, expected):
+    # the planner must not pick an allocator the run does not apply: PYTORCH_CUDA_ALLOC_CONF decides
+    # unless --allocator is given; unset, expandable segments (padded batches fragment the default)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    if conf is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
+    assert choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)[0].allocator == expected
+    given = "default" if expected == "expandable" else "expandable"
+    assert choose_setup(tiny_spec, dict(LORA, lora_r=8, allocator=given), seq_len=100)[0].allocator == given
+    pytest.importorskip("vramfit.planner")
+    s, plan = choose_setup(tiny_spec, {"method": "lora"}, seq_len=100, gpu="24GiB", effective_batch=8)
+    assert s.allocator == expected
 
 
 def test_missing_options_are_chosen_by_the_planner(tiny_spec):
@@ -325,3 +344,24 @@ def test_enforce_budget_caps_the_allocator_below_the_card_by_what_lives_outside_
     for gpu in (None, "auto", "cuda:0"):
         with pytest.raises(VramfitError, match="needs --gpu with a smaller card"):
             vt.enforce_budget(gpu, "5%")
+
+
+def test_free_memory_releases_the_embeddings_bitsandbytes_keeps_for_8bit_optimizers():
+    # transformers' Trainer registers each nn.Embedding with bitsandbytes' process-wide manager when
+    # the optimizer is a bnb 8-bit one; without a reset the weights outlive the Trainer (the OOM
+    # fall-back's next attempt, or any later Trainer in the process, would start with them resident)
+    import gc
+    import weakref
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from vramfit.train import free_memory
+
+    emb = torch.nn.Embedding(16, 8)
+    bnb.optim.GlobalOptimManager.get_instance().register_module_override(emb, "weight", {"optim_bits": 32})
+    weight = weakref.ref(emb.weight)
+    del emb
+    gc.collect()
+    assert weight() is not None  # what the manager holds
+    free_memory(None)
+    assert weight() is None
+    assert bnb.optim.GlobalOptimManager.get_instance().module_weight_config_triple == []

@@ -330,6 +330,10 @@ def train(
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
     seq_len: Optional[int] = typer.Option(None, help="sequence length for the prediction [default: from the data]"),
     attn: Attn = typer.Option(Attn.sdpa, help="attention implementation"),
+    allocator: Optional[Allocator] = typer.Option(None, help="torch caching allocator: default or expandable "
+                                                  "(segments) [default: as PYTORCH_CUDA_ALLOC_CONF sets "
+                                                  "expandable_segments, else expandable: padded batches "
+                                                  "fragment the default one]"),
     gpu: Optional[str] = typer.Option(None, help="for the planner and the fit check: auto, a profile or a size "
                                       "[default: auto]"),
     headroom: str = typer.Option("5%", help="memory kept free: a percentage or a size"),
@@ -380,7 +384,7 @@ def train(
     setup_options = dict(method=method.value if method else None, precision=precision, optim=optim, lora_r=lora_r,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                          micro_batch=micro_batch, grad_accum=grad_accum, grad_ckpt=grad_ckpt, seq_len=seq_len,
-                         attn=attn.value)
+                         attn=attn.value, allocator=allocator.value if allocator else None)
     try:
         if gpus is not None or strategy is not None or cpu:
             from vramfit.launch import launch

@@ -18,6 +18,7 @@ A recipe, read top to bottom in `train()`:
 from __future__ import annotations
 
 import gc
+import os
 import json
 import math
 import re
@@ -169,7 +170,7 @@ def planner_restrictions(given: dict, effective_batch: int | None, gpus: int = 1
     mb, ga = given.get("micro_batch"), given.get("grad_accum")
     effective = effective_batch or (mb * ga * gpus if mb and ga else None)
     kw = {k: given[k] for k in ("micro_batch", "lora_r", "lora_alpha", "target_modules", "precision", "optim",
-                                "grad_ckpt", "attn") if k in given}
+                                "grad_ckpt", "attn", "allocator") if k in given}
     if effective:
         kw["effective_batch"] = effective
     return kw
@@ -182,6 +183,7 @@ def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, head
     given = {k: v for k, v in options.items() if v is not None}
     given.setdefault("seq_len", seq_len)
     given.setdefault("loss", trainer_loss())
+    given.setdefault("allocator", env_allocator())  # what this process's torch will really use
     if all(k in given for k in SETUP_FIELDS):
         return make_setup(**given), None
     try:
@@ -195,6 +197,32 @@ def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, head
     if s.method != "full" and "lora_dropout" in given:
         s = s.with_(lora_dropout=given["lora_dropout"])
     return s, p
+
+
+def env_allocator(environ=None) -> str:
+    """The allocator a run uses unless --allocator says: what PYTORCH_CUDA_ALLOC_CONF (or
+    PYTORCH_ALLOC_CONF) sets expandable_segments to, and `expandable` when it is not set.
+
+    Expandable segments are the launcher's default because real data comes in batches padded to
+    different lengths, and the default allocator's fixed segments fragment under them: on an H100
+    (2026-11-23, benchmarks/results/h100-2026-11-23-train-proof-2.md) Mistral-7B LoRA reserved
+    39.14 GiB with the default allocator and 35.66 GiB with expandable segments, for 35.49 GiB
+    allocated at most in both; Llama-3.2-1B LoRA 16.66 and 16.15 GiB for 15.8."""
+    environ = os.environ if environ is None else environ
+    conf = environ.get("PYTORCH_CUDA_ALLOC_CONF") or environ.get("PYTORCH_ALLOC_CONF") or ""
+    opts = dict(part.split(":", 1) for part in conf.replace(" ", "").split(",") if ":" in part)
+    value = opts.get("expandable_segments", "").lower()
+    return "default" if value == "false" else "expandable"
+
+
+def apply_allocator(s: Setup, cuda: bool) -> None:
+    """Make torch's caching allocator the one the setup was predicted with (before the model loads;
+    the setting applies to the segments created from then on)."""
+    if cuda:
+        import torch
+
+        torch.cuda.memory._set_allocator_settings(
+            f"expandable_segments:{'True' if s.allocator == 'expandable' else 'False'}")
 
 
 def runtime_problem(s: Setup, cuda: bool) -> str | None:
@@ -332,6 +360,21 @@ def oom_measurement(exc: BaseException, tracker, predicted: dict) -> dict:
             "error": str(exc).splitlines()[0][:300] if str(exc) else "out of memory"}
 
 
+def forget_bnb_overrides() -> None:
+    """With a bitsandbytes 8-bit optimizer, transformers' Trainer registers every nn.Embedding with
+    bitsandbytes' process-wide GlobalOptimManager (32-bit states for embeddings).  The manager keeps
+    the modules, and so their weights, for the life of the process: measured on an H100, one
+    embedding per Trainer (0.5 GB for Llama-3.2-1B in bf16, 2.1 GB for Llama-3.1-8B's fp32 one
+    under QLoRA) that no later attempt could use.  Its stale parameter ids could also match new
+    parameters.  Reset it between Trainers."""
+    import sys
+
+    optim = sys.modules.get("bitsandbytes.optim.optimizer")
+    manager = getattr(getattr(optim, "GlobalOptimManager", None), "_instance", None)
+    if manager is not None:
+        manager.initialize()
+
+
 def free_memory(trainer) -> None:
     """Drop what a failed attempt holds on the GPU (the caller drops its own references)."""
     import torch
@@ -339,6 +382,7 @@ def free_memory(trainer) -> None:
     if trainer is not None:
         trainer.accelerator.free_memory()
         trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    forget_bnb_overrides()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -710,6 +754,7 @@ class _Runner:
 
         s, run = self.setup, self.run_state
         steps = run["max_steps"] - run["step_offset"]
+        apply_allocator(s, self.cuda)
         model = build_model(self.source, s, self.cuda, self.opts.seed, run["base_path"], self.out)
         live = self.LiveView(self.console, self.tracker, steps, self.opts.live)
         self.trainer = _trainer(model, self.tokenizer, s, self.opts, self.out, steps, self.train_ds, self.eval_ds,

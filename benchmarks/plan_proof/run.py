@@ -643,6 +643,9 @@ def model_main(args) -> None:
     import torch
 
     model = args.worker
+    from benchmarks.train_proof.profile import install_from_env
+
+    install_from_env()  # VRAMFIT_PROFILE_DIR: where the steps' time goes (benchmarks/train_proof/profile.py)
     if args.device == "cuda":
         torch.cuda.init()
         torch.empty(1, device="cuda")  # the context, before anything is measured

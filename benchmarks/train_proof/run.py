@@ -75,6 +75,13 @@ GPU_RUNS = [
     ("7b-lora", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4"], 120),
     ("7b-full", "mistral-7b-v0.1", ["--method", "full", "--effective-batch", "4"], 200),
     ("7b-qlora", "mistral-7b-v0.1", ["--method", "qlora", "--effective-batch", "4"], 280),
+    # vramfit train's allocator is expandable segments unless PYTORCH_CUDA_ALLOC_CONF says otherwise
+    # (since 2026-11-23); these pin the default allocator for the comparison (1b-lora and 7b-lora
+    # of 2026-11-23's first call ran with it, before that change)
+    ("1b-lora-default-allocator", "llama-3.2-1b", ["--method", "lora", "--effective-batch", "8", "--allocator",
+                                                   "default"], 90),
+    ("7b-lora-default-allocator", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4", "--allocator",
+                                                      "default"], 120),
 ]
 TINY_FIXED = ["--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "4", "--grad-accum", "1",
               "--no-grad-ckpt"]
