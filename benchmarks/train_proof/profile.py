@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.train_proof.profile --out DIR [--wait 4] [--active 3] -- train MODEL DATA ...
     python3 -m benchmarks.train_proof.profile --out DIR --proof-run 1b-lora [--tiny] [--work DIR] [-- EXTRA ...]
+        [--memory-history] [--no-profiler]: also (or only) torch's allocation stream of those steps
     VRAMFIT_PROFILE_DIR=DIR python3 -m benchmarks.plan_proof.run ...     # the first trial of each worker
 
 The first two wrap `vramfit train` (the second runs one of the train proof's runs, with its data,
@@ -19,14 +20,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def install(out: str | os.PathLike, wait: int = 4, active: int = 3, trainers: int = 1) -> None:
-    """Give the first `trainers` transformers Trainers made from now on a step profiler."""
+def install(out: str | os.PathLike, wait: int = 4, active: int = 3, trainers: int = 1, history: bool = False,
+            profile: bool = True) -> None:
+    """Give the first `trainers` transformers Trainers made from now on a step profiler.
+    history: also record torch's CUDA allocation stream over the same steps and write it as
+    `history-<n>.json.gz` (benchmarks.accuracy.memory_history's format: allocations with their
+    Python frames, frees, segment releases), for what the replay of a `vramfit train` step misses.
+    profile=False: the history (or the step times) alone, without the profiler's overhead."""
     import torch
     import transformers
     from transformers import TrainerCallback
@@ -48,8 +55,10 @@ def install(out: str | os.PathLike, wait: int = 4, active: int = 3, trainers: in
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == wait and self.prof is None:
+                if history and cuda:
+                    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-                self.prof = torch.profiler.profile(activities=acts)
+                self.prof = torch.profiler.profile(activities=acts) if profile else _NoProfile()
                 self.prof.__enter__()
             self.t0 = self._now()
 
@@ -60,8 +69,26 @@ def install(out: str | os.PathLike, wait: int = 4, active: int = 3, trainers: in
             self.log.flush()
             if self.prof and state.global_step == wait + active:
                 self.prof.__exit__(None, None, None)
-                self.write(self.prof, self.walls[-active:], args)
+                if history and cuda:
+                    self.write_history(args)
+                if profile:
+                    self.write(self.prof, self.walls[-active:], args)
                 self.prof = False  # done
+
+        def write_history(self, args):
+            import gzip
+
+            from benchmarks.accuracy.memory_history import events_from_snapshot
+
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            events = events_from_snapshot(snapshot)
+            info = {"steps": [wait + 1, wait + active], "micro_batch": args.per_device_train_batch_size,
+                    "grad_accum": args.gradient_accumulation_steps, "walls_s": [round(w, 4) for w in self.walls]}
+            with gzip.open(out / f"history-{self.n}.json.gz", "wt") as f:
+                json.dump({"case": None, "trainer": info, "events": events}, f)
+            print(f"[profile] trainer {self.n}: {len(events)} allocation events -> history-{self.n}.json.gz",
+                  flush=True)
 
         def write(self, prof, walls, args):
             ka = prof.key_averages()
@@ -88,6 +115,17 @@ def install(out: str | os.PathLike, wait: int = 4, active: int = 3, trainers: in
     transformers.Trainer.__init__ = __init__
 
 
+class _NoProfile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __bool__(self):
+        return True
+
+
 def install_from_env() -> None:
     """VRAMFIT_PROFILE_DIR set: install() there (VRAMFIT_PROFILE_WAIT / _ACTIVE / _TRAINERS)."""
     where = os.environ.get("VRAMFIT_PROFILE_DIR")
@@ -105,6 +143,7 @@ def proof_run_args(name: str, work: Path, tiny: bool, extra: list) -> list:
     _, model, opts, _ = runs[name]
     work.mkdir(parents=True, exist_ok=True)
     inputs = proof.build_inputs(work)
+    shutil.rmtree(work / name, ignore_errors=True)  # a previous profile's run
     cmd = proof.command(name, model, [*opts, "--max-steps", "10", *extra], inputs, work / name, tiny)
     return cmd[cmd.index("train"):]
 
@@ -120,7 +159,8 @@ def main() -> None:
         return type(default)(own[own.index(name) + 1]) if name in own else default
 
     out = Path(opt("--out", "profile_out"))
-    install(out, opt("--wait", 4), opt("--active", 3))
+    install(out, opt("--wait", 4), opt("--active", 3), history="--memory-history" in own,
+            profile="--no-profiler" not in own)
     if "--proof-run" in own:
         work = Path(opt("--work", str(Path(tempfile.gettempdir()) / "vramfit-profile-work")))
         rest = proof_run_args(opt("--proof-run", ""), work, "--tiny" in own, rest)
