@@ -63,13 +63,22 @@ def measured(rec: dict) -> dict:
 
 
 def load_records(paths) -> list[dict]:
-    out = []
+    """The harness's training runs in `paths` (other JSON lines, such as the proofs' and the speed
+    benchmarks', are skipped).  A case measured again on the same GPU kind (the memory-history
+    reruns) counts once: the first in path order."""
+    out, seen = [], set()
     for p in paths:
         for line in Path(p).read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                if "case" in rec and rec["case"].get("kind", "train") == "train":
-                    out.append(rec)
+                case = rec.get("case")
+                if not isinstance(case, dict) or case.get("kind", "train") != "train":
+                    continue
+                key = (rec.get("id"), (rec.get("environment") or {}).get("gpu_name"))
+                if rec.get("id") and key in seen:
+                    continue
+                seen.add(key)
+                out.append(rec)
     return out
 
 
