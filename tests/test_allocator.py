@@ -276,3 +276,22 @@ def test_fused_loss_replay_agrees_with_the_fused_loss_model(tmp_path, method):
     assert sim.peak_allocated_bytes < logits.peak_allocated_bytes  # no (tokens x vocab) fp32 buffers
     mixed = estimate(str(cfg), simulate_allocator=True, **{**kw, "precision": "bf16-mixed"})
     assert any("does not cover trl's fused loss under autocast" in n for n in mixed.notes)
+
+
+def test_safe_softmax_holds_a_bool_tensor_of_the_scores_size_inside_the_op():
+    # SDPA's math path (fp32 with grouped KV heads on CUDA) ends in _safe_softmax, whose kernel
+    # compares the whole score tensor with -inf below the dispatcher; an H100 recorded that bool
+    # allocation (one per layer and forward) and the replay must hold it too, until the op returns
+    import torch
+
+    from vramfit.alloc_events import _recorder_class
+
+    rec = _recorder_class()()
+    scores = torch.empty((2, 3, 40, 40), device="meta")
+    with rec:
+        probs = torch.ops.aten._safe_softmax(scores, -1)
+    allocs = [e for e in rec.events if e[0] == "a"]
+    assert [a[2] for a in allocs] == [scores.numel(), scores.numel() * 4]  # the bool, then the result
+    frees = [e[1] for e in rec.events if e[0] == "f"]
+    assert allocs[0][1] in frees and allocs[1][1] not in frees  # the bool is gone, the result lives
+    assert probs.shape == scores.shape

@@ -35,6 +35,20 @@ CUBLAS_WORKSPACE = 32 << 20
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "matmul")
 
 
+def _internal_temporaries(name: str, args) -> list:
+    """Bytes a CUDA kernel allocates inside one op, below the dispatcher a TorchDispatchMode sees,
+    live until the op returns.
+
+    `_safe_softmax` (SDPA's math path: on CUDA for fp32 with grouped KV heads, and for multi-query
+    attention without enable_gqa) zeroes fully masked rows through x.eq(-inf) over the whole score
+    tensor: a bool tensor of the scores' size, beside its input and result.  Recorded on an H100
+    (benchmarks/results/h100-2026-11-23-memory-history): Falcon-7B's 284 MiB and Qwen2.5-0.5B's
+    14 MiB bool allocations, one per layer and forward, which the replay lacked."""
+    if name == "_safe_softmax" and args:
+        return [args[0].numel()]
+    return []
+
+
 class Unsupported(Exception):
     pass
 
@@ -89,9 +103,13 @@ def _recorder_class():
                 if ws not in self.workspaces:
                     self.workspaces.add(ws)
                     self.alloc(CUBLAS_WORKSPACE)
+            inner = _internal_temporaries(name, args)
+            ids = [self.alloc(n) for n in inner]
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
+            for i in ids:
+                self.free(i)
             return out
 
     return Recorder
