@@ -10,6 +10,7 @@
 # Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the four train-proof
 # reruns ~280 s, the plan proof shards 270-320 s of driver time each.
 set -uo pipefail
+case "${1:-}" in 1|2|3|4) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|4" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/vramfit-out}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -42,5 +43,4 @@ case "${1:-}" in
     ;;
   3) plan_shard 520 qwen2.5-0.5b qwen2.5-3b ;;
   4) plan_shard 520 qwen2.5-1.5b qwen2.5-14b ;;
-  *) echo "usage: bash benchmarks/device_session.sh 1|2|3|4" >&2; exit 2 ;;
 esac
