@@ -365,3 +365,14 @@ def test_free_memory_releases_the_embeddings_bitsandbytes_keeps_for_8bit_optimiz
     free_memory(None)
     assert weight() is None
     assert bnb.optim.GlobalOptimManager.get_instance().module_weight_config_triple == []
+
+
+def test_rows_shorter_than_the_sequence_length_mean_padded_batches(tiny_spec):
+    from types import SimpleNamespace
+
+    from vramfit.train import data_is_padded
+
+    d = lambda count, over: SimpleNamespace(lengths=SimpleNamespace(count=count, over_max_seq_len=over))  # noqa: E731
+    assert data_is_padded(d(100, 10)) and not data_is_padded(d(100, 100)) and not data_is_padded(d(0, 0))
+    s, _ = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100, padded=True)
+    assert s.padded and not choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)[0].padded

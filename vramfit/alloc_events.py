@@ -500,7 +500,7 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> d
         B, S = setup.micro_batch, setup.seq_len
         params = [p for p in model.parameters() if p.requires_grad]
         kernels = _trl_fused_kernels() if fused_loss else contextlib.nullcontext()
-        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype), trace._quiet(), kernels:
+        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), trace._quiet(), kernels:
             for step in range(len(seq_lens) if seq_lens else steps):
                 S = seq_lens[step] if seq_lens else setup.seq_len
                 marks[f"step{step}.forward"] = len(rec.events)

@@ -67,7 +67,9 @@ def trace_key(spec, setup: Setup, targets):
                     attn="eager" if setup.attn == "eager" or not spec.supports_sdpa else "sdpa",
                     lora_r=setup.lora_r if setup.method != "full" else 0,
                     lora_dropout=setup.method != "full" and setup.lora_dropout > 0,
-                    target_modules=tuple(targets))
+                    target_modules=tuple(targets),
+                    kv_repeated=bool(setup.padded and setup.micro_batch > 1 and setup.attn != "eager"
+                                     and spec.has_grouped_kv))
 
 
 def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tuple[Breakdown, tuple]:
@@ -129,9 +131,13 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
              lora_r: int | None = None, lora_alpha: int | None = None, lora_dropout: float | None = None,
              target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
              grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default", loss: str = "logits",
-             trust_remote_code: bool = False, constants: Constants | None = None,
+             padded: bool = False, trust_remote_code: bool = False, constants: Constants | None = None,
              use_calibration: bool = True, simulate_allocator: bool = False) -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
+
+    `padded`: the batches are padded to their longest row, as real data of varying lengths is, so
+    an attention mask reaches SDPA; on models with grouped KV heads transformers then repeats the
+    KV heads, which the backward keeps at full head count.
 
     `simulate_allocator`: replay two Trainer steps on the meta device through a model of torch's
     caching allocator (`vramfit.allocator`) for the reserved and nvidia-smi peaks instead of the
@@ -140,7 +146,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
 
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
                        lora_dropout=lora_dropout, target_modules=target_modules, seq_len=seq_len,
-                       micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator, loss=loss)
+                       micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator, loss=loss,
+                       padded=padded)
     spec = load_spec(model, trust_remote_code=trust_remote_code)
     calibration = None
     if constants is None and use_calibration:

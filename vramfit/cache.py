@@ -111,8 +111,17 @@ def store_spec(spec) -> None:
     _write(_spec_path(spec.config), data)
 
 
+def _key_fields(key) -> dict:
+    """The trace key as digested: fields added later are left out at their default, so the
+    profiles cached (and bundled) before them keep their names."""
+    fields = dataclasses.asdict(key)
+    if not fields.get("kv_repeated"):
+        fields.pop("kv_repeated", None)
+    return fields
+
+
 def _profile_path(spec, key, needs_input_grad: bool) -> Path:
-    return cache_dir() / "profiles" / f"{_digest(spec.config_hash, dataclasses.asdict(key), needs_input_grad, _versions())}.json"
+    return cache_dir() / "profiles" / f"{_digest(spec.config_hash, _key_fields(key), needs_input_grad, _versions())}.json"
 
 
 def load_profile(spec, key, needs_input_grad: bool):

@@ -62,6 +62,9 @@ def estimate(
     allocator: Allocator = typer.Option(Allocator.default, help="torch caching allocator: default or "
                                         "expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"),
     loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
+    padded: bool = typer.Option(False, "--padded", help="batches padded to their longest row, as real data of "
+                                "varying lengths is: an attention mask reaches SDPA, and grouped KV heads are "
+                                "repeated (what vramfit train predicts with when its rows differ in length)"),
     simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="replay two training steps "
                                             "through a model of torch's caching allocator for the reserved and "
                                             "nvidia-smi peaks (closer; seconds to a minute on a CPU)"),
@@ -84,8 +87,8 @@ def estimate(
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                            seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
-                           allocator=allocator.value, loss=loss.value, trust_remote_code=trust_remote_code,
-                           simulate_allocator=simulate_allocator)
+                           allocator=allocator.value, loss=loss.value, padded=padded,
+                           trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator)
     except VramfitError as exc:
         _fail(exc)
     if as_json:
@@ -160,6 +163,9 @@ def plan(
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
                                              "[default: searched]"),
     loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
+    padded: bool = typer.Option(False, "--padded", help="batches padded to their longest row, as real data of "
+                                "varying lengths is: an attention mask reaches SDPA, and grouped KV heads are "
+                                "repeated (what vramfit train predicts with when its rows differ in length)"),
     find_gpu: bool = typer.Option(False, "--find-gpu", help="the smallest bundled GPU that fits, and the best setup on each"),
     gpus: str | None = typer.Option(None, help="several GPUs: 4x24GB, 2xh100-sxm, auto (every probed GPU) or N; "
                                        "the strategies (DDP, FSDP, DeepSpeed ZeRO) become candidates"),
@@ -177,6 +183,7 @@ def plan(
         return _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer.value, as_json, trust_remote_code,
                           restrictions)
     restrictions["loss"] = loss.value
+    restrictions["padded"] = padded
     try:
         if find_gpu:
             if gpu is not None:

@@ -430,6 +430,7 @@ class Space:
     target_modules: str = DEFAULT_TARGET_MODULES
     attn: str = "sdpa"
     loss: str = "logits"
+    padded: bool = False
 
     def setups(self, bf16: bool) -> list:
         """Every combination, micro-batches being the divisors of the effective batch."""
@@ -446,7 +447,7 @@ class Space:
                     axis(self.micro_batch, divisors(self.effective_batch))):
                 out.append(Setup(method=method, precision=precision, optim=optim, seq_len=self.seq_len,
                                  micro_batch=mb, grad_accum=self.effective_batch // mb, grad_ckpt=ckpt,
-                                 allocator=alloc, attn=self.attn, loss=self.loss, **lora))
+                                 allocator=alloc, attn=self.attn, loss=self.loss, padded=self.padded, **lora))
         return out
 
 
@@ -613,7 +614,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
                effective_batch: int = DEFAULT_EFFECTIVE_BATCH, micro_batch: int | None = None,
                lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
                precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
-               allocator: str | None = None, attn: str = "sdpa", loss: str = "logits") -> Space:
+               allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", padded: bool = False) -> Space:
     """Validate the user's restrictions against the model and the GPU -> Space."""
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
     if method == "auto" and spec.has_fused_experts:  # QLoRA of fused MoE experts is not modelled
@@ -641,7 +642,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
     return Space(seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch, methods=methods,
                  precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator,
                  lora_r=lora_r or DEFAULT_LORA_R, lora_alpha=lora_alpha,
-                 target_modules=target_modules or DEFAULT_TARGET_MODULES, attn=attn, loss=loss)
+                 target_modules=target_modules or DEFAULT_TARGET_MODULES, attn=attn, loss=loss, padded=padded)
 
 
 def search(spec, device, space: Space, headroom=DEFAULT_HEADROOM, prefer: str = "speed", constants=None,
@@ -685,8 +686,8 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
          seq_len: int = DEFAULT_SEQ_LEN, effective_batch: int = DEFAULT_EFFECTIVE_BATCH, micro_batch: int | None = None,
          lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
          precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
-         allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", constants=None,
-         cost: CostModel | None = None, trust_remote_code: bool = False) -> Plan:
+         allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", padded: bool = False,
+         constants=None, cost: CostModel | None = None, trust_remote_code: bool = False) -> Plan:
     """The best setup of MODEL that fits GPU.  MODEL: profile, config.json, directory, hub id or a
     ModelSpec; GPU: "auto", a profile name, a size ("12GiB") or a Device.  Nothing fits: VramfitError
     naming the closest setup and by how much it misses."""
@@ -696,7 +697,7 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
     space = make_space(spec, device, method=method, seq_len=seq_len, effective_batch=effective_batch,
                        micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
                        precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn,
-                       loss=loss)
+                       loss=loss, padded=padded)
     result = search(spec, device, space, headroom, prefer, constants, cost)
     if result.chosen is None:
         raise VramfitError(nothing_fits_message(result, spec, constants))

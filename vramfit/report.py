@@ -38,6 +38,7 @@ def estimate_table(est):
     title += f" · {s.precision} · {s.optim} · seq {s.seq_len} × batch {s.micro_batch}"
     title += " · checkpointing" if s.grad_ckpt else ""
     title += " · fused loss (trl)" if s.loss == "fused" else ""
+    title += " · padded batches" if getattr(s, "padded", False) else ""
     table = Table(title=title, title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -102,6 +103,8 @@ def setup_label(s, short: bool = False) -> str:
         parts.append("expandable" if short else "expandable segments")
     if s.loss == "fused":
         parts.append("fused-loss" if short else "trl fused loss")
+    if getattr(s, "padded", False):
+        parts.append("padded" if short else "padded batches")
     parts.append(f"{s.micro_batch}x{s.grad_accum}" if short else f"micro-batch {s.micro_batch} x {s.grad_accum}")
     return (" " if short else " · ").join(parts)
 

@@ -90,6 +90,10 @@ class Setup:
     double_quant: bool = True
     quant_type: str = "nf4"
     loss: str = "logits"
+    # batches padded to their longest row (real data of varying lengths): transformers then passes
+    # an attention mask, and with one it repeats grouped KV heads before SDPA instead of
+    # enable_gqa (CUDA's fused kernels take no mask with grouped heads)
+    padded: bool = False
     extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -161,6 +165,8 @@ def validate(s: Setup) -> None:
     _choice("attention implementation", s.attn, ATTENTION)
     _choice("allocator", s.allocator, ALLOCATORS)
     _choice("loss", s.loss, LOSSES)
+    if not isinstance(s.padded, bool):
+        raise VramfitError(f"padded must be true or false, got {s.padded!r}")
     for name in ("seq_len", "micro_batch", "grad_accum"):
         _positive(name.replace("_", "-"), getattr(s, name))
     if s.method != "full":

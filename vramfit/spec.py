@@ -86,6 +86,11 @@ class ModelSpec:
         return sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears)
 
     @property
+    def has_grouped_kv(self) -> bool:
+        """Fewer KV heads than query heads (GQA or multi-query)."""
+        return 0 < self.num_kv_heads < self.num_heads
+
+    @property
     def has_fused_experts(self) -> bool:
         """MoE experts stored as 3-D parameters (transformers 5), which are not nn.Linear layers."""
         return any(len(shape) >= 3 for shape, _, _ in self.param_shapes)

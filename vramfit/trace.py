@@ -48,6 +48,9 @@ class TraceKey:
     lora_r: int = 0
     lora_dropout: bool = False
     target_modules: tuple = ()  # resolved module paths
+    # an attention mask reaches SDPA (padded batches of more than one row) on a model with grouped
+    # KV heads: transformers repeats the KV heads (saved for backward at full head count)
+    kv_repeated: bool = False
 
 
 @dataclass(frozen=True)
@@ -353,12 +356,24 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _patched_sdpa(enabled: bool, autocast_dtype=None):
+def _patched_sdpa(enabled: bool, autocast_dtype=None, kv_repeated: bool = False):
     """What a CUDA run does where the meta device differs: flash-like sdpa (or the math path),
     CUDA's bool dropout masks, and no data-dependent packed-sequence check (it reads values,
-    which the meta device has not; our batches are never packed)."""
+    which the meta device has not; our batches are never packed).  kv_repeated: what transformers
+    does when an attention mask reaches SDPA (padded batches) on CUDA: repeat the grouped KV
+    heads rather than pass enable_gqa (`use_gqa_in_sdpa` is false with a mask)."""
     import torch
     from transformers import masking_utils
+
+    sdpa_mod = None
+    if kv_repeated:
+        try:
+            from transformers.integrations import sdpa_attention as sdpa_mod
+        except ImportError:  # pragma: no cover - an older transformers repeats them anyway
+            sdpa_mod = None
+    orig_gqa = getattr(sdpa_mod, "use_gqa_in_sdpa", None)
+    if orig_gqa is not None:
+        sdpa_mod.use_gqa_in_sdpa = lambda *a, **k: False
 
     orig_find = getattr(masking_utils, "find_packed_sequence_indices", None)
     if orig_find is not None:
@@ -375,6 +390,8 @@ def _patched_sdpa(enabled: bool, autocast_dtype=None):
         torch.nn.functional.dropout = orig_dropout
         if orig_find is not None:
             masking_utils.find_packed_sequence_indices = orig_find
+        if orig_gqa is not None:
+            sdpa_mod.use_gqa_in_sdpa = orig_gqa
 
 
 def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: bool) -> dict:
@@ -429,7 +446,7 @@ def _run_trace(model, key: TraceKey, n_layers: int, seq: int, needs_input_grad: 
         emb_hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     try:
         ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
-        with _patched_sdpa(key.attn != "eager", ac_dtype), autocast, _quiet():  # noqa: SIM117
+        with _patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), autocast, _quiet():  # noqa: SIM117
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(input_ids=ids, labels=ids)
     finally:

@@ -177,13 +177,14 @@ def planner_restrictions(given: dict, effective_batch: int | None, gpus: int = 1
 
 
 def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, headroom: str = "5%",
-                 effective_batch: int | None = None):
+                 effective_batch: int | None = None, padded: bool = False):
     """The setup the run uses -> (Setup, Plan or None).  All of SETUP_FIELDS given: the user's,
     validated.  Any missing: `vramfit.planner.plan` chooses them, the given ones fixed."""
     given = {k: v for k, v in options.items() if v is not None}
     given.setdefault("seq_len", seq_len)
     given.setdefault("loss", trainer_loss())
     given.setdefault("allocator", env_allocator())  # what this process's torch will really use
+    given.setdefault("padded", padded)  # rows of different lengths: batches padded, an attention mask
     if all(k in given for k in SETUP_FIELDS):
         return make_setup(**given), None
     try:
@@ -192,11 +193,20 @@ def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, head
         missing = ", ".join("--" + k.replace("_", "-") for k in SETUP_FIELDS if k not in given)
         raise VramfitError(f"give {missing}: the planner that would choose them is not installed") from None
     p = plan(spec, gpu or "auto", headroom=headroom, method=given.get("method", "auto"), seq_len=given["seq_len"],
-             loss=given["loss"], **planner_restrictions(given, effective_batch))
+             loss=given["loss"], padded=given["padded"], **planner_restrictions(given, effective_batch))
     s = p.setup
     if s.method != "full" and "lora_dropout" in given:
         s = s.with_(lora_dropout=given["lora_dropout"])
     return s, p
+
+
+def data_is_padded(d) -> bool:
+    """Whether the trainer's batches get padding (and so an attention mask): some training row is
+    shorter than the sequence length the rows are cut to, so a batch of several rows is padded to
+    its longest.  (A micro-batch of one has no padding: the memory model checks that.)"""
+    n = getattr(d.lengths, "count", 0) or 0
+    longer = getattr(d.lengths, "over_max_seq_len", 0) or 0
+    return n > 0 and longer < n
 
 
 def env_allocator(environ=None) -> str:
@@ -640,7 +650,8 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
         s = Setup(**saved["setup"])
         say("resuming with the saved setup: " + report.setup_label(s))
     else:
-        s, plan = choose_setup(source.spec, setup_options or {}, d.seq_len, gpu, opts.headroom, opts.effective_batch)
+        s, plan = choose_setup(source.spec, setup_options or {}, d.seq_len, gpu, opts.headroom, opts.effective_batch,
+                               padded=data_is_padded(d))
         if plan is not None:
             console.print(report.plan_verdict(plan), highlight=False)
     problem = runtime_problem(s, cuda)

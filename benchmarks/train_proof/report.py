@@ -68,8 +68,10 @@ def merged(lines: list) -> list:
     return list(out.values())
 
 
-def recompute(model: str, setup: dict, bundle: Path) -> dict | None:
-    """The three peaks of `setup` as the memory model predicts them now (default constants)."""
+def recompute(model: str, setup: dict, bundle: Path, padded: bool = True) -> dict | None:
+    """The three peaks of `setup` as the memory model predicts them now (default constants).
+    `padded`: for runs recorded before Setup had the field, whether their batches were padded
+    (every proof data set but the OOM run's, whose rows are all cut to the same length)."""
     from vramfit.errors import VramfitError
     from vramfit.setup import Setup
     from vramfit.spec import spec_from_config
@@ -86,6 +88,7 @@ def recompute(model: str, setup: dict, bundle: Path) -> dict | None:
     # runs recorded before Setup had `loss` trained with trl 1.16's SFTTrainer, whose fused LM head
     # is always on (what `vramfit train` now predicts with)
     fields.setdefault("loss", "fused")
+    fields.setdefault("padded", padded)
     return predict(spec, Setup(**fields))
 
 
@@ -151,7 +154,8 @@ def build(bundle: Path, name: str) -> str:
     dev_run, dev_now = [], []
     for r in lines:
         for a in r.get("attempts") or []:
-            now = recompute(r["model"], a["setup"], bundle)
+            now = recompute(r["model"], a["setup"], bundle,
+                            padded=not (r.get("data") or {}).get("all_longer_than_max_seq_len", False))
             for key, label in PEAKS:
                 p, m = a["predicted"].get(key), (a["measured"] or {}).get(key)
                 q = now[key] if now else None
