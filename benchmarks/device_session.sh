@@ -11,15 +11,7 @@
 # reruns ~280 s, the plan proof shards 270-320 s of driver time each.
 set -uo pipefail
 case "${1:-}" in 1|2|3|4) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|4" >&2; exit 2 ;; esac
-OUT=${OUT:-/tmp/vramfit-out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 quiet() { grep -v -e 'Loading weights' -e 'Writing model shards' -e Warning -e warnings.warn \
             -e _set_allocator_settings -e train_runtime -e USDT; }
 plan_shard() {

@@ -7,15 +7,7 @@
 # PROOF_TIMEOUT_S caps the whole grid (default 540 s, inside the tool's 600 s); rerun with the
 # same $OUT to go on (--skip-done).
 set -uo pipefail
-OUT=${OUT:-/tmp/vramfit-out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-fi
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/../device_env.sh"
 args=(--out "$OUT/distributed.jsonl" --skip-done)
 [ -n "${CASES:-}" ] && args+=(--cases "$CASES")
 if [ -n "${DRY:-}" ]; then
