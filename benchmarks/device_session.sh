@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in four calls of the device tool's `run` (each under 600 s),
 # back to back so the machine stays warm; carry [".whl"] (../shared/device/wheels.sh).
-#   bash benchmarks/device_session.sh 1     # QLoRA-first memory histories, then train-proof reruns
-#   bash benchmarks/device_session.sh 2     # a vramfit train step's allocation stream, plan proof shard 1
-#   bash benchmarks/device_session.sh 3     # plan proof shard 2
+#   bash benchmarks/device_session.sh 1     # QLoRA-first memory histories, train proof 7b-full and 7b-qlora
+#   bash benchmarks/device_session.sh 2     # train proof 1b-full and 1b-qlora, plan proof shard 1
+#   bash benchmarks/device_session.sh 3     # a vramfit train step's allocation stream, plan proof shard 2
 #   bash benchmarks/device_session.sh 4     # plan proof shard 3
 # Results land in $OUT (the device tool copies them back); the plan proof's shards each write
 # their own plan_proof.jsonl: report them together with `python -m benchmarks.plan_proof.report`.
-# Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the four train-proof
-# reruns ~280 s, the plan proof shards 270-320 s of driver time each.
+# Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the train-proof runs
+# 50-90 s each (plus the --simulate-allocator replay, ~20 s for 1B and ~60 s for 7B on this CPU),
+# the plan proof shards 270-320 s of driver time each (the time guard skips what does not fit).
 set -uo pipefail
 case "${1:-}" in 1|2|3|4) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|4" >&2; exit 2 ;; esac
 source "$(dirname "$0")/device_env.sh"
@@ -22,17 +23,19 @@ plan_shard() {
 case "${1:-}" in
   1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    VRAMFIT_MEMORY_HISTORY=/tmp/hist timeout 200 python3 -m benchmarks.accuracy.harness \
+    VRAMFIT_MEMORY_HISTORY=/tmp/hist timeout 180 python3 -m benchmarks.accuracy.harness \
       --cases benchmarks/accuracy/memory_history_cases.json --out "$OUT/memory_history.jsonl" 2>&1 | tail -8
     tar czf "$OUT/memory_history.tgz" -C /tmp hist
-    python3 -m benchmarks.train_proof.run --out "$OUT/tp" --runs 1b-full 1b-qlora 7b-full 7b-qlora \
-      --budget-s 330 2>&1 | quiet | tail -12
+    python3 -m benchmarks.train_proof.run --out "$OUT/tp" --runs 7b-full 7b-qlora --budget-s 360 2>&1 | quiet | tail -8
     ;;
   2)
+    python3 -m benchmarks.train_proof.run --out "$OUT/tp" --runs 1b-full 1b-qlora --budget-s 200 2>&1 | quiet | tail -8
+    plan_shard 320 llama-3.2-1b llama-3.1-8b
+    ;;
+  3)
     timeout 120 python3 -m benchmarks.train_proof.profile --out "$OUT/train_history" --proof-run 7b-lora \
       --memory-history --no-profiler 2>&1 | grep -e '\[profile' -e 'run completed' -e Error
-    plan_shard 420 llama-3.2-1b llama-3.1-8b
+    plan_shard 420 qwen2.5-0.5b qwen2.5-3b
     ;;
-  3) plan_shard 520 qwen2.5-0.5b qwen2.5-3b ;;
   4) plan_shard 520 qwen2.5-1.5b qwen2.5-14b ;;
 esac

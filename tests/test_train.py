@@ -376,3 +376,22 @@ def test_rows_shorter_than_the_sequence_length_mean_padded_batches(tiny_spec):
     assert data_is_padded(d(100, 10)) and not data_is_padded(d(100, 100)) and not data_is_padded(d(0, 0))
     s, _ = choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100, padded=True)
     assert s.padded and not choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)[0].padded
+
+
+def test_batch_lengths_follow_the_data_and_simulated_predictions_replay_them(tiny_spec):
+    from vramfit.train import batch_lengths
+
+    rows = [30, 500, 120, 90, 700, 60, 45, 300]
+    lens = batch_lengths(rows, micro_batch=2, seq_len=256, steps=10, seed=1)
+    assert len(lens) == 10 and all(0 < n <= 256 for n in lens)
+    assert lens == batch_lengths(rows, 2, 256, 10, 1) and lens != batch_lengths(rows, 2, 256, 10, 2)
+    assert batch_lengths([], 2, 256, 10, 1) == []
+    s = make_setup(**LORA, lora_r=8, seq_len=256, padded=True)
+    fast = predict(tiny_spec, s)
+    sim = predict(tiny_spec, s, seq_lens=lens)
+    assert "10 steps of the data's padded batch lengths" in sim["notes"][0]
+    # the allocated peak is the longest batch's, which the replay and the fast model agree on to 2%
+    assert sim["peak_allocated_bytes"] == pytest.approx(
+        predict(tiny_spec, s.with_(seq_len=max(lens)))["peak_allocated_bytes"], rel=0.02)
+    assert sim["device_bytes"] >= sim["peak_reserved_bytes"] >= sim["peak_allocated_bytes"]
+    assert "notes" not in fast

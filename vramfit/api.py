@@ -93,13 +93,15 @@ def untrusted_simulation(setup: Setup) -> str | None:
     """Why the allocator replay's peaks are not used for `setup`, or None when they are.  QLoRA is
     replayed (benchmarks/results/simulated-reserve-qlora.txt) but not yet trusted."""
     if setup.method == "qlora":
-        return ("the allocator simulation of QLoRA still misses a logits-sized buffer on some models (up to 16% "
-                "under on 24 measured runs): the reserve is the fitted one")
+        return ("the allocator simulation of QLoRA still misses one attention-score-sized buffer on some models "
+                "(up to 16% under on 24 measured runs): the reserve is the fitted one")
     return None
 
 
-def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Breakdown:
-    """`bd` with its three peaks from the allocator simulation, or with a note saying why not."""
+def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants, seq_lens=None) -> Breakdown:
+    """`bd` with its three peaks from the allocator simulation, or with a note saying why not.
+    `seq_lens`: one padded batch length per replayed step (real data), instead of two steps at
+    `setup.seq_len`."""
     import time
 
     from vramfit.alloc_events import Unsupported, training_events
@@ -112,7 +114,7 @@ def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Brea
     try:
         # two steps: measured reserved is flat from the second step on (optimizer states exist), and
         # 2- and 3-step replays gave the same peaks on the 7 cases compared
-        ev = training_events(spec, setup, targets, steps=2)
+        ev = training_events(spec, setup, targets, steps=2, seq_lens=seq_lens)
     except Unsupported as exc:
         return replace(bd, notes=bd.notes + (f"the allocator simulation does not cover {exc} yet: the reserve is "
                                              "the fitted one",))
@@ -120,8 +122,9 @@ def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Brea
     comps = dict(bd.components)
     comps["allocator_reserve"] = sim["peak_reserved"] - sim["peak_allocated"]
     outside = c.cuda_context_bytes + c.kernel_growth_bytes
+    steps = f"{len(seq_lens)} steps of the data's padded batch lengths" if seq_lens else "2 steps"
     note = (f"reserved and device peaks from the allocator simulation: {len(ev['events']):,} allocations and "
-            f"frees of 2 steps replayed in {time.perf_counter() - started:.1f} s")
+            f"frees of {steps} replayed in {time.perf_counter() - started:.1f} s")
     return replace(bd, components=comps, peak_allocated_bytes=sim["peak_allocated"],
                    peak_reserved_bytes=sim["peak_reserved"], device_bytes=sim["peak_reserved"] + outside,
                    notes=bd.notes + (note,))

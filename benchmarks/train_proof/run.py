@@ -67,14 +67,18 @@ OOM_ARGS = ["--method", "lora", "--precision", "bf16-true", "--optim", "adamw_to
 # (name, model, extra args, per-run cap in seconds), cheapest first.  H100 2026-11-23: start-up of a
 # run ~7 s (1B) to ~26 s (7B), 1B steps ~0.5 s, 7B LoRA ~0.7 s, 7B full ~0.55 s; 7B full also
 # writes its 14 GB model at the end; 7B QLoRA writes a 14 GB random checkpoint, then quantizes it.
+# The runs predict with --simulate-allocator (25 steps of the data's own batch lengths replayed
+# through the allocator model, ~20 s for 1B and ~60 s for 7B on a CPU core); the report also
+# recomputes the fast model's prediction ("now").
+SIM = ["--simulate-allocator"]
 GPU_RUNS = [
-    ("1b-lora", "llama-3.2-1b", ["--method", "lora", "--effective-batch", "8"], 90),
-    ("1b-full", "llama-3.2-1b", ["--method", "full", "--effective-batch", "8"], 90),
-    ("1b-qlora", "llama-3.2-1b", ["--method", "qlora", "--effective-batch", "8"], 100),
+    ("1b-lora", "llama-3.2-1b", ["--method", "lora", "--effective-batch", "8", *SIM], 110),
+    ("1b-full", "llama-3.2-1b", ["--method", "full", "--effective-batch", "8", *SIM], 110),
+    ("1b-qlora", "llama-3.2-1b", ["--method", "qlora", "--effective-batch", "8", *SIM], 120),
     ("1b-oom-fallback", OOM_MODEL, OOM_ARGS, 120),
-    ("7b-lora", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4"], 120),
-    ("7b-full", "mistral-7b-v0.1", ["--method", "full", "--effective-batch", "4"], 200),
-    ("7b-qlora", "mistral-7b-v0.1", ["--method", "qlora", "--effective-batch", "4"], 280),
+    ("7b-lora", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4", *SIM], 180),
+    ("7b-full", "mistral-7b-v0.1", ["--method", "full", "--effective-batch", "4", *SIM], 260),
+    ("7b-qlora", "mistral-7b-v0.1", ["--method", "qlora", "--effective-batch", "4", *SIM], 300),
     # vramfit train's allocator is expandable segments unless PYTORCH_CUDA_ALLOC_CONF says otherwise
     # (since 2026-11-23); these pin the default allocator for the comparison (1b-lora and 7b-lora
     # of 2026-11-23's first call ran with it, before that change)
