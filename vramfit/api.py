@@ -98,7 +98,7 @@ def untrusted_simulation(setup: Setup) -> str | None:
     return None
 
 
-def _simulated(spec, setup: Setup, targets, bd: Breakdown, c: Constants, seq_lens=None) -> Breakdown:
+def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants, seq_lens=None) -> Breakdown:
     """`bd` with its three peaks from the allocator simulation, or with a note saying why not.
     `seq_lens`: one padded batch length per replayed step (real data), instead of two steps at
     `setup.seq_len`."""
@@ -162,7 +162,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
         bd = replace(bd, notes=bd.notes + (f"{spec.architecture} has no {setup.attn} support in transformers: "
                                            "estimated with eager attention, which transformers uses for it",))
     if simulate_allocator:
-        bd = _simulated(spec, setup, targets, bd, constants or DEFAULT)
+        bd = simulated_breakdown(spec, setup, targets, bd, constants or DEFAULT)
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

@@ -93,6 +93,7 @@ class DataReport:
     lengths: LengthStats
     seq_len_basis: str  # max | p99
     seq_len: int  # handed to the planner
+    row_lengths: list = field(default_factory=list)  # tokens of each training row (before truncation)
 
     def to_json(self) -> dict:
         t = self.train
@@ -421,9 +422,11 @@ def prepare(source: str, tokenizer, fmt: str = "auto", on_bad_row: str = "skip",
     else:
         train.rows, eval_rows = split_validation(train.rows, val_split, seed)
         eval_source = f"{val_split:.0%} held out of the training data" if eval_rows else "none"
-    stats = length_stats(token_lengths(train.rows, train.format, tokenizer), max_seq_len)
+    row_lengths = token_lengths(train.rows, train.format, tokenizer)
+    stats = length_stats(row_lengths, max_seq_len)
     return DataReport(train=train, eval_rows=eval_rows, eval_source=eval_source, lengths=stats,
-                      seq_len_basis=seq_len_basis, seq_len=stats.seq_len_for_plan(seq_len_basis))
+                      seq_len_basis=seq_len_basis, seq_len=stats.seq_len_for_plan(seq_len_basis),
+                      row_lengths=row_lengths)
 
 
 def to_hf_dataset(rows: list):

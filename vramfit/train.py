@@ -205,9 +205,7 @@ def data_is_padded(d) -> bool:
     """Whether the trainer's batches get padding (and so an attention mask): some training row is
     shorter than the sequence length the rows are cut to, so a batch of several rows is padded to
     its longest.  (A micro-batch of one has no padding: the memory model checks that.)"""
-    n = getattr(d.lengths, "count", 0) or 0
-    longer = getattr(d.lengths, "over_max_seq_len", 0) or 0
-    return n > 0 and longer < n
+    return d.lengths.over_max_seq_len < d.lengths.count
 
 
 def env_allocator(environ=None) -> str:
@@ -267,12 +265,12 @@ SIMULATED_STEPS = 25
 def predict(spec, s: Setup, constants=None, seq_lens=None) -> dict:
     """The three peaks of `s`.  `seq_lens` (`--simulate-allocator`): the reserved and device peaks
     from replaying that many steps of those padded batch lengths through the allocator model."""
-    from vramfit.api import _simulated, estimate_setup
+    from vramfit.api import estimate_setup, simulated_breakdown
     from vramfit.constants import DEFAULT
 
     bd, targets = estimate_setup(spec, s, constants)
     if seq_lens:
-        bd = _simulated(spec, s, targets, bd, constants or DEFAULT, seq_lens=list(seq_lens))
+        bd = simulated_breakdown(spec, s, targets, bd, constants or DEFAULT, seq_lens=list(seq_lens))
     out = {"peak_allocated_bytes": bd.peak_allocated_bytes, "peak_reserved_bytes": bd.peak_reserved_bytes,
            "device_bytes": bd.device_bytes, "peak_phase": bd.peak_phase, "breakdown": dict(bd.components)}
     if seq_lens:
@@ -693,8 +691,7 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     constants = load_local_constants()[0]
     seq_lens = None
     if opts.simulate_allocator:  # the data's own padded batch lengths, replayed through the allocator model
-        rows = vdata.token_lengths(d.train.rows, d.train.format, tokenizer)
-        seq_lens = batch_lengths(rows, s.micro_batch, s.seq_len, SIMULATED_STEPS, opts.seed)
+        seq_lens = batch_lengths(d.row_lengths, s.micro_batch, s.seq_len, SIMULATED_STEPS, opts.seed)
     predicted = predict(source.spec, s, constants, seq_lens)  # 5
     for note in predicted.pop("notes", []):
         say("note: " + note)

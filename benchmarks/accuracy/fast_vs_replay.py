@@ -20,24 +20,8 @@ CASES = (("phi-3-mini", {"num_hidden_layers": 8}, 1024, 4), ("tinyllama-1.1b", N
          ("qwen2.5-3b", None, 512, 4), ("llama-3.2-1b", None, 1024, 4))
 
 
-def phase_peaks(events: list, marks: dict) -> dict:
-    """Allocated peak of each marked phase, the walk starting at the first event (the load)."""
-    order = [("load", 0)] + sorted(marks.items(), key=lambda kv: kv[1])
-    live, cur, out = {}, 0, {}
-    for (name, a), (_, b) in zip(order, order[1:]):
-        peak = cur
-        for e in events[a:b]:
-            if e[0] == "a":
-                live[e[1]] = e[2]
-                cur += e[2]
-                peak = max(peak, cur)
-            elif e[0] == "f" and e[1] in live:
-                cur -= live.pop(e[1])
-        out[name] = peak
-    return out
-
-
 def main(argv=None) -> None:
+    from benchmarks.accuracy.replay_phases import phase_peaks
     from vramfit.alloc_events import training_events
     from vramfit.api import estimate_setup
     from vramfit.setup import make_setup, resolve_targets

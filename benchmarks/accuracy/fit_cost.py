@@ -39,8 +39,9 @@ def samples(paths) -> list:
 
 
 def errors(rows, cost) -> list[float]:
+    """(predicted - measured) / measured tokens/s of each (id, spec, setup, device, tokens/s, ...) row."""
     errs = []
-    for _, spec, s, device, tps in rows:
+    for _, spec, s, device, tps, *_ in rows:
         predicted = 1.0 / seconds_per_token(spec, s, device, resolve_targets(spec, s), cost)
         errs.append((predicted - tps) / tps)
     return errs

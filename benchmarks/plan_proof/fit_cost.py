@@ -25,8 +25,10 @@ import glob
 import json
 import statistics
 
+from benchmarks.accuracy.fit_cost import errors
 from benchmarks.accuracy.fit_cost import samples as harness_samples
 from benchmarks.accuracy.report import RESULTS
+from benchmarks.jsonl import records
 from vramfit.gpu import resolve_gpu
 from vramfit.planner import DEFAULT_COST, fit_cost_model, seconds_per_token
 from vramfit.setup import make_setup, resolve_targets
@@ -47,19 +49,13 @@ def trial_rows(paths) -> list:
     device = resolve_gpu("h100")
     out = []
     for path in paths:
-        for line in open(path):
-            r = json.loads(line)
+        for r in records(path):
             if r.get("kind") != "trial" or r.get("status") != "ok" or not r.get("tokens_per_s") or r["role"] == "afbs":
                 continue
             spec = load_spec(r["model"], overrides=r.get("overrides") or None)
             s = make_setup(**{k: v for k, v in r["setup"].items() if k in SETUP_KEYS and v is not None})
             out.append((f"{r['model']}/{r['budget']}/{r['role']}", spec, s, device, r["tokens_per_s"], r))
     return out
-
-
-def errors(rows, cost) -> list:
-    return [(1 / seconds_per_token(spec, s, d, resolve_targets(spec, s), cost) - tps) / tps
-            for _, spec, s, d, tps, *_ in rows]
 
 
 def summary(errs) -> str:

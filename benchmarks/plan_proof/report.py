@@ -32,14 +32,12 @@ def load(*paths) -> list:
     worker process left allocated (the previous trial's leftover_allocated_bytes; 0 at a worker's
     start).  Before 2026-11-23's fix (vramfit.train.forget_bnb_overrides) every Trainer with a
     bitsandbytes 8-bit optimizer left its embeddings behind, up to 8.5 GB by the end of a worker."""
+    from benchmarks.jsonl import records
+
     out = []
     for path in paths:
         left: dict = {}
-        for line in Path(path).read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill
+        for r in records(path):
             if r.get("kind") == "environment":
                 left[r.get("model")] = 0
             elif r.get("kind") == "trial" and r.get("status") not in (None, "skipped_time"):

@@ -460,14 +460,10 @@ def record_key(r: dict) -> str:
 
 def load_done(path: str) -> tuple[set, set]:
     """(trial keys with a result, (model, seq_len, effective_batch, budget) with a plan line) in `path`."""
+    from benchmarks.jsonl import records
+
     trials, plans = set(), set()
-    if not Path(path).is_file():
-        return trials, plans
-    for line in Path(path).read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
+    for r in records(path):
         if r.get("kind") == "plan":
             plans.add((r["model"], r["seq_len"], r["effective_batch"], r["budget"]))
         if r.get("kind") != "trial" or r.get("status") not in ("ok", "oom", "error"):

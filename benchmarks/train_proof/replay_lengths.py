@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     real, inputs = trainer_lengths(work, 4, a.steps)
     tok = AutoTokenizer.from_pretrained(inputs["tokenizer"])
     d = vdata.prepare(inputs["data"], tok, max_seq_len=512, val_split=0)
-    rows = vdata.token_lengths(d.train.rows, d.train.format, tok)
+    rows = d.row_lengths
     orders = {"trainer's order": real, "shuffle seed 1": batch_lengths(rows, 4, 512, a.steps, 1),
               "shuffle seed 2": batch_lengths(rows, 4, 512, a.steps, 2), "trainer's order, 25 steps": real[:25]}
     print(f"trainer's padded batch lengths ({len(real)} steps): {real}", flush=True)

@@ -257,14 +257,11 @@ def run_one(name: str, cmd: list, out: Path, timeout: float) -> dict:
 
 def timeline_facts(path: Path) -> dict:
     """Peaks of the last setup and tokens/s between its first and last logged step, from the timeline."""
+    from benchmarks.jsonl import records
+
     if not path.is_file():
         return {}
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except ValueError:
-            pass  # a line cut by a kill
+    recs = records(path)
     setups = [i for i, r in enumerate(recs) if r.get("kind") == "event" and r.get("message") == "setup"]
     last = recs[setups[-1]:] if setups else recs
     peaks = {}
@@ -379,14 +376,9 @@ def main(argv=None) -> int:
         runs = [r for r in runs if r[0] in keep]
     summary = out / "train_proof.jsonl"
     if a.skip_done and summary.is_file():
-        completed = set()
-        for x in summary.read_text().splitlines():
-            try:
-                r = json.loads(x)
-            except ValueError:
-                continue
-            if r.get("status") == "completed":
-                completed.add(r["run"])
+        from benchmarks.jsonl import records
+
+        completed = {r["run"] for r in records(summary) if r.get("status") == "completed"}
         for name in [r[0] for r in runs if r[0] in completed]:
             say(f"{name}: completed before, skipped (--skip-done)")
         runs = [r for r in runs if r[0] not in completed]
