@@ -70,9 +70,6 @@ class Block:
     def key(self):
         return (self.size, self.addr)
 
-    def is_split(self):
-        return self.prev is not None or self.next is not None
-
     def __repr__(self):  # pragma: no cover
         return f"Block(addr={self.addr:#x}, size={self.size}, alloc={self.allocated}, mapped={self.mapped})"
 

@@ -75,10 +75,6 @@ class Strategy:
     accelerate: str = ""  # the accelerate config's words for it
 
     @property
-    def shards_params(self) -> bool:
-        return self.engine == "fsdp" or self.zero_stage == 3
-
-    @property
     def sharded(self) -> bool:
         return self.engine != "ddp"
 

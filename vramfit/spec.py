@@ -81,11 +81,6 @@ class ModelSpec:
         return hash(self.config_hash)
 
     @property
-    def linear_params(self) -> int:
-        """Parameters held in Linear/Conv1D weights and biases (the LM head included)."""
-        return sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears)
-
-    @property
     def has_grouped_kv(self) -> bool:
         """Fewer KV heads than query heads (GQA or multi-query)."""
         return 0 < self.num_kv_heads < self.num_heads

@@ -66,9 +66,6 @@ class Region:
     def bytes(self, batch: int, seq: int) -> int:
         return int(round(self.const + batch * (self.lin * seq + self.quad * seq * seq)))
 
-    def max_tensor_bytes(self, batch: int, seq: int) -> int:
-        return int(batch * max(self.max_tensor_lin * seq, self.max_tensor_quad * seq * seq))
-
 
 @dataclass(frozen=True)
 class ActivationProfile:
@@ -85,9 +82,6 @@ class ActivationProfile:
         """What checkpointing keeps: the outside region and each layer's input."""
         kept = batch * seq * (self.layer_input_lin * len(self.layers) + self.shared_input_lin)
         return self.outside.bytes(batch, seq) + int(kept)
-
-    def max_layer_bytes(self, batch: int, seq: int) -> int:
-        return max((r.bytes(batch, seq) for r in self.layers), default=0)
 
 
 # --------------------------------------------------------------------------- emulations
