@@ -8,7 +8,7 @@
 # Results land in $OUT (the device tool copies them back); the plan proof's shards each write
 # their own plan_proof.jsonl: report them together with `python -m benchmarks.plan_proof.report`.
 # Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the train-proof runs
-# 50-90 s each (plus the --simulate-allocator replay, ~20 s for 1B and ~60 s for 7B on this CPU),
+# 50-90 s each (plus the --simulate-allocator replay: 10 s for 1B and 31 s for 7B on the 2-core CPU machine),
 # the plan proof shards 270-320 s of driver time each (the time guard skips what does not fit).
 set -uo pipefail
 case "${1:-}" in 1|2|3|4) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|4" >&2; exit 2 ;; esac

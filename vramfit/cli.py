@@ -346,8 +346,8 @@ def train(
     headroom: str = typer.Option("5%", help="memory kept free: a percentage or a size"),
     simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="predict the reserved and device "
                                             "peaks by replaying 25 steps of the data's own padded batch lengths "
-                                            "through a model of torch's caching allocator (a minute on a CPU "
-                                            "for a 7B model; closer where batches vary in length)"),
+                                            "through a model of torch's caching allocator (10-40 s on a CPU "
+                                            "for 1B-7B models; closer where batches vary in length)"),
     enforce_budget: bool = typer.Option(False, "--enforce-budget", help="emulate the smaller card of --gpu on this "
                                         "one: torch's allocator is capped (set_per_process_memory_fraction) so the "
                                         "process stays within --gpu less the headroom, CUDA context included"),

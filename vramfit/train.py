@@ -281,8 +281,9 @@ def predict(spec, s: Setup, constants=None, seq_lens=None) -> dict:
 def batch_lengths(row_lengths: list, micro_batch: int, seq_len: int, steps: int, seed: int) -> list:
     """Padded lengths of `steps` batches drawn as a shuffled epoch would draw them (seeded): each
     batch is as long as its longest row, rows cut at `seq_len`.  Not the trainer's own order (which
-    its sampler fixes later), but the same distribution: on the H100 7B runs, three orders gave
-    reserved peaks within 4% of each other with the default allocator and 1% with expandable segments."""
+    its sampler fixes later), but the same distribution: replayed for the H100 7B runs, three orders
+    gave reserved peaks 6% (LoRA) and 8% (full) apart with the default allocator and 1% with
+    expandable segments (benchmarks/results/cpu-2026-11-23-replay-lengths.txt)."""
     import random
 
     if not row_lengths:

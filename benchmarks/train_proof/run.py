@@ -68,7 +68,7 @@ OOM_ARGS = ["--method", "lora", "--precision", "bf16-true", "--optim", "adamw_to
 # run ~7 s (1B) to ~26 s (7B), 1B steps ~0.5 s, 7B LoRA ~0.7 s, 7B full ~0.55 s; 7B full also
 # writes its 14 GB model at the end; 7B QLoRA writes a 14 GB random checkpoint, then quantizes it.
 # The runs predict with --simulate-allocator (25 steps of the data's own batch lengths replayed
-# through the allocator model, ~20 s for 1B and ~60 s for 7B on a CPU core); the report also
+# through the allocator model: 10 s for 1B and 31 s for 7B on the 2-core CPU machine); the report also
 # recomputes the fast model's prediction ("now").
 SIM = ["--simulate-allocator"]
 GPU_RUNS = [
