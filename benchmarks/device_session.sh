@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# One GPU session's measurements in four calls of the device tool's `run` (each under 600 s),
+# One GPU session's measurements in three calls of the device tool's `run` (each under 600 s),
 # back to back so the machine stays warm; carry [".whl"] (../shared/device/wheels.sh).
-#   bash benchmarks/device_session.sh 1     # QLoRA-first memory histories, train proof 7b-full and 7b-qlora
-#   bash benchmarks/device_session.sh 2     # train proof 1b-full and 1b-qlora, plan proof shard 1
-#   bash benchmarks/device_session.sh 3     # a vramfit train step's allocation stream, plan proof shard 2
-#   bash benchmarks/device_session.sh 4     # plan proof shard 3
+#   bash benchmarks/device_session.sh 1     # train proof: the 7B runs; plan proof: llama-3.2-1b, qwen2.5-0.5b
+#   bash benchmarks/device_session.sh 2     # train proof: the 1B runs and the OOM fall-back; plan proof: qwen2.5-1.5b, -3b
+#   bash benchmarks/device_session.sh 3     # plan proof: llama-3.1-8b, qwen2.5-14b
+#   bash benchmarks/device_session.sh history   # QLoRA-first memory histories (benchmarks/accuracy/memory_history_cases.json)
 # Results land in $OUT (the device tool copies them back); the plan proof's shards each write
 # their own plan_proof.jsonl: report them together with `python -m benchmarks.plan_proof.report`.
 # Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the train-proof runs
 # 50-90 s each (plus the --simulate-allocator replay: 10 s for 1B and 31 s for 7B on the 2-core CPU machine),
 # the plan proof shards 270-320 s of driver time each (the time guard skips what does not fit).
 set -uo pipefail
-case "${1:-}" in 1|2|3|4) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|4" >&2; exit 2 ;; esac
+case "${1:-}" in 1|2|3|history) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|history" >&2; exit 2 ;; esac
 source "$(dirname "$0")/device_env.sh"
 quiet() { grep -v -e 'Loading weights' -e 'Writing model shards' -e Warning -e warnings.warn \
             -e _set_allocator_settings -e train_runtime -e USDT; }
@@ -20,22 +20,23 @@ plan_shard() {
     --max-seconds "$1" --models "${@:2}" 2>&1 | quiet > "$OUT/plan_proof.log"
   tail -5 "$OUT/plan_proof.log"
 }
+train_proof() {
+  python3 -m benchmarks.train_proof.run --out "$OUT/tp" --budget-s "$1" --runs "${@:2}" 2>&1 | quiet | tail -12
+}
 case "${1:-}" in
   1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    train_proof 330 7b-lora 7b-full 7b-qlora
+    plan_shard 200 llama-3.2-1b qwen2.5-0.5b
+    ;;
+  2)
+    train_proof 250 1b-lora 1b-full 1b-qlora 1b-oom-fallback
+    plan_shard 300 qwen2.5-1.5b qwen2.5-3b
+    ;;
+  3) plan_shard 540 llama-3.1-8b qwen2.5-14b ;;
+  history)
     VRAMFIT_MEMORY_HISTORY=/tmp/hist timeout 180 python3 -m benchmarks.accuracy.harness \
       --cases benchmarks/accuracy/memory_history_cases.json --out "$OUT/memory_history.jsonl" 2>&1 | tail -8
     tar czf "$OUT/memory_history.tgz" -C /tmp hist
-    python3 -m benchmarks.train_proof.run --out "$OUT/tp" --runs 7b-full 7b-qlora --budget-s 360 2>&1 | quiet | tail -8
     ;;
-  2)
-    python3 -m benchmarks.train_proof.run --out "$OUT/tp" --runs 1b-full 1b-qlora --budget-s 200 2>&1 | quiet | tail -8
-    plan_shard 320 llama-3.2-1b llama-3.1-8b
-    ;;
-  3)
-    timeout 120 python3 -m benchmarks.train_proof.profile --out "$OUT/train_history" --proof-run 7b-lora \
-      --memory-history --no-profiler 2>&1 | grep -e '\[profile' -e 'run completed' -e Error
-    plan_shard 420 qwen2.5-0.5b qwen2.5-3b
-    ;;
-  4) plan_shard 520 qwen2.5-1.5b qwen2.5-14b ;;
 esac

@@ -229,6 +229,25 @@ def test_qlora_is_slower_than_lora_and_bigger_micro_batches_are_faster(seven_b):
     assert times == sorted(times, reverse=True)
 
 
+def test_paged_states_that_do_not_fit_beside_the_rest_page_at_every_step(small):
+    h100 = resolve_gpu("h100")
+    ev = planner.Evaluator(small)
+    s = Setup(method="full", precision="bf16-true", optim="paged_adamw_8bit", micro_batch=2, grad_accum=2)
+    bd, _ = ev.memory(s)
+    paged = bd.components["optimizer_states_paged"]
+    assert paged > 0
+    roomy = ev.candidate(s, h100, bd.device_bytes + paged)
+    tight = ev.candidate(s, h100, bd.device_bytes + paged // 3)
+    assert roomy.fits and tight.fits and roomy.paging_bytes == 0
+    assert tight.paging_bytes == paged - paged // 3
+    # both ways over the host link, once per optimizer step
+    extra = (tight.seconds_per_token - roomy.seconds_per_token) * s.tokens * s.grad_accum
+    assert extra == pytest.approx(2 * tight.paging_bytes / planner.DEFAULT_COST.host_link_bytes_per_s)
+    # bitsandbytes' unpaged 8-bit AdamW holds the same states inside the device figure
+    unpaged = ev.candidate(s.with_(optim="adamw_bnb_8bit"), h100, bd.device_bytes + paged)
+    assert unpaged.paged_bytes == 0 and unpaged.device_bytes >= bd.device_bytes + paged * 0.99
+
+
 def test_fit_cost_model_recovers_known_constants(small, seven_b):
     truth = CostModel(mfu_max=0.37, layer_overhead_s=250e-6, dequant_bytes_per_param=11.0)
     h100 = resolve_gpu("h100")

@@ -177,7 +177,11 @@ def markdown(records: list) -> str:
              f"transformers {v.get('transformers')}, peft {v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}; "
              f"{env.get('date')}.  seq_len {first.get('seq_len')}, effective batch {first.get('effective_batch')}, "
              "random-init weights, random tokens.  Budgets are decimal GB; device bytes = torch's reserved peak "
-             "+ the CUDA context and kernels vramfit counts outside it (what the enforced fraction leaves out)."), "",
+             "+ the CUDA context and kernels vramfit counts outside it (what the enforced fraction leaves out)."
+             + (f"  Each trial also held a ballast of total - budget with cuMemAlloc, so the card was the budget's "
+                f"size for what the fraction does not count (NVML figures less the ballast); "
+                f"{sum(1 for r in records if r['kind'] == 'trial' and r.get('ballast_bytes'))} trials."
+                if any(r.get("ballast_bytes") for r in records if r["kind"] == "trial") else "")), "",
              "| pass rate | passed | of |", "|---|---|---|"]
     lines += [f"| {name} | {ok} | {n} |" for name, (ok, n) in rates.items()]
     lines += ["", ("| model | budget | plan's setup | predicted GB (run / now) | measured GB (reserved+outside / NVML) "

@@ -13,7 +13,12 @@ For each model (one process per model, reused across its budgets and trials) and
   for another card; its choice is recorded too);
 - the budget is enforced with `torch.cuda.set_per_process_memory_fraction((budget - outside) /
   total)`, outside = what vramfit counts outside torch's allocator (CUDA context + kernels,
-  vramfit/constants.py), so the allocator may reserve what the budget leaves for it;
+  vramfit/constants.py), so the allocator may reserve what the budget leaves for it; and (since
+  2026-11-23 evening; `--no-ballast` for the old way) by a ballast of total - budget held with the
+  driver's cuMemAlloc for the trial, so the card really is the budget's size: what the fraction
+  does not count (the CUDA context's real size, the paged optimizers' managed memory, which pages
+  to host where it does not fit) meets the same wall as on a card of that size.  NVML's process
+  figure counts the ballast: the records subtract it;
 - trials, each building the model as a launcher would from the plan's own objects
   (`model_kwargs`, `lora_config`, `bnb_config`, `training_arguments`; QLoRA: from_pretrained of
   a random bf16 checkpoint written once per model and kept, under a fixed path, for every budget,
@@ -184,6 +189,7 @@ class Trials:
 
         self.outside = DEFAULT.cuda_context_bytes + DEFAULT.kernel_growth_bytes
         self.total = torch.cuda.get_device_properties(0).total_memory if self.cuda else None
+        self._cu = self._ballast = None
 
     def base(self, **kw) -> dict:
         return {"model": self.model, "overrides": self.overrides, "seq_len": self.args.seq_len,
@@ -199,6 +205,35 @@ class Trials:
         fraction = 1.0 if budget_bytes is None else (budget_bytes - self.outside) / self.total
         self.torch.cuda.set_per_process_memory_fraction(fraction, 0)
         return fraction
+
+    # -- the GPU made as small as the budget
+    def hold_ballast(self, budget_bytes: int | None) -> int:
+        """Hold total - budget of the GPU with the driver's cuMemAlloc, outside torch's allocator, so
+        the process finds a card of the budget's size: the fraction caps torch's allocator, the
+        ballast also bounds what it does not count (the paged optimizers' managed memory, which
+        must page to host where it does not fit, and everything outside torch)."""
+        self.release_ballast()
+        if not self.cuda or budget_bytes is None or self.args.no_ballast:
+            return 0
+        import ctypes
+
+        if self._cu is None:
+            self._cu = ctypes.CDLL("libcuda.so.1")
+        self.torch.cuda.synchronize()  # the primary context is current on this thread
+        size = self.total - budget_bytes
+        if size <= 0:
+            return 0
+        ptr = ctypes.c_uint64()
+        rc = self._cu.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size))
+        if rc != 0:
+            raise RuntimeError(f"cuMemAlloc_v2 of the {size} B ballast failed: CUresult {rc}")
+        self._ballast = ptr
+        return size
+
+    def release_ballast(self) -> None:
+        if self._ballast is not None:
+            self._cu.cuMemFree_v2(self._ballast)
+            self._ballast = None
 
     # -- the QLoRA checkpoint
     def qlora_checkpoint(self) -> str:
@@ -307,6 +342,10 @@ class Trials:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        try:
+            rec["ballast_bytes"] = self.hold_ballast(budget_bytes)
+        except (OSError, RuntimeError) as exc:  # no libcuda, or the driver refused: fraction only
+            rec["ballast_bytes"], rec["ballast_error"] = 0, str(exc)
         rec["enforced_fraction"] = self.enforce(budget_bytes)
         rec["allocator_limit_bytes"] = int(rec["enforced_fraction"] * self.total) if self.cuda else None
         sampler = start_sampler(probe) if self.cuda else None
@@ -350,9 +389,14 @@ class Trials:
             if sampler:
                 rec.update(sampler.stop())
                 rec["nvml_process_end_bytes"] = sampler.process_bytes()
+                if rec.get("nvml_source") == "process" and rec.get("ballast_bytes"):
+                    # NVML counts the ballast as this process's; its figure less the ballast
+                    rec["nvml_peak_bytes"] -= rec["ballast_bytes"]
+                    rec["nvml_process_end_bytes"] = (rec["nvml_process_end_bytes"] or 0) - rec["ballast_bytes"]
             free_memory(trainer)
             trainer = model = None
             gc.collect()
+            self.release_ballast()
             if self.cuda:
                 torch.cuda.empty_cache()
                 rec["leftover_allocated_bytes"] = torch.cuda.memory_allocated()
@@ -689,6 +733,8 @@ def parse_args(argv=None):
     ap.add_argument("--afbs-budgets", nargs="*")
     ap.add_argument("--afbs-start", type=int, default=64)
     ap.add_argument("--confirm-nothing-fits", action="store_true")
+    ap.add_argument("--no-ballast", action="store_true",
+                    help="enforce the budget with the allocator fraction only (before 2026-11-23 evening)")
     ap.add_argument("--drop-checkpoints", action="store_true", help="delete the QLoRA checkpoints at the end")
     ap.add_argument("--max-seconds", type=float, default=520.0, help="global time guard, start-up included")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
