@@ -243,6 +243,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", action="store_true", help="print every case")
     ap.add_argument("--simulated", action="store_true",
                     help=f"peaks from the allocator simulation where {SIMULATED.name} has the case")
+    ap.add_argument("--simulated-from", default=str(SIMULATED), help="the simulate_reserve results --simulated reads")
     ap.add_argument("--calibration", help="a `vramfit calibrate` JSON: report the cases measured on its GPU "
                                           "before and after applying it, and stop")
     args = ap.parse_args(argv)
@@ -250,7 +251,8 @@ def main(argv=None) -> None:
     if args.calibration:
         print(before_after(load_records(paths), json.loads(Path(args.calibration).read_text())))
         return
-    rs = rows(load_records(paths), simulated=json.loads(SIMULATED.read_text()) if args.simulated else None)
+    simulated = json.loads(Path(args.simulated_from).read_text()) if args.simulated else None
+    rs = rows(load_records(paths), simulated=simulated)
     md = markdown(rs)
     print(md)
     if args.cases:
