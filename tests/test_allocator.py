@@ -158,9 +158,11 @@ def test_estimate_can_take_its_peaks_from_the_allocator_simulation(tmp_path):
     assert sim.device_bytes - sim.peak_reserved_bytes == fitted.device_bytes - fitted.peak_reserved_bytes
     qlora = estimate(str(cfg), simulate_allocator=True, **{**kw, "method": "qlora"})
     fitted_q = estimate(str(cfg), **{**kw, "method": "qlora"})
-    # QLoRA's replay is not trusted yet: said, and the fitted peaks kept
-    assert any("simulation of QLoRA" in n for n in qlora.notes)
-    assert qlora.device_bytes == fitted_q.device_bytes
+    # QLoRA's peaks come from its replay too (within 3.4% of the 24 measured runs' device peaks,
+    # benchmarks/accuracy/simulate_reserve.py)
+    assert any("allocator simulation" in n for n in qlora.notes)
+    assert abs(qlora.peak_allocated_bytes - fitted_q.peak_allocated_bytes) < 0.05 * fitted_q.peak_allocated_bytes
+    assert qlora.device_bytes - qlora.peak_reserved_bytes == fitted_q.device_bytes - fitted_q.peak_reserved_bytes
 
 
 TINY_HEADS = 4

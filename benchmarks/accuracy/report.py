@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from vramfit.api import estimate_setup, untrusted_simulation
+from vramfit.api import estimate_setup
 from vramfit.constants import DEFAULT, Constants
 from vramfit.setup import Setup, validate
 from vramfit.spec import load_spec
@@ -114,7 +114,7 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
         sim = (simulated or {}).get(sim_key(rec), {})
         row["source"] = "fitted reserve"
         # as `vramfit estimate --simulate-allocator` does
-        if simulated is not None and "sim_reserved" in sim and untrusted_simulation(case_setup(case)) is None:
+        if simulated is not None and "sim_reserved" in sim:
             outside = bd.device_bytes - bd.peak_reserved_bytes
             pred = {"allocated": sim["sim_allocated"], "reserved": sim["sim_reserved"],
                     "device": sim["sim_reserved"] + outside}
