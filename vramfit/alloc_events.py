@@ -37,15 +37,28 @@ _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "matmul")
 
 def _internal_temporaries(name: str, args) -> list:
     """Bytes a CUDA kernel allocates inside one op, below the dispatcher a TorchDispatchMode sees,
-    live until the op returns.
+    live (beside the op's output) until the op returns.
 
     `_safe_softmax` (SDPA's math path: on CUDA for fp32 with grouped KV heads, and for multi-query
     attention without enable_gqa) zeroes fully masked rows through x.eq(-inf) over the whole score
     tensor: a bool tensor of the scores' size, beside its input and result.  Recorded on an H100
     (benchmarks/results/h100-2026-11-23-memory-history): Falcon-7B's 284 MiB and Qwen2.5-0.5B's
-    14 MiB bool allocations, one per layer and forward, which the replay lacked."""
+    14 MiB bool allocations, one per layer and forward, which the replay lacked.
+
+    `_softmax_backward_data` on CUDA (softmax_backward_cuda_out) first forms `tmp = grad * output`,
+    a tensor of the gradient's size, beside its input gradient and the saved probabilities: on SDPA's
+    math path and in eager attention one more seq x seq score tensor in every layer's backward.
+    Recorded on the H100 (Qwen2.5-0.5B fp32 LoRA, Falcon-7B bf16-mixed): three score-sized
+    allocations per layer backward where the replay had two; with checkpointing the peak of QLoRA
+    on a grouped-KV model (fp32 q, k, v: the math path) is that layer backward, so the replay was one
+    fp32 B x H x S x S under (1024 MiB for TinyLlama at 2 x 2048)."""
     if name == "_safe_softmax" and args:
         return [args[0].numel()]
+    if name == "_softmax_backward_data" and len(args) >= 2:
+        import torch
+
+        grad, output = args[0], args[1]
+        return [grad.numel() * torch.promote_types(grad.dtype, output.dtype).itemsize]
     return []
 
 
@@ -103,12 +116,12 @@ def _recorder_class():
                 if ws not in self.workspaces:
                     self.workspaces.add(ws)
                     self.alloc(CUBLAS_WORKSPACE)
-            inner = _internal_temporaries(name, args)
-            ids = [self.alloc(n) for n in inner]
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
-            for i in ids:
+            # the kernel's own temporaries come after its output (a structured op allocates its
+            # output first; _safe_softmax's softmax before its mask), as the H100 recordings order them
+            for i in [self.alloc(n) for n in _internal_temporaries(name, args)]:
                 self.free(i)
             return out
 

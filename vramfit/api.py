@@ -89,15 +89,6 @@ def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tu
     return breakdown(spec, setup, targets, profile, constants or DEFAULT), targets
 
 
-def untrusted_simulation(setup: Setup) -> str | None:
-    """Why the allocator replay's peaks are not used for `setup`, or None when they are.  QLoRA is
-    replayed (benchmarks/results/simulated-reserve-qlora.txt) but not yet trusted."""
-    if setup.method == "qlora":
-        return ("the allocator simulation of QLoRA still misses one attention-score-sized buffer on some models "
-                "(up to 16% under on 24 measured runs): the reserve is the fitted one")
-    return None
-
-
 def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants, seq_lens=None) -> Breakdown:
     """`bd` with its three peaks from the allocator simulation, or with a note saying why not.
     `seq_lens`: one padded batch length per replayed step (real data), instead of two steps at
@@ -107,9 +98,6 @@ def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants
     from vramfit.alloc_events import Unsupported, training_events
     from vramfit.allocator import simulate
 
-    why_not = untrusted_simulation(setup)
-    if why_not:
-        return replace(bd, notes=bd.notes + (why_not,))
     started = time.perf_counter()
     try:
         # two steps: measured reserved is flat from the second step on (optimizer states exist), and

@@ -94,6 +94,8 @@ def _flash_like_sdpa(autocast_dtype=None):
     """
     import torch
 
+    _InplaceMaskAdd = _inplace_mask_add_class()
+
     class _FlashLikeAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
@@ -137,11 +139,32 @@ def _flash_like_sdpa(autocast_dtype=None):
             # enable_gqa (Falcon's multi-query attention with its always-materialised mask): torch
             # falls back to the math path (seq x seq probabilities kept).  QLoRA's fp32 residual
             # stream meets the first on every GQA model.
-            return torch.ops.aten._scaled_dot_product_attention_math(
-                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+            with _InplaceMaskAdd():
+                return torch.ops.aten._scaled_dot_product_attention_math(
+                    query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
         return _FlashLikeAttention.apply(query, key, value)
 
     return sdpa
+
+
+def _inplace_mask_add_class():
+    """The math path adds the mask to the scores in place on CUDA (`attn.add_(mask)`), but out of
+    place on meta tensors, which ATen counts as tensor-subclass-like: one seq x seq score tensor
+    too many per layer forward.  This mode, active only inside the math path, makes that add in
+    place again (autograd above it still sees the out-of-place add, which saves nothing)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _InplaceMaskAdd(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten.add.Tensor and not kwargs and len(args) == 2
+                    and isinstance(args[1], torch.Tensor) and args[0].dim() >= 2 and args[0].is_contiguous()
+                    and torch.broadcast_shapes(args[0].shape, args[1].shape) == args[0].shape
+                    and torch.promote_types(args[0].dtype, args[1].dtype) == args[0].dtype):
+                return args[0].add_(args[1])
+            return func(*args, **(kwargs or {}))
+
+    return _InplaceMaskAdd
 
 
 def _cuda_dropout():

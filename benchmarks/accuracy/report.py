@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from vramfit.api import estimate_setup, untrusted_simulation
+from vramfit.api import estimate_setup
 from vramfit.constants import DEFAULT, Constants
 from vramfit.setup import Setup, validate
 from vramfit.spec import load_spec
@@ -114,7 +114,7 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
         sim = (simulated or {}).get(sim_key(rec), {})
         row["source"] = "fitted reserve"
         # as `vramfit estimate --simulate-allocator` does
-        if simulated is not None and "sim_reserved" in sim and untrusted_simulation(case_setup(case)) is None:
+        if simulated is not None and "sim_reserved" in sim:
             outside = bd.device_bytes - bd.peak_reserved_bytes
             pred = {"allocated": sim["sim_allocated"], "reserved": sim["sim_reserved"],
                     "device": sim["sim_reserved"] + outside}
@@ -243,6 +243,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", action="store_true", help="print every case")
     ap.add_argument("--simulated", action="store_true",
                     help=f"peaks from the allocator simulation where {SIMULATED.name} has the case")
+    ap.add_argument("--simulated-from", default=str(SIMULATED), help="the simulate_reserve results --simulated reads")
     ap.add_argument("--calibration", help="a `vramfit calibrate` JSON: report the cases measured on its GPU "
                                           "before and after applying it, and stop")
     args = ap.parse_args(argv)
@@ -250,7 +251,8 @@ def main(argv=None) -> None:
     if args.calibration:
         print(before_after(load_records(paths), json.loads(Path(args.calibration).read_text())))
         return
-    rs = rows(load_records(paths), simulated=json.loads(SIMULATED.read_text()) if args.simulated else None)
+    simulated = json.loads(Path(args.simulated_from).read_text()) if args.simulated else None
+    rs = rows(load_records(paths), simulated=simulated)
     md = markdown(rs)
     print(md)
     if args.cases:

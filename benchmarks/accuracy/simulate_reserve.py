@@ -90,12 +90,17 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true", help="recompute cached cases")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default=None, help="substring of the case labels to run")
+    ap.add_argument("--method", default=None, help="only the runs of this method (full, lora, qlora)")
+    ap.add_argument("--cache", default=str(CACHE), help=f"results file (default {CACHE.name} next to the results)")
     args = ap.parse_args(argv)
+    cache_path = Path(args.cache)
     paths = args.results or sorted(glob.glob(str(RESULTS / "*.jsonl")))
     recs = [r for r in load_records(paths) if r["status"] == "ok"]
     if args.only:
         recs = [r for r in recs if args.only in r["label"]]
-    cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
+    if args.method:
+        recs = [r for r in recs if r["case"]["method"] == args.method]
+    cache = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
     key = lambda r: f"{r['label']}|{r.get('environment', {}).get('gpu_name', '?')}|{r.get('environment', {}).get('date', '')}"  # noqa: E731
     # cases cached as unsupported are retried (the generator may have learned them since)
     todo = [r for r in recs if key(r) not in cache or "unsupported" in cache[key(r)]]
@@ -104,7 +109,7 @@ def main(argv=None) -> None:
         with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
             for r, res in zip(todo, pool.imap(_simulate_one, todo)):
                 cache[key(r)] = res
-                CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
+                cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
                 print("done", res["label"], res.get("error") or res.get("unsupported") or "", flush=True)
     rows = [cache[key(r)] for r in recs]
     ok = [r for r in rows if "sim_reserved" in r]
