@@ -67,6 +67,7 @@ def test_lora_three_steps_through_the_cli_write_adapter_report_timeline_and_plot
     assert rep["setup"]["seq_len"] == rep["data"]["seq_len"] <= 64  # the data's longest row, not a guess
     assert rep["predicted"]["device_bytes"] > rep["predicted"]["peak_reserved_bytes"] > 0
     assert rep["versions"]["trl"] and rep["cuda"] is False
+    assert rep["options"]["simulate_allocator"] is False  # the replay's default is "on a GPU"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "tokenizer_config.json").is_file()
     lines = timeline(out)
