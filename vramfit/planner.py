@@ -321,6 +321,14 @@ def _least_squares(rows) -> list | None:
 # --------------------------------------------------------------------------- the search
 
 
+def paging_bytes(bd, usable_bytes: int) -> int:
+    """The paged optimizer states of breakdown `bd` that do not fit in `usable_bytes` beside the
+    rest: torch's cache keeps its peak reserved for the whole run, so what the states find beside
+    it is what they keep on the GPU; the rest migrates to host and back at every optimizer step."""
+    paged = bd.components.get("optimizer_states_paged", 0)
+    return max(0, min(paged, bd.device_bytes + paged - usable_bytes))
+
+
 @dataclass(frozen=True)
 class Candidate:
     setup: Setup
@@ -402,10 +410,7 @@ class Evaluator:
 
     def candidate(self, s: Setup, device, usable_bytes: int) -> Candidate:
         bd, targets = self.memory(s)
-        paged = bd.components.get("optimizer_states_paged", 0)
-        # torch's cache keeps its peak reserved for the whole run: what the paged states find
-        # beside it is what they may keep on the GPU; the rest migrates at every optimizer step
-        paging = max(0, min(paged, bd.device_bytes + paged - usable_bytes))
+        paged, paging = bd.components.get("optimizer_states_paged", 0), paging_bytes(bd, usable_bytes)
         return Candidate(setup=s, device_bytes=bd.device_bytes, peak_allocated_bytes=bd.peak_allocated_bytes,
                          peak_reserved_bytes=bd.peak_reserved_bytes,
                          seconds_per_token=seconds_per_token(self.spec, s, device, targets, self.cost, paging),

@@ -38,11 +38,24 @@ def samples(paths) -> list:
     return out
 
 
+def paging_bytes(spec, s, record) -> int:
+    """The paged optimizer states the planner counts as paging for a plan-proof trial (its budget's
+    usable bytes; 0 for the harness's runs on a whole 80 GB card)."""
+    usable = (record or {}).get("usable_bytes")
+    if not usable or not s.optim.startswith("paged"):
+        return 0
+    from vramfit.api import estimate_setup
+    from vramfit.planner import paging_bytes as paging
+
+    return paging(estimate_setup(spec, s)[0], usable)
+
+
 def errors(rows, cost) -> list[float]:
-    """(predicted - measured) / measured tokens/s of each (id, spec, setup, device, tokens/s, ...) row."""
+    """(predicted - measured) / measured tokens/s of each (id, spec, setup, device, tokens/s[, record]) row."""
     errs = []
-    for _, spec, s, device, tps, *_ in rows:
-        predicted = 1.0 / seconds_per_token(spec, s, device, resolve_targets(spec, s), cost)
+    for _, spec, s, device, tps, *rest in rows:
+        paging = paging_bytes(spec, s, rest[0] if rest else None)
+        predicted = 1.0 / seconds_per_token(spec, s, device, resolve_targets(spec, s), cost, paging)
         errs.append((predicted - tps) / tps)
     return errs
 
