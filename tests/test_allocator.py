@@ -350,3 +350,72 @@ def test_math_path_attention_holds_two_score_tensors_forward_and_three_backward(
             del live[e[1]]
         peak_scores = max(peak_scores, sum(1 for i in live if sizes[i] == score))
     assert peak_scores == 3  # plus the saved probabilities, allocated in the forward
+
+
+# --------------------------------------------------------------------------- memory cap
+
+
+def test_cap_releases_the_cache_and_fits_what_the_uncapped_reserved_peak_exceeds():
+    """A cached free 30 MiB segment and a 40 MiB request: uncapped the allocator holds both (70 MiB
+    reserved); under a 50 MiB cap it cudaFrees the cached segment, retries once and fits."""
+    seq = [("a", 0, 30 * MiB), ("f", 0), ("a", 1, 40 * MiB)]
+    free = simulate(seq)
+    assert free["peak_reserved"] == 70 * MiB and not free["oom"] and free["num_alloc_retries"] == 0
+    capped = simulate(seq, limit_bytes=50 * MiB)
+    assert not capped["oom"] and capped["num_alloc_retries"] == 1
+    assert capped["peak_reserved"] == 40 * MiB and capped["peak_allocated"] == 40 * MiB
+
+
+def test_cap_ooms_when_the_allocated_bytes_alone_exceed_it():
+    seq = [("a", 0, 30 * MiB), ("a", 1, 40 * MiB)]
+    res = simulate(seq, limit_bytes=60 * MiB)
+    assert res["oom"] and res["oom_at"] == 1 and res["num_alloc_retries"] == 1
+    assert res["peak_allocated"] == 30 * MiB  # the refused request never counts
+    assert not simulate(seq, limit_bytes=70 * MiB)["oom"]
+    assert simulate(seq, limit_bytes=10 * MiB, initial_allocated=0)["oom_at"] == 0
+    assert simulate(seq, limit_bytes=100 * MiB, initial_allocated=40 * MiB)["oom_at"] == 1
+
+
+def test_cap_counts_one_retry_per_refused_segment():
+    seq = [("a", 0, 30 * MiB), ("f", 0), ("a", 1, 40 * MiB), ("f", 1), ("a", 2, 44 * MiB)]
+    res = simulate(seq, limit_bytes=50 * MiB)
+    assert not res["oom"] and res["num_alloc_retries"] == 2 and res["reserved"] == 44 * MiB
+
+
+def test_cap_check_uses_the_allocation_size_not_the_request():
+    """A 2 MiB request takes a 20 MiB segment: the cap refuses it at 19 MiB left (alloc_block
+    checks get_allocation_size), though the request itself would fit."""
+    res = simulate([("a", 0, 30 * MiB), ("a", 1, 2 * MiB)], limit_bytes=49 * MiB)
+    assert res["oom"] and res["oom_at"] == 1
+
+
+def test_capped_expandable_segments_unmap_the_whole_free_pages():
+    """Expandable: 30 + 30 MiB mapped in 20 MiB pages (60 MiB), the first freed; a 50 MiB request
+    under an 85 MiB cap unmaps the one whole page inside the free [0, 30) MiB (reserved 40 MiB)
+    and is still refused (40 + 50 > 85); under 95 MiB it fits after the unmap."""
+    seq = [("a", 0, 30 * MiB), ("a", 1, 30 * MiB), ("f", 0), ("a", 2, 50 * MiB)]
+    assert simulate(seq, expandable_segments=True)["peak_reserved"] == 120 * MiB
+    res = simulate(seq, expandable_segments=True, limit_bytes=85 * MiB)
+    assert res["oom"] and res["oom_at"] == 3 and res["reserved"] == 40 * MiB and res["num_alloc_retries"] == 1
+    ok = simulate(seq, expandable_segments=True, limit_bytes=95 * MiB)
+    assert not ok["oom"] and ok["num_alloc_retries"] == 1 and ok["peak_reserved"] <= 100 * MiB
+
+
+def test_capped_expandable_remaps_an_unmapped_hole():
+    """The unmapped hole a release leaves is found again (the lowest unmapped block with room) and
+    its pages mapped anew; the cap is checked with the request's allocation size, then whole pages
+    are mapped (60 MiB for 50, 40 for 30), as torch does, which can end above the cap."""
+    from vramfit.allocator import OutOfMemory
+
+    a = CachingAllocator(expandable_segments=True, limit_bytes=110 * MiB)
+    x = a.malloc(40 * MiB)
+    start = x.addr
+    a.malloc(20 * MiB)  # 60 MiB mapped
+    a.free(x)
+    a.malloc(50 * MiB)  # no free block holds it; 60 + 50 <= 110: 3 pages mapped at the end (120)
+    assert a.reserved == 120 * MiB and a.num_alloc_retries == 0
+    with pytest.raises(OutOfMemory):
+        a.malloc(50 * MiB)  # 120 + 50 > 110: x's 2 pages unmapped (80); 80 + 50 > 110 still
+    assert a.reserved == 80 * MiB and a.num_alloc_retries == 1
+    w = a.malloc(30 * MiB)  # 80 + 30 <= 110: the hole where x was, mapped again
+    assert w.addr == start and a.reserved == 120 * MiB

@@ -393,3 +393,50 @@ def test_auto_without_a_driver_says_to_use_gpu(monkeypatch):
 def test_vramfit_plan_is_exported_lazily():
     code = "import sys, vramfit; assert callable(vramfit.plan); assert 'vramfit.planner' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plan_with_simulate_allocator_on_a_tiny_model_says_what_the_replay_did(tmp_path):
+    """The capped replay rechecks the fast choice and its next-larger micro-batch; the JSON says
+    the cap, what was checked and what changed, and a note says it in words.  Default plans carry
+    no replay."""
+    import json
+
+    import vramfit
+    from conftest import TINY_LLAMA
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    fast = vramfit.plan(str(cfg), gpu="1.1GB", seq_len=128, effective_batch=4)
+    assert fast.replay is None and fast.to_json()["allocator_replay"] is None
+    p = vramfit.plan(str(cfg), gpu="1.1GB", seq_len=128, effective_batch=4, simulate_allocator=True)
+    rep = p.to_json()["allocator_replay"]
+    assert rep["limit_bytes"] == p.usable_bytes - 520 * 2**20 - 238 * 2**20  # usable - context - kernels
+    assert rep["checks"][0]["role"] == "chosen" and rep["checks"][0]["replay_fits"]
+    assert rep["fast_choice"]["micro_batch"] == fast.chosen.setup.micro_batch
+    assert rep["changed"] in (["nothing"], ["stepped_up"])
+    assert any(n.startswith("allocator replay:") for n in p.notes)
+    if rep["changed"] == ["stepped_up"]:  # the next-larger micro-batch fit under the cap and is faster
+        nl = [c for c in rep["checks"] if c["role"] == "next_larger"][0]
+        assert not nl["fast_fits"] and nl["replay_fits"]
+        assert p.chosen.setup.micro_batch == nl["setup"]["micro_batch"] > fast.chosen.setup.micro_batch
+        assert p.chosen.tokens_per_s > fast.chosen.tokens_per_s
+
+
+def test_capped_replay_is_cached_and_reports_oom_under_a_small_cap(tmp_path):
+    import json
+
+    from conftest import TINY_LLAMA
+    from vramfit.api import capped_replay, estimate_setup
+    from vramfit.setup import make_setup
+    from vramfit.spec import load_spec
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    spec = load_spec(str(cfg))
+    s = make_setup(method="full", seq_len=64, micro_batch=2, grad_accum=2)
+    _, targets = estimate_setup(spec, s)
+    free = capped_replay(spec, s, targets, 1 << 40)
+    assert free["fits"] and not free["cached"] and free["num_alloc_retries"] == 0
+    assert capped_replay(spec, s, targets, 1 << 40)["cached"]
+    tight = capped_replay(spec, s, targets, free["peak_allocated_bytes"] // 2)
+    assert tight["oom"] and not tight["fits"] and tight["oom_phase"] is not None and tight["num_alloc_retries"] >= 1

@@ -420,10 +420,12 @@ def _fused_ok():
     return orig
 
 
-def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> dict:
+def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad_accum: int = 1) -> dict:
     """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts.
     `seq_lens`: each step's padded batch length (real data: the longest row of each batch); default
-    `setup.seq_len` for every step."""
+    `setup.seq_len` for every step.  `grad_accum`: micro-batches per
+    optimizer step, each a forward and a backward whose gradients add into the ones kept from the
+    micro-batch before (marks `stepN.microM.forward` / `.backward` from the second on)."""
     import copy
 
     import torch
@@ -514,25 +516,28 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> d
         params = [p for p in model.parameters() if p.requires_grad]
         kernels = _trl_fused_kernels() if fused_loss else contextlib.nullcontext()
         with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), trace._quiet(), kernels:
+            accum = max(1, grad_accum)
             for step in range(len(seq_lens) if seq_lens else steps):
                 S = seq_lens[step] if seq_lens else setup.seq_len
-                marks[f"step{step}.forward"] = len(rec.events)
-                ids = torch.zeros((B, S), dtype=torch.long, device="meta")
-                # the batch's attention_mask, moved to the GPU with it; all ones, so the model (given
-                # none) builds the same causal attention
-                mask = torch.ones((B, S), dtype=torch.long, device="meta")
-                labels = torch.zeros((B, S), dtype=torch.long, device="meta")
-                rec.backward = False
-                ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
-                with ac:
-                    out = model(input_ids=ids, labels=labels, **({"fused_lm_head": True} if fused_loss else {}))
-                loss = out.loss
-                del out, ac
-                marks[f"step{step}.backward"] = len(rec.events)
-                rec.backward = True
-                loss.backward()
-                del loss, ids, mask, labels
-                rec.backward = False
+                for micro in range(accum):
+                    at = f"step{step}" if micro == 0 else f"step{step}.micro{micro}"
+                    marks[f"{at}.forward"] = len(rec.events)
+                    ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+                    # the batch's attention_mask, moved to the GPU with it; all ones, so the model
+                    # (given none) builds the same causal attention
+                    mask = torch.ones((B, S), dtype=torch.long, device="meta")
+                    labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+                    rec.backward = False
+                    ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
+                    with ac:
+                        out = model(input_ids=ids, labels=labels, **({"fused_lm_head": True} if fused_loss else {}))
+                    loss = out.loss if accum == 1 else out.loss / accum  # the Trainer's scaling
+                    del out, ac
+                    marks[f"{at}.backward"] = len(rec.events)
+                    rec.backward = True
+                    loss.backward()
+                    del loss, ids, mask, labels
+                    rec.backward = False
                 marks[f"step{step}.clip"] = len(rec.events)
                 _clip_grad_norm(params, 1.0)
                 marks[f"step{step}.optimizer"] = len(rec.events)

@@ -21,9 +21,16 @@ Modelled, as in torch 2.11 with the default `PYTORCH_CUDA_ALLOC_CONF` or `expand
   starting from a free block just before the unmapped tail (find_expandable_block /
   try_allocate_expandable_block / map_block); the request itself, not get_allocation_size,
   is what is mapped.
-Not modelled: several streams (record_stream), OOM retries (release of cached blocks when
-cudaMalloc fails), memory fractions, garbage collection threshold, CUDA graphs' private pools.
-Reserved memory never shrinks here, as in a training loop that never calls empty_cache.
+- memory cap (`limit_bytes`: torch.cuda.set_per_process_memory_fraction, allowed_memory_maximum):
+  alloc_block refuses a new segment when reserved + get_allocation_size(request) would exceed the
+  cap (the check uses the allocation size also for expandable segments, which then map only the
+  request); malloc then calls release_available_cached_blocks (a no-op with the default
+  unlimited max_split_size), then release_cached_blocks (cudaFree of every cached free segment
+  that is not split; with expandable segments, unmapping the whole pages of every free block) and
+  retries once (num_alloc_retries); still refused: out of memory (`OutOfMemory`).
+Not modelled: several streams (record_stream), a cudaMalloc that fails below the cap (the card
+is full), garbage collection threshold, CUDA graphs' private pools.  Uncapped, reserved memory
+never shrinks here, as in a training loop that never calls empty_cache.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ kLargeBuffer = 20 << 20
 kMinLargeAlloc = 10 << 20
 kRoundLarge = 2 << 20
 _VA_SIZE = 1 << 44  # an expandable segment's virtual address space: never exhausted here
+
+
+class OutOfMemory(Exception):
+    """A request the capped allocator could not serve even after releasing its cached blocks."""
 
 
 def round_size(size: int) -> int:
@@ -81,7 +92,8 @@ class _Pool:
         self.small = small
         self.keys: list = []
         self.blocks: dict = {}
-        self.tail = None  # the unmapped block of this pool's expandable segment
+        self.unmapped: list = []  # the unmapped blocks of this pool's expandable segments
+        self.segment_base = None  # where this pool's expandable segment starts (its pages count from it)
 
     def insert(self, b: Block):
         k = (b.size, b.addr)
@@ -102,8 +114,10 @@ class _Pool:
 class CachingAllocator:
     """One device, one stream.  `malloc(nbytes)` returns a handle for `free(handle)`."""
 
-    def __init__(self, expandable_segments: bool = False):
+    def __init__(self, expandable_segments: bool = False, limit_bytes: int | None = None):
         self.expandable = expandable_segments
+        self.limit_bytes = limit_bytes  # allowed_memory_maximum; None: no fraction set
+        self.num_alloc_retries = 0
         self.pools = {True: _Pool(True), False: _Pool(False)}
         self.allocated = 0  # allocated_bytes: sum of allocated blocks' sizes
         self.reserved = 0  # reserved_bytes
@@ -122,7 +136,7 @@ class CachingAllocator:
         pool = self.pools[small]
         block = self._get_free_block(pool, size)
         if block is None:
-            block = self._alloc_block(pool, size)
+            block = self._alloc_block(pool, size) if self.limit_bytes is None else self._alloc_capped(pool, size)
         # should_split
         remaining = block.size - size
         if small or self.expandable:
@@ -163,6 +177,19 @@ class CachingAllocator:
         Expandable segments (whose free pages torch unmaps) are left mapped here."""
         if self.expandable:
             return
+        self._release_whole_segments()
+
+    def release_cached_blocks(self) -> None:
+        """What malloc does under the cap before its retry: every cached free segment that is not
+        split is cudaFree'd; with expandable segments every free block's whole pages are unmapped."""
+        if not self.expandable:
+            self._release_whole_segments()
+            return
+        for pool in self.pools.values():
+            for b in [pool.blocks[k] for k in pool.keys if pool.blocks[k].expandable]:
+                self._unmap_block(pool, b)
+
+    def _release_whole_segments(self) -> None:
         for pool in self.pools.values():
             for k in list(pool.keys):
                 b = pool.blocks[k]
@@ -197,6 +224,19 @@ class CachingAllocator:
         pool.erase(b)
         return b
 
+    def _alloc_capped(self, pool: _Pool, size: int) -> Block:
+        """malloc's path when no cached block fits, under the cap: alloc_block, else
+        release_available_cached_blocks (frees nothing: max_split_size is unlimited by default),
+        else release_cached_blocks and alloc_block again (counted as a retry), else OOM."""
+        if self.reserved + get_allocation_size(size) <= self.limit_bytes:
+            return self._alloc_block(pool, size)
+        self.release_cached_blocks()
+        self.num_alloc_retries += 1
+        if self.reserved + get_allocation_size(size) <= self.limit_bytes:
+            return self._alloc_block(pool, size)
+        raise OutOfMemory(f"{size} B requested with {self.allocated} B allocated, {self.reserved} B reserved "
+                          f"and a cap of {self.limit_bytes} B")
+
     def _alloc_block(self, pool: _Pool, size: int) -> Block:
         if self.expandable:
             return self._try_allocate_expandable_block(pool, size)
@@ -225,7 +265,9 @@ class CachingAllocator:
         if src.mapped:
             pool.erase(src)
         else:
-            pool.tail = dst if pool.tail is src else pool.tail
+            pool.unmapped.remove(src)
+            if dst not in pool.unmapped:
+                pool.unmapped.append(dst)
         dst.size += src.size
         return src.size
 
@@ -235,22 +277,59 @@ class CachingAllocator:
         return kSmallBuffer if pool.small else kLargeBuffer
 
     def _find_expandable_block(self, pool: _Pool, size: int) -> Block:
-        c = pool.tail
-        if c is None:  # a new segment: all of its address space unmapped
-            addr = self._next_addr
-            self._next_addr += _VA_SIZE
-            c = Block(addr, _VA_SIZE, pool.small, expandable=True, mapped=False)
-            pool.tail = c
-            self.segments += 1
-            return c
-        if c.prev is not None and not c.prev.allocated:
-            c = c.prev
+        """The lowest unmapped block (with the free block just before it) whose run of free and
+        unmapped blocks holds `size`; else a new segment, all of its address space unmapped."""
+        for c in sorted(pool.unmapped, key=lambda b: b.addr):
+            if c.prev is not None and not c.prev.allocated:
+                c = c.prev
+            room, b = 0, c
+            while room < size and b is not None and not b.allocated:
+                room += b.size
+                b = b.next
+            if room >= size:
+                return c
+        addr = self._next_addr
+        self._next_addr += _VA_SIZE
+        c = Block(addr, _VA_SIZE, pool.small, expandable=True, mapped=False)
+        pool.unmapped.append(c)
+        pool.segment_base = addr
+        self.segments += 1
         return c
+
+    def _unmap_block(self, pool: _Pool, b: Block) -> None:
+        """unmap_block: the pages wholly inside free block `b` are unmapped; the mapped bits
+        before and after them stay as free blocks."""
+        page, base = self._page(pool), pool.segment_base
+        begin = base + -(-(b.addr - base) // page) * page
+        end = base + (b.addr + b.size - base) // page * page
+        if begin >= end:
+            return
+        pool.erase(b)
+        if begin > b.addr:  # prev? -> before -> b
+            before = Block(b.addr, begin - b.addr, pool.small, expandable=True)
+            before.prev, before.next = b.prev, b
+            if b.prev is not None:
+                b.prev.next = before
+            b.prev = before
+            pool.insert(before)
+        if end < b.addr + b.size:  # b -> after -> next?
+            after = Block(end, b.addr + b.size - end, pool.small, expandable=True)
+            after.prev, after.next = b, b.next
+            if b.next is not None:
+                b.next.prev = after
+            b.next = after
+            pool.insert(after)
+        b.addr, b.size, b.mapped = begin, end - begin, False
+        pool.unmapped.append(b)
+        self._try_merge(b, b.prev, pool)
+        self._try_merge(b, b.next, pool)
+        self.reserved -= end - begin
 
     def _map_block(self, pool: _Pool, to_map: Block, size: int) -> None:
         page = self._page(pool)
         mapped = min(to_map.size, page * ((size + page - 1) // page))
         to_map.mapped = True
+        pool.unmapped.remove(to_map)
         if mapped < to_map.size:
             rest = Block(to_map.addr + mapped, to_map.size - mapped, pool.small, expandable=True, mapped=False)
             rest.prev = to_map
@@ -259,9 +338,7 @@ class CachingAllocator:
                 rest.next.prev = rest
             to_map.next = rest
             to_map.size = mapped
-            pool.tail = rest
-        else:
-            pool.tail = None
+            pool.unmapped.append(rest)
         self._try_merge(to_map, to_map.prev, pool)
         self._try_merge(to_map, to_map.next, pool)
         pool.insert(to_map)
@@ -282,16 +359,28 @@ class CachingAllocator:
         return c
 
 
-def simulate(events, expandable_segments: bool = False) -> dict:
-    """events: ("a", id, nbytes) / ("f", id) / ("e",) (empty_cache) tuples.  Returns the peaks and the segment count."""
-    a = CachingAllocator(expandable_segments)
+def simulate(events, expandable_segments: bool = False, limit_bytes: int | None = None,
+             initial_allocated: int = 0) -> dict:
+    """events: ("a", id, nbytes) / ("f", id) / ("e",) (empty_cache) tuples.  Returns the peaks, the
+    segment count and, under a cap (`limit_bytes`, the allocator's allowed maximum), whether and
+    at which event it ran out of memory and how many times malloc released its cache and retried.
+    `initial_allocated`: bytes already allocated when the events start (left by earlier work)."""
+    a = CachingAllocator(expandable_segments, limit_bytes)
     live = {}
-    for ev in events:
-        if ev[0] == "a":
-            live[ev[1]] = a.malloc(ev[2])
-        elif ev[0] == "e":
-            a.empty_cache()
-        else:
-            a.free(live.pop(ev[1]))
+    oom_at = None
+    i = -1  # -1: the initial allocation itself did not fit
+    try:
+        if initial_allocated:
+            a.malloc(initial_allocated)
+        for i, ev in enumerate(events):
+            if ev[0] == "a":
+                live[ev[1]] = a.malloc(ev[2])
+            elif ev[0] == "e":
+                a.empty_cache()
+            else:
+                a.free(live.pop(ev[1]))
+    except OutOfMemory:
+        oom_at = i
     return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved,
-            "num_device_alloc": a.num_device_alloc, "allocated": a.allocated, "reserved": a.reserved}
+            "num_device_alloc": a.num_device_alloc, "allocated": a.allocated, "reserved": a.reserved,
+            "oom": oom_at is not None, "oom_at": oom_at, "num_alloc_retries": a.num_alloc_retries}

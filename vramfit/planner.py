@@ -536,6 +536,7 @@ class Plan:
     evaluated: int  # of which the memory model predicted (the others are bounded by a smaller micro-batch)
     notes: tuple = ()
     cost_source: str = DEFAULT_COST.source
+    replay: dict | None = None  # what the allocator recheck checked and changed (simulate_allocator)
 
     @property
     def usable_bytes(self) -> int:
@@ -622,6 +623,7 @@ class Plan:
             "model_kwargs": model_kwargs(chosen.setup) if chosen else None,
             "env": self.env() if chosen else {},
             "notes": list(self.notes), "cost_model": self.cost_source,
+            "allocator_replay": self.replay,
         }
 
 
@@ -710,10 +712,15 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
          lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
          precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
          allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", padded: bool = False,
-         constants=None, cost: CostModel | None = None, trust_remote_code: bool = False) -> Plan:
+         constants=None, cost: CostModel | None = None, trust_remote_code: bool = False,
+         simulate_allocator: bool = False) -> Plan:
     """The best setup of MODEL that fits GPU.  MODEL: profile, config.json, directory, hub id or a
     ModelSpec; GPU: "auto", a profile name, a size ("12GiB") or a Device.  Nothing fits: VramfitError
-    naming the closest setup and by how much it misses."""
+    naming the closest setup and by how much it misses.
+
+    `simulate_allocator`: recheck the choice and its next-larger micro-batch by replaying two
+    training steps through the allocator model capped at what the usable budget leaves torch's
+    allocator (vramfit/recheck.py): seconds to a minute more; `Plan.replay` says what changed."""
     spec, device, constants = _resolve(model, gpu, constants, trust_remote_code)
     _check_choice("prefer", prefer, ("speed", "memory"))
     _check_choice("method", method, ("auto", "full", "lora", "qlora"))
@@ -721,9 +728,14 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
                        micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
                        precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn,
                        loss=loss, padded=padded)
-    result = search(spec, device, space, headroom, prefer, constants, cost)
+    ev = Evaluator(spec, constants, cost or DEFAULT_COST)
+    result = search(spec, device, space, headroom, prefer, constants, cost, evaluator=ev)
     if result.chosen is None:
         raise VramfitError(nothing_fits_message(result, spec, constants))
+    if simulate_allocator:
+        from vramfit.recheck import recheck
+
+        result = recheck(result, spec, ev, constants)
     return result
 
 

@@ -4,6 +4,9 @@
     python -m benchmarks.plan_proof.run --out $OUT/pp.jsonl --passes 1 --max-seconds 520
     python -m benchmarks.plan_proof.run --out $OUT/pp.jsonl --passes 2 3 4 --skip-done --max-seconds 520
     python -m benchmarks.plan_proof.run --device cpu --tiny --out /tmp/pp.jsonl   # the same code path on CPU
+    # the allocator-replay planner: plans precomputed on a CPU machine, shipped to the GPU one
+    python -m benchmarks.plan_proof.run --precompute-plans --simulate-allocator --out-plans plans.json
+    python -m benchmarks.plan_proof.run --simulate-allocator --plans-cache plans.json --out $OUT/pp.jsonl ...
 
 For each model (one process per model, reused across its budgets and trials) and each budget
 (8, 12, 16, 24, 40 GB, decimal as `--gpu 8GB`):
@@ -135,11 +138,18 @@ def candidate_json(c) -> dict:
             "predicted_tokens_per_s": round(c.tokens_per_s, 1), "predicted_fits": c.fits}
 
 
-def next_larger(plan, ev, limit: int = 1024):
+def next_larger(plan, ev, limit: int = 1024, spec=None):
     """The first micro-batch above the chosen one that the memory model rejects, as a Candidate:
     among the effective batch's divisors (what the search had, accumulation adjusted), else beyond
     the effective batch at accumulation 1 (the smallest rejected, by bisection: the memory model's
-    own boundary for this setup).  None where even `limit` fits."""
+    own boundary for this setup).  None where even `limit` fits.  `spec` given: the boundary of the
+    allocator-replay planner (vramfit/recheck.py: the capped replay's verdict) instead."""
+    if spec is not None:
+        from vramfit.recheck import next_larger as boundary
+        from vramfit.recheck import replay_verdict
+
+        return boundary(ev, plan.chosen.setup, plan.device, plan.usable_bytes,
+                        lambda c: replay_verdict(spec, ev, c.setup, plan.usable_bytes)[0], limit)
     s = plan.chosen.setup
     effective = s.micro_batch * s.grad_accum
 
@@ -544,6 +554,61 @@ def alternatives(plan, top: int, min_ratio: float) -> list:
     return out
 
 
+def plan_key(model: str, overrides: dict, seq_len: int, effective_batch: int, budget: str) -> str:
+    return json.dumps([model, overrides or {}, seq_len, effective_batch, budget], sort_keys=True)
+
+
+def precomputed_entry(p, nl, seconds: float) -> dict:
+    """What the GPU run needs of a replay-aware plan: the chosen setup, the ranking below it, the
+    next-larger micro-batch, and what the replay checked."""
+    return {"chosen": setup_json(p.chosen.setup), "candidates": [setup_json(c.setup) for c in p.candidates[:12]],
+            "next_larger": setup_json(nl.setup) if nl is not None else None, "replay": p.replay,
+            "notes": list(p.notes), "seconds": round(seconds, 2)}
+
+
+def load_plans_cache(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)["plans"]
+
+
+def _setup(d: dict):
+    from vramfit.setup import Setup
+
+    return Setup(**{k: v for k, v in d.items() if k in Setup.__dataclass_fields__ and v is not None})
+
+
+def from_cache(p, entry: dict, ev) -> tuple:
+    """The fast plan `p` turned into the precomputed replay-aware one: (plan, next-larger Candidate)."""
+    cands = [ev.candidate(_setup(d), p.device, p.usable_bytes) for d in entry["candidates"]]
+    cands = [dataclasses.replace(c, fits=True) for c in cands]
+    nl = ev.candidate(_setup(entry["next_larger"]), p.device, p.usable_bytes) if entry["next_larger"] else None
+    p = dataclasses.replace(p, chosen=cands[0], candidates=tuple(cands), replay=entry["replay"],
+                            notes=tuple(entry["notes"]))
+    return p, nl
+
+
+def precompute_plans(args) -> int:
+    """--precompute-plans: every model's and budget's replay-aware plan and next-larger micro-batch
+    into --out-plans (JSON), for a GPU run's --plans-cache: the replays cost CPU seconds, not GPU."""
+    started = time.time()
+    plans, seconds = {}, {}
+    for model in args.models:
+        t = time.time()
+        w = Work(args, model)
+        plans.update(w.cached_plans)
+        seconds[model] = round(time.time() - t, 1)
+        print(f"[plan_proof] {model}: {len(w.cached_plans)} plans in {seconds[model]:.0f} s", flush=True)
+    out = {"planner": "replay" if args.simulate_allocator else "fast", "models": args.models,
+           "budgets": args.budgets, "seq_len": args.seq_len, "effective_batch": args.effective_batch,
+           "tiny": args.tiny, "seconds": round(time.time() - started, 1), "seconds_per_model": seconds,
+           "plans": plans}
+    Path(args.out_plans).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out_plans, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"[plan_proof] {len(plans)} plans -> {args.out_plans} in {out['seconds']:.0f} s")
+    return 0
+
+
 class Work:
     """One model's plans and its trials in pass order, each with its estimated seconds (torch-free:
     the parent prints and splits the schedule, the worker runs it)."""
@@ -557,23 +622,35 @@ class Work:
         self.model = model
         self.overrides = dict(TINY_OVERRIDES) if args.tiny else {}
         self.spec = load_spec(model, overrides=self.overrides)
-        self.plans, self.plan_records, self.trials = {}, [], []
+        self.plans, self.plan_records, self.trials, self.next_larger = {}, [], [], {}
+        self.planner = "replay" if args.simulate_allocator else "fast"
+        self.cached_plans: dict = {}  # plan key -> what --out-plans wrote (see precomputed_entry)
+        cache = load_plans_cache(args.plans_cache) if args.plans_cache else {}
         ev = Evaluator(self.spec)
         for budget in args.budgets:
             t = time.perf_counter()
             device = plan_device(budget)
             rec = {"model": model, "overrides": self.overrides, "seq_len": args.seq_len,
                    "effective_batch": args.effective_batch, "kind": "plan", "budget": budget,
-                   "plan_device": dataclasses.asdict(device)}
+                   "plan_device": dataclasses.asdict(device), "planner": self.planner}
+            key = plan_key(model, self.overrides, args.seq_len, args.effective_batch, budget)
             try:
-                p = vramfit.plan(self.spec, gpu=device, seq_len=args.seq_len, effective_batch=args.effective_batch)
+                p = vramfit.plan(self.spec, gpu=device, seq_len=args.seq_len, effective_batch=args.effective_batch,
+                                 simulate_allocator=args.simulate_allocator and key not in cache)
             except VramfitError as exc:
                 p = None
                 rec.update(status="nothing_fits", message=str(exc))
+            if p is not None and args.simulate_allocator and key in cache:
+                p, nl = from_cache(p, cache[key], ev)
+                rec["plans_cache"] = args.plans_cache
+            elif p is not None:
+                nl = next_larger(p, ev, spec=self.spec if args.simulate_allocator else None)
             rec["plan_seconds"] = time.perf_counter() - t
             if p is not None:
                 self.plans[budget] = p
-                nl = next_larger(p, ev)
+                self.next_larger[budget] = nl
+                self.cached_plans[key] = precomputed_entry(p, nl, rec["plan_seconds"])
+                rec["replay"] = p.replay
                 rec.update(status="ok", chosen=candidate_json(p.chosen), usable_bytes=p.usable_bytes,
                            headroom_bytes=p.headroom_bytes, fitting=len(p.candidates),
                            top=[candidate_json(c) for c in p.candidates[:8]],
@@ -588,6 +665,7 @@ class Work:
         def add(pass_no, p, budget, steps, cap, min_steps, afbs_start=0):
             est = trial_seconds(self.spec, p.chosen.setup, steps, afbs_start)
             self.trials.append({"pass": pass_no, "role": PASSES[pass_no], "plan": p, "budget": budget,
+                                "planner": self.planner,
                                 "steps": steps, "cap": cap, "min_steps": min_steps, "afbs_start": afbs_start,
                                 "estimate": est,
                                 "key": trial_key(model, self.overrides, args.seq_len, args.effective_batch, budget,
@@ -596,7 +674,7 @@ class Work:
         for budget, p in self.plans.items():
             add(1, p, budget, args.steps, args.plan_cap_s, 3)
         for budget, p in self.plans.items():
-            c = next_larger(p, ev)
+            c = self.next_larger[budget]
             if c is not None:
                 add(2, dataclasses.replace(p, chosen=c), budget, 3, args.other_cap_s, 2)
         for budget, p in self.plans.items():
@@ -701,7 +779,7 @@ def model_main(args) -> None:
     try:
         for t in w.pending(args, done):
             tr.run(t["plan"], t["role"], t["budget"], t["steps"], t["cap"], t["min_steps"],
-                   afbs_start=t["afbs_start"], estimate_s=t["estimate"], pass_no=t["pass"])
+                   afbs_start=t["afbs_start"], estimate_s=t["estimate"], pass_no=t["pass"], planner=t["planner"])
     finally:
         tr.cleanup()
 
@@ -737,11 +815,20 @@ def parse_args(argv=None):
                     help="enforce the budget with the allocator fraction only (before 2026-11-23 evening)")
     ap.add_argument("--drop-checkpoints", action="store_true", help="delete the QLoRA checkpoints at the end")
     ap.add_argument("--max-seconds", type=float, default=520.0, help="global time guard, start-up included")
+    ap.add_argument("--simulate-allocator", action="store_true",
+                    help="plan with the allocator-replay recheck (vramfit plan --simulate-allocator); next_larger "
+                         "is the first larger micro-batch that planner rejects")
+    ap.add_argument("--plans-cache", help="replay-aware plans precomputed by --precompute-plans (JSON): no replays here")
+    ap.add_argument("--precompute-plans", action="store_true",
+                    help="write the plans (with --simulate-allocator: replay-aware) to --out-plans and exit")
+    ap.add_argument("--out-plans", help="with --precompute-plans: the JSON file written")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if not a.out and not a.print_schedule:
-        ap.error("--out is required (unless --print-schedule)")
+    if a.precompute_plans and not a.out_plans:
+        ap.error("--precompute-plans needs --out-plans")
+    if not a.out and not a.print_schedule and not a.precompute_plans:
+        ap.error("--out is required (unless --print-schedule or --precompute-plans)")
     a.models = a.models or list(TINY_MODELS if a.tiny else MODELS)
     a.budgets = a.budgets or list(TINY_BUDGETS if a.tiny else BUDGETS)
     a.seq_len = a.seq_len or (TINY_SEQ_LEN if a.tiny else SEQ_LEN)
@@ -757,6 +844,8 @@ def main(argv=None) -> int:
     if args.worker:
         model_main(args)
         return 0
+    if args.precompute_plans:
+        return precompute_plans(args)
     start = time.time()
     end = start + args.max_seconds
     done = load_done(args.out)[0] if args.skip_done and args.out else set()
