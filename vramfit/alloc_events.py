@@ -116,7 +116,6 @@ def _recorder_class():
             self.workspaces = set()
             self._finalizers = []
             self.num_sms = H100_SMS
-            self.tied_grad = None  # (shape, dtype) of a weight two modules share (tied embeddings)
 
         def alloc(self, nbytes):
             i = self.next_id
@@ -153,15 +152,6 @@ def _recorder_class():
                 if ws not in self.workspaces:
                     self.workspaces.add(ws)
                     self.alloc(CUBLAS_WORKSPACE)
-            if (self.backward and func is torch.ops.aten.add.Tensor and self.tied_grad is not None
-                    and not kwargs and len(args) == 2 and all(
-                        isinstance(a, torch.Tensor) and (tuple(a.shape), a.dtype) == self.tied_grad for a in args)):
-                # autograd's InputBuffer::accumulate for the shared weight's two gradients (lm_head's,
-                # then the embedding's): with grad mode off and the first gradient held only by the
-                # buffer (a fresh mm result, transposed back, or autocast's fp32 copy), it adds in
-                # place, old_var.add_(var).  On the meta device through this mode the Python
-                # wrappers raise the use counts and autograd takes its out-of-place branch instead.
-                return args[0].add_(args[1])
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
@@ -539,8 +529,11 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None) -> d
             rec.live[st._cdata] = rec.alloc(st.nbytes())
     if tied:  # the LM head's own weight, built then replaced by the tie
         rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
-        if in_emb.weight.requires_grad:
-            rec.tied_grad = (tuple(in_emb.weight.shape), in_emb.weight.dtype)
+    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer;
+    # the replay's autograd sums them out of place (a third weight-sized tensor), and so does the
+    # real run: the H100 memory history of llama-3.2-1b (benchmarks/results/h100-2026-11-23-memory-
+    # history/b099647bb0f0.json.gz) has one more 1002 MiB allocation per step than a replay that
+    # adds in place, and the allocator fed the real stream reproduces its 18,200 MiB reserved.
     for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
