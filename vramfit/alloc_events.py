@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+from vramfit.cuda_reduce import H100_SMS
+
 CUBLAS_WORKSPACE = 32 << 20
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "matmul")
 
@@ -62,6 +64,39 @@ def _internal_temporaries(name: str, args) -> list:
     return []
 
 
+_REDUCTIONS = {"sum", "mean", "linalg_vector_norm", "norm", "amax", "amin", "max", "min", "prod"}
+
+
+def _reduction_buffers(name: str, args, num_sms: int) -> list:
+    """(staging, semaphore) bytes of each launch of a CUDA reduction (see vramfit/cuda_reduce.py)
+    that reduces across thread blocks: allocated after the op's output, freed when it returns."""
+    import torch
+
+    from vramfit.cuda_reduce import reduce_buffers
+
+    if name not in _REDUCTIONS or not args or not isinstance(args[0], torch.Tensor):
+        return []
+    x = args[0]
+    if not x.dtype.is_floating_point or x.numel() == 0:
+        return []
+    dim = None
+    if name in ("sum", "mean", "amax", "amin", "max", "min", "prod") and len(args) > 1:
+        dim = args[1]
+    elif name in ("linalg_vector_norm", "norm") and len(args) > 2:
+        dim = args[2]
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        dims = list(range(x.dim()))
+    elif isinstance(dim, int):
+        dims = [dim]
+    else:
+        dims = list(dim)
+    arg_size = 8 if x.dtype == torch.float64 else 4  # acc_t: float for half/bfloat16/float
+    # sum_functor: 16-bit inputs use vt0=4, input_vec_size=8 (so no input vectorization)
+    input_vec_size = 8 if name == "sum" and x.element_size() == 2 else 4
+    return reduce_buffers(list(x.shape), list(x.stride()), dims, x.element_size(), arg_size,
+                          input_vec_size=input_vec_size, num_sms=num_sms)
+
+
 class Unsupported(Exception):
     pass
 
@@ -80,6 +115,7 @@ def _recorder_class():
             self.backward = False
             self.workspaces = set()
             self._finalizers = []
+            self.num_sms = H100_SMS
 
         def alloc(self, nbytes):
             i = self.next_id
@@ -119,6 +155,10 @@ def _recorder_class():
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
+            for staging, semaphores in _reduction_buffers(name, args, self.num_sms):
+                b, s = self.alloc(staging), self.alloc(semaphores)
+                self.free(s)  # the DataPtrs die in reverse order
+                self.free(b)
             # the kernel's own temporaries come after its output (a structured op allocates its
             # output first; _safe_softmax's softmax before its mask), as the H100 recordings order them
             for i in [self.alloc(n) for n in _internal_temporaries(name, args)]:
@@ -394,14 +434,34 @@ def _make_optimizer(model, optim: str):
 # --------------------------------------------------------------------------- the run
 
 
+FOREACH_CHUNK = 65536  # multi_tensor_apply's kChunkSize (ForeachReduceOp.cu's chunked norm)
+
+
+def _foreach_norm(grads):
+    """torch._foreach_norm(grads, 2) on CUDA (ForeachReduceOp.cu): an fp32 intermediate of
+    ntensors x max_chunks_per_tensor partial norms (at::zeros), then one 0-dim result per tensor in
+    the gradients' dtype; the intermediate freed when the op returns."""
+    import torch
+
+    chunks = max(-(-g.numel() // FOREACH_CHUNK) for g in grads)
+    partial = torch.zeros((len(grads) * chunks,), dtype=torch.float32, device=grads[0].device)
+    norms = [torch.empty((), dtype=g.dtype, device=g.device) for g in grads]
+    del partial
+    return norms
+
+
 def _clip_grad_norm(params, max_norm):
-    """clip_grad_norm_'s CUDA path (foreach): one scalar norm per gradient, their stacked norm,
-    the clamped coefficient, gradients scaled in place."""
+    """clip_grad_norm_'s CUDA path (Trainer -> accelerate -> torch.nn.utils.clip_grad_norm_, foreach
+    by default on CUDA): _foreach_norm per (device, dtype) group, their stacked norm, the clamped
+    coefficient, _foreach_mul_ of the gradients in place."""
     import torch
 
     with torch.no_grad():
         grads = [p.grad for p in params if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
+        groups = {}
+        for g in grads:  # _group_tensors_by_device_and_dtype: first-seen order
+            groups.setdefault(g.dtype, []).append(g)
+        norms = [n for group in groups.values() for n in _foreach_norm(group)]
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
         del norms
         coef = max_norm / (total + 1e-6)
@@ -471,10 +531,19 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             rec.live[st._cdata] = rec.alloc(st.nbytes())
     if tied:  # the LM head's own weight, built then replaced by the tie
         rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
+    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer;
+    # the replay's autograd sums them out of place (a third weight-sized tensor), and so does the
+    # real run: the H100 memory history of llama-3.2-1b (benchmarks/results/h100-2026-11-23-memory-
+    # history/b099647bb0f0.json.gz) has one more 1002 MiB allocation per step than a replay that
+    # adds in place, and the allocator fed the real stream reproduces its 18,200 MiB reserved.
     for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
     marks["after_load"] = len(rec.events)
+    # Trainer.train -> _inner_training_loop begins with accelerator.free_memory(): gc.collect() and
+    # torch.cuda.empty_cache(), releasing the segments load left free (a tied LM head's discarded
+    # weight: 1002 MiB of llama-3.2-1b's 6008 MiB reserved after load, 4958 MiB after setup, measured)
+    rec.events.append(("e",))
 
     if setup.grad_ckpt:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
