@@ -5,13 +5,15 @@
 #   bash benchmarks/device_session.sh 2     # train proof: the 1B runs and the OOM fall-back; plan proof: qwen2.5-1.5b, -3b
 #   bash benchmarks/device_session.sh 3     # plan proof: llama-3.1-8b, qwen2.5-14b
 #   bash benchmarks/device_session.sh history   # QLoRA-first memory histories (benchmarks/accuracy/memory_history_cases.json)
+#   bash benchmarks/device_session.sh plan4 SECONDS MODEL...   # plan proof 4: the allocator-replay planner's
+#        plans (precomputed on CPU: benchmarks/results/cpu-2026-12-05-plan-proof-replay-plans.json), one shard
 # Results land in $OUT (the device tool copies them back); the plan proof's shards each write
 # their own plan_proof.jsonl: report them together with `python -m benchmarks.plan_proof.report`.
 # Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the train-proof runs
 # 50-90 s each (plus the --simulate-allocator replay: 10 s for 1B and 31 s for 7B on the 2-core CPU machine),
 # the plan proof shards 270-320 s of driver time each (the time guard skips what does not fit).
 set -uo pipefail
-case "${1:-}" in 1|2|3|history) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|history" >&2; exit 2 ;; esac
+case "${1:-}" in 1|2|3|history|plan4) ;; *) echo "usage: bash benchmarks/device_session.sh 1|2|3|history|plan4 SECONDS MODEL..." >&2; exit 2 ;; esac
 source "$(dirname "$0")/device_env.sh"
 quiet() { grep -v -e 'Loading weights' -e 'Writing model shards' -e Warning -e warnings.warn \
             -e _set_allocator_settings -e train_runtime -e USDT; }
@@ -34,6 +36,13 @@ case "${1:-}" in
     plan_shard 300 qwen2.5-1.5b qwen2.5-3b
     ;;
   3) plan_shard 540 llama-3.1-8b qwen2.5-14b ;;
+  plan4)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -m benchmarks.plan_proof.run --out "$OUT/plan_proof.jsonl" --skip-done --drop-checkpoints \
+      --simulate-allocator --plans-cache benchmarks/results/cpu-2026-12-05-plan-proof-replay-plans.json \
+      --max-seconds "$2" --models "${@:3}" 2>&1 | quiet > "$OUT/plan_proof.log"
+    tail -8 "$OUT/plan_proof.log"
+    ;;
   history)
     VRAMFIT_MEMORY_HISTORY=/tmp/hist timeout 180 python3 -m benchmarks.accuracy.harness \
       --cases benchmarks/accuracy/memory_history_cases.json --out "$OUT/memory_history.jsonl" 2>&1 | tail -8

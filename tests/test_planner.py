@@ -413,13 +413,38 @@ def test_plan_with_simulate_allocator_on_a_tiny_model_says_what_the_replay_did(t
     assert rep["limit_bytes"] == p.usable_bytes - 520 * 2**20 - 238 * 2**20  # usable - context - kernels
     assert rep["checks"][0]["role"] == "chosen" and rep["checks"][0]["replay_fits"]
     assert rep["fast_choice"]["micro_batch"] == fast.chosen.setup.micro_batch
-    assert rep["changed"] in (["nothing"], ["stepped_up"])
+    assert rep["changed"] in (["nothing"], ["stepped_up"], ["larger_batch_fits"])
     assert any(n.startswith("allocator replay:") for n in p.notes)
+    # whatever the replay did, the user's effective batch is kept
+    assert p.chosen.setup.micro_batch * p.chosen.setup.grad_accum == 4
     if rep["changed"] == ["stepped_up"]:  # the next-larger micro-batch fit under the cap and is faster
         nl = [c for c in rep["checks"] if c["role"] == "next_larger"][0]
         assert not nl["fast_fits"] and nl["replay_fits"]
         assert p.chosen.setup.micro_batch == nl["setup"]["micro_batch"] > fast.chosen.setup.micro_batch
         assert p.chosen.tokens_per_s > fast.chosen.tokens_per_s
+    if rep["changed"] == ["larger_batch_fits"]:  # beyond the effective batch: said, not taken
+        assert p.chosen.setup == fast.chosen.setup
+        assert any("--effective-batch" in n for n in p.notes)
+
+
+def test_recheck_keeps_the_effective_batch_when_the_replay_fits_beyond_it(tmp_path):
+    """At accumulation 1 the fast model's next-larger micro-batch lies beyond the effective batch;
+    a replay that fits it must not change the user's effective batch (the search keeps it)."""
+    import json
+
+    import vramfit
+    from conftest import TINY_LLAMA
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    p = vramfit.plan(str(cfg), gpu="1.1GB", seq_len=64, effective_batch=2, simulate_allocator=True)
+    rep = p.to_json()["allocator_replay"]
+    nl = [c for c in rep["checks"] if c["role"] == "next_larger"][0]
+    assert nl["setup"]["micro_batch"] > 2 and nl["setup"]["grad_accum"] == 1
+    assert not nl["fast_fits"] and nl["replay_fits"]  # the case at issue: it fits under the cap
+    assert (p.chosen.setup.micro_batch, p.chosen.setup.grad_accum) == (2, 1)
+    assert rep["changed"] == ["larger_batch_fits"]
+    assert any(f"--effective-batch {nl['setup']['micro_batch']}" in n for n in p.notes)
 
 
 def test_capped_replay_is_cached_and_reports_oom_under_a_small_cap(tmp_path):

@@ -8,9 +8,9 @@ run where that unconstrained peak would not fit (plan proof 3: 4 of the 26 rejec
 micro-batches ran).  The recheck caps the replay at what the usable budget leaves torch's
 allocator (usable - CUDA context - kernels) and
 - steps down the ranking while the chosen setup runs out of memory in the replay;
-- takes the next-larger micro-batch of the chosen setup (the first the fast model rejects: a
-  divisor of the effective batch, else beyond it at accumulation 1) when the replay fits it and
-  it is predicted faster.
+- takes the next-larger micro-batch of the chosen setup (the first the fast model rejects among
+  the effective batch's divisors) when the replay fits it and it is predicted faster; beyond the
+  effective batch (at accumulation 1) it only says so: the user's effective batch is kept.
 A setup the replay does not cover (`Unsupported`) keeps the fast verdict.
 """
 
@@ -124,17 +124,22 @@ def recheck(p, spec, ev, constants=None):
     if nl is not None:
         ok, r = replay_verdict(spec, ev, nl.setup, usable, constants)
         rows.append(_row("next_larger", nl, ok, r))
+        eff_old = chosen.setup.micro_batch * chosen.setup.grad_accum
+        eff_new = nl.setup.micro_batch * nl.setup.grad_accum
         if ok and nl.tokens_per_s > chosen.tokens_per_s and "unsupported" not in r:
-            eff_old = chosen.setup.micro_batch * chosen.setup.grad_accum
-            eff_new = nl.setup.micro_batch * nl.setup.grad_accum
-            notes.append(f"allocator replay: micro-batch {nl.setup.micro_batch} fits under a {fmt_bytes(limit)} "
-                         f"allocator cap ({r['num_alloc_retries']} cache releases; unconstrained the fast model "
-                         f"predicts {fmt_bytes(nl.device_bytes)} > {fmt_bytes(usable)}) and is predicted faster "
-                         f"({nl.tokens_per_s:,.0f} vs {chosen.tokens_per_s:,.0f} tokens/s): taken"
-                         + (f"; the effective batch grows from {eff_old} to {eff_new}" if eff_new != eff_old else ""))
-            changed.append("stepped_up")
-            chosen = replace(nl, fits=True)
-            fitting = [chosen] + fitting
+            fits_text = (f"micro-batch {nl.setup.micro_batch} fits under a {fmt_bytes(limit)} allocator cap "
+                         f"({r['num_alloc_retries']} cache releases; unconstrained the fast model predicts "
+                         f"{fmt_bytes(nl.device_bytes)} > {fmt_bytes(usable)})")
+            if eff_new == eff_old:
+                notes.append(f"allocator replay: {fits_text} and is predicted faster "
+                             f"({nl.tokens_per_s:,.0f} vs {chosen.tokens_per_s:,.0f} tokens/s): taken")
+                changed.append("stepped_up")
+                chosen = replace(nl, fits=True)
+                fitting = [chosen] + fitting
+            else:  # the search keeps the user's effective batch; a larger one is the user's call
+                notes.append(f"allocator replay: {fits_text}, beyond the effective batch {eff_old}: "
+                             f"--effective-batch {eff_new} would use it")
+                changed.append("larger_batch_fits")
     replay = {"limit_bytes": limit, "usable_bytes": usable, "changed": changed or ["nothing"],
               "fast_choice": p.chosen.to_json() if p.chosen else None, "checks": rows}
     if not changed:
