@@ -388,5 +388,21 @@ def main(argv=None) -> int:  # pragma: no cover - run by accelerate launch in ea
     return 0
 
 
+def _exit(code: int) -> None:  # pragma: no cover
+    """Leave without the interpreter's teardown: a gloo process group still alive then aborted a
+    CPU rank now and then ("terminate called without an active exception") after training had
+    finished and its files were written."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    _exit(main())
