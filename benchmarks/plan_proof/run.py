@@ -144,37 +144,14 @@ def next_larger(plan, ev, limit: int = 1024, spec=None):
     the effective batch at accumulation 1 (the smallest rejected, by bisection: the memory model's
     own boundary for this setup).  None where even `limit` fits.  `spec` given: the boundary of the
     allocator-replay planner (vramfit/recheck.py: the capped replay's verdict) instead."""
-    if spec is not None:
-        from vramfit.recheck import next_larger as boundary
-        from vramfit.recheck import replay_verdict
+    from vramfit.recheck import next_larger as boundary
+    from vramfit.recheck import replay_verdict
 
-        return boundary(ev, plan.chosen.setup, plan.device, plan.usable_bytes,
-                        lambda c: replay_verdict(spec, ev, c.setup, plan.usable_bytes)[0], limit)
-    s = plan.chosen.setup
-    effective = s.micro_batch * s.grad_accum
-
-    def cand(mb, ga):
-        return ev.candidate(s.with_(micro_batch=mb, grad_accum=ga), plan.device, plan.usable_bytes)
-
-    for d in range(s.micro_batch + 1, effective + 1):
-        if effective % d == 0:
-            c = cand(d, effective // d)
-            if not c.fits:
-                return c
-    lo, hi = max(effective, s.micro_batch), None  # lo fits (or was the search's), hi does not
-    m = lo
-    while m < limit:
-        m = min(2 * m, limit)
-        if not cand(m, 1).fits:
-            hi = m
-            break
-        lo = m
-    if hi is None:
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cand(mid, 1).fits else (lo, mid)
-    return cand(hi, 1)
+    if spec is None:
+        fits = lambda c: c.fits  # noqa: E731
+    else:
+        fits = lambda c: replay_verdict(spec, ev, c.setup, plan.usable_bytes)[0]  # noqa: E731
+    return boundary(ev, plan.chosen.setup, plan.device, plan.usable_bytes, fits, limit)
 
 
 # --------------------------------------------------------------------------- one trial (torch)
