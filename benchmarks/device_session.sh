@@ -7,7 +7,8 @@
 #   bash benchmarks/device_session.sh history   # QLoRA-first memory histories (benchmarks/accuracy/memory_history_cases.json)
 #   bash benchmarks/device_session.sh plan4 SECONDS MODEL...   # plan proof 4: the allocator-replay planner's
 #        plans (precomputed on CPU: benchmarks/results/cpu-2026-12-05-plan-proof-replay-plans.json), one shard;
-#        passes 1-3 (plan, next-larger, alternatives): the auto_find_batch_size comparison is plan proof 3's
+#        passes 1-3 (plan, next-larger, alternatives): the auto_find_batch_size comparison is plan proof 3's;
+#        PASSES="2" / BUDGETS="12GB" (environment) narrow it to some passes or budgets
 # Results land in $OUT (the device tool copies them back); the plan proof's shards each write
 # their own plan_proof.jsonl: report them together with `python -m benchmarks.plan_proof.report`.
 # Timings measured on the H100 on 2026-11-23: memory histories ~20 s a case, the train-proof runs
@@ -41,7 +42,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -m benchmarks.plan_proof.run --out "$OUT/plan_proof.jsonl" --skip-done --drop-checkpoints \
       --simulate-allocator --plans-cache benchmarks/results/cpu-2026-12-05-plan-proof-replay-plans.json \
-      --passes 1 2 3 --max-seconds "$2" --models "${@:3}" 2>&1 | quiet > "$OUT/plan_proof.log"
+      --passes ${PASSES:-1 2 3} ${BUDGETS:+--budgets $BUDGETS} --max-seconds "$2" --models "${@:3}" 2>&1 | quiet > "$OUT/plan_proof.log"
     tail -8 "$OUT/plan_proof.log"
     ;;
   history)
