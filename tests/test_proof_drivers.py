@@ -62,3 +62,24 @@ def test_train_report_merges_commands(tmp_path):
     dest = tmp_path / "merged"
     lines = [json.loads(x) for src in (a, b) for x in train_report.unpack(src, dest)]
     assert [(r["run"], r["status"]) for r in train_report.merged(lines)] == [("x", "completed"), ("y", "completed")]
+
+
+def test_supersede_replaces_a_role_per_model_budget_and_drops_older_alternatives():
+    def t(f, role, mb, status="ok", tps=None, budget="12GB"):
+        return {"kind": "trial", "_file": f, "model": "m", "budget": budget, "role": role, "status": status,
+                "setup": {"micro_batch": mb}, "tokens_per_s": tps}
+
+    recs = [t(0, "plan", 2, tps=100.0), t(0, "alt", 1, tps=120.0), t(0, "next_larger", 3),
+            t(0, "next_larger", 5, budget="24GB"),
+            t(1, "next_larger", 4, status="oom"), t(1, "next_larger", 6, status="skipped_time", budget="24GB")]
+    kept = plan_report.supersede(recs)
+    roles = {(r["budget"], r["role"], r["setup"]["micro_batch"]) for r in kept}
+    # file 1's walk replaces file 0's at 12GB; a skipped trial replaces nothing (24GB keeps file 0's)
+    assert ("12GB", "next_larger", 3) not in roles and ("12GB", "next_larger", 4) in roles
+    assert ("24GB", "next_larger", 5) in roles
+    # the plan was not re-run: it and its alternative (same file) stay
+    assert ("12GB", "plan", 2) in roles and ("12GB", "alt", 1) in roles
+    # a re-run plan drops the alternatives measured before it (another machine's tokens/s)
+    kept = plan_report.supersede(recs + [t(1, "plan", 1, tps=90.0)])
+    roles = {(r["budget"], r["role"], r["setup"]["micro_batch"]) for r in kept}
+    assert ("12GB", "plan", 2) not in roles and ("12GB", "plan", 1) in roles and ("12GB", "alt", 1) not in roles

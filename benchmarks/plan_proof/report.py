@@ -4,7 +4,11 @@
 
 Several files (the commands of one proof, or a resumed run's one file) are read as one: for each
 (model, budget, role, setup) the latest trial with a result counts (a plan trial: the one with the
-most steps), so a trial run again after a cut replaces the cut one.
+most steps), so a trial run again after a cut replaces the cut one.  With `--supersede` the later
+files are a later proof that re-ran part of an earlier one: for each model x budget and role, the
+trials of the last file that has that role replace the earlier files' (a next-larger walk that
+changed, a plan that changed), and alternatives measured before the plan's own file are dropped
+(tokens/s are compared within one machine and stack only).
 
 Per model x budget: the plan's setup, its predicted device bytes (as recorded at run time and
 recomputed with today's memory model), the measured device bytes (torch's reserved peak + what
@@ -35,9 +39,10 @@ def load(*paths) -> list:
     from benchmarks.jsonl import records
 
     out = []
-    for path in paths:
+    for i, path in enumerate(paths):
         left: dict = {}
         for r in records(path):
+            r["_file"] = i
             if r.get("kind") == "environment":
                 left[r.get("model")] = 0
             elif r.get("kind") == "trial" and r.get("status") not in (None, "skipped_time"):
@@ -58,6 +63,25 @@ def latest(ts: list, role: str) -> list:
         if old is None or role != "plan" or (t.get("steps_done") or 0) >= (old.get("steps_done") or 0):
             best[key] = t
     return list(best.values())
+
+
+def supersede(records: list) -> list:
+    """The records less the trials a later file replaces (see the module's docstring)."""
+    last: dict = {}
+    for r in records:
+        if r["kind"] == "trial" and r.get("status") not in (None, "skipped_time"):
+            k = (r["model"], r["budget"], r["role"])
+            last[k] = max(last.get(k, -1), r["_file"])
+    out = []
+    for r in records:
+        if r["kind"] == "trial" and r.get("status") not in (None, "skipped_time"):
+            k = (r["model"], r["budget"], r["role"])
+            if r["_file"] < last[k]:
+                continue
+            if r["role"] == "alt" and r["_file"] < last.get((r["model"], r["budget"], "plan"), -1):
+                continue
+        out.append(r)
+    return out
 
 
 def recomputed_device_bytes(rec: dict) -> int | None:
@@ -167,7 +191,7 @@ def cells(records: list) -> tuple[list, dict]:
     return rows, rates
 
 
-def markdown(records: list) -> str:
+def markdown(records: list, files: list | None = None) -> str:
     rows, rates = cells(records)
     env = next((r["environment"] for r in records if r["kind"] == "environment"), {})
     v = env.get("versions") or {}
@@ -184,6 +208,17 @@ def markdown(records: list) -> str:
                 if any(r.get("ballast_bytes") for r in records if r["kind"] == "trial") else "")), "",
              "| pass rate | passed | of |", "|---|---|---|"]
     lines += [f"| {name} | {ok} | {n} |" for name, (ok, n) in rates.items()]
+    if files and len(files) > 1:
+        lines += ["", "| file | GPU | driver | torch | transformers | peft | bitsandbytes | date | trials counted |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for i, name in enumerate(files):
+            e = next((r["environment"] for r in records if r["kind"] == "environment" and r["_file"] == i), {})
+            ev = e.get("versions") or {}
+            n = sum(1 for r in records if r["kind"] == "trial" and r["_file"] == i
+                    and r.get("status") not in (None, "skipped_time"))
+            lines.append(f"| {Path(name).name} | {e.get('gpu_name')} | {e.get('driver')} | {ev.get('torch')} | "
+                         f"{ev.get('transformers')} | {ev.get('peft')} | {ev.get('bitsandbytes')} | "
+                         f"{e.get('date')} | {n} |")
     lines += ["", ("| model | budget | plan's setup | predicted GB (run / now) | measured GB (reserved+outside / NVML) "
               "| left by earlier trials GB | measured less that GB | status, steps | next-larger | plan tok/s "
               "| best found (tok/s) | plan / best | auto_find_batch_size |"),
@@ -224,8 +259,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="+")
     ap.add_argument("--md", default=str(DEFAULT_MD), help="markdown output ('-': stdout only)")
+    ap.add_argument("--supersede", action="store_true",
+                    help="later files re-ran part of the earlier ones: their trials replace the earlier files'")
     a = ap.parse_args(argv)
-    text = markdown(load(*a.file))
+    recs = load(*a.file)
+    text = markdown(supersede(recs) if a.supersede else recs, a.file)
     print(text)
     if a.md != "-":
         Path(a.md).write_text(text)
