@@ -419,3 +419,30 @@ def test_capped_expandable_remaps_an_unmapped_hole():
     assert a.reserved == 80 * MiB and a.num_alloc_retries == 1
     w = a.malloc(30 * MiB)  # 80 + 30 <= 110: the hole where x was, mapped again
     assert w.addr == start and a.reserved == 120 * MiB
+
+
+def test_grouped_mm_of_fp32_experts_stays_fp32_under_autocast():
+    # CUDA autocast has no kernel for _grouped_mm and transformers casts the input to the weight's
+    # dtype, so fp32 experts under bf16-mixed multiply in fp32 with no bf16 copy of the weights (the
+    # H100 memory history of Mixtral bf16-mixed: fp32 gate_up outputs, no expert-weight casts); the
+    # meta kernel takes bf16 only and is stood in for, backward included (weight gradient first)
+    import torch
+
+    from vramfit import trace
+    from vramfit.alloc_events import _recorder_class
+
+    G, M, K, N = 4, 64, 32, 48
+    rec = _recorder_class()()
+    w = torch.nn.Parameter(torch.empty((G, N, K), device="meta"))
+    rec.live[w.untyped_storage()._cdata] = rec.alloc(w.numel() * 4)  # loaded with the model
+    x = torch.empty((M, K), device="meta", requires_grad=True)
+    offs = torch.empty((G,), dtype=torch.int32, device="meta")
+    with rec, trace._patched_sdpa(True, torch.bfloat16):
+        with trace._autocast_mode(torch.bfloat16):
+            out = torch.nn.functional.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        fwd = [e[2] for e in rec.events[1:] if e[0] == "a"]
+        out.backward(torch.empty_like(out))
+    assert out.dtype == torch.float32 and fwd == [M * N * 4]  # the output only: no weight cast
+    bwd = [e[2] for e in rec.events[len(fwd) + 1:] if e[0] == "a"]
+    assert bwd[-2:] == [G * N * K * 4, M * K * 4]  # the weight's gradient, then the input's
+    assert w.grad.dtype == torch.float32 and w.grad.is_contiguous()  # kept as .grad, no copy

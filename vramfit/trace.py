@@ -11,8 +11,9 @@ Three things differ on the meta device (and the CPU) and are emulated as CUDA ru
   and a float32 log-sum-exp per row.  `_FlashLikeAttention` saves exactly those.
 - autocast (bf16-mixed, 16-mixed) does not act on meta tensors.  `_AutocastEmulation`, a
   TorchFunctionMode, casts the inputs of the ops autocast runs in low precision (linear, matmul,
-  bmm, baddbmm, grouped_mm, sdpa), caching the casts of trainable leaf weights as autocast does,
-  and upcasts the inputs of the ops it runs in fp32 (pow, exp, softmax, layer_norm, sum, ...).
+  bmm, baddbmm, sdpa; not grouped_mm, which CUDA autocast leaves alone), caching the casts of
+  trainable leaf weights as autocast does, and upcasts the inputs of the ops it runs in fp32
+  (pow, exp, softmax, layer_norm, sum, ...).
 - dropout on the CPU keeps a float mask; CUDA's `native_dropout` keeps a bool one.
 SDPA in fp32 with grouped KV heads has no fused CUDA kernel and runs the math path, which the
 trace then runs for real (measured: benchmarks/accuracy/saved_tensors.py on an H200).
@@ -167,6 +168,43 @@ def _inplace_mask_add_class():
     return _InplaceMaskAdd
 
 
+def _grouped_mm_any_dtype_class():
+    """aten::_grouped_mm as CUDA runs it for operands that are not bf16.
+
+    CUDA autocast has no kernel for `_grouped_mm` (torch 2.11 to 2.13), and transformers' grouped_mm
+    experts cast the input to the weight's dtype, so fp32 experts under bf16-mixed multiply in fp32:
+    `_grouped_mm_cuda` (torch >= 2.10) runs a per-group mm fallback into an output it creates as for
+    bf16, in the operands' dtype.  The meta kernel accepts bf16 only; this mode, above the meta
+    kernel, answers a non-bf16 `_grouped_mm` with that output tensor (the backward's two
+    `_grouped_mm` calls, through torch's own derivative formulas, included)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.aten._grouped_mm.default
+
+    def output(a, b, offs=None, bias=None, out_dtype=None):
+        # create_grouped_gemm_output_tensor: the last dimension's stride padded to 16 bytes
+        dtype = out_dtype or a.dtype
+        if a.dim() == 2:
+            size = [offs.size(0), a.size(0), b.size(1)] if b.dim() == 2 else [a.size(0), b.size(-1)]
+        else:
+            size = [a.size(1), b.size(1)] if b.dim() == 2 else [a.size(0), a.size(1), b.size(-1)]
+        align = max(1, 16 // dtype.itemsize)
+        padded = -(-size[-1] // align) * align
+        stride = [size[1] * padded, padded, 1] if (a.dim() == 2) == (b.dim() == 2) else [padded, 1]
+        return torch.empty_strided(size, stride, dtype=dtype, device=a.device)
+
+    class _GroupedMMAnyDtype(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is op and args[0].device.type == "meta"
+                    and (args[0].dtype != torch.bfloat16 or args[1].dtype != torch.bfloat16)):
+                return output(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    return _GroupedMMAnyDtype
+
+
 def _cuda_dropout():
     """F.dropout as CUDA's native_dropout keeps it: a bool mask, not a float one."""
     import torch
@@ -202,11 +240,12 @@ def _autocast_mode(dtype):
         torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm,
         torch.baddbmm, torch.addmm, torch.Tensor.__matmul__,
     }
-    for name in ("_grouped_mm",):  # MoE experts (transformers' grouped_mm path)
-        if hasattr(torch, name):
-            low_ops.add(getattr(torch, name))
-    if hasattr(torch.nn.functional, "grouped_mm"):
-        low_ops.add(torch.nn.functional.grouped_mm)
+    # torch._grouped_mm / F.grouped_mm (transformers' grouped_mm experts) are not in this list: CUDA
+    # autocast has no kernel for aten::_grouped_mm (torch 2.11 to 2.13), and transformers' moe.py
+    # casts the input to the weight's dtype itself, so fp32 experts under bf16-mixed run fp32
+    # grouped GEMMs with no bf16 weight copy.  Recorded on an H100 (benchmarks/results/h100-2026-11-
+    # 23-memory-history/6290571de71b.json.gz, Mixtral bf16-mixed): each MoE layer's forward has an
+    # fp32 gate_up output (896 MiB at 4 x 1024) and no 1792 / 896 MiB casts of the expert weights.
 
     # CUDA autocast's "ops that can autocast to float32": low-precision inputs are upcast (e.g.
     # GPT-2's tanh GELU goes fp32 at torch.pow and stays fp32 to the end of the activation)
@@ -400,8 +439,10 @@ def _patched_sdpa(enabled: bool, autocast_dtype=None, kv_repeated: bool = False)
     if enabled:
         torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa(autocast_dtype)
     torch.nn.functional.dropout = _cuda_dropout()
+    grouped_mm = _grouped_mm_any_dtype_class()() if hasattr(torch.ops.aten, "_grouped_mm") else contextlib.nullcontext()
     try:
-        yield
+        with grouped_mm:
+            yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
         torch.nn.functional.dropout = orig_dropout
