@@ -138,7 +138,8 @@ def cells(records: list) -> tuple[list, dict]:
             rows.append(row)
             continue
         out = outside.get(key[0], 0)
-        plan = (by("plan") or [None])[0]
+        # the plan's own setup only (a later proof's plan may differ from an earlier file's trial)
+        plan = next((t for t in by("plan") if t["setup"] == p["chosen"]["setup"]), None)
         row["plan"] = setup_text(p["chosen"]["setup"])
         row["predicted"] = p["chosen"]["predicted_device_bytes"]
         row["recomputed"] = recomputed_device_bytes({**p["chosen"], "model": key[0], "overrides": p["overrides"]})
