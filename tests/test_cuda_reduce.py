@@ -64,11 +64,11 @@ def _events(tmp_path, optim="adamw_torch", tie=False):
     return spec, training_events(spec, setup, resolve_targets(spec, setup), steps=1)
 
 
-def test_tied_embedding_gradients_are_summed_out_of_place(tmp_path):
-    """lm_head's and the embedding's gradients of a shared fp32 weight meet in autograd's InputBuffer
-    and are summed into a new tensor, as the H100 memory history of llama-3.2-1b shows (one more
-    weight-sized allocation per step): one more weight-sized allocation than the untied model's
-    two weights' gradients."""
+def test_tied_embedding_gradients_accumulate_in_place(tmp_path):
+    """lm_head's and the embedding's gradients of a shared fp32 weight meet in autograd's InputBuffer,
+    which adds in place (old_var.add_(var)), as the H100 memory history of llama-3.2-1b shows (the
+    embedding's gradient freed right after it is made, lm_head's kept as .grad): the backward
+    allocates the weight's size as often as the untied model's, not once more for a sum."""
     from conftest import TINY_LLAMA
 
     w_bytes = TINY_LLAMA["vocab_size"] * TINY_LLAMA["hidden_size"] * 4
@@ -78,7 +78,47 @@ def test_tied_embedding_gradients_are_summed_out_of_place(tmp_path):
         _, ev = _events(tmp_path / str(tie), tie=tie)
         bwd = ev["events"][ev["marks"]["step0.backward"]:ev["marks"]["step0.clip"]]
         counts.append(sum(1 for e in bwd if e[0] == "a" and e[2] == w_bytes))
+    assert counts[0] == counts[1] >= 2
+
+
+def test_mixed_precision_outputs_copied_to_fp32(tmp_path):
+    """accelerate's convert_outputs_to_fp32 (the Trainer under bf16/fp16 mixed precision): one more
+    fp32 logits-sized allocation in the forward than bf16-true, freed before the backward."""
+    from vramfit.alloc_events import training_events
+    from vramfit.setup import make_setup, resolve_targets
+    from vramfit.spec import load_spec
+
+    from conftest import TINY_LLAMA
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    spec = load_spec(str(cfg))
+    logits_fp32 = 2 * 64 * TINY_LLAMA["vocab_size"] * 4
+    counts = []
+    for precision in ("bf16-mixed", "bf16-true"):
+        setup = make_setup("full", precision, seq_len=64, micro_batch=2)
+        ev = training_events(spec, setup, resolve_targets(spec, setup), steps=1)
+        fwd = ev["events"][ev["marks"]["step0.forward"]:ev["marks"]["step0.backward"]]
+        ids = {e[1] for e in fwd if e[0] == "a" and e[2] == logits_fp32}
+        counts.append(len(ids))
+        if precision == "bf16-mixed":
+            freed = {e[1] for e in fwd if e[0] == "f"}
+            assert len(ids - freed) == 1  # only the loss's log-softmax output lives on into backward
     assert counts[0] == counts[1] + 1
+
+
+def test_cublas_workspace_follows_first_matmul_output(tmp_path):
+    """The handle's 32 MiB workspace is taken inside the first gemm, after its output (H100 history)."""
+    from vramfit.alloc_events import CUBLAS_WORKSPACE
+    from conftest import TINY_LLAMA
+
+    _, ev = _events(tmp_path)
+    events = ev["events"]
+    i = next(i for i, e in enumerate(events) if e[0] == "a" and e[2] == CUBLAS_WORKSPACE)
+    h = TINY_LLAMA["hidden_size"]
+    # q_proj under autocast: input cast, weight cast (h x h bf16), then the bf16 output, then the workspace
+    assert events[i - 1][0] == "a" and events[i - 1][2] == 2 * 64 * h * 2
+    assert events[i - 2][0] == "a" and events[i - 2][2] == h * h * 2
 
 
 def test_training_starts_from_an_emptied_cache(tmp_path):

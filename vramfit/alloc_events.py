@@ -14,7 +14,8 @@ not do as CUDA does is emulated:
 - autocast (trace.py's emulation, its weight-cast cache cleared at the end of each forward);
 - CUDA's bool dropout masks;
 - cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul and one for
-  the autograd thread's at the first matmul of the first backward, never freed;
+  the autograd thread's at the first matmul of the first backward (each after that matmul's
+  output), never freed;
 - bitsandbytes 8-bit / paged optimizers: their states as `Optimizer8bit.init_state` allocates them
   (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
   temporaries (the update kernels work in place);
@@ -116,6 +117,7 @@ def _recorder_class():
             self.workspaces = set()
             self._finalizers = []
             self.num_sms = H100_SMS
+            self.tied_grad = None  # (shape, dtype) of a weight two modules share (tied embeddings)
 
         def alloc(self, nbytes):
             i = self.next_id
@@ -147,14 +149,33 @@ def _recorder_class():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0] if hasattr(func, "__name__") else ""
+            if (self.backward and func is torch.ops.aten.add.Tensor and self.tied_grad is not None
+                    and not kwargs and len(args) == 2 and all(
+                        isinstance(a, torch.Tensor) and (tuple(a.shape), a.dtype) == self.tied_grad for a in args)
+                    and not args[0]._is_view()):
+                # autograd's InputBuffer::accumulate for the shared weight's two gradients (lm_head's,
+                # then the embedding's): with grad mode off and the first gradient held only by the
+                # buffer (a fresh mm result, transposed back, or autocast's fp32 copy), it adds in
+                # place, old_var.add_(var).  Not when the first gradient is a view (lm_head's mm
+                # result transposed back, without autocast's copy): its storage has two owners
+                # (can_accumulate_inplace), so it is summed out of place, as the measured 32-true
+                # and bf16-true llama-3.2-1b runs agree.  On the meta device through this mode the Python
+                # wrappers raise the use counts and autograd takes its out-of-place branch instead.
+                # The H100 memory history of llama-3.2-1b (benchmarks/results/h100-2026-11-23-memory-
+                # history/b099647bb0f0.json.gz) shows it: the embedding's 1002 MiB gradient is freed
+                # right after it is made and lm_head's lives on as .grad until zero_grad.
+                return args[0].add_(args[1])
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                self.track(t)
             if name in _MATMULS:
+                # the handle's workspace is taken inside the gemm call, after the op allocated its
+                # output (the H100 memory histories: the first q_proj's bf16 output, then 32 MiB;
+                # in backward, lm_head's weight gradient, then 32 MiB)
                 ws = "bwd" if self.backward else "fwd"
                 if ws not in self.workspaces:
                     self.workspaces.add(ws)
                     self.alloc(CUBLAS_WORKSPACE)
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                self.track(t)
             for staging, semaphores in _reduction_buffers(name, args, self.num_sms):
                 b, s = self.alloc(staging), self.alloc(semaphores)
                 self.free(s)  # the DataPtrs die in reverse order
@@ -470,6 +491,29 @@ def _clip_grad_norm(params, max_norm):
             g.mul_(clamped)
 
 
+def _outputs_to_fp32(out):
+    """accelerate's convert_outputs_to_fp32, which Accelerator.prepare_model wraps around the model's
+    forward under mixed precision (native_amp: the Trainer's bf16/fp16): after autocast exits, every
+    fp16/bf16 tensor of the output (the logits) is copied to fp32 (`tensor.float()`) into a new
+    output object; the 16-bit originals die with the old one, the fp32 copies when compute_loss
+    drops the outputs.  A transient fp32 logits tensor beside the loss's own fp32 copy and
+    log-softmax, seen in the H100 memory history of llama-3.2-1b bf16-mixed
+    (benchmarks/results/h100-2026-11-23-memory-history/b099647bb0f0.json.gz: one 1002 MiB
+    allocation per step from the Trainer's model call)."""
+    import torch
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if isinstance(x, (tuple, list)):
+            return type(x)(conv(v) for v in x)
+        if isinstance(x, dict):
+            return type(x)({k: conv(v) for k, v in x.items()})
+        return x
+
+    return conv(out)
+
+
 def _fused_ok():
     """Let torch's fused AdamW run on meta tensors (its constructor rejects the device)."""
     import torch.optim.adam as adam_mod  # noqa: F401
@@ -531,11 +575,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             rec.live[st._cdata] = rec.alloc(st.nbytes())
     if tied:  # the LM head's own weight, built then replaced by the tie
         rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
-    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer;
-    # the replay's autograd sums them out of place (a third weight-sized tensor), and so does the
-    # real run: the H100 memory history of llama-3.2-1b (benchmarks/results/h100-2026-11-23-memory-
-    # history/b099647bb0f0.json.gz) has one more 1002 MiB allocation per step than a replay that
-    # adds in place, and the allocator fed the real stream reproduces its 18,200 MiB reserved.
+        if in_emb.weight.requires_grad:
+            rec.tied_grad = (tuple(in_emb.weight.shape), in_emb.weight.dtype)
     for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
@@ -600,6 +641,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                     ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
                     with ac:
                         out = model(input_ids=ids, labels=labels, **({"fused_lm_head": True} if fused_loss else {}))
+                    if ac_dtype is not None:
+                        out = _outputs_to_fp32(out)
                     loss = out.loss if accum == 1 else out.loss / accum  # the Trainer's scaling
                     del out, ac
                     marks[f"{at}.backward"] = len(rec.events)
