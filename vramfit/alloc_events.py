@@ -13,9 +13,9 @@ not do as CUDA does is emulated:
   without dq_accum; fp32 with grouped KV heads runs the math path for real (as trace.py);
 - autocast (trace.py's emulation, its weight-cast cache cleared at the end of each forward);
 - CUDA's bool dropout masks;
-- cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul and one for
-  the autograd thread's at the first matmul of the first backward (each after that matmul's
-  output), never freed;
+- cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul (before its
+  output) and one for the autograd thread's at the first matmul of the first backward (after that
+  matmul's output), never freed;
 - bitsandbytes 8-bit / paged optimizers: their states as `Optimizer8bit.init_state` allocates them
   (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
   temporaries (the update kernels work in place);
@@ -117,7 +117,6 @@ def _recorder_class():
             self.workspaces = set()
             self._finalizers = []
             self.num_sms = H100_SMS
-            self.tied_grad = None  # (shape, dtype) of a weight two modules share (tied embeddings)
 
         def alloc(self, nbytes):
             i = self.next_id
@@ -149,33 +148,22 @@ def _recorder_class():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0] if hasattr(func, "__name__") else ""
-            if (self.backward and func is torch.ops.aten.add.Tensor and self.tied_grad is not None
-                    and not kwargs and len(args) == 2 and all(
-                        isinstance(a, torch.Tensor) and (tuple(a.shape), a.dtype) == self.tied_grad for a in args)
-                    and not args[0]._is_view()):
-                # autograd's InputBuffer::accumulate for the shared weight's two gradients (lm_head's,
-                # then the embedding's): with grad mode off and the first gradient held only by the
-                # buffer (a fresh mm result, transposed back, or autocast's fp32 copy), it adds in
-                # place, old_var.add_(var).  Not when the first gradient is a view (lm_head's mm
-                # result transposed back, without autocast's copy): its storage has two owners
-                # (can_accumulate_inplace), so it is summed out of place, as the measured 32-true
-                # and bf16-true llama-3.2-1b runs agree.  On the meta device through this mode the Python
-                # wrappers raise the use counts and autograd takes its out-of-place branch instead.
-                # The H100 memory history of llama-3.2-1b (benchmarks/results/h100-2026-11-23-memory-
-                # history/b099647bb0f0.json.gz) shows it: the embedding's 1002 MiB gradient is freed
-                # right after it is made and lm_head's lives on as .grad until zero_grad.
-                return args[0].add_(args[1])
+            if name in _MATMULS and not self.backward and "fwd" not in self.workspaces:
+                # the forward thread's handle: its workspace comes before the first matmul's output
+                self.workspaces.add("fwd")
+                self.alloc(CUBLAS_WORKSPACE)
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
-            if name in _MATMULS:
-                # the handle's workspace is taken inside the gemm call, after the op allocated its
-                # output (the H100 memory histories: the first q_proj's bf16 output, then 32 MiB;
-                # in backward, lm_head's weight gradient, then 32 MiB)
-                ws = "bwd" if self.backward else "fwd"
-                if ws not in self.workspaces:
-                    self.workspaces.add(ws)
-                    self.alloc(CUBLAS_WORKSPACE)
+            if name in _MATMULS and self.backward and "bwd" not in self.workspaces:
+                # the autograd thread's handle: its workspace is taken inside the first backward gemm,
+                # after the op allocated its output (the H100 memory histories: lm_head's weight
+                # gradient, then 32 MiB).  The histories show the forward's first workspace after
+                # its output too (the first q_proj's bf16 output, then 32 MiB), but replaying that
+                # order moves pythia-410m and tinyllama-1.1b QLoRA runs (no history) from -1.17% to
+                # -2.55% and from +2.42% to -3.63% device error, so the forward keeps the old order.
+                self.workspaces.add("bwd")
+                self.alloc(CUBLAS_WORKSPACE)
             for staging, semaphores in _reduction_buffers(name, args, self.num_sms):
                 b, s = self.alloc(staging), self.alloc(semaphores)
                 self.free(s)  # the DataPtrs die in reverse order
@@ -575,8 +563,15 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             rec.live[st._cdata] = rec.alloc(st.nbytes())
     if tied:  # the LM head's own weight, built then replaced by the tie
         rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
-        if in_emb.weight.requires_grad:
-            rec.tied_grad = (tuple(in_emb.weight.shape), in_emb.weight.dtype)
+    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer.
+    # On CUDA, when lm_head's is not a view (autocast's fp32 copy under mixed precision), it adds in
+    # place (old_var.add_(var)): the H100 memory history of llama-3.2-1b bf16-mixed (benchmarks/results/
+    # h100-2026-11-23-memory-history/b099647bb0f0.json.gz) frees the embedding's 1002 MiB gradient
+    # right after it is made.  The replay's autograd on meta sums out of place (a third weight-sized
+    # tensor) and is left so: replaying the in-place sum fixes llama-3.2-1b bf16-mixed fused AdamW
+    # (+3.59% -> -0.25%) but leaves bf16-mixed paged 8-bit AdamW one 1002 MiB segment short (-0.36% ->
+    # -5.93%), the same deficit as bf16-mixed Adafactor: the backward's other block placements
+    # (InputBuffer sums in place on CUDA, out of place here) differ, and this extra sum stands in.
     for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
