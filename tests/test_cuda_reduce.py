@@ -65,10 +65,10 @@ def _events(tmp_path, optim="adamw_torch", tie=False):
 
 
 def test_tied_embedding_gradients_are_summed_out_of_place(tmp_path):
-    """lm_head's and the embedding's gradients of a shared fp32 weight meet in autograd's InputBuffer
-    and are summed into a new tensor, as the H100 memory history of llama-3.2-1b shows (one more
-    weight-sized allocation per step): one more weight-sized allocation than the untied model's
-    two weights' gradients."""
+    """lm_head's and the embedding's gradients of a shared fp32 weight meet in autograd's InputBuffer;
+    the replay's autograd sums them into a new tensor (CUDA adds in place under autocast, but the
+    replay keeps the out-of-place sum: see training_events): one more weight-sized allocation than
+    the untied model's two weights' gradients."""
     from conftest import TINY_LLAMA
 
     w_bytes = TINY_LLAMA["vocab_size"] * TINY_LLAMA["hidden_size"] * 4
@@ -79,6 +79,51 @@ def test_tied_embedding_gradients_are_summed_out_of_place(tmp_path):
         bwd = ev["events"][ev["marks"]["step0.backward"]:ev["marks"]["step0.clip"]]
         counts.append(sum(1 for e in bwd if e[0] == "a" and e[2] == w_bytes))
     assert counts[0] == counts[1] + 1
+
+
+def test_mixed_precision_outputs_copied_to_fp32(tmp_path):
+    """accelerate's convert_outputs_to_fp32 (the Trainer under bf16/fp16 mixed precision): one more
+    fp32 logits-sized allocation in the forward than bf16-true, freed before the backward."""
+    from vramfit.alloc_events import training_events
+    from vramfit.setup import make_setup, resolve_targets
+    from vramfit.spec import load_spec
+
+    from conftest import TINY_LLAMA
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    spec = load_spec(str(cfg))
+    logits_fp32 = 2 * 64 * TINY_LLAMA["vocab_size"] * 4
+    counts = []
+    for precision in ("bf16-mixed", "bf16-true"):
+        setup = make_setup("full", precision, seq_len=64, micro_batch=2)
+        ev = training_events(spec, setup, resolve_targets(spec, setup), steps=1)
+        fwd = ev["events"][ev["marks"]["step0.forward"]:ev["marks"]["step0.backward"]]
+        ids = {e[1] for e in fwd if e[0] == "a" and e[2] == logits_fp32}
+        counts.append(len(ids))
+        if precision == "bf16-mixed":
+            freed = {e[1] for e in fwd if e[0] == "f"}
+            assert len(ids - freed) == 1  # only the loss's log-softmax output lives on into backward
+    assert counts[0] == counts[1] + 1
+
+
+def test_cublas_workspaces_forward_before_backward_after_first_matmul_output(tmp_path):
+    """The forward thread's 32 MiB workspace comes before its first gemm's output; the autograd
+    thread's is taken inside its first gemm, after the output (H100 history: lm_head's weight
+    gradient, then 32 MiB)."""
+    from vramfit.alloc_events import CUBLAS_WORKSPACE
+    from conftest import TINY_LLAMA
+
+    _, ev = _events(tmp_path)
+    events = ev["events"]
+    fwd, bwd = [i for i, e in enumerate(events) if e[0] == "a" and e[2] == CUBLAS_WORKSPACE]
+    h, v = TINY_LLAMA["hidden_size"], TINY_LLAMA["vocab_size"]
+    # q_proj under autocast: input cast, weight cast (h x h bf16), the workspace, then the bf16 output
+    assert events[fwd - 1][0] == "a" and events[fwd - 1][2] == h * h * 2
+    assert events[fwd + 1][0] == "a" and events[fwd + 1][2] == 2 * 64 * h * 2
+    # backward: lm_head's bf16 weight gradient (v x h), then the workspace
+    assert ev["marks"]["step0.backward"] < bwd < ev["marks"]["step0.clip"]
+    assert events[bwd - 1][0] == "a" and events[bwd - 1][2] == v * h * 2
 
 
 def test_training_starts_from_an_emptied_cache(tmp_path):

@@ -13,8 +13,9 @@ not do as CUDA does is emulated:
   without dq_accum; fp32 with grouped KV heads runs the math path for real (as trace.py);
 - autocast (trace.py's emulation, its weight-cast cache cleared at the end of each forward);
 - CUDA's bool dropout masks;
-- cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul and one for
-  the autograd thread's at the first matmul of the first backward, never freed;
+- cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul (before its
+  output) and one for the autograd thread's at the first matmul of the first backward (after that
+  matmul's output), never freed;
 - bitsandbytes 8-bit / paged optimizers: their states as `Optimizer8bit.init_state` allocates them
   (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
   temporaries (the update kernels work in place);
@@ -147,14 +148,22 @@ def _recorder_class():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0] if hasattr(func, "__name__") else ""
-            if name in _MATMULS:
-                ws = "bwd" if self.backward else "fwd"
-                if ws not in self.workspaces:
-                    self.workspaces.add(ws)
-                    self.alloc(CUBLAS_WORKSPACE)
+            if name in _MATMULS and not self.backward and "fwd" not in self.workspaces:
+                # the forward thread's handle: its workspace comes before the first matmul's output
+                self.workspaces.add("fwd")
+                self.alloc(CUBLAS_WORKSPACE)
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
+            if name in _MATMULS and self.backward and "bwd" not in self.workspaces:
+                # the autograd thread's handle: its workspace is taken inside the first backward gemm,
+                # after the op allocated its output (the H100 memory histories: lm_head's weight
+                # gradient, then 32 MiB).  The histories show the forward's first workspace after
+                # its output too (the first q_proj's bf16 output, then 32 MiB), but replaying that
+                # order moves pythia-410m and tinyllama-1.1b QLoRA runs (no history) from -1.17% to
+                # -2.55% and from +2.42% to -3.63% device error, so the forward keeps the old order.
+                self.workspaces.add("bwd")
+                self.alloc(CUBLAS_WORKSPACE)
             for staging, semaphores in _reduction_buffers(name, args, self.num_sms):
                 b, s = self.alloc(staging), self.alloc(semaphores)
                 self.free(s)  # the DataPtrs die in reverse order
@@ -470,6 +479,29 @@ def _clip_grad_norm(params, max_norm):
             g.mul_(clamped)
 
 
+def _outputs_to_fp32(out):
+    """accelerate's convert_outputs_to_fp32, which Accelerator.prepare_model wraps around the model's
+    forward under mixed precision (native_amp: the Trainer's bf16/fp16): after autocast exits, every
+    fp16/bf16 tensor of the output (the logits) is copied to fp32 (`tensor.float()`) into a new
+    output object; the 16-bit originals die with the old one, the fp32 copies when compute_loss
+    drops the outputs.  A transient fp32 logits tensor beside the loss's own fp32 copy and
+    log-softmax, seen in the H100 memory history of llama-3.2-1b bf16-mixed
+    (benchmarks/results/h100-2026-11-23-memory-history/b099647bb0f0.json.gz: one 1002 MiB
+    allocation per step from the Trainer's model call)."""
+    import torch
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if isinstance(x, (tuple, list)):
+            return type(x)(conv(v) for v in x)
+        if isinstance(x, dict):
+            return type(x)({k: conv(v) for k, v in x.items()})
+        return x
+
+    return conv(out)
+
+
 def _fused_ok():
     """Let torch's fused AdamW run on meta tensors (its constructor rejects the device)."""
     import torch.optim.adam as adam_mod  # noqa: F401
@@ -531,11 +563,15 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             rec.live[st._cdata] = rec.alloc(st.nbytes())
     if tied:  # the LM head's own weight, built then replaced by the tie
         rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
-    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer;
-    # the replay's autograd sums them out of place (a third weight-sized tensor), and so does the
-    # real run: the H100 memory history of llama-3.2-1b (benchmarks/results/h100-2026-11-23-memory-
-    # history/b099647bb0f0.json.gz) has one more 1002 MiB allocation per step than a replay that
-    # adds in place, and the allocator fed the real stream reproduces its 18,200 MiB reserved.
+    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer.
+    # On CUDA, when lm_head's is not a view (autocast's fp32 copy under mixed precision), it adds in
+    # place (old_var.add_(var)): the H100 memory history of llama-3.2-1b bf16-mixed (benchmarks/results/
+    # h100-2026-11-23-memory-history/b099647bb0f0.json.gz) frees the embedding's 1002 MiB gradient
+    # right after it is made.  The replay's autograd on meta sums out of place (a third weight-sized
+    # tensor) and is left so: replaying the in-place sum fixes llama-3.2-1b bf16-mixed fused AdamW
+    # (+3.59% -> -0.25%) but leaves bf16-mixed paged 8-bit AdamW one 1002 MiB segment short (-0.36% ->
+    # -5.93%), the same deficit as bf16-mixed Adafactor: the backward's other block placements
+    # (InputBuffer sums in place on CUDA, out of place here) differ, and this extra sum stands in.
     for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
@@ -600,6 +636,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                     ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
                     with ac:
                         out = model(input_ids=ids, labels=labels, **({"fused_lm_head": True} if fused_loss else {}))
+                    if ac_dtype is not None:
+                        out = _outputs_to_fp32(out)
                     loss = out.loss if accum == 1 else out.loss / accum  # the Trainer's scaling
                     del out, ac
                     marks[f"{at}.backward"] = len(rec.events)
