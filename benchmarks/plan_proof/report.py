@@ -31,6 +31,11 @@ DEFAULT_MD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "h
 LEAK_CLEAN = GB // 4  # a trial that starts with less than this left by earlier ones is "clean"
 
 
+def ran(r: dict) -> bool:
+    """A trial with a result (not one the time guard skipped, nor one cut before it reported)."""
+    return r.get("kind") == "trial" and r.get("status") not in (None, "skipped_time")
+
+
 def load(*paths) -> list:
     """The records; each trial gets `leak_before_bytes`: what the trials before it in the same
     worker process left allocated (the previous trial's leftover_allocated_bytes; 0 at a worker's
@@ -45,7 +50,7 @@ def load(*paths) -> list:
             r["_file"] = i
             if r.get("kind") == "environment":
                 left[r.get("model")] = 0
-            elif r.get("kind") == "trial" and r.get("status") not in (None, "skipped_time"):
+            elif ran(r):
                 r["leak_before_bytes"] = left.get(r.get("model"), 0)
                 left[r.get("model")] = r.get("leftover_allocated_bytes") or 0
             out.append(r)
@@ -68,15 +73,13 @@ def latest(ts: list, role: str) -> list:
 def supersede(records: list) -> list:
     """The records less the trials a later file replaces (see the module's docstring)."""
     last: dict = {}
-    for r in records:
-        if r["kind"] == "trial" and r.get("status") not in (None, "skipped_time"):
-            k = (r["model"], r["budget"], r["role"])
-            last[k] = max(last.get(k, -1), r["_file"])
+    for r in filter(ran, records):
+        k = (r["model"], r["budget"], r["role"])
+        last[k] = max(last.get(k, -1), r["_file"])
     out = []
     for r in records:
-        if r["kind"] == "trial" and r.get("status") not in (None, "skipped_time"):
-            k = (r["model"], r["budget"], r["role"])
-            if r["_file"] < last[k]:
+        if ran(r):
+            if r["_file"] < last[(r["model"], r["budget"], r["role"])]:
                 continue
             if r["role"] == "alt" and r["_file"] < last.get((r["model"], r["budget"], "plan"), -1):
                 continue
@@ -215,8 +218,7 @@ def markdown(records: list, files: list | None = None) -> str:
         for i, name in enumerate(files):
             e = next((r["environment"] for r in records if r["kind"] == "environment" and r["_file"] == i), {})
             ev = e.get("versions") or {}
-            n = sum(1 for r in records if r["kind"] == "trial" and r["_file"] == i
-                    and r.get("status") not in (None, "skipped_time"))
+            n = sum(1 for r in records if ran(r) and r["_file"] == i)
             lines.append(f"| {Path(name).name} | {e.get('gpu_name')} | {e.get('driver')} | {ev.get('torch')} | "
                          f"{ev.get('transformers')} | {ev.get('peft')} | {ev.get('bitsandbytes')} | "
                          f"{e.get('date')} | {n} |")
@@ -237,7 +239,7 @@ def markdown(records: list, files: list | None = None) -> str:
                      f"{r.get('status', '-')} {r.get('steps', '')} | {r.get('next', '-')} | - | ")
         lines[-1] += f"{r.get('best', '-')} | {ratio} | {r.get('afbs', '-')} |"
     result = {json.dumps([r["model"], r["budget"], r["role"], r["setup"]], sort_keys=True) for r in records
-              if r["kind"] == "trial" and r.get("status") not in (None, "skipped_time")}
+              if ran(r)}
     skipped = {json.dumps([r["model"], r["budget"], r["role"], r["setup"]], sort_keys=True) for r in records
                if r["kind"] == "trial" and r.get("status") == "skipped_time"} - result
     done = [r for r in records if r["kind"] == "run_done"]
