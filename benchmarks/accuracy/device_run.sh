@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run named grids on a lent GPU machine (the device tool's `run`), results and logs in $OUT.
 #   bash benchmarks/accuracy/device_run.sh smoke issue2        # carry: [".whl"]
+#   HARNESS_ARGS="--done-in benchmarks/results/*.jsonl" bash benchmarks/accuracy/device_run.sh full
+#        # the cases of `full` no committed result has yet
 # .whl comes from ../shared/device/wheels.sh (bitsandbytes, trl, datasets, ...). A `smoke` grid
 # must be all ok before later grids run. GRID_TIMEOUT_S caps each grid (default 450 s) so the
 # command ends inside the tool's limit; rerun with the same $OUT file and --skip-done to go on.
@@ -17,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 for grid in "$@"; do
   start=$(date +%s)
   timeout "${GRID_TIMEOUT_S:-450}" python3 -m benchmarks.accuracy.harness --grid "$grid" \
-    --out "$OUT/$grid.jsonl" --skip-done 2>&1 | tee -a "$OUT/$grid.log"
+    --out "$OUT/$grid.jsonl" --skip-done ${HARNESS_ARGS:-} 2>&1 | tee -a "$OUT/$grid.log"
   echo "grid $grid: $(( $(date +%s) - start )) s" | tee -a "$OUT/$grid.log"
   if [ "$grid" = smoke ]; then
     python3 -c "import json,sys; s=[json.loads(l)['status'] for l in open('$OUT/smoke.jsonl')]; print('smoke', s); sys.exit(any(x!='ok' for x in s))" || exit 3

@@ -162,7 +162,8 @@ def done_ids(out: Path) -> set[str]:
     ids = set()
     for line in out.read_text().splitlines():
         if line.strip():
-            ids.add(json.loads(line)["id"])
+            ids.add(json.loads(line).get("id"))  # other benchmarks' lines have no case id
+    ids.discard(None)
     return ids
 
 
@@ -265,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="regex on case id or label")
     parser.add_argument("--skip-done", action="store_true",
                         help="skip cases whose id already has a line in --out")
+    parser.add_argument("--done-in", nargs="+", default=[], metavar="JSONL",
+                        help="skip cases whose id has a line in any of these files too "
+                             "(the committed results of earlier sessions)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds per case (default %(default)s)")
     parser.add_argument("--log-dir", default="/tmp/vramfit-harness-logs",
@@ -282,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / (
         f"{gpu_slug()}-{datetime.date.today().isoformat()}-{grid}.jsonl")
     all_cases = load_cases(args.grid, args.cases)
-    chosen = select(all_cases, args.shard, args.only, done_ids(out) if args.skip_done else set())
+    done = set().union(*(done_ids(Path(f)) for f in args.done_in))
+    if args.skip_done:
+        done |= done_ids(out)
+    chosen = select(all_cases, args.shard, args.only, done)
     if args.list:
         for case in chosen:
             print(case["id"], cases.case_label(case))
