@@ -465,3 +465,27 @@ def test_capped_replay_is_cached_and_reports_oom_under_a_small_cap(tmp_path):
     assert capped_replay(spec, s, targets, 1 << 40)["cached"]
     tight = capped_replay(spec, s, targets, free["peak_allocated_bytes"] // 2)
     assert tight["oom"] and not tight["fits"] and tight["oom_phase"] is not None and tight["num_alloc_retries"] >= 1
+
+
+def test_lora_config_pins_all_linear_on_fused_experts():
+    """peft's "all-linear" reaches Mixtral's fused 3-D expert weights (ParamWrapper, which refuses
+    lora_dropout 0.05); the launcher's LoraConfig names the Linear layers vramfit models instead."""
+    import peft
+    import transformers
+
+    from vramfit.convert import lora_config
+
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=64, num_local_experts=4)
+    s = Setup(method="lora", lora_r=4, lora_dropout=0.05, target_modules="all-linear")
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="lora_dropout"):  # what the launcher hit before
+        peft.get_peft_model(model, lora_config(s))
+    lcfg = lora_config(s, transformers.AutoModelForCausalLM.from_config(cfg))
+    spec_targets = {n.rsplit(".", 1)[-1] for n in resolve_targets(load_spec("mixtral-8x7b"), s)}
+    assert set(lcfg.target_modules) == spec_targets
+    wrapped = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg), lcfg)
+    assert {n.split(".")[-4] for n, _ in wrapped.named_parameters() if "lora_A" in n} == spec_targets
+    dense = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64))
+    assert lora_config(s, dense).target_modules == "all-linear"  # no fused experts: peft's meaning is vramfit's

@@ -59,12 +59,33 @@ def model_kwargs(s: Setup) -> dict:
     return out
 
 
-def lora_config(s: Setup):
+def linear_targets(model) -> list[str] | None:
+    """What vramfit means by "all-linear" for `model`, as peft target names, where peft means more.
+
+    peft (>= 0.18) takes "all-linear" on a model with fused MoE experts (3-D expert weights, as
+    transformers 5 builds Mixtral and Qwen-MoE) to cover those parameters too, through its
+    ParamWrapper, which also refuses lora_dropout != 0.  vramfit's memory model (and its traces)
+    put LoRA on the Linear layers only, every one but the output layer, so the launcher names
+    them. None where the model has no such parameters: "all-linear" then means the same to both."""
+    import torch
+
+    if not any(p.dim() == 3 for p in model.parameters()):
+        return None
+    output = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not output})
+
+
+def lora_config(s: Setup, model=None):
+    """peft's LoraConfig of setup `s`; `model` given, "all-linear" is pinned to vramfit's meaning
+    (`linear_targets`)."""
     kw = lora_config_kwargs(s)
     if kw is None:
         return None
     from peft import LoraConfig
 
+    if model is not None and kw["target_modules"] == "all-linear":
+        kw["target_modules"] = linear_targets(model) or "all-linear"
     return LoraConfig(**kw)
 
 

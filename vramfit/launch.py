@@ -319,7 +319,7 @@ def run_rank(launch_json: str) -> dict | None:
 
     train_ds = vdata.to_hf_dataset(d.train.rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=lora_config(s), callbacks=[tracker])
+                         peft_config=lora_config(s, model), callbacks=[tracker])
     result = trainer.train()
     summary = tracker.summary()
     target = out / ("model" if s.method == "full" else "adapter")

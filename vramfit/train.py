@@ -875,7 +875,7 @@ def _trainer(model, tokenizer, s, opts, out, max_steps, train_ds, eval_ds, cuda,
     if eval_ds is not None and opts.early_stopping_patience > 0:
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=opts.early_stopping_patience)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora_config(s), callbacks=list(callbacks))
+                         processing_class=tokenizer, peft_config=lora_config(s, model), callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # our LiveView prints the progress
     return trainer
 

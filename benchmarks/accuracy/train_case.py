@@ -182,9 +182,14 @@ def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
     if case["method"] in ("lora", "qlora"):
         import peft
 
+        from vramfit.convert import linear_targets
+
+        targets = case["target_modules"]
+        if targets == "all-linear":  # as the launcher does (peft's all-linear reaches fused experts)
+            targets = linear_targets(model) or targets
         lora = peft.LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"],
                                lora_dropout=case["lora_dropout"],
-                               target_modules=case["target_modules"], task_type="CAUSAL_LM")
+                               target_modules=targets, task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, lora)
     return model
 
@@ -321,6 +326,9 @@ def save_random_checkpoint(case: dict, directory: str) -> dict:
 
     started = time.perf_counter()
     config = build_config(transformers, cases.model_config_dict(case))
+    # a checkpoint, not a training model (the QLoRA load turns the cache off again): transformers 5.17
+    # refuses to save Gemma-2's generation config (cache_implementation "hybrid") with use_cache off
+    config.use_cache = True
     torch.manual_seed(SEED)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
