@@ -10,8 +10,9 @@ trials of the last file that has that role replace the earlier files' (a next-la
 changed, a plan that changed), and alternatives measured before the plan's own file are dropped
 (tokens/s are compared within one machine and stack only).
 
-Per model x budget: the plan's setup, its predicted device bytes (as recorded at run time and
-recomputed with today's memory model), the measured device bytes (torch's reserved peak + what
+Per model x budget: the plan's setup, its predicted device bytes (the fast model's, as recorded at run
+time and recomputed with today's memory model, and the allocator replay's check of it where the
+plan came from the replay planner), the measured device bytes (torch's reserved peak + what
 vramfit counts outside torch, and NVML's process peak), OOM or not over how many steps, whether
 the next-larger micro-batch really OOMed (or needed the headroom), the plan's tokens/s against
 the fastest setup that really ran, and transformers' auto_find_batch_size on the same budget.
@@ -146,6 +147,7 @@ def cells(records: list) -> tuple[list, dict]:
         row["plan"] = setup_text(p["chosen"]["setup"])
         row["predicted"] = p["chosen"]["predicted_device_bytes"]
         row["recomputed"] = recomputed_device_bytes({**p["chosen"], "model": key[0], "overrides": p["overrides"]})
+        row["replay"] = replay_device_bytes(p)
         if plan is not None:
             row.update(measured=measured_device_bytes(plan, out), nvml=plan.get("nvml_peak_bytes"),
                        status=plan["status"], steps=f"{plan.get('steps_done')}/{plan['steps_asked']}",
@@ -195,6 +197,29 @@ def cells(records: list) -> tuple[list, dict]:
     return rows, rates
 
 
+def replay_device_bytes(plan_rec: dict) -> int | None:
+    """The capped replay's device figure for the plan's chosen setup (the allocator-replay planner's
+    own check of it, where it fitted), else None."""
+    checks = (plan_rec.get("replay") or {}).get("checks") or []
+    setup = plan_rec["chosen"]["setup"]
+    return next((c["device_bytes"] for c in reversed(checks)
+                 if c["setup"] == setup and c["replay_fits"] and "device_bytes" in c), None)
+
+
+def error_line(rows: list) -> str:
+    """Median and max |error| of the fast model's and the replay's device figure against the plans'
+    measured device bytes (reserved + outside)."""
+    import statistics
+
+    parts = []
+    for name, key in (("fast model (as run)", "predicted"), ("allocator replay", "replay")):
+        errs = [abs(r[key] - r["measured"]) / r["measured"] for r in rows if r.get(key) and r.get("measured")]
+        if errs:
+            parts.append(f"{name} median {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.1f}% "
+                         f"({len(errs)} plans)")
+    return "Plan's predicted device bytes vs measured: " + "; ".join(parts) + "." if parts else ""
+
+
 def markdown(records: list, files: list | None = None) -> str:
     rows, rates = cells(records)
     env = next((r["environment"] for r in records if r["kind"] == "environment"), {})
@@ -212,6 +237,8 @@ def markdown(records: list, files: list | None = None) -> str:
                 if any(r.get("ballast_bytes") for r in records if r["kind"] == "trial") else "")), "",
              "| pass rate | passed | of |", "|---|---|---|"]
     lines += [f"| {name} | {ok} | {n} |" for name, (ok, n) in rates.items()]
+    if error_line(rows):
+        lines += ["", error_line(rows)]
     if files and len(files) > 1:
         lines += ["", "| file | GPU | driver | torch | transformers | peft | bitsandbytes | date | trials counted |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -222,19 +249,19 @@ def markdown(records: list, files: list | None = None) -> str:
             lines.append(f"| {Path(name).name} | {e.get('gpu_name')} | {e.get('driver')} | {ev.get('torch')} | "
                          f"{ev.get('transformers')} | {ev.get('peft')} | {ev.get('bitsandbytes')} | "
                          f"{e.get('date')} | {n} |")
-    lines += ["", ("| model | budget | plan's setup | predicted GB (run / now) | measured GB (reserved+outside / NVML) "
+    lines += ["", ("| model | budget | plan's setup | predicted GB (run / now / replay) | measured GB (reserved+outside / NVML) "
               "| left by earlier trials GB | measured less that GB | status, steps | next-larger | plan tok/s "
               "| best found (tok/s) | plan / best | auto_find_batch_size |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['speed_ratio']:.2f}" if "speed_ratio" in r else "-"
         lines.append(f"| {r['model']} | {r['budget']} | {r['plan']} | {gb(r.get('predicted'))} / "
-                     f"{gb(r.get('recomputed'))} | {gb(r.get('measured'))} / {gb(r.get('nvml'))} | "
+                     f"{gb(r.get('recomputed'))} / {gb(r.get('replay'))} | {gb(r.get('measured'))} / {gb(r.get('nvml'))} | "
                      f"{gb(r.get('leak'))} | {gb(r.get('less_leak'))} | "
                      f"{r.get('status', '-')} {r.get('steps', '')} | {r.get('next', '-')} | "
                      f"{r['plan_tps']:.0f} | " if r.get("plan_tps") else
                      f"| {r['model']} | {r['budget']} | {r['plan']} | {gb(r.get('predicted'))} / "
-                     f"{gb(r.get('recomputed'))} | {gb(r.get('measured'))} / {gb(r.get('nvml'))} | "
+                     f"{gb(r.get('recomputed'))} / {gb(r.get('replay'))} | {gb(r.get('measured'))} / {gb(r.get('nvml'))} | "
                      f"{gb(r.get('leak'))} | {gb(r.get('less_leak'))} | "
                      f"{r.get('status', '-')} {r.get('steps', '')} | {r.get('next', '-')} | - | ")
         lines[-1] += f"{r.get('best', '-')} | {ratio} | {r.get('afbs', '-')} |"

@@ -559,6 +559,9 @@ def from_cache(p, entry: dict, ev) -> tuple:
     cands = [ev.candidate(_setup(d), p.device, p.usable_bytes) for d in entry["candidates"]]
     cands = [dataclasses.replace(c, fits=True) for c in cands]
     nl = ev.candidate(_setup(entry["next_larger"]), p.device, p.usable_bytes) if entry["next_larger"] else None
+    from vramfit.recheck import with_replay_peaks
+
+    cands[0] = with_replay_peaks(cands[0], entry["replay"]["checks"])
     p = dataclasses.replace(p, chosen=cands[0], candidates=tuple(cands), replay=entry["replay"],
                             notes=tuple(entry["notes"]))
     return p, nl
