@@ -425,6 +425,12 @@ def test_plan_with_simulate_allocator_on_a_tiny_model_says_what_the_replay_did(t
     if rep["changed"] == ["larger_batch_fits"]:  # beyond the effective batch: said, not taken
         assert p.chosen.setup == fast.chosen.setup
         assert any("--effective-batch" in n for n in p.notes)
+    # what the plan says it needs is the replay's figure for the setup it chose
+    from vramfit.planner import _setup_json
+
+    mine = [c for c in rep["checks"] if c["setup"] == _setup_json(p.chosen.setup) and c["replay_fits"]][-1]
+    assert (p.chosen.device_bytes, p.chosen.peak_reserved_bytes) == (mine["device_bytes"], mine["peak_reserved_bytes"])
+    assert p.candidates[0] == p.chosen and p.to_json()["chosen"]["device_bytes"] == mine["device_bytes"]
 
 
 def test_recheck_keeps_the_effective_batch_when_the_replay_fits_beyond_it(tmp_path):
