@@ -4,7 +4,8 @@
 #   bash benchmarks/device_session.sh 1     # train proof: the 7B runs; plan proof: llama-3.2-1b, qwen2.5-0.5b
 #   bash benchmarks/device_session.sh 2     # train proof: the 1B runs and the OOM fall-back; plan proof: qwen2.5-1.5b, -3b
 #   bash benchmarks/device_session.sh 3     # plan proof: llama-3.1-8b, qwen2.5-14b
-#   bash benchmarks/device_session.sh history   # QLoRA-first memory histories (benchmarks/accuracy/memory_history_cases.json)
+#   bash benchmarks/device_session.sh history   # QLoRA-first memory histories (benchmarks/accuracy/memory_history_cases.json;
+#        HISTORY_CASES=benchmarks/accuracy/memory_history_cases_2.json: the under-predictions of the 2026-12-06 grid)
 #   bash benchmarks/device_session.sh plan4 SECONDS MODEL...   # plan proof 4: the allocator-replay planner's
 #        plans (precomputed on CPU: benchmarks/results/cpu-2026-12-05-plan-proof-replay-plans.json), one shard;
 #        passes 1-3 (plan, next-larger, alternatives): the auto_find_batch_size comparison is plan proof 3's;
@@ -47,7 +48,7 @@ case "${1:-}" in
     ;;
   history)
     VRAMFIT_MEMORY_HISTORY=/tmp/hist timeout 180 python3 -m benchmarks.accuracy.harness \
-      --cases benchmarks/accuracy/memory_history_cases.json --out "$OUT/memory_history.jsonl" 2>&1 | tail -8
+      --cases "${HISTORY_CASES:-benchmarks/accuracy/memory_history_cases.json}" --out "$OUT/memory_history.jsonl" 2>&1 | tail -8
     tar czf "$OUT/memory_history.tgz" -C /tmp hist
     ;;
 esac

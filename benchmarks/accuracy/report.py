@@ -65,8 +65,9 @@ def measured(rec: dict) -> dict:
 def load_records(paths) -> list[dict]:
     """The harness's training runs in `paths` (other JSON lines, such as the proofs' and the speed
     benchmarks', are skipped).  A case measured again on the same GPU kind (the memory-history
-    reruns) counts once: the first in path order."""
-    out, seen = [], set()
+    reruns) counts once: the first in path order that measured something (ok or oom); a harness
+    error (the run never got to train) counts only where no rerun of the case measured it."""
+    out, seen = [], {}
     for p in paths:
         for line in Path(p).read_text().splitlines():
             if line.strip():
@@ -76,8 +77,11 @@ def load_records(paths) -> list[dict]:
                     continue
                 key = (rec.get("id"), (rec.get("environment") or {}).get("gpu_name"))
                 if rec.get("id") and key in seen:
+                    k = seen[key]
+                    if out[k]["status"] == "error" and rec["status"] != "error":
+                        out[k] = rec
                     continue
-                seen.add(key)
+                seen[key] = len(out)
                 out.append(rec)
     return out
 

@@ -42,7 +42,9 @@ def _simulate_one(rec: dict) -> dict:
     out = {"label": rec["label"], "allocator": case.get("allocator", "default"), "method": case["method"],
            "meas_allocated": rec["peak_allocated_bytes"], "meas_reserved": rec["peak_reserved_bytes"],
            "meas_device": rec.get("nvml_peak_bytes"),
-           "meas_segments": (rec.get("cuda_memory_stats") or {}).get("num_device_alloc")}
+           "meas_segments": (rec.get("cuda_memory_stats") or {}).get("num_device_alloc"),
+           # the replay traces the installed transformers: compare it with the run's (environment)
+           "replay_transformers": __import__("transformers").__version__}
     try:
         s = case_setup(case)
         spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
