@@ -446,3 +446,53 @@ def test_grouped_mm_of_fp32_experts_stays_fp32_under_autocast():
     bwd = [e[2] for e in rec.events[len(fwd) + 1:] if e[0] == "a"]
     assert bwd[-2:] == [G * N * K * 4, M * K * 4]  # the weight's gradient, then the input's
     assert w.grad.dtype == torch.float32 and w.grad.is_contiguous()  # kept as .grad, no copy
+
+
+def test_gradient_accumulation_is_replayed_in_place():
+    # autograd's InputBuffer adds a tensor's second gradient into the first in place when it holds
+    # the last reference (CUDA, no dispatch mode); under the recorder it adds out of place, and the
+    # replay folds that sum back into the first gradient's block (H100 memory histories of
+    # pythia-410m and llama-3.2-1b: no third gradient-sized block)
+    import torch
+
+    from vramfit.alloc_events import _recorder_class, _sum_in_place
+
+    x = torch.empty((64, 256), device="meta", requires_grad=True)
+    rec = _recorder_class()()
+    with rec:
+        y = x.exp()  # x's two uses: exp and mul meet in one InputBuffer
+        z = (y * x).sum()
+        rec.backward = True
+        z.backward()
+        rec.backward = False
+    nbytes = x.numel() * 4
+    sums = [s for s in rec.sums if s[2] is not None]
+    assert len(sums) == 1  # the one accumulation, recorded out of place
+    marks = {"end": len(rec.events)}
+    folded = _sum_in_place(rec.events, rec.sums, marks)
+    assert len(folded) == len(rec.events) - 2 and marks["end"] == len(folded)
+    out_id = sums[0][1]
+    assert not any(e[0] == "a" and e[1] == out_id for e in folded)
+    live = {}  # every free names a live block, and every block is freed once
+    for e in folded:
+        if e[0] == "a":
+            live[e[1]] = e[2]
+        elif e[0] == "f":
+            live.pop(e[1])
+    count = lambda evs: sum(1 for e in evs if e[0] == "a" and e[2] == nbytes)  # noqa: E731
+    assert count(folded) == count(rec.events) - 1  # the sum took the first gradient's block
+
+
+def test_checkpoint_recompute_adds_are_not_folded():
+    # the same add with grad enabled (checkpoint's recompute, a forward) allocates on CUDA too
+    import torch
+
+    from vramfit.alloc_events import _recorder_class
+
+    a = torch.empty((64, 256), device="meta")
+    rec = _recorder_class()()
+    with rec:
+        rec.backward = True
+        with torch.enable_grad():
+            c = a.exp() + a.sin()
+    assert rec.sums == [] and c.shape == a.shape

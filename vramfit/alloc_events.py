@@ -102,6 +102,68 @@ class Unsupported(Exception):
     pass
 
 
+def _same_dense(args) -> bool:
+    """Two tensors alike (shape, dtype, each its storage's only, dense contents): an InputBuffer sum."""
+    import torch
+
+    if len(args) != 2 or not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in args):
+        return False
+    a, b = args
+    return (a.shape == b.shape and a.dtype == b.dtype and all(
+        t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        for t in (a, b)))
+
+
+def _sum_in_place(events: list, sums: list, marks: dict) -> list:
+    """Autograd's gradient accumulation as CUDA runs it.  InputBuffer::accumulate adds in place
+    (old_var.add_(var)) when it holds the last reference to the first gradient; under a Python
+    dispatch mode (the recorder) every tensor counts as a subclass and it always adds out of place.
+    So: a backward add of two alike tensors whose first operand dies before the next allocation
+    (the engine dropped its last reference) is replayed as that operand's block taking the sum --
+    no new block -- and the sum's later free frees that block.  Only the first operand: CUDA's
+    other branch (var.add_(old_var)) would also take a tied LM head's embedding gradient, and the
+    replays of llama-3.2-1b bf16-true Adafactor and 32-true fused AdamW (exact out of place) then
+    miss by -7.6% and -3.6%.  Replayed on all 197 measured runs (2026-12-06): under-predictions
+    over 2% 8 -> 5 (llama-3.2-1b bf16-mixed Adafactor -5.3% -> 0.0% on the H100 and the H200, phi-3
+    Adafactor -2.0% -> -1.2%, llama-3.2-1b bf16-mixed fused / 8-bit AdamW +3.8% / +5.0% -> 0.0%);
+    one over-prediction grew: qwen2.5-7b (6 layers) bf16-mixed AdamW -0.9% -> +3.7%."""
+    drop, rename = set(), {}
+    size = {ev[1]: ev[2] for ev in events if ev[0] == "a"} if sums else {}
+    for at, out_id, first, second in sums:
+        if events[at] != ("a", out_id, events[at][2]):
+            continue
+        nbytes = events[at][2]
+        freed = {}
+        for j in range(at + 1, len(events)):
+            ev = events[j]
+            if ev[0] != "f":
+                break
+            freed[ev[1]] = j
+        for operand in (first,):  # old_var first, as InputBuffer tries it
+            j = freed.get(operand) if operand is not None else None
+            if j is not None and j not in drop and size.get(operand) == nbytes:
+                drop.update((at, j))
+                rename[out_id] = operand
+                break
+    if not drop:
+        return events
+    out, shift, new_index = [], 0, {}
+    for i, ev in enumerate(events):
+        new_index[i] = i - shift
+        if i in drop:
+            shift += 1
+            continue
+        if ev[0] == "f" and ev[1] in rename:
+            target = ev[1]
+            while target in rename:
+                target = rename[target]
+            ev = ("f", target)
+        out.append(ev)
+    for k, v in marks.items():
+        marks[k] = new_index.get(v, len(out))
+    return out
+
+
 def _recorder_class():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -117,6 +179,7 @@ def _recorder_class():
             self.workspaces = set()
             self._finalizers = []
             self.num_sms = H100_SMS
+            self.sums = []  # backward adds that may be autograd's gradient accumulation (see _sum_in_place)
 
         def alloc(self, nbytes):
             i = self.next_id
@@ -152,9 +215,16 @@ def _recorder_class():
                 # the forward thread's handle: its workspace comes before the first matmul's output
                 self.workspaces.add("fwd")
                 self.alloc(CUBLAS_WORKSPACE)
+            sum_of = None
+            if (self.backward and func is torch.ops.aten.add.Tensor and not kwargs and not torch.is_grad_enabled()
+                    and _same_dense(args)):  # the engine runs without grad; checkpoint's recompute with
+                # a view keeps its base (and so its storage) alive: never summed into (use_count 2)
+                sum_of = [None if t._is_view() else self.live.get(t.untyped_storage()._cdata, -1) for t in args]
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
+            if sum_of is not None and sum_of != [None, None] and out.untyped_storage()._cdata in self.live:
+                self.sums.append((len(self.events) - 1, self.live[out.untyped_storage()._cdata], *sum_of))
             if name in _MATMULS and self.backward and "bwd" not in self.workspaces:
                 # the autograd thread's handle: its workspace is taken inside the first backward gemm,
                 # after the op allocated its output (the H100 memory histories: lm_head's weight
@@ -563,15 +633,11 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             rec.live[st._cdata] = rec.alloc(st.nbytes())
     if tied:  # the LM head's own weight, built then replaced by the tie
         rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
-    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer.
-    # On CUDA, when lm_head's is not a view (autocast's fp32 copy under mixed precision), it adds in
-    # place (old_var.add_(var)): the H100 memory history of llama-3.2-1b bf16-mixed (benchmarks/results/
-    # h100-2026-11-23-memory-history/b099647bb0f0.json.gz) frees the embedding's 1002 MiB gradient
-    # right after it is made.  The replay's autograd on meta sums out of place (a third weight-sized
-    # tensor) and is left so: replaying the in-place sum fixes llama-3.2-1b bf16-mixed fused AdamW
-    # (+3.59% -> -0.25%) but leaves bf16-mixed paged 8-bit AdamW one 1002 MiB segment short (-0.36% ->
-    # -5.93%), the same deficit as bf16-mixed Adafactor: the backward's other block placements
-    # (InputBuffer sums in place on CUDA, out of place here) differ, and this extra sum stands in.
+    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer:
+    # under mixed precision lm_head's is autocast's fresh fp32 copy and the embedding's is added into
+    # it in place (the H100 memory history of llama-3.2-1b bf16-mixed, benchmarks/results/h100-2026-11-23-
+    # memory-history/b099647bb0f0.json.gz, frees the embedding's 1002 MiB gradient right after it is
+    # made); _sum_in_place replays that, with every other accumulation of the backward.
     for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
@@ -658,4 +724,4 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             import torch.optim.optimizer as opt_mod
 
             opt_mod._get_fused_kernels_supported_devices = orig_fused
-    return {"events": rec.events, "marks": marks}
+    return {"events": _sum_in_place(rec.events, rec.sums, marks), "marks": marks}
