@@ -694,14 +694,19 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                     at = f"step{step}" if micro == 0 else f"step{step}.micro{micro}"
                     marks[f"{at}.forward"] = len(rec.events)
                     ids = torch.zeros((B, S), dtype=torch.long, device="meta")
-                    # the batch's attention_mask, moved to the GPU with it; all ones, so the model
-                    # (given none) builds the same causal attention
+                    # the batch's attention_mask, moved to the GPU with it; all ones, so with sdpa the
+                    # model (given none) builds the same causal attention; eager joins it to the causal
+                    # mask as a (B, 1, S, S) bool (H100 memory history of smollm2-135m eager), so it
+                    # gets it
                     mask = torch.ones((B, S), dtype=torch.long, device="meta")
                     labels = torch.zeros((B, S), dtype=torch.long, device="meta")
                     rec.backward = False
                     ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
                     with ac:
-                        out = model(input_ids=ids, labels=labels, **({"fused_lm_head": True} if fused_loss else {}))
+                        extra = {"fused_lm_head": True} if fused_loss else {}
+                        if key.attn == "eager":  # the padding mask joins the causal one: a (B, 1, S, S) bool
+                            extra["attention_mask"] = mask
+                        out = model(input_ids=ids, labels=labels, **extra)
                     if ac_dtype is not None:
                         out = _outputs_to_fp32(out)
                     loss = out.loss if accum == 1 else out.loss / accum  # the Trainer's scaling
