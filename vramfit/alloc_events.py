@@ -129,22 +129,18 @@ def _sum_in_place(events: list, sums: list, marks: dict) -> list:
     one over-prediction grew: qwen2.5-7b (6 layers) bf16-mixed AdamW -0.9% -> +3.7%."""
     drop, rename = set(), {}
     size = {ev[1]: ev[2] for ev in events if ev[0] == "a"} if sums else {}
-    for at, out_id, first, second in sums:
-        if events[at] != ("a", out_id, events[at][2]):
+    for at, out_id, first in sums:
+        if events[at][:2] != ("a", out_id):
             continue
-        nbytes = events[at][2]
         freed = {}
         for j in range(at + 1, len(events)):
-            ev = events[j]
-            if ev[0] != "f":
+            if events[j][0] != "f":
                 break
-            freed[ev[1]] = j
-        for operand in (first,):  # old_var first, as InputBuffer tries it
-            j = freed.get(operand) if operand is not None else None
-            if j is not None and j not in drop and size.get(operand) == nbytes:
-                drop.update((at, j))
-                rename[out_id] = operand
-                break
+            freed[events[j][1]] = j
+        j = freed.get(first)
+        if j is not None and j not in drop and size.get(first) == events[at][2]:
+            drop.update((at, j))
+            rename[out_id] = first
     if not drop:
         return events
     out, shift, new_index = [], 0, {}
@@ -215,16 +211,17 @@ def _recorder_class():
                 # the forward thread's handle: its workspace comes before the first matmul's output
                 self.workspaces.add("fwd")
                 self.alloc(CUBLAS_WORKSPACE)
-            sum_of = None
+            first = None  # the block a gradient sum may go into (_sum_in_place)
+            # the engine sums without grad (checkpoint's recompute, a forward, runs with it); a view
+            # keeps its base, and so its storage, alive: never summed into
             if (self.backward and func is torch.ops.aten.add.Tensor and not kwargs and not torch.is_grad_enabled()
-                    and _same_dense(args)):  # the engine runs without grad; checkpoint's recompute with
-                # a view keeps its base (and so its storage) alive: never summed into (use_count 2)
-                sum_of = [None if t._is_view() else self.live.get(t.untyped_storage()._cdata, -1) for t in args]
+                    and _same_dense(args) and not args[0]._is_view()):
+                first = self.live.get(args[0].untyped_storage()._cdata)
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 self.track(t)
-            if sum_of is not None and sum_of != [None, None] and out.untyped_storage()._cdata in self.live:
-                self.sums.append((len(self.events) - 1, self.live[out.untyped_storage()._cdata], *sum_of))
+            if first is not None and out.untyped_storage()._cdata in self.live:
+                self.sums.append((len(self.events) - 1, self.live[out.untyped_storage()._cdata], first))
             if name in _MATMULS and self.backward and "bwd" not in self.workspaces:
                 # the autograd thread's handle: its workspace is taken inside the first backward gemm,
                 # after the op allocated its output (the H100 memory histories: lm_head's weight
