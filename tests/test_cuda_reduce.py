@@ -50,7 +50,7 @@ def _layout(shape, dims):
     return it_shape, it_strides, nred
 
 
-def _events(tmp_path, optim="adamw_torch", tie=False):
+def _events(tmp_path, optim="adamw_torch", tie=False, precision="bf16-mixed"):
     from vramfit.alloc_events import training_events
     from vramfit.setup import make_setup, resolve_targets
     from vramfit.spec import load_spec
@@ -60,7 +60,7 @@ def _events(tmp_path, optim="adamw_torch", tie=False):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({**TINY_LLAMA, "tie_word_embeddings": tie}))
     spec = load_spec(str(cfg))
-    setup = make_setup("full", "bf16-mixed", seq_len=64, micro_batch=2, optim=optim)
+    setup = make_setup("full", precision, seq_len=64, micro_batch=2, optim=optim)
     return spec, training_events(spec, setup, resolve_targets(spec, setup), steps=1)
 
 
@@ -84,20 +84,13 @@ def test_tied_embedding_gradients_are_summed_in_place_under_autocast(tmp_path):
 def test_mixed_precision_outputs_copied_to_fp32(tmp_path):
     """accelerate's convert_outputs_to_fp32 (the Trainer under bf16/fp16 mixed precision): one more
     fp32 logits-sized allocation in the forward than bf16-true, freed before the backward."""
-    from vramfit.alloc_events import training_events
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import load_spec
-
     from conftest import TINY_LLAMA
 
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(TINY_LLAMA))
-    spec = load_spec(str(cfg))
     logits_fp32 = 2 * 64 * TINY_LLAMA["vocab_size"] * 4
     counts = []
     for precision in ("bf16-mixed", "bf16-true"):
-        setup = make_setup("full", precision, seq_len=64, micro_batch=2)
-        ev = training_events(spec, setup, resolve_targets(spec, setup), steps=1)
+        (tmp_path / precision).mkdir()
+        _, ev = _events(tmp_path / precision, precision=precision)
         fwd = ev["events"][ev["marks"]["step0.forward"]:ev["marks"]["step0.backward"]]
         ids = {e[1] for e in fwd if e[0] == "a" and e[2] == logits_fp32}
         counts.append(len(ids))

@@ -555,18 +555,9 @@ def _outputs_to_fp32(out):
     log-softmax, seen in the H100 memory history of llama-3.2-1b bf16-mixed
     (benchmarks/results/h100-2026-11-23-memory-history/b099647bb0f0.json.gz: one 1002 MiB
     allocation per step from the Trainer's model call)."""
-    import torch
+    from accelerate.utils import convert_to_fp32
 
-    def conv(x):
-        if isinstance(x, torch.Tensor):
-            return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        if isinstance(x, (tuple, list)):
-            return type(x)(conv(v) for v in x)
-        if isinstance(x, dict):
-            return type(x)({k: conv(v) for k, v in x.items()})
-        return x
-
-    return conv(out)
+    return convert_to_fp32(out)
 
 
 def _fused_ok():

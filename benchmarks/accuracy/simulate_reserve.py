@@ -32,6 +32,8 @@ def _simulate_one(rec: dict) -> dict:
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
+    import transformers
+
     from benchmarks.accuracy.report import case_setup, predict
     from vramfit.alloc_events import Unsupported, training_events
     from vramfit.allocator import simulate
@@ -44,7 +46,7 @@ def _simulate_one(rec: dict) -> dict:
            "meas_device": rec.get("nvml_peak_bytes"),
            "meas_segments": (rec.get("cuda_memory_stats") or {}).get("num_device_alloc"),
            # the replay traces the installed transformers: compare it with the run's (environment)
-           "replay_transformers": __import__("transformers").__version__}
+           "replay_transformers": transformers.__version__}
     try:
         s = case_setup(case)
         spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)

@@ -237,8 +237,9 @@ def markdown(records: list, files: list | None = None) -> str:
                 if any(r.get("ballast_bytes") for r in records if r["kind"] == "trial") else "")), "",
              "| pass rate | passed | of |", "|---|---|---|"]
     lines += [f"| {name} | {ok} | {n} |" for name, (ok, n) in rates.items()]
-    if error_line(rows):
-        lines += ["", error_line(rows)]
+    errors = error_line(rows)
+    if errors:
+        lines += ["", errors]
     if files and len(files) > 1:
         lines += ["", "| file | GPU | driver | torch | transformers | peft | bitsandbytes | date | trials counted |",
                   "|---|---|---|---|---|---|---|---|---|"]
