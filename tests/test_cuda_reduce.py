@@ -111,8 +111,10 @@ def test_cublas_workspaces_forward_before_backward_after_first_matmul_output(tmp
     events = ev["events"]
     fwd, bwd = [i for i, e in enumerate(events) if e[0] == "a" and e[2] == CUBLAS_WORKSPACE]
     h, v = TINY_LLAMA["hidden_size"], TINY_LLAMA["vocab_size"]
-    # q_proj under autocast: input cast, weight cast (h x h bf16), the workspace, then the bf16 output
-    assert events[fwd - 1][0] == "a" and events[fwd - 1][2] == h * h * 2
+    # q_proj under autocast: weight cast (h x h bf16), input cast (last to first, as CUDA's), the
+    # workspace, then the bf16 output
+    assert events[fwd - 2][0] == "a" and events[fwd - 2][2] == h * h * 2
+    assert events[fwd - 1][0] == "a" and events[fwd - 1][2] == 2 * 64 * h * 2
     assert events[fwd + 1][0] == "a" and events[fwd + 1][2] == 2 * 64 * h * 2
     # backward: lm_head's bf16 weight gradient (v x h), then the workspace
     assert ev["marks"]["step0.backward"] < bwd < ev["marks"]["step0.clip"]

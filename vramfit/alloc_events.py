@@ -7,11 +7,13 @@ when the last reference dies, in the order the real run frees it.  What the meta
 not do as CUDA does is emulated:
 - model load: every parameter and buffer allocated in creation order; a tied LM head's own
   weight allocated and freed (transformers builds it, then ties it to the embeddings);
-- scaled_dot_product_attention: the flash kernel's forward (output, fp32 log-sum-exp) and backward
-  (dq, dk, dv, fp32 softmax_d and dq_accum, GQA's expanded dk/dv) as FlashAttention-2's mha_bwd
-  allocates them; fp32 runs the memory-efficient kernel, approximated by the same buffers
-  without dq_accum; fp32 with grouped KV heads runs the math path for real (as trace.py);
-- autocast (trace.py's emulation, its weight-cast cache cleared at the end of each forward);
+- scaled_dot_product_attention: the flash kernel's forward (output laid out like q, fp32
+  log-sum-exp) and backward (dq, dk, dv like q, k, v; then fp32 softmax_d and dq_accum and GQA's
+  expanded dk/dv as one block) as torch's flash attention allocates them; fp32 runs the
+  memory-efficient kernel, approximated by the same buffers without dq_accum; fp32 with grouped
+  KV heads runs the math path for real (as trace.py);
+- autocast (trace.py's emulation: an op's arguments cast last to first, as CUDA's; its
+  weight-cast cache cleared at the end of each forward);
 - CUDA's bool dropout masks;
 - cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul (before its
   output) and one for the autograd thread's at the first matmul of the first backward (after that

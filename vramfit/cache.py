@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 def _versions() -> str:
     from vramfit.versions import installed
 
-    return ",".join(f"{pkg}={v or 'none'}" for pkg, v in installed("transformers", "peft").items()) + ",format=9"
+    return ",".join(f"{pkg}={v or 'none'}" for pkg, v in installed("transformers", "peft").items()) + ",format=10"
 
 
 def _digest(*parts) -> str:

@@ -100,36 +100,53 @@ def _flash_like_sdpa(autocast_dtype=None):
     class _FlashLikeAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            # flash / cuDNN / efficient kernels write the output as (B, S, H, D) and return a
-            # transposed view, so the o_proj input made from it is the same storage
+            # the kernels write the output as (B, S, H, D) and return it transposed to (B, H, S, D)
             b, h, s, _ = q.shape
-            out = q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+            if q.dtype != torch.float32 and v.shape[-1] == q.shape[-1]:
+                # flash allocates it like q as it sees it, (B, S, H, D): when q is contiguous as
+                # (B, H, S, D) (a partial rotary's torch.cat: GPT-NeoX, Phi-3) the output is too, and
+                # transformers' transpose(1, 2).contiguous() copies it (else that is a no-op)
+                out = torch.empty_like(q.transpose(1, 2)).transpose(1, 2)
+            else:  # the memory-efficient kernel (fp32) always writes (B, S, H, D)
+                out = q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
             lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, grad):
-            # what FlashAttention-2's mha_bwd allocates (the allocator replay, vramfit.alloc_events,
-            # runs this on meta): dq, dk, dv in (B, S, H, D); softmax_d (B, H, S rounded to 128)
+            # what torch's flash backward allocates (the allocator replay, vramfit.alloc_events, runs
+            # this on meta): dq, dk, dv laid out like q, k, v; softmax_d (B, H, S rounded to 128)
             # fp32; dq_accum (B, S rounded, H, D rounded) fp32 for the flash kernel; with grouped KV
             # heads, dk and dv expanded to H heads before they are summed
-            q, k, v, _, _ = ctx.saved_tensors
+            # the kernel reads the output and its log-sum-exp too: under checkpointing these are the
+            # recomputed tensors' last references, held until the backward returns (the H100 memory
+            # history of pythia-1b frees the 16 MiB output after the scratch, not before dq)
+            q, k, v, out, lse = ctx.saved_tensors
             b, h, s, d = q.shape
             hk, sk = k.shape[1], k.shape[2]
-            dq = q.new_empty((b, s, h, d))
-            dk = k.new_empty((b, sk, hk, d))
-            dv = v.new_empty((b, sk, hk, v.shape[-1]))
+            dq, dk, dv = (torch.empty_like(t.transpose(1, 2)) for t in (q, k, v))  # like q, k, v
             s_r = -(-s // 128) * 128
-            softmax_d = torch.empty((b, h, s_r), dtype=torch.float32, device=q.device)
             d_r = -(-d // 32) * 32 if d <= 192 else 256
-            dq_accum = (torch.empty((b, s_r, h, d_r), dtype=torch.float32, device=q.device)
-                        if q.dtype != torch.float32 else None)
+            scratch = b * h * s_r * 4  # softmax_d, fp32
+            if q.dtype != torch.float32:  # the flash kernel's dq_accum, fp32
+                scratch += b * s_r * h * d_r * 4
             if hk != h:
-                dk_exp = k.new_empty((b, sk, h, d))
-                dv_exp = v.new_empty((b, sk, h, v.shape[-1]))
-                del dk_exp, dv_exp
-            del dq_accum, softmax_d
+                scratch += b * sk * h * (d + v.shape[-1]) * k.element_size()
+            if q.dtype != torch.float32:
+                # torch's flash backward takes these as ONE allocation, 256 bytes more than their sum
+                # (H100 memory histories: pythia-410m 130 MiB + 256 B for 2 + 128 MiB; llama-3.2-1b
+                # 129 MiB + 256 B for 1 + 64 + 32 + 32 MiB, grouped KV heads)
+                workspace = torch.empty(scratch + 256, dtype=torch.uint8, device=q.device)
+                del workspace
+            else:
+                softmax_d = torch.empty((b, h, s_r), dtype=torch.float32, device=q.device)
+                if hk != h:
+                    dk_exp = k.new_empty((b, sk, h, d))
+                    dv_exp = v.new_empty((b, sk, h, v.shape[-1]))
+                    del dk_exp, dv_exp
+                del softmax_d
+            del out, lse, v, q, k  # released in this order (the histories of pythia-410m and -1b)
             return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -281,8 +298,12 @@ def _autocast_mode(dtype):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func in low_ops:
-                args = tuple(self._cast(a) for a in args)
-                kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+                # CUDA autocast casts an op's arguments in one C++ call (cached_cast(args)...),
+                # whose arguments GCC evaluates last to first: F.linear's bias, then its weight,
+                # then its input (the H100 memory history of pythia-410m bf16-mixed shows 6 KiB,
+                # 6 MiB, 64 MiB in that order in every query_key_value forward)
+                kwargs = dict(reversed([(k, self._cast(v)) for k, v in reversed(kwargs.items())]))
+                args = tuple(reversed([self._cast(a) for a in reversed(args)]))
             elif func in fp32_ops:
                 args = tuple(_up(a) for a in args)
                 kwargs = {k: _up(v) for k, v in kwargs.items()}
@@ -434,6 +455,11 @@ def _patched_sdpa(enabled: bool, autocast_dtype=None, kv_repeated: bool = False)
     orig_find = getattr(masking_utils, "find_packed_sequence_indices", None)
     if orig_find is not None:
         masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    # whether a padding mask is all ones reads its values (transformers 5.17 asks it of OPT's
+    # all-ones mask before skipping the causal mask): the replayed batches are never padded
+    orig_all = getattr(masking_utils, "fast_all", None)
+    if orig_all is not None:
+        masking_utils.fast_all = lambda t: True if t.device.type == "meta" else orig_all(t)
     orig = torch.nn.functional.scaled_dot_product_attention
     orig_dropout = torch.nn.functional.dropout
     if enabled:
@@ -448,6 +474,8 @@ def _patched_sdpa(enabled: bool, autocast_dtype=None, kv_repeated: bool = False)
         torch.nn.functional.dropout = orig_dropout
         if orig_find is not None:
             masking_utils.find_packed_sequence_indices = orig_find
+        if orig_all is not None:
+            masking_utils.fast_all = orig_all
         if orig_gqa is not None:
             sdpa_mod.use_gqa_in_sdpa = orig_gqa
 
