@@ -120,6 +120,8 @@ def case_label(case: dict) -> str:
         parts.append(case["allocator"])
     if case.get("memory_fraction"):
         parts.append(f"frac{case['memory_fraction']}")
+    if case.get("memory_limit_bytes"):
+        parts.append(f"cap{case['memory_limit_bytes']}")
     return "/".join(parts)
 
 

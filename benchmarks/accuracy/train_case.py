@@ -247,8 +247,15 @@ def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = No
             torch.empty(1, device="cuda")
             if case.get("memory_fraction"):
                 torch.cuda.set_per_process_memory_fraction(case["memory_fraction"], 0)
+            elif case.get("memory_limit_bytes"):  # a cap in bytes, as the plan proof enforces a budget
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(case["memory_limit_bytes"] / total, 0)
             if os.environ.get("VRAMFIT_MEMORY_HISTORY"):  # every allocation and free, for memory_history.py
-                torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+                # VRAMFIT_MEMORY_HISTORY_STACKS=none: no Python frames (gpt2-medium's checkpointed dropout
+                # failed with a SystemError while they were gathered on the autograd thread)
+                frames = os.environ.get("VRAMFIT_MEMORY_HISTORY_STACKS", "python") != "none"
+                torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python",
+                                                         context="all" if frames else None)
             result["after_cuda_init"] = {**probe.torch_memory(torch), **sampler.read()}
         result["environment"] = probe.environment(torch, sampler)
         config_dict = cases.model_config_dict(case)
