@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", default=list(DEFAULT_FILES))
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--title", default="plan proof 3 (H100, 2026-11-23)", help="what the files are, for the header")
     args = ap.parse_args(argv)
     records = load(*args.files)
     outside = {r["model"]: r["outside_bytes"] for r in records if r["kind"] == "environment"}
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             continue
         rows.append(check(t, p, outside[t["model"]], specs))
         print(_line(rows[-1]), flush=True)
-    text = _report(rows, time.perf_counter() - started)
+    text = _report(rows, time.perf_counter() - started, args.title)
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
@@ -115,8 +116,11 @@ def _line(r: dict) -> str:
             f"(res {_gb(r.get('replay_reserved'))}, {r.get('retries', '-')} retries, {r['seconds']:.1f} s)")
 
 
-def _report(rows: list, seconds: float) -> str:
-    out = ["Capped allocator replay vs the fast model on plan proof 3 (H100, 2026-11-23), replayed on CPU",
+def _report(rows: list, seconds: float, title: str) -> str:
+    import transformers
+
+    out = [f"Capped allocator replay vs the fast model on {title}, replayed on CPU with transformers "
+           f"{transformers.__version__}",
            "(python -m benchmarks.plan_proof.cap_check; decimal GB; res = peak reserved; + agrees with the",
            " measured status, x does not; next_larger: OOM or needs the headroom counts as rejected)", ""]
     out += [_line(r) for r in sorted(rows, key=lambda r: (ROLES.index(r["role"]), r["model"], float(r["budget"][:-2])))]
