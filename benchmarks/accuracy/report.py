@@ -11,6 +11,7 @@ Relative error = (predicted - measured) / measured: negative means under-predict
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import math
@@ -123,6 +124,8 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
             pred = {"allocated": sim["sim_allocated"], "reserved": sim["sim_reserved"],
                     "device": sim["sim_reserved"] + outside}
             row["source"] = "simulated allocator"
+            row["replay_transformers"] = sim.get("replay_transformers")
+        row["run_transformers"] = rec.get("environment", {}).get("versions", {}).get("transformers")
         for k in ("allocated", "reserved", "device"):
             row[f"pred_{k}"] = pred[k]
             row[f"meas_{k}"] = meas[k]
@@ -263,8 +266,13 @@ def main(argv=None) -> None:
         print()
         print(case_table(rs))
     out = Path(args.out) if args.out else RESULTS / "accuracy"
+    versions = collections.Counter((r["run_transformers"], r["replay_transformers"]) for r in rs
+                                   if r.get("replay_transformers"))
+    replays = ("\n\nReplays (transformers of the run -> of the replay, runs): "
+               + ", ".join(f"{a} -> {b}: {n}" for (a, b), n in sorted(versions.items()))) if versions else ""
     out.with_name(out.name + "-report.md").write_text(
-        f"# Predicted vs measured\n\nSources: {', '.join(Path(p).name for p in paths)}\n\n{md}\n\n{case_table(rs)}\n")
+        f"# Predicted vs measured\n\nSources: {', '.join(Path(p).name for p in paths)}{replays}\n\n{md}\n\n"
+        f"{case_table(rs)}\n")
     scatter(rs, out.with_name(out.name + "-scatter.png"))
 
 

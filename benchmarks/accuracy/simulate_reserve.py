@@ -57,7 +57,14 @@ def _simulate_one(rec: dict) -> dict:
         ev = training_events(spec, s, resolve_targets(spec, s))
         t_gen = time.perf_counter() - t
         t = time.perf_counter()
-        res = simulate(ev["events"], expandable_segments=out["allocator"] == "expandable")
+        # a run under a cap (set_per_process_memory_fraction) is replayed under the same cap, as
+        # `vramfit plan` checks a budget: the allocator releases its cache and retries at the cap
+        total = rec.get("environment", {}).get("gpu_total_bytes")
+        limit = case.get("memory_limit_bytes") or (
+            int(case["memory_fraction"] * total) if case.get("memory_fraction") and total else None)
+        res = simulate(ev["events"], expandable_segments=out["allocator"] == "expandable", limit_bytes=limit)
+        if limit:
+            out.update(limit_bytes=limit, sim_oom=res["oom"], sim_retries=res["num_alloc_retries"])
         t_sim = time.perf_counter() - t
     except Unsupported as exc:
         out["unsupported"] = str(exc)
@@ -96,6 +103,9 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="substring of the case labels to run")
     ap.add_argument("--method", default=None, help="only the runs of this method (full, lora, qlora)")
     ap.add_argument("--cache", default=str(CACHE), help=f"results file (default {CACHE.name} next to the results)")
+    ap.add_argument("--own-transformers", action="store_true",
+                    help="only the runs made with the installed transformers (the replay traces the installed "
+                         "one: run once per version, e.g. PYTHONPATH=<a transformers 5.17 install>)")
     args = ap.parse_args(argv)
     cache_path = Path(args.cache)
     paths = args.results or sorted(glob.glob(str(RESULTS / "*.jsonl")))
@@ -104,6 +114,11 @@ def main(argv=None) -> None:
         recs = [r for r in recs if args.only in r["label"]]
     if args.method:
         recs = [r for r in recs if r["case"]["method"] == args.method]
+    if args.own_transformers:
+        import transformers
+
+        recs = [r for r in recs if r.get("environment", {}).get("versions", {}).get("transformers")
+                == transformers.__version__]
     cache = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
     key = lambda r: f"{r['label']}|{r.get('environment', {}).get('gpu_name', '?')}|{r.get('environment', {}).get('date', '')}"  # noqa: E731
     # cases cached as unsupported are retried (the generator may have learned them since)
