@@ -125,7 +125,7 @@ def _profile_path(spec, key, needs_input_grad: bool) -> Path:
 
 
 def load_profile(spec, key, needs_input_grad: bool):
-    from vramfit.trace import ActivationProfile, Region
+    from vramfit.trace import ActivationProfile, Region, shared_regions
 
     mem_key = (spec.config_hash, key, needs_input_grad)
     if mem_key in _profiles:
@@ -135,7 +135,7 @@ def load_profile(spec, key, needs_input_grad: bool):
         return None
     try:
         data["outside"] = Region(**data["outside"])
-        data["layers"] = tuple(Region(**r) for r in data["layers"])
+        data["layers"] = shared_regions(Region(**r) for r in data["layers"])
         prof = ActivationProfile(**data)
     except (TypeError, KeyError):
         return None

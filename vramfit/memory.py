@@ -86,6 +86,21 @@ def weight_bytes(spec, s: Setup, targets, c: Constants = DEFAULT) -> dict:
     return out
 
 
+class _Tensors(tuple):
+    """A tuple that hashes once: the caches below are keyed by a model's whole tensor list, and the
+    planner looks them up for every candidate."""
+
+    def __hash__(self):
+        h = self.__dict__.get("hash")
+        if h is None:
+            h = self.__dict__["hash"] = tuple.__hash__(self)
+        return h
+
+
+def _as_tensors(tensors) -> tuple:
+    return tensors if isinstance(tensors, tuple) else tuple(tensors)
+
+
 def trainable_tensors(spec, s: Setup, targets) -> tuple:
     """[(numel, dtype_bytes, role, shape)] of the parameters the optimizer sees."""
     return _trainable_tensors(spec, s.method, s.param_dtype, tuple(targets), s.lora_r)
@@ -99,19 +114,19 @@ def _trainable_tensors(spec, method: str, param_dtype: str, targets: tuple, lora
         for shape, count, role in spec.param_shapes:
             n = math.prod(shape)
             out += [(n, pb, role, tuple(shape))] * count
-        return tuple(out)
+        return _Tensors(out)
     by_name = {l.name: l for l in spec.linears}
     out = []
     for t in targets:
         l = by_name[t]
         out.append((lora_r * l.in_features, FP32, "lora", (lora_r, l.in_features)))
         out.append((l.out_features * lora_r, FP32, "lora", (l.out_features, lora_r)))
-    return tuple(out)
+    return _Tensors(out)
 
 
 def optimizer_state_bytes(tensors, s: Setup, c: Constants = DEFAULT) -> int:
     """States as each optimizer really stores them."""
-    return _state_bytes(tuple(tensors), s.optimizer, c)
+    return _state_bytes(_as_tensors(tensors), s.optimizer, c)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -140,7 +155,7 @@ def _state_bytes(tensors: tuple, o, c: Constants) -> int:
 
 def optimizer_step_temp_bytes(tensors, s: Setup, spec) -> int:
     """Temporaries of one optimizer step beyond states and gradients."""
-    return _step_temp(tuple(tensors), s.optimizer)
+    return _step_temp(_as_tensors(tensors), s.optimizer)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -262,14 +277,17 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     n_layers = len(profile.layers)
     # a sharded engine gathers params in the compute dtype: autocast makes no weight copies then
     drop = sharding is not None and sharding.no_weight_copies
-    layer_saved = [int(c.activation_scale * (r.bytes(B, S) - (r.const if drop else 0))) for r in profile.layers]
+    # the layers share a few Region objects (the last traced one stands for the untraced rest)
+    regions = {id(r): r for r in profile.layers}.values()
+    per_region = {id(r): int(c.activation_scale * (r.bytes(B, S) - (r.const if drop else 0))) for r in regions}
+    layer_saved = [per_region[id(r)] for r in profile.layers]
     ht = head_terms(spec, s, profile)
     outside_saved = int(c.activation_scale * profile.outside.bytes(B, S)) + ht.saved_delta
     fwd_loss, bwd_loss = ht.fwd, ht.bwd
     logprobs = ht.saved_head  # inside outside_saved, freed by the LM head's backward
-    max_tensor = max((int(B * r.max_tensor_lin * S) for r in profile.layers), default=0)
+    max_tensor = max((int(B * r.max_tensor_lin * S) for r in regions), default=0)
     # the largest saved tensor is per token, or seq x seq (eager or math-path attention scores)
-    max_sq = max((int(B * r.max_tensor_quad * S * S) for r in profile.layers), default=0)
+    max_sq = max((int(B * r.max_tensor_quad * S * S) for r in regions), default=0)
     layer_transient = int(c.layer_backward_factor * max(max_tensor, max_sq) + 2 * profile.layer_input_lin * T)
     if s.method == "qlora":  # dequantize_4bit(W) in bf16 for the input gradient of each 4-bit layer
         layer_transient += _quant_totals(spec, c, s.double_quant)[2] * 2

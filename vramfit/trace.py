@@ -583,6 +583,13 @@ def _profile_cached(spec, key: TraceKey, needs_input_grad: bool) -> ActivationPr
 RANK_ANCHORS = (8, 16)
 
 
+def shared_regions(regions) -> tuple:
+    """The layers' regions with equal ones as one object: the memory model computes each distinct
+    region once per setup, which keeps the planner's search fast on deep models."""
+    seen: dict = {}
+    return tuple(seen.setdefault(r, r) for r in regions)
+
+
 def _interpolate_rank(anchors, ranks, r: int) -> ActivationProfile:
     """Saved bytes are linear in the LoRA rank (the A output each B saves, the adapters' autocast
     copies: all r x something), so two traced ranks give any other exactly."""
@@ -598,7 +605,7 @@ def _interpolate_rank(anchors, ranks, r: int) -> ActivationProfile:
                       max_tensor_quad=max(0.0, lerp(a.max_tensor_quad, b.max_tensor_quad)))
 
     return ActivationProfile(outside=region(p1.outside, p2.outside),
-                             layers=tuple(region(a, b) for a, b in zip(p1.layers, p2.layers)),
+                             layers=shared_regions(region(a, b) for a, b in zip(p1.layers, p2.layers)),
                              layer_input_lin=p2.layer_input_lin, shared_input_lin=p2.shared_input_lin,
                              residual_dtype_bytes=p2.residual_dtype_bytes)
 
