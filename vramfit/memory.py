@@ -96,6 +96,9 @@ class _Tensors(tuple):
             h = self.__dict__["hash"] = tuple.__hash__(self)
         return h
 
+    def __reduce__(self):  # never carry a hash into another process (string hashes are salted per process)
+        return _Tensors, (tuple(self),)
+
 
 def _as_tensors(tensors) -> tuple:
     return tensors if isinstance(tensors, tuple) else tuple(tensors)
