@@ -151,6 +151,13 @@ def recheck(p, spec, ev, constants=None):
     return replace(p, chosen=chosen, candidates=tuple(fitting), notes=p.notes + tuple(notes), replay=replay)
 
 
+def fitting_check(rows: list, setup: dict) -> dict | None:
+    """The last of a plan's replay checks (`Plan.replay["checks"]`) of `setup` (its JSON form) that
+    found it fits, with its peaks; None where no replay passed it."""
+    return next((row for row in reversed(rows)
+                 if row["setup"] == setup and row["replay_fits"] and "device_bytes" in row), None)
+
+
 def with_replay_peaks(cand, rows: list):
     """`cand` with the peaks of the replay that checked it (and found that it fits), where one did:
     what the plan then says it needs is the replay's figure, not the fast model's.  On plan proof 4
@@ -158,12 +165,11 @@ def with_replay_peaks(cand, rows: list):
     model: 2.3%); the fast model does not tell the allocator settings apart at all."""
     from vramfit.planner import _setup_json
 
-    setup = _setup_json(cand.setup)
-    for row in reversed(rows):
-        if row["setup"] == setup and row["replay_fits"] and "device_bytes" in row:
-            return replace(cand, device_bytes=row["device_bytes"], peak_allocated_bytes=row["peak_allocated_bytes"],
-                           peak_reserved_bytes=row["peak_reserved_bytes"])
-    return cand
+    row = fitting_check(rows, _setup_json(cand.setup))
+    if row is None:
+        return cand
+    return replace(cand, device_bytes=row["device_bytes"], peak_allocated_bytes=row["peak_allocated_bytes"],
+                   peak_reserved_bytes=row["peak_reserved_bytes"])
 
 
 def _text(s) -> str:

@@ -200,10 +200,10 @@ def cells(records: list) -> tuple[list, dict]:
 def replay_device_bytes(plan_rec: dict) -> int | None:
     """The capped replay's device figure for the plan's chosen setup (the allocator-replay planner's
     own check of it, where it fitted), else None."""
-    checks = (plan_rec.get("replay") or {}).get("checks") or []
-    setup = plan_rec["chosen"]["setup"]
-    return next((c["device_bytes"] for c in reversed(checks)
-                 if c["setup"] == setup and c["replay_fits"] and "device_bytes" in c), None)
+    from vramfit.recheck import fitting_check
+
+    row = fitting_check((plan_rec.get("replay") or {}).get("checks") or [], plan_rec["chosen"]["setup"])
+    return row["device_bytes"] if row else None
 
 
 def error_line(rows: list) -> str:
