@@ -2,7 +2,7 @@
 
 import pytest
 
-from vramfit.allocator import (
+from vramfit.memory.allocator import (
     CachingAllocator,
     get_allocation_size,
     kLargeBuffer,
@@ -171,9 +171,9 @@ TINY_HEADS = 4
 def _tiny_qlora_events(tmp_path, seq_len=256, micro_batch=4):
     import json
 
-    from vramfit.alloc_events import training_events
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.model.spec import load_spec
 
     from conftest import TINY_LLAMA
 
@@ -199,14 +199,14 @@ def test_qlora_stream_after_load_holds_nf4_weights_fp32_rest_and_adapters(tmp_pa
     every quantized linear (packed, uint8 absmax, fp32 absmax2, the 256-entry code; plus the
     16-entry nf4 code and the offset bitsandbytes keeps per weight, and the global dynamic map),
     every other parameter in fp32 and the fp32 adapters; the bf16 copies all freed."""
-    from vramfit.constants import DEFAULT as c
-    from vramfit.memory import _lora_params, _nf4_bytes
+    from vramfit.memory.constants import DEFAULT as c
+    from vramfit.memory.walk import _lora_params, _nf4_bytes
 
     spec, setup, ev = _tiny_qlora_events(tmp_path)
     quant = spec.quantizable_linears()
     nf4 = sum(_nf4_bytes(l.numel, c, True) + 16 * 4 + 4 for l in quant) + 256 * 4
     other = spec.params_total - sum(l.numel for l in quant)
-    from vramfit.setup import resolve_targets
+    from vramfit.memory.setup import resolve_targets
 
     lora = _lora_params(spec, resolve_targets(spec, setup), setup.lora_r)[0]
     head_dim = 128 // TINY_HEADS
@@ -286,7 +286,7 @@ def test_safe_softmax_holds_a_bool_tensor_of_the_scores_size_inside_the_op():
     # allocation (one per layer and forward) and the replay must hold it too, until the op returns
     import torch
 
-    from vramfit.alloc_events import _recorder_class
+    from vramfit.memory.events import _recorder_class
 
     rec = _recorder_class()()
     scores = torch.empty((2, 3, 40, 40), device="meta")
@@ -304,7 +304,7 @@ def test_softmax_backward_holds_grad_times_output_inside_the_op():
     # score-sized tensor in each attention backward of the math path (recorded on an H100)
     import torch
 
-    from vramfit.alloc_events import _recorder_class
+    from vramfit.memory.events import _recorder_class
 
     rec = _recorder_class()()
     grad = torch.empty((2, 3, 40, 40), device="meta")
@@ -325,8 +325,8 @@ def test_math_path_attention_holds_two_score_tensors_forward_and_three_backward(
     # backward's grad * output, all live at once beside the saved probabilities
     import torch
 
-    from vramfit.alloc_events import _recorder_class
-    from vramfit.trace import _flash_like_sdpa
+    from vramfit.memory.events import _recorder_class
+    from vramfit.model.emulate import _flash_like_sdpa
 
     B, H, KV, S, D = 2, 4, 2, 64, 16
     score = B * H * S * S * 4
@@ -405,7 +405,7 @@ def test_capped_expandable_remaps_an_unmapped_hole():
     """The unmapped hole a release leaves is found again (the lowest unmapped block with room) and
     its pages mapped anew; the cap is checked with the request's allocation size, then whole pages
     are mapped (60 MiB for 50, 40 for 30), as torch does, which can end above the cap."""
-    from vramfit.allocator import OutOfMemory
+    from vramfit.memory.allocator import OutOfMemory
 
     a = CachingAllocator(expandable_segments=True, limit_bytes=110 * MiB)
     x = a.malloc(40 * MiB)
@@ -428,8 +428,8 @@ def test_grouped_mm_of_fp32_experts_stays_fp32_under_autocast():
     # meta kernel takes bf16 only and is stood in for, backward included (weight gradient first)
     import torch
 
-    from vramfit import trace
-    from vramfit.alloc_events import _recorder_class
+    from vramfit.model import trace
+    from vramfit.memory.events import _recorder_class
 
     G, M, K, N = 4, 64, 32, 48
     rec = _recorder_class()()
@@ -455,7 +455,7 @@ def test_gradient_accumulation_is_replayed_in_place():
     # pythia-410m and llama-3.2-1b: no third gradient-sized block)
     import torch
 
-    from vramfit.alloc_events import _recorder_class, _sum_in_place
+    from vramfit.memory.events import _recorder_class, _sum_in_place
 
     x = torch.empty((64, 256), device="meta", requires_grad=True)
     rec = _recorder_class()()
@@ -487,7 +487,7 @@ def test_checkpoint_recompute_adds_are_not_folded():
     # the same add with grad enabled (checkpoint's recompute, a forward) allocates on CUDA too
     import torch
 
-    from vramfit.alloc_events import _recorder_class
+    from vramfit.memory.events import _recorder_class
 
     a = torch.empty((64, 256), device="meta")
     rec = _recorder_class()()
@@ -507,9 +507,9 @@ def test_eager_replay_builds_the_padding_and_causal_bool_mask(tmp_path):
 
     from conftest import TINY_LLAMA
 
-    from vramfit.alloc_events import training_events
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.model.spec import load_spec
 
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY_LLAMA))
@@ -534,8 +534,9 @@ def test_autocast_casts_an_ops_arguments_last_to_first():
     # weight (6 MiB) and then the input (64 MiB) in every query_key_value forward
     import torch
 
-    from vramfit import trace
-    from vramfit.alloc_events import CUBLAS_WORKSPACE, _recorder_class
+    from vramfit.model import trace
+    from vramfit.memory.events import _recorder_class
+    from vramfit.memory.kernels import CUBLAS_WORKSPACE
 
     x = torch.empty((8, 64, 32), device="meta")
     w = torch.nn.Parameter(torch.empty((96, 32), device="meta"))
@@ -555,8 +556,8 @@ def test_flash_backward_takes_its_scratch_as_one_allocation(kv_heads):
     # pythia-410m 130 MiB + 256 B = 2 + 128 MiB; llama-3.2-1b 129 MiB + 256 B = 1 + 64 + 32 + 32 MiB)
     import torch
 
-    from vramfit.alloc_events import _recorder_class
-    from vramfit.trace import _flash_like_sdpa
+    from vramfit.memory.events import _recorder_class
+    from vramfit.model.emulate import _flash_like_sdpa
 
     B, H, S, D = 2, 4, 200, 64
     q = torch.empty((B, S, H, D), device="meta", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
@@ -584,8 +585,8 @@ def test_flash_output_follows_the_layout_of_q():
     # copy in every attention forward, and the replay's reserved peak went from -17.6% to exact
     import torch
 
-    from vramfit.alloc_events import _recorder_class
-    from vramfit.trace import _flash_like_sdpa
+    from vramfit.memory.events import _recorder_class
+    from vramfit.model.emulate import _flash_like_sdpa
 
     B, H, S, D = 2, 4, 128, 16
     kv = [torch.empty((B, S, H, D), device="meta", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2)]
@@ -609,7 +610,7 @@ def test_replay_never_reads_a_padding_mask():
     import torch
     from transformers import masking_utils
 
-    from vramfit import trace
+    from vramfit.model import trace
 
     if not hasattr(masking_utils, "fast_all"):
         pytest.skip("this transformers has no fast_all")
@@ -626,8 +627,8 @@ def test_flash_backward_holds_the_recomputed_output_until_it_returns():
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from vramfit.alloc_events import _recorder_class
-    from vramfit.trace import _flash_like_sdpa
+    from vramfit.memory.events import _recorder_class
+    from vramfit.model.emulate import _flash_like_sdpa
 
     B, H, S, D = 2, 4, 128, 16
     qkv = [torch.empty((B, S, H, D), device="meta", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()

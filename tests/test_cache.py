@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vramfit import cache
+from vramfit.model import cache
 from vramfit.api import estimate
 
 
@@ -15,7 +15,8 @@ def _fresh(monkeypatch, tmp_path, name, **kw):
     monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path / "fresh"))
     cache._specs.clear()
     cache._profiles.clear()
-    from vramfit import spec, trace
+    from vramfit.model import spec
+    from vramfit.model import trace
 
     spec._spec_from_json.cache_clear()
     trace._profile_cached.cache_clear()
@@ -41,7 +42,7 @@ def test_bundled_cache_is_keyed_by_library_versions(monkeypatch, tmp_path):
     monkeypatch.setattr(cache, "_versions", lambda: "transformers=0.0,peft=0.0,format=0")
     cache._specs.clear()
     cache._profiles.clear()
-    from vramfit import spec
+    from vramfit.model import spec
 
     spec._spec_from_json.cache_clear()
     spec.load_spec("gpt2")

@@ -4,10 +4,10 @@ import json
 
 from typer.testing import CliRunner
 
-from vramfit import calibrate as cal
+from vramfit.planner import calibration as cal
 from vramfit.api import estimate
 from vramfit.cli import app
-from vramfit.spec import load_spec
+from vramfit.model.spec import load_spec
 
 
 def test_calibrate_without_gpu_exits_2_and_writes_nothing(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 import json
 
-from vramfit.cuda_reduce import reduce_buffers, reduction_layout, set_reduce_config
+from vramfit.memory.cuda_reduce import reduce_buffers, reduction_layout, set_reduce_config
 
 
 def test_column_mean_of_8192x2048_fp32_stages_128_mib_on_132_sms():
@@ -51,9 +51,9 @@ def _layout(shape, dims):
 
 
 def _events(tmp_path, optim="adamw_torch", tie=False, precision="bf16-mixed"):
-    from vramfit.alloc_events import training_events
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.model.spec import load_spec
 
     from conftest import TINY_LLAMA
 
@@ -104,7 +104,7 @@ def test_cublas_workspaces_forward_before_backward_after_first_matmul_output(tmp
     """The forward thread's 32 MiB workspace comes before its first gemm's output; the autograd
     thread's is taken inside its first gemm, after the output (H100 history: lm_head's weight
     gradient, then 32 MiB)."""
-    from vramfit.alloc_events import CUBLAS_WORKSPACE
+    from vramfit.memory.kernels import CUBLAS_WORKSPACE
     from conftest import TINY_LLAMA
 
     _, ev = _events(tmp_path)

@@ -5,8 +5,16 @@ import json
 import pytest
 
 from vramfit import VramfitError
-from vramfit.data import (ALPACA_PROMPT_NO_INPUT, detect_format, length_stats, load_examples, prepare,
-                          read_records, split_validation, token_lengths)
+from vramfit.run.data import (
+    ALPACA_PROMPT_NO_INPUT,
+    detect_format,
+    length_stats,
+    load_examples,
+    prepare,
+    read_records,
+    split_validation,
+    token_lengths,
+)
 
 from tiny_lm import alpaca_rows, chat_rows, make_tokenizer, write_jsonl
 

@@ -1,5 +1,5 @@
-"""Per-GPU memory on N GPUs (vramfit.distributed), --gpus planning (vramfit.multigpu) and the
-accelerate launch (vramfit.launch): invariants of the memory model, the planner's choice when one
+"""Per-GPU memory on N GPUs (vramfit.memory.distributed), --gpus planning (vramfit.planner.multigpu) and the
+accelerate launch (vramfit.run.launch): invariants of the memory model, the planner's choice when one
 GPU is not enough, the configs accelerate reads, the bad-input lines, and a real 2-process run."""
 
 import json
@@ -12,7 +12,7 @@ from tiny_lm import alpaca_rows, make_model_dir, write_jsonl
 from typer.testing import CliRunner
 
 from vramfit.cli import app
-from vramfit.distributed import (
+from vramfit.memory.distributed import (
     NCCL_DEVICE_BYTES,
     ZERO_REDUCE_BUCKET,
     estimate_distributed,
@@ -21,9 +21,9 @@ from vramfit.distributed import (
     shard_terms,
 )
 from vramfit.errors import VramfitError
-from vramfit.memory import _grad_totals, optimizer_state_bytes, trainable_tensors
-from vramfit.setup import make_setup, resolve_targets
-from vramfit.spec import load_spec
+from vramfit.memory.walk import _grad_totals, optimizer_state_bytes, trainable_tensors
+from vramfit.memory.setup import make_setup, resolve_targets
+from vramfit.model.spec import load_spec
 
 runner = CliRunner()
 GiB = 1 << 30
@@ -106,7 +106,7 @@ def test_offload_moves_master_weights_states_and_fp32_grads_to_the_host(llama8b)
 
 
 def test_ddp_is_the_single_gpu_step_plus_a_bucket_copy_of_the_gradients_and_nccl(llama1b):
-    from vramfit.api import estimate_setup
+    from vramfit.memory.estimate import estimate_setup
 
     s = full("bf16-true", micro_batch=2)
     single, _ = estimate_setup(llama1b, s)
@@ -118,7 +118,7 @@ def test_ddp_is_the_single_gpu_step_plus_a_bucket_copy_of_the_gradients_and_nccl
 
 
 def test_one_gpu_ddp_is_exactly_the_single_gpu_estimate(llama1b):
-    from vramfit.api import estimate_setup
+    from vramfit.memory.estimate import estimate_setup
 
     s = make_setup(method="lora", seq_len=512, micro_batch=2)
     single, _ = estimate_setup(llama1b, s)
@@ -171,7 +171,7 @@ def test_estimate_cli_reports_per_gpu_and_host_bytes(tmp_path):
 
 
 def test_gpus_forms_parse_count_card_and_link():
-    from vramfit.multigpu import resolve_gpus
+    from vramfit.planner.multigpu import resolve_gpus
 
     g = resolve_gpus("2xh100-sxm")
     assert (g.count, g.device.key, g.link_bytes_per_s) == (2, "h100-sxm", 450_000_000_000)
@@ -183,7 +183,7 @@ def test_gpus_forms_parse_count_card_and_link():
 
 
 def fake_probe(monkeypatch, names):
-    from vramfit import gpu
+    from vramfit.planner import gpu
 
     h100 = gpu.load_profiles()["h100-sxm"]
     devices = tuple(replace(h100, name=n, source="probe", index=i, throughput_from="h100-sxm", key=None)
@@ -192,7 +192,7 @@ def fake_probe(monkeypatch, names):
 
 
 def test_gpus_auto_takes_every_probed_gpu_and_refuses_mismatched_or_too_many(monkeypatch):
-    from vramfit.multigpu import resolve_gpus
+    from vramfit.planner.multigpu import resolve_gpus
 
     fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3"] * 2)
     assert resolve_gpus("auto").count == 2
@@ -204,8 +204,8 @@ def test_gpus_auto_takes_every_probed_gpu_and_refuses_mismatched_or_too_many(mon
 
 
 def test_planner_shards_full_fine_tuning_that_one_gpu_cannot_hold(llama8b):
-    from vramfit.multigpu import plan_gpus
-    from vramfit.planner import plan
+    from vramfit.planner.multigpu import plan_gpus
+    from vramfit.planner.search import plan
 
     with pytest.raises(VramfitError):  # bf16-mixed full fine-tuning of 8B: ~160 GB on one card
         plan(llama8b, "80GiB", method="full", precision="bf16-mixed", optim="adamw_torch")
@@ -219,7 +219,7 @@ def test_planner_shards_full_fine_tuning_that_one_gpu_cannot_hold(llama8b):
 
 
 def test_train_without_a_complete_setup_asks_the_planner_for_setup_and_strategy(llama1b, monkeypatch):
-    from vramfit.launch import choose
+    from vramfit.run.launch import choose
 
     fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3"] * 2)
     s, strategy, p = choose(llama1b, {"method": "full", "precision": "bf16-mixed"}, 2048, 2, None, "5%", None)
@@ -233,7 +233,7 @@ def test_train_without_a_complete_setup_asks_the_planner_for_setup_and_strategy(
 
 
 def test_planner_skips_strategies_whose_package_is_missing(llama1b, monkeypatch):
-    from vramfit import multigpu
+    from vramfit.planner import multigpu
 
     monkeypatch.setattr(multigpu.importlib.util, "find_spec",
                         lambda name: None if name == "deepspeed" else object())
@@ -262,7 +262,7 @@ def test_plan_cli_with_gpus_names_the_strategy(tmp_path):
 def test_written_accelerate_config_loads_with_accelerates_own_class(tmp_path, strategy):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from vramfit.launch import write_configs
+    from vramfit.run.launch import write_configs
 
     s = make_setup(method="lora", precision="bf16-mixed")
     path = write_configs(tmp_path, strategy, 2, s)
@@ -287,7 +287,7 @@ def test_written_accelerate_config_loads_with_accelerates_own_class(tmp_path, st
 def test_accelerate_launch_turns_the_fsdp_config_into_the_plugin_we_model(tmp_path, strategy, monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from vramfit.launch import launch_env, write_configs
+    from vramfit.run.launch import launch_env, write_configs
 
     env = launch_env(write_configs(tmp_path, strategy, 2, make_setup(method="full", precision="bf16-mixed")))
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
@@ -301,7 +301,7 @@ def test_accelerate_launch_turns_the_fsdp_config_into_the_plugin_we_model(tmp_pa
 def test_qlora_under_fsdp_uses_fsdp1_flat_parameters(tmp_path):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from vramfit.launch import write_configs
+    from vramfit.run.launch import write_configs
 
     path = write_configs(tmp_path, "fsdp-grad-op", 2, make_setup(method="qlora"))
     cfg = ClusterConfig.from_yaml_file(str(path)).fsdp_config
@@ -335,7 +335,7 @@ def test_plan_with_mismatched_gpus_and_train_with_a_missing_engine_are_one_line_
     fake_probe(monkeypatch, ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])
     r = runner.invoke(app, ["plan", "llama-3.2-1b", "--gpus", "auto"])
     assert r.exit_code == 2 and "mismatched GPUs: 0: NVIDIA H100 80GB HBM3, 1: NVIDIA A100-SXM4-40GB" in r.output
-    from vramfit import multigpu
+    from vramfit.planner import multigpu
 
     monkeypatch.setattr(multigpu.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
     r = runner.invoke(app, ["train", str(model), str(data), "--out", str(d / "z"), "--gpus", "2", "--strategy",

@@ -8,8 +8,7 @@ from typer.testing import CliRunner
 
 from vramfit.cli import app
 from vramfit.errors import VramfitError
-from vramfit.gpu import (DRIVER_RESERVED_FRACTION, load_profiles, parse_size, probe, profile_for_name,
-                         resolve_gpu)
+from vramfit.planner.gpu import DRIVER_RESERVED_FRACTION, load_profiles, parse_size, probe, profile_for_name, resolve_gpu
 
 GiB = 1 << 30
 runner = CliRunner()

@@ -3,10 +3,11 @@
 
 import pytest
 
-from vramfit.api import estimate, estimate_setup
-from vramfit.memory import optimizer_state_bytes, trainable_tensors, weight_bytes
-from vramfit.setup import make_setup
-from vramfit.spec import load_spec
+from vramfit.api import estimate
+from vramfit.memory.estimate import estimate_setup
+from vramfit.memory.walk import optimizer_state_bytes, trainable_tensors, weight_bytes
+from vramfit.memory.setup import make_setup
+from vramfit.model.spec import load_spec
 
 from conftest import TINY_LLAMA
 
@@ -137,11 +138,11 @@ def test_fused_loss_saves_what_trls_chunked_head_saves(method):
     trl_utils = pytest.importorskip("trl.trainer.utils")
     if not hasattr(trl_utils, "add_fused_lm_head"):
         pytest.skip("this trl has no fused LM head")
-    from vramfit.api import trace_key
-    from vramfit.memory import head_terms
-    from vramfit.setup import resolve_targets
-    from vramfit.spec import spec_from_config
-    from vramfit.trace import activation_profile
+    from vramfit.memory.estimate import trace_key
+    from vramfit.memory.walk import head_terms
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.model.spec import spec_from_config
+    from vramfit.model.trace import activation_profile
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=torch.float32)

@@ -8,14 +8,15 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from vramfit import planner
+from vramfit.planner import search as planner
 from vramfit.cli import app
 from vramfit.errors import VramfitError
-from vramfit.gpu import resolve_gpu
-from vramfit.planner import (CostModel, divisors, find_gpu, fit_cost_model, make_space, max_micro_batch, max_seq_len,
-                             plan, search, seconds_per_token, train_flops_per_token)
-from vramfit.setup import Setup, resolve_targets
-from vramfit.spec import load_spec
+from vramfit.planner.gpu import resolve_gpu
+from vramfit.planner.cost import CostModel, fit_cost_model, matmul_params, seconds_per_token, train_flops_per_token
+from vramfit.planner.search import find_gpu, max_micro_batch, max_seq_len, plan, search
+from vramfit.planner.space import divisors, make_space
+from vramfit.memory.setup import Setup, resolve_targets
+from vramfit.model.spec import load_spec
 
 GiB = 1 << 30
 runner = CliRunner()
@@ -205,7 +206,7 @@ def test_find_gpu_returns_the_smallest_card_that_fits(seven_b):
 def test_full_fine_tuning_costs_about_6n_flops_per_token(seven_b):
     s = Setup(method="full", seq_len=128)
     main, fp32 = train_flops_per_token(seven_b, s, ())
-    n = planner.matmul_params(seven_b)
+    n = matmul_params(seven_b)
     assert fp32 == 0 and 6 * n < main < 6.1 * n  # attention at 128 tokens is a sliver
 
 
@@ -391,7 +392,7 @@ def test_auto_without_a_driver_says_to_use_gpu(monkeypatch):
 
 
 def test_vramfit_plan_is_exported_lazily():
-    code = "import sys, vramfit; assert callable(vramfit.plan); assert 'vramfit.planner' not in sys.modules"
+    code = "import sys, vramfit; assert callable(vramfit.plan); assert 'vramfit.planner.search' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -426,7 +427,7 @@ def test_plan_with_simulate_allocator_on_a_tiny_model_says_what_the_replay_did(t
         assert p.chosen.setup == fast.chosen.setup
         assert any("--effective-batch" in n for n in p.notes)
     # what the plan says it needs is the replay's figure for the setup it chose
-    from vramfit.planner import _setup_json
+    from vramfit.planner.result import setup_json as _setup_json
 
     mine = [c for c in rep["checks"] if c["setup"] == _setup_json(p.chosen.setup) and c["replay_fits"]][-1]
     assert (p.chosen.device_bytes, p.chosen.peak_reserved_bytes) == (mine["device_bytes"], mine["peak_reserved_bytes"])
@@ -457,9 +458,10 @@ def test_capped_replay_is_cached_and_reports_oom_under_a_small_cap(tmp_path):
     import json
 
     from conftest import TINY_LLAMA
-    from vramfit.api import capped_replay, estimate_setup
-    from vramfit.setup import make_setup
-    from vramfit.spec import load_spec
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.replay import capped_replay
+    from vramfit.memory.setup import make_setup
+    from vramfit.model.spec import load_spec
 
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY_LLAMA))
@@ -479,7 +481,7 @@ def test_lora_config_pins_all_linear_on_fused_experts():
     import peft
     import transformers
 
-    from vramfit.convert import lora_config
+    from vramfit.planner.convert import lora_config
 
     cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=64, num_local_experts=4)

@@ -12,8 +12,8 @@ from benchmarks.train_proof import run as train_run
 
 def test_next_larger_is_the_first_rejected_micro_batch():
     import vramfit
-    from vramfit.planner import Evaluator
-    from vramfit.spec import load_spec
+    from vramfit.planner.search import Evaluator
+    from vramfit.model.spec import load_spec
 
     spec = load_spec("qwen2.5-0.5b")
     p = vramfit.plan(spec, gpu=plan_run.plan_device("12GB"), seq_len=512, effective_batch=4)

@@ -6,8 +6,8 @@ import pytest
 
 from vramfit import VramfitError
 from vramfit.api import estimate
-from vramfit.setup import make_setup, resolve_targets
-from vramfit.spec import load_spec
+from vramfit.memory.setup import make_setup, resolve_targets
+from vramfit.model.spec import load_spec
 
 from conftest import TINY_LLAMA
 

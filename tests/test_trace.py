@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from vramfit.api import trace_key
-from vramfit.setup import make_setup, resolve_targets
-from vramfit.spec import load_spec
-from vramfit.trace import activation_profile
+from vramfit.memory.estimate import trace_key
+from vramfit.memory.setup import make_setup, resolve_targets
+from vramfit.model.spec import load_spec
+from vramfit.model.trace import activation_profile
 
 from conftest import TINY_LLAMA
 
@@ -27,7 +27,7 @@ def _real_saved_bytes(model, batch, seq):
             total += st.nbytes()
         return t
 
-    from vramfit.trace import _patched_sdpa
+    from vramfit.model.emulate import _patched_sdpa
 
     ids = torch.randint(0, 512, (batch, seq))
     # the real CPU run with CUDA's dropout (bool masks), as the trace emulates it
@@ -116,10 +116,10 @@ def test_other_lora_ranks_are_interpolated_exactly(method, precision, dropout, r
     """Ranks outside RANK_ANCHORS come from the two anchors' traces; a direct trace agrees."""
     import dataclasses
 
-    from vramfit.api import trace_key
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import spec_from_config
-    from vramfit.trace import RANK_ANCHORS, _interpolate_rank, _profile_cached
+    from vramfit.memory.estimate import trace_key
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.model.spec import spec_from_config
+    from vramfit.model.trace import RANK_ANCHORS, _interpolate_rank, _profile_cached
 
     spec = spec_from_config("tiny-llama", TINY_LLAMA)
     s = make_setup(method, precision=precision, lora_r=r, lora_dropout=dropout, target_modules="all-linear")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from vramfit.report import memory_summary_table, memory_timeline_plot, train_live, train_status, train_status_line
-from vramfit.tracker import MemoryTracker, predicted_peaks
+from vramfit.run.tracker import MemoryTracker, predicted_peaks
 
 GiB = 1 << 30
 PREDICTED = {"peak_allocated_bytes": 4 * GiB, "peak_reserved_bytes": 5 * GiB, "device_bytes": 6 * GiB}

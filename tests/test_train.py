@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 
 from vramfit import VramfitError
 from vramfit.cli import app
-from vramfit.setup import make_setup
-from vramfit.spec import spec_from_config
-from vramfit.train import RunOptions, choose_setup, fallback_ladder, fallback_setup, predict, train, trainer_loss
+from vramfit.memory.setup import make_setup
+from vramfit.model.spec import spec_from_config
+from vramfit.run.fallback import fallback_ladder, fallback_setup
+from vramfit.run.predict import predict
+from vramfit.run.train import RunOptions, choose_setup, train, trainer_loss
 
 from conftest import TINY_LLAMA
 from tiny_lm import alpaca_rows, chat_rows, make_model_dir, write_jsonl
@@ -217,7 +219,7 @@ def test_user_errors_are_one_line_before_anything_is_written(tmp_path, model_dir
 
 
 def test_a_setup_predicted_not_to_fit_the_gpu_is_refused_before_loading(tmp_path, model_dir, alpaca, monkeypatch):
-    import vramfit.train as vt
+    import vramfit.run.train as vt
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU with 100 MB free: checked, never used
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -300,13 +302,13 @@ def test_the_run_is_predicted_with_the_allocator_torch_will_use(tiny_spec, monke
     assert choose_setup(tiny_spec, dict(LORA, lora_r=8), seq_len=100)[0].allocator == expected
     given = "default" if expected == "expandable" else "expandable"
     assert choose_setup(tiny_spec, dict(LORA, lora_r=8, allocator=given), seq_len=100)[0].allocator == given
-    pytest.importorskip("vramfit.planner")
+    pytest.importorskip("vramfit.planner.search")
     s, plan = choose_setup(tiny_spec, {"method": "lora"}, seq_len=100, gpu="24GiB", effective_batch=8)
     assert s.allocator == expected
 
 
 def test_missing_options_are_chosen_by_the_planner(tiny_spec):
-    pytest.importorskip("vramfit.planner")
+    pytest.importorskip("vramfit.planner.search")
     s, plan = choose_setup(tiny_spec, {"method": "lora", "micro_batch": 2}, seq_len=100, gpu="24GiB",
                            effective_batch=8)
     assert plan is not None and plan.setup == s
@@ -316,7 +318,7 @@ def test_missing_options_are_chosen_by_the_planner(tiny_spec):
 def test_without_a_planner_the_missing_options_are_named(tiny_spec, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "vramfit.planner", None)
+    monkeypatch.setitem(sys.modules, "vramfit.planner.search", None)
     with pytest.raises(VramfitError, match="give --precision, --grad-ckpt"):
         choose_setup(tiny_spec, {"method": "lora", "optim": "sgd", "micro_batch": 1, "grad_accum": 1}, seq_len=64)
 
@@ -333,8 +335,8 @@ def test_save_steps_zero_writes_no_checkpoint_and_needs_no_validation(workdir, m
 
 
 def test_enforce_budget_caps_the_allocator_below_the_card_by_what_lives_outside_it(monkeypatch):
-    import vramfit.train as vt
-    from vramfit.constants import DEFAULT
+    import vramfit.run.fallback as vt
+    from vramfit.memory.constants import DEFAULT
 
     usable = 24 * 2**30 - int(0.05 * 24 * 2**30)
     assert vt.usable_bytes("24GiB", "5%") == usable
@@ -355,7 +357,7 @@ def test_free_memory_releases_the_embeddings_bitsandbytes_keeps_for_8bit_optimiz
     import weakref
 
     bnb = pytest.importorskip("bitsandbytes")
-    from vramfit.train import free_memory
+    from vramfit.run.fallback import free_memory
 
     emb = torch.nn.Embedding(16, 8)
     bnb.optim.GlobalOptimManager.get_instance().register_module_override(emb, "weight", {"optim_bits": 32})
@@ -371,7 +373,7 @@ def test_free_memory_releases_the_embeddings_bitsandbytes_keeps_for_8bit_optimiz
 def test_rows_shorter_than_the_sequence_length_mean_padded_batches(tiny_spec):
     from types import SimpleNamespace
 
-    from vramfit.train import data_is_padded
+    from vramfit.run.train import data_is_padded
 
     d = lambda count, over: SimpleNamespace(lengths=SimpleNamespace(count=count, over_max_seq_len=over))  # noqa: E731
     assert data_is_padded(d(100, 10)) and not data_is_padded(d(100, 100)) and not data_is_padded(d(0, 0))
@@ -380,7 +382,7 @@ def test_rows_shorter_than_the_sequence_length_mean_padded_batches(tiny_spec):
 
 
 def test_batch_lengths_follow_the_data_and_simulated_predictions_replay_them(tiny_spec):
-    from vramfit.train import batch_lengths
+    from vramfit.run.predict import batch_lengths
 
     rows = [30, 500, 120, 90, 700, 60, 45, 300]
     lens = batch_lengths(rows, micro_batch=2, seq_len=256, steps=10, seed=1)

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from vramfit.data import FORMATS
+from vramfit.run.data import FORMATS
 from vramfit.errors import VramfitError
-from vramfit.setup import ALLOCATORS, ATTENTION, LOSSES, METHODS
+from vramfit.memory.setup import ALLOCATORS, ATTENTION, LOSSES, METHODS
 
 
 def _choices(name: str, *values: str):
@@ -105,7 +105,7 @@ def estimate(
 
 
 def _estimate_gpus(model, gpus, strategy, as_json, trust_remote_code, options) -> None:
-    from vramfit.multigpu import estimate_gpus
+    from vramfit.planner.multigpu import estimate_gpus
 
     try:
         d = estimate_gpus(model, gpus=gpus, strategy=strategy, trust_remote_code=trust_remote_code, **options)
@@ -130,7 +130,7 @@ def profiles():
     from rich.console import Console
     from rich.table import Table
 
-    from vramfit.spec import MODEL_PROFILES_DIR, list_profiles
+    from vramfit.model.spec import MODEL_PROFILES_DIR, list_profiles
 
     table = Table(title="bundled model profiles")
     for col in ("name", "model_type", "hub id", "parameters"):
@@ -178,7 +178,7 @@ def plan(
                                             "runs out): seconds to a minute more"),
 ):
     """The best fine-tuning setup of MODEL that fits the GPU: verdict, candidates, rejections, levers."""
-    from vramfit import planner
+    from vramfit.planner import search as planner
 
     restrictions = dict(method=method.value, seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch,
                         lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, precision=precision,
@@ -233,7 +233,7 @@ def plan(
 
 
 def _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer, as_json, trust_remote_code, restrictions):
-    from vramfit.multigpu import plan_gpus
+    from vramfit.planner.multigpu import plan_gpus
 
     try:
         if gpus is None:
@@ -268,7 +268,7 @@ def gpus(as_json: bool = typer.Option(False, "--json", help="print one JSON obje
     """The bundled GPU profiles, and this machine's GPUs when it has any."""
     from dataclasses import asdict
 
-    from vramfit.gpu import load_profiles, probe
+    from vramfit.planner.gpu import load_profiles, probe
 
     profiles = load_profiles()
     try:
@@ -301,7 +301,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
 ):
     """Measure this GPU's CUDA context, kernel and cuBLAS overheads; later estimates use them."""
-    from vramfit.calibrate import calibrate as run_calibrate
+    from vramfit.run.calibrate import calibrate as run_calibrate
 
     try:
         data = run_calibrate(model)
@@ -387,8 +387,8 @@ def train(
     """Fine-tune MODEL on DATA with the setup that fits, tracking memory against the prediction."""
     from rich.console import Console
 
-    from vramfit.train import RunOptions
-    from vramfit.train import train as run_train
+    from vramfit.run.train import RunOptions
+    from vramfit.run.train import train as run_train
 
     _quiet_libraries()
     opts = RunOptions(out_dir=out, init=init.value, tokenizer=tokenizer, data_format=data_format.value,
@@ -405,7 +405,7 @@ def train(
                          attn=attn.value, allocator=allocator.value if allocator else None)
     try:
         if gpus is not None or strategy is not None or cpu:
-            from vramfit.launch import launch
+            from vramfit.run.launch import launch
 
             if gpus is None:
                 raise VramfitError("--strategy and --cpu need --gpus N")
@@ -433,7 +433,7 @@ def merge(
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
 ):
     """Merge a LoRA adapter into its base model and save a standard model (merge_and_unload)."""
-    from vramfit.train import merge as run_merge
+    from vramfit.run.merge import merge as run_merge
 
     _quiet_libraries()
     try:

@@ -430,7 +430,7 @@ def fallback_line(f: dict) -> str:
 
 
 def setup_label_from_json(d: dict) -> str:
-    from vramfit.setup import Setup
+    from vramfit.memory.setup import Setup
 
     return setup_label(Setup(**{k: v for k, v in d.items() if k in Setup.__dataclass_fields__ and v is not None}))
 

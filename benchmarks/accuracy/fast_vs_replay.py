@@ -2,7 +2,7 @@
 
     python -m benchmarks.accuracy.fast_vs_replay [--method qlora] [--precision bf16-true]
 
-The replay (vramfit.alloc_events: every allocation and free of two Trainer steps on the meta
+The replay (vramfit.memory.events: every allocation and free of two Trainer steps on the meta
 device) matches measured per-phase peaks to a few MiB where its stream is complete (see
 benchmarks/accuracy/replay_phases.py and memory_history.py), so on setups of that kind it is a
 reference the fast model (vramfit.memory, the planner's) can be checked against without a GPU.
@@ -22,10 +22,10 @@ CASES = (("phi-3-mini", {"num_hidden_layers": 8}, 1024, 4), ("tinyllama-1.1b", N
 
 def main(argv=None) -> None:
     from benchmarks.accuracy.replay_phases import phase_peaks
-    from vramfit.alloc_events import training_events
-    from vramfit.api import estimate_setup
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.model.spec import load_spec
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="qlora")

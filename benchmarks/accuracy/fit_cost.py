@@ -1,7 +1,7 @@
 """Calibrate the planner's cost model on measured tokens/s: `python -m benchmarks.accuracy.fit_cost`.
 
 Uses every measured training run (status ok, tokens/s of the steps after the first) in
-benchmarks/results/*.jsonl, fits `vramfit.planner.fit_cost_model` on the runs whose case id is
+benchmarks/results/*.jsonl, fits `vramfit.planner.cost.fit_cost_model` on the runs whose case id is
 even (a declared half) and reports |predicted - measured| / measured tokens/s on the other half,
 with the uncalibrated priors alongside.  The GPU is the one the runs name (H200 here).
 """
@@ -13,10 +13,10 @@ import glob
 import statistics
 
 from benchmarks.accuracy.report import RESULTS, case_setup, load_records
-from vramfit.gpu import resolve_gpu
-from vramfit.planner import DEFAULT_COST, fit_cost_model, seconds_per_token
-from vramfit.setup import resolve_targets
-from vramfit.spec import load_spec
+from vramfit.planner.gpu import resolve_gpu
+from vramfit.planner.cost import DEFAULT_COST, fit_cost_model, seconds_per_token
+from vramfit.memory.setup import resolve_targets
+from vramfit.model.spec import load_spec
 
 
 def samples(paths) -> list:
@@ -44,8 +44,8 @@ def paging_bytes(spec, s, record) -> int:
     usable = (record or {}).get("usable_bytes")
     if not usable or not s.optim.startswith("paged"):
         return 0
-    from vramfit.api import estimate_setup
-    from vramfit.planner import paging_bytes as paging
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.planner.cost import paging_bytes as paging
 
     return paging(estimate_setup(spec, s)[0], usable)
 

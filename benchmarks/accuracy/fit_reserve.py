@@ -14,8 +14,8 @@ import glob
 import numpy as np
 
 from benchmarks.accuracy.report import RESULTS, case_setup, load_records, predict
-from vramfit.memory import optimizer_step_temp_bytes, trainable_tensors
-from vramfit.setup import resolve_targets
+from vramfit.memory.walk import optimizer_step_temp_bytes, trainable_tensors
+from vramfit.memory.setup import resolve_targets
 
 FIT_ARCHS = ("llama", "qwen2", "gpt2", "opt")
 MiB = 1 << 20

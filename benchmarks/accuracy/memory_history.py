@@ -8,7 +8,7 @@ outside torch for each allocation):
     VRAMFIT_MEMORY_HISTORY=$OUT/hist python3 -m benchmarks.accuracy.harness --cases X.json --out $OUT/h.jsonl
 
 Here, on the CPU, `compare` splits the reserved-peak error in two:
-- the allocator model fed the *real* stream (does vramfit.allocator reproduce torch's segments?), and
+- the allocator model fed the *real* stream (does vramfit.memory.allocator reproduce torch's segments?), and
 - the replayed stream against the real one: allocations of 1 MiB or more that one has and the
   other lacks, by size, with where the real ones came from (what the replay misses).
 
@@ -100,7 +100,7 @@ def size_diff(real: list, replay: list, min_bytes: int = MiB) -> list:
 
 
 def compare(history: dict, replay_events: list | None = None, expandable: bool = False) -> dict:
-    from vramfit.allocator import simulate
+    from vramfit.memory.allocator import simulate
 
     real = history["events"]
     out = {"real_events": len(real), "allocator_on_real_stream": simulate(_replayable(real), expandable)}
@@ -121,9 +121,9 @@ def main(argv=None) -> None:
     replay = None
     if not args.no_replay:
         from benchmarks.accuracy.report import case_setup
-        from vramfit.alloc_events import training_events
-        from vramfit.setup import resolve_targets
-        from vramfit.spec import load_spec
+        from vramfit.memory.events import training_events
+        from vramfit.memory.setup import resolve_targets
+        from vramfit.model.spec import load_spec
 
         s = case_setup(case)
         spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)

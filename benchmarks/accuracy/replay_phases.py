@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy.replay_phases LABEL-PREFIX
 
 Finds the first measured ok run whose label starts with LABEL-PREFIX (benchmarks/results/h*.jsonl),
-replays two steps of it (vramfit.alloc_events) and prints the live bytes' peak of each phase, next
+replays two steps of it (vramfit.memory.events) and prints the live bytes' peak of each phase, next
 to the measured per-phase peaks and the fast model's forward / backward / optimizer phases.
 """
 
@@ -35,9 +35,9 @@ def phase_peaks(events: list, marks: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    from vramfit.alloc_events import training_events
-    from vramfit.setup import resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.model.spec import load_spec
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("label", help="the start of a measured case's label")

@@ -18,10 +18,10 @@ import math
 import statistics
 from pathlib import Path
 
-from vramfit.api import estimate_setup
-from vramfit.constants import DEFAULT, Constants
-from vramfit.setup import Setup, validate
-from vramfit.spec import load_spec
+from vramfit.memory.estimate import estimate_setup
+from vramfit.memory.constants import DEFAULT, Constants
+from vramfit.memory.setup import Setup, validate
+from vramfit.model.spec import load_spec
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 PEAKS = (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"), ("device", "device_bytes"))

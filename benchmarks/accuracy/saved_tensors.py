@@ -49,7 +49,7 @@ def _record(model, ids, device_sdpa_fake: bool, autocast_dtype=None):
             total += st.nbytes()
         return t
 
-    from vramfit.trace import _patched_sdpa
+    from vramfit.model.emulate import _patched_sdpa
 
     orig = torch.nn.functional.scaled_dot_product_attention
     # off CUDA, emulate what CUDA does (sdpa kernels, bool dropout masks), as the trace does
@@ -95,10 +95,10 @@ def compare(case: dict, device: str) -> None:
     import torch
 
     from benchmarks.accuracy.report import case_setup
-    from vramfit.api import trace_key
-    from vramfit.setup import resolve_targets
-    from vramfit.spec import load_spec
-    from vramfit import trace as T
+    from vramfit.memory.estimate import trace_key
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.model.spec import load_spec
+    from vramfit.model import trace as T
 
     spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
     setup = case_setup(case)

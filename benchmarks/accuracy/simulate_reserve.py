@@ -35,10 +35,11 @@ def _simulate_one(rec: dict) -> dict:
     import transformers
 
     from benchmarks.accuracy.report import case_setup, predict
-    from vramfit.alloc_events import Unsupported, training_events
-    from vramfit.allocator import simulate
-    from vramfit.setup import resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.allocator import simulate
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.model.spec import load_spec
 
     case = rec["case"]
     out = {"label": rec["label"], "allocator": case.get("allocator", "default"), "method": case["method"],

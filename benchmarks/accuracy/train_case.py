@@ -182,7 +182,7 @@ def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
     if case["method"] in ("lora", "qlora"):
         import peft
 
-        from vramfit.convert import linear_targets
+        from vramfit.planner.convert import linear_targets
 
         targets = case["target_modules"]
         if targets == "all-linear":  # as the launcher does (peft's all-linear reaches fused experts)

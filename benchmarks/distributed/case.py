@@ -27,7 +27,7 @@ def build_model(case: dict, cuda: bool):
     import torch
     import transformers
 
-    from vramfit.spec import config_from_dict, resolve_config_dict
+    from vramfit.model.spec import config_from_dict, resolve_config_dict
 
     name, cfg = resolve_config_dict(case["model"], False)
     config = config_from_dict(cfg, name)
@@ -62,7 +62,7 @@ def run(case: dict, result_dir: Path) -> dict:
     import transformers
 
     from benchmarks.accuracy import probe
-    from vramfit.distributed import get_strategy
+    from vramfit.memory.distributed import get_strategy
 
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -73,7 +73,7 @@ def run(case: dict, result_dir: Path) -> dict:
     t0 = time.perf_counter()
     sampler = None
     if cuda:
-        from vramfit.tracker import nvml_index
+        from vramfit.run.tracker import nvml_index
 
         probe.nvml_index = nvml_index  # this rank's GPU, not cuda:0's
         sampler = probe.start_sampler()

@@ -30,8 +30,8 @@ CASE_TIMEOUT_S = 240
 
 
 def predicted(case: dict) -> dict:
-    from vramfit.distributed import estimate_distributed
-    from vramfit.spec import load_spec
+    from vramfit.memory.distributed import estimate_distributed
+    from vramfit.model.spec import load_spec
 
     s = setup_of(case)
     est = estimate_distributed(load_spec(case["model"]), s, case["strategy"], case["gpus"])
@@ -39,7 +39,7 @@ def predicted(case: dict) -> dict:
 
 
 def setup_of(case: dict):
-    from vramfit.setup import make_setup
+    from vramfit.memory.setup import make_setup
 
     lora = {} if case["method"] == "full" else {"lora_r": case["lora_r"], "target_modules": case["target_modules"]}
     return make_setup(method=case["method"], precision=case["precision"], optim=case["optim"], seq_len=case["seq_len"],
@@ -58,8 +58,8 @@ def errors(measured: dict, per_gpu: dict) -> dict:
 def run_case(case: dict, dry: bool, work: Path) -> dict:
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from vramfit.distributed import get_strategy
-    from vramfit.launch import write_configs
+    from vramfit.memory.distributed import get_strategy
+    from vramfit.run.launch import write_configs
 
     st = get_strategy(case["strategy"])
     rec = {"name": case["name"], "case": case, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -77,7 +77,7 @@ def run_case(case: dict, dry: bool, work: Path) -> dict:
         rec.update(status="skipped", error="deepspeed is not importable here")
         return rec
     if dry and st.engine != "ddp":  # no FSDP on CPU processes: check what accelerate would set up
-        from vramfit.launch import launch_env
+        from vramfit.run.launch import launch_env
 
         rec.update(status="dry: config only", launch_env=launch_env(config))
         return rec

@@ -34,11 +34,12 @@ def measured(t: dict, usable: int, outside: int) -> str:
 
 
 def check(t: dict, plan: dict, outside: int, specs: dict) -> dict:
-    from vramfit.alloc_events import Unsupported
-    from vramfit.api import capped_replay, estimate_setup
-    from vramfit.gpu import parse_size
-    from vramfit.setup import Setup
-    from vramfit.spec import load_spec
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.replay import capped_replay
+    from vramfit.planner.gpu import parse_size
+    from vramfit.memory.setup import Setup
+    from vramfit.model.spec import load_spec
 
     key = (t["model"], repr(t.get("overrides") or {}))
     spec = specs.get(key) or specs.setdefault(key, load_spec(t["model"], overrides=t.get("overrides") or None))

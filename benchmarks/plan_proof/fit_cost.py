@@ -29,10 +29,10 @@ from benchmarks.accuracy.fit_cost import errors
 from benchmarks.accuracy.fit_cost import samples as harness_samples
 from benchmarks.accuracy.report import RESULTS
 from benchmarks.jsonl import records
-from vramfit.gpu import resolve_gpu
-from vramfit.planner import DEFAULT_COST, fit_cost_model, seconds_per_token
-from vramfit.setup import make_setup, resolve_targets
-from vramfit.spec import load_spec
+from vramfit.planner.gpu import resolve_gpu
+from vramfit.planner.cost import DEFAULT_COST, fit_cost_model, seconds_per_token
+from vramfit.memory.setup import make_setup, resolve_targets
+from vramfit.model.spec import load_spec
 
 SETUP_KEYS = ("method", "precision", "optim", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seq_len",
               "micro_batch", "grad_accum", "grad_ckpt", "attn", "allocator")

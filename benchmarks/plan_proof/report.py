@@ -40,7 +40,7 @@ def ran(r: dict) -> bool:
 def load(*paths) -> list:
     """The records; each trial gets `leak_before_bytes`: what the trials before it in the same
     worker process left allocated (the previous trial's leftover_allocated_bytes; 0 at a worker's
-    start).  Before 2026-11-23's fix (vramfit.train.forget_bnb_overrides) every Trainer with a
+    start).  Before 2026-11-23's fix (vramfit.run.fallback.forget_bnb_overrides) every Trainer with a
     bitsandbytes 8-bit optimizer left its embeddings behind, up to 8.5 GB by the end of a worker."""
     from benchmarks.jsonl import records
 
@@ -90,9 +90,9 @@ def supersede(records: list) -> list:
 
 def recomputed_device_bytes(rec: dict) -> int | None:
     """The recorded setup's device bytes with the memory model as it is now."""
-    from vramfit.api import estimate_setup
-    from vramfit.setup import Setup
-    from vramfit.spec import load_spec
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.setup import Setup
+    from vramfit.model.spec import load_spec
 
     try:
         spec = load_spec(rec["model"], overrides=rec.get("overrides") or None)
@@ -200,7 +200,7 @@ def cells(records: list) -> tuple[list, dict]:
 def replay_device_bytes(plan_rec: dict) -> int | None:
     """The capped replay's device figure for the plan's chosen setup (the allocator-replay planner's
     own check of it, where it fitted), else None."""
-    from vramfit.recheck import fitting_check
+    from vramfit.planner.recheck import fitting_check
 
     row = fitting_check((plan_rec.get("replay") or {}).get("checks") or [], plan_rec["chosen"]["setup"])
     return row["device_bytes"] if row else None
@@ -275,7 +275,7 @@ def markdown(records: list, files: list | None = None) -> str:
     allowed = ", ".join(f"{d['max_seconds']:.0f}" for d in done)
     lines += ["", "\"Left by earlier trials\": what the trials before this one in the same process still held "
               "allocated when it started (the previous trial's leftover).  Until the fix of 2026-11-23 "
-              "(`vramfit.train.forget_bnb_overrides`) each Trainer with a bitsandbytes 8-bit optimizer left its "
+              "(`vramfit.run.fallback.forget_bnb_overrides`) each Trainer with a bitsandbytes 8-bit optimizer left its "
               "embeddings registered in bitsandbytes' GlobalOptimManager, so later trials in the worker started "
               "with that much less room under the cap: their OOMs say nothing about the plan, and their peaks "
               "include it (the \"less that\" column takes it out).  \"Predicted (now)\" uses the memory model of "

@@ -117,7 +117,7 @@ def emit(path: str, record: dict) -> None:
 
 def plan_device(budget: str):
     """A Device with `budget` as its memory and the H100's throughput."""
-    from vramfit.gpu import load_profiles, size_device
+    from vramfit.planner.gpu import load_profiles, size_device
 
     d = size_device(budget)
     h = load_profiles()[THROUGHPUT_PROFILE]
@@ -127,7 +127,7 @@ def plan_device(budget: str):
 
 
 def setup_json(s) -> dict:
-    from vramfit.planner import _setup_json
+    from vramfit.planner.result import setup_json as _setup_json
 
     return _setup_json(s)
 
@@ -144,8 +144,8 @@ def next_larger(plan, ev, limit: int = 1024, spec=None):
     the effective batch at accumulation 1 (the smallest rejected, by bisection: the memory model's
     own boundary for this setup).  None where even `limit` fits.  `spec` given: the boundary of the
     allocator-replay planner (vramfit/recheck.py: the capped replay's verdict) instead."""
-    from vramfit.recheck import next_larger as boundary
-    from vramfit.recheck import replay_verdict
+    from vramfit.planner.recheck import next_larger as boundary
+    from vramfit.planner.recheck import replay_verdict
 
     if spec is None:
         fits = lambda c: c.fits  # noqa: E731
@@ -166,13 +166,13 @@ class Trials:
         self.torch, self.args, self.model, self.deadline = torch, args, model, deadline
         self.cuda = args.device == "cuda"
         self.overrides = dict(TINY_OVERRIDES) if args.tiny else {}
-        from vramfit.spec import load_spec, resolve_config_dict
+        from vramfit.model.spec import load_spec, resolve_config_dict
 
         self.spec = load_spec(model, overrides=self.overrides)
         self.config_data = {**resolve_config_dict(model)[1], **self.overrides}
         self.checkpoint = None
         self.scratch = None
-        from vramfit.constants import DEFAULT
+        from vramfit.memory.constants import DEFAULT
 
         self.outside = DEFAULT.cuda_context_bytes + DEFAULT.kernel_growth_bytes
         self.total = torch.cuda.get_device_properties(0).total_memory if self.cuda else None
@@ -231,7 +231,7 @@ class Trials:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from vramfit.spec import config_from_dict
+        from vramfit.model.spec import config_from_dict
 
         t = time.perf_counter()
         tag = f"{self.model}-{'tiny' if self.args.tiny else 'full'}-seed{SEED}"
@@ -272,7 +272,7 @@ class Trials:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from vramfit.spec import config_from_dict
+        from vramfit.model.spec import config_from_dict
 
         s = p.chosen.setup
         kw = p.model_kwargs()
@@ -305,8 +305,8 @@ class Trials:
         import transformers
 
         from benchmarks.accuracy import probe, train_case
-        from vramfit.gpu import parse_size
-        from vramfit.train import free_memory
+        from vramfit.planner.gpu import parse_size
+        from vramfit.run.fallback import free_memory
 
         s = p.chosen.setup
         budget_bytes = parse_size(budget)
@@ -549,7 +549,7 @@ def load_plans_cache(path: str) -> dict:
 
 
 def _setup(d: dict):
-    from vramfit.setup import Setup
+    from vramfit.memory.setup import Setup
 
     return Setup(**{k: v for k, v in d.items() if k in Setup.__dataclass_fields__ and v is not None})
 
@@ -559,7 +559,7 @@ def from_cache(p, entry: dict, ev) -> tuple:
     cands = [ev.candidate(_setup(d), p.device, p.usable_bytes) for d in entry["candidates"]]
     cands = [dataclasses.replace(c, fits=True) for c in cands]
     nl = ev.candidate(_setup(entry["next_larger"]), p.device, p.usable_bytes) if entry["next_larger"] else None
-    from vramfit.recheck import with_replay_peaks
+    from vramfit.planner.recheck import with_replay_peaks
 
     cands[0] = with_replay_peaks(cands[0], entry["replay"]["checks"])
     p = dataclasses.replace(p, chosen=cands[0], candidates=tuple(cands), replay=entry["replay"],
@@ -596,8 +596,8 @@ class Work:
     def __init__(self, args, model: str):
         import vramfit
         from vramfit.errors import VramfitError
-        from vramfit.planner import Evaluator
-        from vramfit.spec import load_spec
+        from vramfit.planner.search import Evaluator
+        from vramfit.model.spec import load_spec
 
         self.model = model
         self.overrides = dict(TINY_OVERRIDES) if args.tiny else {}
@@ -666,7 +666,8 @@ class Work:
                     add(4, self.plans[budget], budget, args.alt_steps, args.other_cap_s * 3, 3,
                         afbs_start=args.afbs_start)
         if args.confirm_nothing_fits:
-            from vramfit.planner import make_space, search
+            from vramfit.planner.search import search
+            from vramfit.planner.space import make_space
 
             for budget in args.budgets:
                 if budget not in self.plans and self.spec.params_total:

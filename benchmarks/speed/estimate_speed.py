@@ -48,9 +48,9 @@ def main(argv=None) -> None:
             warm = [_cli_seconds(model, extra, cache) for _ in range(3)]
         result["cases"].append({"model": model, "args": extra, "cli_first_use_s": round(first, 3),
                                 "cli_cached_s": round(statistics.median(warm), 3)})
-    from vramfit.api import estimate_setup
-    from vramfit.setup import make_setup
-    from vramfit.spec import load_spec
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.setup import make_setup
+    from vramfit.model.spec import load_spec
 
     spec = load_spec("llama-3.1-8b")
     setup = make_setup("qlora", seq_len=2048, grad_ckpt=True)

@@ -42,9 +42,9 @@ def timed(fn, repeats: int):
 
 def search_speed(model: str, repeats: int) -> list[dict]:
     """Median wall time of one search (fresh memo each time) on a spec whose traces are cached."""
-    from vramfit import planner
-    from vramfit.gpu import resolve_gpu
-    from vramfit.spec import load_spec
+    from vramfit.planner import search as planner
+    from vramfit.planner.gpu import resolve_gpu
+    from vramfit.model.spec import load_spec
 
     spec, device = load_spec(model), resolve_gpu(GPU)
     rows = []
@@ -86,7 +86,7 @@ SWEEP_BUDGETS = ("8GB", "12GB", "16GB", "24GB", "40GB", "80GB")
 def sweep(budgets=SWEEP_BUDGETS) -> list[dict]:
     """`vramfit plan P --gpu B` for every bundled profile and budget, each in a fresh process with an
     empty user cache (only the bundled one): what a user sees the first time."""
-    from vramfit.spec import list_profiles
+    from vramfit.model.spec import list_profiles
 
     rows = []
     for model in list_profiles():

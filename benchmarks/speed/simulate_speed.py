@@ -52,10 +52,10 @@ def cli_rows() -> list:
 def step_rows() -> list:
     sys.path.insert(0, str(RESULTS.parents[1]))
     from benchmarks.accuracy.report import case_setup, load_records, sim_key
-    from vramfit.alloc_events import training_events
-    from vramfit.allocator import simulate
-    from vramfit.setup import resolve_targets
-    from vramfit.spec import load_spec
+    from vramfit.memory.events import training_events
+    from vramfit.memory.allocator import simulate
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.model.spec import load_spec
 
     cached = json.loads((RESULTS / "simulated-reserve.json").read_text())
     rows, seen = [], set()

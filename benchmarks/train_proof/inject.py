@@ -16,7 +16,7 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    import vramfit.train as vt
+    import vramfit.run.train as vt
     from vramfit.cli import main as cli_main
 
     argv = sys.argv[1:]

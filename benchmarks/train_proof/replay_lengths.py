@@ -6,9 +6,9 @@ The `vramfit train` runs of the proof pad each batch to its longest row.  Here, 
 1. the trainer's real batch order: a tiny random Llama trained by `vramfit train` on the proof's data,
    seed and micro-batch (the sampler does not depend on the model; its logged token counts equal the
    H100 run's), recording each batch's padded length;
-2. the two-step meta replay of vramfit.alloc_events with those lengths, fed to vramfit.allocator
+2. the two-step meta replay of vramfit.memory.events with those lengths, fed to vramfit.memory.allocator
    under both allocator settings, for Mistral-7B LoRA and full fine-tuning (the runs' setups);
-3. the same with two other shuffles of the rows (`vramfit.train.batch_lengths`, which is what
+3. the same with two other shuffles of the rows (`vramfit.run.predict.batch_lengths`, which is what
    `vramfit train --simulate-allocator` uses), and with the first 25 steps only.
 Measured on the H100 (benchmarks/results/h100-2026-11-23-train-proof{,-2}): 7B LoRA allocated
 35.49 GiB, reserved 39.14 (default allocator) and 35.66 (expandable); 7B full 41.95 and 49.30 (default).
@@ -32,7 +32,7 @@ MEASURED = {"7b-lora": (35.49, 39.14, 35.66), "7b-full": (41.95, 49.30, None)}
 def trainer_lengths(work: Path, micro_batch: int, steps: int) -> list:
     from transformers import TrainerCallback
 
-    import vramfit.train as vt
+    import vramfit.run.train as vt
     from benchmarks.train_proof import run as proof
 
     inputs = proof.build_inputs(work)
@@ -65,12 +65,12 @@ def trainer_lengths(work: Path, micro_batch: int, steps: int) -> list:
 def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
-    from vramfit import data as vdata
-    from vramfit.alloc_events import training_events
-    from vramfit.allocator import simulate
-    from vramfit.setup import make_setup, resolve_targets
-    from vramfit.spec import load_spec
-    from vramfit.train import batch_lengths
+    from vramfit.run import data as vdata
+    from vramfit.memory.events import training_events
+    from vramfit.memory.allocator import simulate
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.model.spec import load_spec
+    from vramfit.run.predict import batch_lengths
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)

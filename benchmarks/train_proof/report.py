@@ -73,9 +73,10 @@ def recompute(model: str, setup: dict, bundle: Path, padded: bool = True) -> dic
     `padded`: for runs recorded before Setup had the field, whether their batches were padded
     (every proof data set but the OOM run's, whose rows are all cut to the same length)."""
     from vramfit.errors import VramfitError
-    from vramfit.setup import Setup
-    from vramfit.spec import spec_from_config
-    from vramfit.train import predict, resolve_model
+    from vramfit.memory.setup import Setup
+    from vramfit.model.spec import spec_from_config
+    from vramfit.run.model import resolve_model
+    from vramfit.run.predict import predict
 
     try:
         spec = resolve_model(model, "random").spec

@@ -113,7 +113,7 @@ def _rows(rng, lengths: list, words) -> list:
 
 
 def _measure(path: Path, tok) -> tuple[dict, list]:
-    from vramfit.data import prepare, token_lengths
+    from vramfit.run.data import prepare, token_lengths
 
     d = prepare(str(path), tok, max_seq_len=MAX_SEQ_LEN, val_split=0)
     return vars(d.lengths) | {"seq_len": d.seq_len}, token_lengths(d.train.rows, d.train.format, tok)
@@ -158,13 +158,10 @@ def oom_design(constants=None) -> dict:
     """The OOM run's --gpu from the current memory model: the smallest whole GiB whose allocator cap
     (--headroom 5%, less the CUDA context) holds the fall-back's first rung with OOM_MARGIN to spare,
     checked against the fixed setup's predicted allocated peak exceeding the cap by OOM_MARGIN."""
-    from vramfit.setup import Setup
-    from vramfit.train import (
-        allocator_cap_bytes,
-        fallback_ladder,
-        predict,
-        resolve_model,
-    )
+    from vramfit.memory.setup import Setup
+    from vramfit.run.fallback import allocator_cap_bytes, fallback_ladder
+    from vramfit.run.model import resolve_model
+    from vramfit.run.predict import predict
 
     spec = resolve_model(OOM_MODEL, "random").spec
     fixed = Setup(**OOM_FIXED, seq_len=MAX_SEQ_LEN, loss="fused")
@@ -198,7 +195,7 @@ def environment() -> dict:
         env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         env["nvidia_smi"] = f"unavailable ({type(exc).__name__})"
-    code = ("import json, torch; from vramfit.train import versions; "
+    code = ("import json, torch; from vramfit.run.outputs import versions; "
             "print(json.dumps({'versions': versions(), 'torch_cuda': torch.version.cuda, 'python': "
             "__import__('sys').version.split()[0]}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,0 +1,345 @@
+"""The allocation events of a real training run, at full size, on the meta device.
+
+A `TorchDispatchMode` sees every op a training step runs (forward with labels, backward,
+gradient clipping, the optimizer step, zero_grad) and records each new output storage as an
+allocation ("a", id, nbytes); a `weakref.finalize` on the storage records its free ("f", id)
+when the last reference dies, in the order the real run frees it.  What the meta device does
+not do as CUDA does is emulated:
+- model load: every parameter and buffer allocated in creation order; a tied LM head's own
+  weight allocated and freed (transformers builds it, then ties it to the embeddings);
+- scaled_dot_product_attention: the flash kernel's forward (output laid out like q, fp32
+  log-sum-exp) and backward (dq, dk, dv like q, k, v; then fp32 softmax_d and dq_accum and GQA's
+  expanded dk/dv as one block) as torch's flash attention allocates them; fp32 runs the
+  memory-efficient kernel, approximated by the same buffers without dq_accum; fp32 with grouped
+  KV heads runs the math path for real (as trace.py);
+- autocast (trace.py's emulation: an op's arguments cast last to first, as CUDA's; its
+  weight-cast cache cleared at the end of each forward);
+- CUDA's bool dropout masks;
+- cuBLAS: one 32 MiB workspace for the forward thread's handle at the first matmul (before its
+  output) and one for the autograd thread's at the first matmul of the first backward (after that
+  matmul's output), never freed;
+- bitsandbytes 8-bit / paged optimizers: their states as `Optimizer8bit.init_state` allocates them
+  (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
+  temporaries (the update kernels work in place);
+- torch's fused AdamW on a device the constructor does not accept (the meta device).
+- QLoRA (bitsandbytes 0.50.2, transformers 5.23, peft 0.21): the 4-bit load (each bf16 weight
+  quantized on the GPU with its transient buffers), prepare_model_for_kbit_training's fp32 casts
+  and empty_cache, gemm_4bit's dequantize + F.linear forward and dequantize + matmul backward, and
+  peft's Linear4bit LoRA forward (base output cloned); see `_qlora_load`, `_qlora_linear_forward`.
+Left out: GradScaler's scalars under 16-mixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+from vramfit.memory.cuda_reduce import H100_SMS
+from vramfit.memory.kernels import (  # noqa: F401  (Unsupported: raised here for the callers)
+    _MATMULS,
+    CUBLAS_WORKSPACE,
+    Unsupported,
+    _clip_grad_norm,
+    _fused_ok,
+    _internal_temporaries,
+    _make_optimizer,
+    _outputs_to_fp32,
+    _qlora_linear_forward,
+    _qlora_load,
+    _reduction_buffers,
+    _trl_fused_kernels,
+)
+
+
+def _same_dense(args) -> bool:
+    """Two tensors alike (shape, dtype, each its storage's only, dense contents): an InputBuffer sum."""
+    import torch
+
+    if len(args) != 2 or not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in args):
+        return False
+    a, b = args
+    return (a.shape == b.shape and a.dtype == b.dtype and all(
+        t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        for t in (a, b)))
+
+
+def _sum_in_place(events: list, sums: list, marks: dict) -> list:
+    """Autograd's gradient accumulation as CUDA runs it.  InputBuffer::accumulate adds in place
+    (old_var.add_(var)) when it holds the last reference to the first gradient; under a Python
+    dispatch mode (the recorder) every tensor counts as a subclass and it always adds out of place.
+    So: a backward add of two alike tensors whose first operand dies before the next allocation
+    (the engine dropped its last reference) is replayed as that operand's block taking the sum --
+    no new block -- and the sum's later free frees that block.  Only the first operand: CUDA's
+    other branch (var.add_(old_var)) would also take a tied LM head's embedding gradient, and the
+    replays of llama-3.2-1b bf16-true Adafactor and 32-true fused AdamW (exact out of place) then
+    miss by -7.6% and -3.6%.  Replayed on all 197 measured runs (2026-12-06): under-predictions
+    over 2% 8 -> 5 (llama-3.2-1b bf16-mixed Adafactor -5.3% -> 0.0% on the H100 and the H200, phi-3
+    Adafactor -2.0% -> -1.2%, llama-3.2-1b bf16-mixed fused / 8-bit AdamW +3.8% / +5.0% -> 0.0%);
+    one over-prediction grew: qwen2.5-7b (6 layers) bf16-mixed AdamW -0.9% -> +3.7%."""
+    drop, rename = set(), {}
+    size = {ev[1]: ev[2] for ev in events if ev[0] == "a"} if sums else {}
+    for at, out_id, first in sums:
+        if events[at][:2] != ("a", out_id):
+            continue
+        freed = {}
+        for j in range(at + 1, len(events)):
+            if events[j][0] != "f":
+                break
+            freed[events[j][1]] = j
+        j = freed.get(first)
+        if j is not None and j not in drop and size.get(first) == events[at][2]:
+            drop.update((at, j))
+            rename[out_id] = first
+    if not drop:
+        return events
+    out, shift, new_index = [], 0, {}
+    for i, ev in enumerate(events):
+        new_index[i] = i - shift
+        if i in drop:
+            shift += 1
+            continue
+        if ev[0] == "f" and ev[1] in rename:
+            target = ev[1]
+            while target in rename:
+                target = rename[target]
+            ev = ("f", target)
+        out.append(ev)
+    for k, v in marks.items():
+        marks[k] = new_index.get(v, len(out))
+    return out
+
+
+def _recorder_class():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+            self.live = {}
+            self.next_id = 0
+            self.backward = False
+            self.workspaces = set()
+            self._finalizers = []
+            self.num_sms = H100_SMS
+            self.sums = []  # backward adds that may be autograd's gradient accumulation (see _sum_in_place)
+
+        def alloc(self, nbytes):
+            i = self.next_id
+            self.next_id += 1
+            self.events.append(("a", i, nbytes))
+            return i
+
+        def free(self, i):
+            self.events.append(("f", i))
+
+        def track(self, t):
+            if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+                return
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self.live:
+                return
+            n = st.nbytes()
+            if n == 0:
+                return
+            i = self.alloc(n)
+            self.live[key] = i
+            weakref.finalize(st, self._dead, key, i)
+
+        def _dead(self, key, i):
+            if self.live.get(key) == i:
+                del self.live[key]
+            self.events.append(("f", i))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0] if hasattr(func, "__name__") else ""
+            if name in _MATMULS and not self.backward and "fwd" not in self.workspaces:
+                # the forward thread's handle: its workspace comes before the first matmul's output
+                self.workspaces.add("fwd")
+                self.alloc(CUBLAS_WORKSPACE)
+            first = None  # the block a gradient sum may go into (_sum_in_place)
+            # the engine sums without grad (checkpoint's recompute, a forward, runs with it); a view
+            # keeps its base, and so its storage, alive: never summed into
+            if (self.backward and func is torch.ops.aten.add.Tensor and not kwargs and not torch.is_grad_enabled()
+                    and _same_dense(args) and not args[0]._is_view()):
+                first = self.live.get(args[0].untyped_storage()._cdata)
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                self.track(t)
+            if first is not None and out.untyped_storage()._cdata in self.live:
+                self.sums.append((len(self.events) - 1, self.live[out.untyped_storage()._cdata], first))
+            if name in _MATMULS and self.backward and "bwd" not in self.workspaces:
+                # the autograd thread's handle: its workspace is taken inside the first backward gemm,
+                # after the op allocated its output (the H100 memory histories: lm_head's weight
+                # gradient, then 32 MiB).  The histories show the forward's first workspace after
+                # its output too (the first q_proj's bf16 output, then 32 MiB), but replaying that
+                # order moves pythia-410m and tinyllama-1.1b QLoRA runs (no history) from -1.17% to
+                # -2.55% and from +2.42% to -3.63% device error, so the forward keeps the old order.
+                self.workspaces.add("bwd")
+                self.alloc(CUBLAS_WORKSPACE)
+            for staging, semaphores in _reduction_buffers(name, args, self.num_sms):
+                b, s = self.alloc(staging), self.alloc(semaphores)
+                self.free(s)  # the DataPtrs die in reverse order
+                self.free(b)
+            # the kernel's own temporaries come after its output (a structured op allocates its
+            # output first; _safe_softmax's softmax before its mask), as the H100 recordings order them
+            for i in [self.alloc(n) for n in _internal_temporaries(name, args)]:
+                self.free(i)
+            return out
+
+    return Recorder
+
+
+# --------------------------------------------------------------------------- QLoRA (bitsandbytes 4-bit)
+
+def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad_accum: int = 1) -> dict:
+    """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts.
+    `seq_lens`: each step's padded batch length (real data: the longest row of each batch); default
+    `setup.seq_len` for every step.  `grad_accum`: micro-batches per
+    optimizer step, each a forward and a backward whose gradients add into the ones kept from the
+    micro-batch before (marks `stepN.microM.forward` / `.backward` from the second on)."""
+    import copy
+
+    import torch
+
+    from vramfit.model import trace
+    from vramfit.memory.estimate import trace_key
+    from vramfit.model.spec import config_from_dict
+
+    # 16-mixed: GradScaler's own tensors (scale, found_inf: a few scalars) are left out
+    key = trace_key(spec, setup, targets)
+    config = config_from_dict(copy.deepcopy(spec.config))
+    config.use_cache = False
+    qlora = setup.method == "qlora"
+    with trace._quiet():
+        model = trace._prepare_model(config, key, spec, conv1d_4bit=True)
+    Recorder = _recorder_class()
+    rec = Recorder()
+    marks = {}
+    in_emb = model.get_input_embeddings()
+
+    if qlora:
+        import types
+
+        base_model = model.get_base_model()
+        quantized = {id(m.weight): None for m in base_model.modules() if type(m).__name__ == "_Meta4bitLinear"}
+        _qlora_load(rec, model, base_model, quantized)
+        base_fwd, lora_fwd = _qlora_linear_forward(rec, torch.bfloat16)  # bnb_4bit_compute_dtype
+        for m in base_model.modules():
+            base = getattr(m, "base_layer", None)
+            if base is not None and id(getattr(base, "weight", None)) in quantized and hasattr(m, "lora_A"):
+                m.forward = types.MethodType(lora_fwd, m)
+            elif id(getattr(m, "weight", None)) in quantized and not hasattr(m, "base_layer"):
+                m.forward = types.MethodType(base_fwd, m)
+    # ---- load: parameters and buffers in creation order
+    lora = [] if qlora else [p for n, p in model.named_parameters() if "lora_" in n]
+    lora_ids = {id(p) for p in lora}
+    base = [] if qlora else [p for p in model.parameters() if id(p) not in lora_ids]
+    out_emb = model.get_output_embeddings()
+    tied = not qlora and out_emb is not None and out_emb.weight is in_emb.weight
+    for t in base + ([] if qlora else [b for b in model.buffers() if b.device.type == "meta"]):
+        st = t.untyped_storage()
+        if st._cdata not in rec.live and st.nbytes():
+            rec.live[st._cdata] = rec.alloc(st.nbytes())
+    if tied:  # the LM head's own weight, built then replaced by the tie
+        rec.free(rec.alloc(out_emb.weight.untyped_storage().nbytes()))
+    # A tied weight's two gradients (lm_head's, then the embedding's) meet in autograd's InputBuffer:
+    # under mixed precision lm_head's is autocast's fresh fp32 copy and the embedding's is added into
+    # it in place (the H100 memory history of llama-3.2-1b bf16-mixed, benchmarks/results/h100-2026-11-23-
+    # memory-history/b099647bb0f0.json.gz, frees the embedding's 1002 MiB gradient right after it is
+    # made); _sum_in_place replays that, with every other accumulation of the backward.
+    for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
+        st = p.untyped_storage()
+        rec.live[st._cdata] = rec.alloc(st.nbytes())
+    marks["after_load"] = len(rec.events)
+    # Trainer.train -> _inner_training_loop begins with accelerator.free_memory(): gc.collect() and
+    # torch.cuda.empty_cache(), releasing the segments load left free (a tied LM head's discarded
+    # weight: 1002 MiB of llama-3.2-1b's 6008 MiB reserved after load, 4958 MiB after setup, measured)
+    rec.events.append(("e",))
+
+    if setup.grad_ckpt:
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # torch's checkpoint re-enters autocast for the recompute: a fresh emulation (its own cache)
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        ckpt_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
+
+        def ctx_fn():
+            recompute = trace._autocast_mode(ckpt_dtype) if ckpt_dtype is not None else contextlib.nullcontext()
+            return contextlib.nullcontext(), recompute
+
+        for mod in base_model.modules():
+            if getattr(mod, "_gradient_checkpointing_func", None) is not None:
+                mod._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, context_fn=ctx_fn)
+        if setup.method != "full":
+            in_emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    fused_loss = setup.loss == "fused"
+    if fused_loss:  # what trl's SFTTrainer does to the model (vramfit train)
+        if key.autocast_dtype:
+            raise Unsupported("trl's fused loss under autocast (its tile dtype follows CUDA autocast)")
+        import logging
+
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # trl imports it: its CPU-kernel notice
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                          outputs=("log_probs", "entropy", "is_top1"))
+    model.train()
+
+    orig_fused = _fused_ok() if setup.optim == "adamw_torch_fused" else None
+    try:
+        opt = _make_optimizer(model, setup.optim)
+        ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
+        B, S = setup.micro_batch, setup.seq_len
+        params = [p for p in model.parameters() if p.requires_grad]
+        kernels = _trl_fused_kernels() if fused_loss else contextlib.nullcontext()
+        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), trace._quiet(), kernels:
+            accum = max(1, grad_accum)
+            for step in range(len(seq_lens) if seq_lens else steps):
+                S = seq_lens[step] if seq_lens else setup.seq_len
+                for micro in range(accum):
+                    at = f"step{step}" if micro == 0 else f"step{step}.micro{micro}"
+                    marks[f"{at}.forward"] = len(rec.events)
+                    ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+                    # the batch's attention_mask, moved to the GPU with it; all ones, so with sdpa the
+                    # model (given none) builds the same causal attention; eager joins it to the causal
+                    # mask as a (B, 1, S, S) bool (H100 memory history of smollm2-135m eager), so it
+                    # gets it
+                    mask = torch.ones((B, S), dtype=torch.long, device="meta")
+                    labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+                    rec.backward = False
+                    ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
+                    with ac:
+                        extra = {"fused_lm_head": True} if fused_loss else {}
+                        if key.attn == "eager":  # the padding mask joins the causal one: a (B, 1, S, S) bool
+                            extra["attention_mask"] = mask
+                        out = model(input_ids=ids, labels=labels, **extra)
+                    if ac_dtype is not None:
+                        out = _outputs_to_fp32(out)
+                    loss = out.loss if accum == 1 else out.loss / accum  # the Trainer's scaling
+                    del out, ac
+                    marks[f"{at}.backward"] = len(rec.events)
+                    rec.backward = True
+                    loss.backward()
+                    del loss, ids, mask, labels
+                    rec.backward = False
+                marks[f"step{step}.clip"] = len(rec.events)
+                _clip_grad_norm(params, 1.0)
+                marks[f"step{step}.optimizer"] = len(rec.events)
+                opt.step()
+                marks[f"step{step}.post_step"] = len(rec.events)
+                for p in params:
+                    p.grad = None
+        marks["end"] = len(rec.events)
+    finally:
+        if orig_fused is not None:
+            import torch.optim.optimizer as opt_mod
+
+            opt_mod._get_fused_kernels_supported_devices = orig_fused
+    return {"events": _sum_in_place(rec.events, rec.sums, marks), "marks": marks}

@@ -1,0 +1,119 @@
+"""What the planner searches: the setup axes, their defaults and the `Space` of one search."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from vramfit.errors import VramfitError
+from vramfit.memory.setup import Setup, make_setup, resolve_targets
+
+DEFAULT_EFFECTIVE_BATCH = 16
+DEFAULT_SEQ_LEN = 2048
+# 5% of the budget: larger than the memory model's typical error on the accuracy grid and than
+# the allocator's run-to-run variation, small enough not to cost a micro-batch step on most cards.
+DEFAULT_HEADROOM = "5%"
+# One LoRA configuration for both LoRA and QLoRA, so the method is a memory/speed choice and not
+# a quality one: rank 16 on every Linear but the LM head (the QLoRA paper, Dettmers et al. 2023,
+# found adapters on all linear layers needed to match full fine-tuning; "all-linear" also names
+# the right layers in every architecture), alpha = 2 x rank, dropout 0.05.
+DEFAULT_LORA_R = 16
+DEFAULT_TARGET_MODULES = "all-linear"
+OPTIMS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+          "adafactor")
+ALLOCATOR_CHOICES = ("default", "expandable")
+
+
+def precisions_for(method: str, bf16: bool) -> tuple:
+    """Precisions worth trying: bf16 where the GPU has it; else fp16 (never pure fp16 for full
+    fine-tuning: AdamW's updates underflow in fp16 weights) and fp32."""
+    if bf16:
+        return ("bf16-true", "bf16-mixed")
+    if method == "full":
+        return ("16-mixed", "32-true")
+    if method == "qlora":
+        return ("16-true", "16-mixed")
+    return ("16-true", "16-mixed", "32-true")
+
+
+def divisors(n: int) -> tuple:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class Space:
+    """What the search may vary; None means "search it"."""
+
+    seq_len: int = DEFAULT_SEQ_LEN
+    effective_batch: int = DEFAULT_EFFECTIVE_BATCH
+    micro_batch: int | None = None
+    methods: tuple = ("full", "lora", "qlora")
+    precision: str | None = None
+    optim: str | None = None
+    grad_ckpt: bool | None = None
+    allocator: str | None = None
+    lora_r: int = DEFAULT_LORA_R
+    lora_alpha: int | None = None
+    target_modules: str = DEFAULT_TARGET_MODULES
+    attn: str = "sdpa"
+    loss: str = "logits"
+    padded: bool = False
+
+    def setups(self, bf16: bool) -> list:
+        """Every combination, micro-batches being the divisors of the effective batch."""
+        def axis(fixed, default):
+            return (fixed,) if fixed is not None else default
+
+        out = []
+        for method in self.methods:
+            lora = {} if method == "full" else dict(lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                                                     target_modules=self.target_modules)
+            for precision, optim, ckpt, alloc, mb in itertools.product(
+                    axis(self.precision, precisions_for(method, bf16)), axis(self.optim, OPTIMS),
+                    axis(self.grad_ckpt, (False, True)), axis(self.allocator, ALLOCATOR_CHOICES),
+                    axis(self.micro_batch, divisors(self.effective_batch))):
+                out.append(Setup(method=method, precision=precision, optim=optim, seq_len=self.seq_len,
+                                 micro_batch=mb, grad_accum=self.effective_batch // mb, grad_ckpt=ckpt,
+                                 allocator=alloc, attn=self.attn, loss=self.loss, padded=self.padded, **lora))
+        return out
+
+
+# Setups within 1% of each other in predicted speed are a tie (the cost model is not that
+# precise): the tie goes to the plainer setup, then to the faster one.  Plain: torch's
+# AdamW, then bitsandbytes' AdamW (same algorithm, quantized or paged states), then Adafactor
+
+
+def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LEN,
+               effective_batch: int = DEFAULT_EFFECTIVE_BATCH, micro_batch: int | None = None,
+               lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
+               precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
+               allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", padded: bool = False) -> Space:
+    """Validate the user's restrictions against the model and the GPU -> Space."""
+    methods = ("full", "lora", "qlora") if method == "auto" else (method,)
+    if method == "auto" and spec.has_fused_experts:  # QLoRA of fused MoE experts is not modelled
+        methods = ("full", "lora")
+    if spec.has_fused_experts and not device.bf16:
+        raise VramfitError(f"{spec.architecture}'s fused experts need bf16 (torch's grouped_mm), which the "
+                           f"{device.name} does not have")
+    if method != "auto":
+        make_setup(method=method, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules)
+    elif precision is not None:  # keep the methods the precision applies to
+        methods = tuple(m for m in methods if not (m == "qlora" and precision == "32-true")
+                        and not (m == "full" and precision == "16-true"))
+    for m in methods:  # names, ranges and LoRA targets, with make_setup's messages
+        s = make_setup(method=m, precision=precision or precisions_for(m, device.bf16)[0], optim=optim or "adamw_torch",
+                       lora_r=None if m == "full" else lora_r, lora_alpha=None if m == "full" else lora_alpha,
+                       target_modules=None if m == "full" else (target_modules or DEFAULT_TARGET_MODULES),
+                       seq_len=seq_len, micro_batch=micro_batch or 1, grad_accum=effective_batch,
+                       allocator=allocator or "default", attn=attn, loss=loss)
+        resolve_targets(spec, s)
+    if precision and precision.startswith("bf16") and not device.bf16:
+        raise VramfitError(f"the {device.name} has no bf16 (compute capability {device.compute_capability}); "
+                           f"use --precision 16-mixed, 16-true or 32-true")
+    if micro_batch is not None and effective_batch % micro_batch:
+        raise VramfitError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
+    return Space(seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch, methods=methods,
+                 precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator,
+                 lora_r=lora_r or DEFAULT_LORA_R, lora_alpha=lora_alpha,
+                 target_modules=target_modules or DEFAULT_TARGET_MODULES, attn=attn, loss=loss, padded=padded)
+
