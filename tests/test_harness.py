@@ -107,6 +107,21 @@ def test_lora_qv_r4_on_tiny_llama_with_checkpointing_counts_like_peft_and_trains
     assert "use_reentrant" in result["gradient_checkpointing"]["kwargs"]
 
 
+def test_bf16_weights_under_bf16_autocast_with_trl_fused_loss_trains_lora(tiny_profiles, tmp_path):
+    """The guides' recipe (dtype=bfloat16 + bf16=True) with SFTTrainer's fused LM head: bf16 base
+    weights, fp32 adapters (peft), a loss from the fused head and no logits."""
+    pytest.importorskip("trl")
+    case = tiny_case(method="lora", precision="bf16-amp", lora_r=4, target_modules=["q_proj", "v_proj"],
+                     loss="fused")
+    assert case["loss"] == "fused" and "loss" not in tiny_case()  # older cases keep their ids
+    result = harness.run_in_child("train", case, 180, str(tmp_path / "log"))
+    assert result["status"] == "ok", result.get("traceback") or result.get("log_tail")
+    by_dtype = result["params"]["param_bytes_by_dtype"]
+    assert by_dtype["torch.bfloat16"] == 2 * TINY_LLAMA_PARAMS
+    assert by_dtype["torch.float32"] == 4 * TINY_LLAMA_LORA_QV_R4
+    assert all(s["loss"] is not None and s["loss"] > 0 for s in result["steps"])
+
+
 def test_cli_appends_one_line_per_case_and_skip_done_runs_nothing_twice(tiny_profiles, tmp_path):
     cases_file = tmp_path / "two.json"
     cases_file.write_text(json.dumps([tiny_case(), tiny_case(optim="sgd")]))

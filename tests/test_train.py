@@ -80,6 +80,17 @@ def test_lora_three_steps_through_the_cli_write_adapter_report_timeline_and_plot
     assert "step 3/3 · loss" in r.output  # plain progress lines in a pipe
 
 
+def test_the_guides_recipe_bf16_weights_under_bf16_autocast_trains_as_given(workdir, model_dir, alpaca):
+    """--dtype bfloat16 --amp bf16: from_pretrained(dtype=bfloat16) and SFTConfig(bf16=True), as predicted."""
+    out = workdir / "bf16-amp-run"
+    args = [a for a in LORA_ARGS if a not in ("--precision", "32-true")]
+    r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(out), *args, "--dtype", "bfloat16", "--amp", "bf16"])
+    assert r.exit_code == 0, r.output
+    rep = report(out)
+    assert rep["status"] == "completed" and rep["setup"]["precision"] == "bf16-amp"
+    assert all(math.isfinite(x["loss"]) for x in rep["losses"])
+
+
 def test_merge_folds_the_adapter_into_a_standard_model(lora_run, model_dir, workdir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

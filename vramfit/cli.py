@@ -43,11 +43,28 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _precision(precision: str | None, dtype: str | None, amp: str | None) -> str | None:
+    """--precision, or the (--dtype, --amp) pair it is shorthand for."""
+    from vramfit.memory.setup import PRECISIONS, _choice, resolve_precision
+
+    try:
+        if precision is not None:
+            _choice("precision", precision, PRECISIONS)
+        return resolve_precision(precision, dtype, amp)
+    except VramfitError as exc:
+        _fail(exc)
+
+
 @app.command()
 def estimate(
     model: str = typer.Argument(..., help="bundled profile (`vramfit profiles`), config.json, model directory or hub id"),
     method: Method = typer.Option(Method.lora, help="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base)"),
-    precision: str = typer.Option("bf16-true", help="32-true | bf16-true | bf16-mixed | 16-mixed | 16-true"),
+    precision: Optional[str] = typer.Option(None, help="shorthand for a (dtype, amp) pair: 32-true | bf16-true | "
+                                            "bf16-mixed | bf16-amp | 16-mixed | 16-true | 16-amp [default: bf16-true]"),
+    dtype: Optional[str] = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 "
+                                        "(with --amp, instead of --precision)"),
+    amp: Optional[str] = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 "
+                                      "(fp16=True) (with --dtype, instead of --precision)"),
     optim: str = typer.Option("adamw_torch", help="TrainingArguments.optim: adamw_torch, adamw_torch_fused, "
                               "adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor, sgd"),
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
@@ -76,6 +93,8 @@ def estimate(
 ):
     """Predict the GPU memory of one fine-tuning step: a breakdown and the three peaks."""
     from vramfit.api import estimate as run_estimate
+
+    precision = _precision(precision, dtype, amp)
 
     if gpus is not None or strategy is not None:
         return _estimate_gpus(model, gpus or 1, strategy or "ddp", as_json, trust_remote_code,
@@ -157,12 +176,16 @@ def plan(
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
     lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha [default: 2 x rank]"),
     target_modules: Optional[str] = typer.Option(None, help="comma list, 'all-linear' or a regex [default: all-linear]"),
-    precision: Optional[str] = typer.Option(None, help="fix the precision [default: searched: bf16-true, bf16-mixed; "
-                                            "16-true, 16-mixed, 32-true without bf16]"),
+    precision: Optional[str] = typer.Option(None, help="fix the precision [default: searched: bf16-amp, bf16-true, "
+                                            "bf16-mixed; 16-amp, 16-true, 16-mixed, 32-true without bf16]"),
+    dtype: Optional[str] = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 "
+                                        "(with --amp, instead of --precision)"),
+    amp: Optional[str] = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 "
+                                      "(fp16=True) (with --dtype, instead of --precision)"),
     optim: Optional[str] = typer.Option(None, help="fix the optimizer [default: searched]"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
                                              "[default: searched]"),
-    loss: Loss = typer.Option(Loss.logits, help=LOSS_HELP),
+    loss: Loss = typer.Option(Loss.fused, help=LOSS_HELP + " [default: fused, as vramfit train runs]"),
     padded: bool = typer.Option(False, "--padded", help="batches padded to their longest row, as real data of "
                                 "varying lengths is: an attention mask reaches SDPA, and grouped KV heads are "
                                 "repeated (what vramfit train predicts with when its rows differ in length)"),
@@ -179,6 +202,8 @@ def plan(
 ):
     """The best fine-tuning setup of MODEL that fits the GPU: verdict, candidates, rejections, levers."""
     from vramfit.planner import search as planner
+
+    precision = _precision(precision, dtype, amp)
 
     restrictions = dict(method=method.value, seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch,
                         lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, precision=precision,
@@ -333,7 +358,12 @@ def train(
     seq_len_from: SeqLenFrom = typer.Option(SeqLenFrom.max, help="the data's token length the memory prediction "
                                             "uses: the longest row or the 99th percentile"),
     method: Optional[Method] = typer.Option(None, help="full | lora | qlora [default: the planner's]"),
-    precision: Optional[str] = typer.Option(None, help="32-true | bf16-true | bf16-mixed | 16-mixed | 16-true"),
+    precision: Optional[str] = typer.Option(None, help="32-true | bf16-true | bf16-mixed | bf16-amp | 16-mixed | "
+                                            "16-true | 16-amp [default: planned]"),
+    dtype: Optional[str] = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 "
+                                        "(with --amp, instead of --precision)"),
+    amp: Optional[str] = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 "
+                                      "(fp16=True) (with --dtype, instead of --precision)"),
     optim: Optional[str] = typer.Option(None, help="a TrainingArguments.optim name"),
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
     lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha [default: 2 x rank]"),
@@ -376,8 +406,11 @@ def train(
                                   "cheaper setup from the last checkpoint"),
     fit_check: bool = typer.Option(True, "--fit-check/--no-fit-check", help="refuse a setup predicted not to fit"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
-    gpus: int | None = typer.Option(None, help="train on N GPUs of this machine through accelerate launch "
-                                       "(one process per GPU) [default: 1, no launcher]"),
+    gpus: str | None = typer.Option(None, help="train on N GPUs of this machine through accelerate launch "
+                                       "(one process per GPU), or MxN: M machines of N GPUs (run the same command "
+                                       "on each, with --node-rank and --main-host) [default: 1, no launcher]"),
+    node_rank: int | None = typer.Option(None, help="with --gpus MxN: this machine's rank, 0 on the main one"),
+    main_host: str | None = typer.Option(None, help="with --gpus MxN: the main machine's address (every machine)"),
     strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
                                         "zero3, zero2-offload, zero3-offload [default: the planner's]"),
     cpu: bool = typer.Option(False, "--cpu", help="with --gpus N: N CPU processes over gloo instead (DDP only; "
@@ -399,6 +432,7 @@ def train(
                       resume=resume, fallback=fallback, fit_check=fit_check, gpu=gpu, headroom=headroom,
                       enforce_budget=enforce_budget, simulate_allocator=simulate_allocator,
                       effective_batch=effective_batch, trust_remote_code=trust_remote_code)
+    precision = _precision(precision, dtype, amp)
     setup_options = dict(method=method.value if method else None, precision=precision, optim=optim, lora_r=lora_r,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                          micro_batch=micro_batch, grad_accum=grad_accum, grad_ckpt=grad_ckpt, seq_len=seq_len,
@@ -409,7 +443,8 @@ def train(
 
             if gpus is None:
                 raise VramfitError("--strategy and --cpu need --gpus N")
-            rep = launch(model, data, opts, setup_options, gpus, strategy, cpu, console=Console(stderr=as_json))
+            rep = launch(model, data, opts, setup_options, gpus, strategy, cpu, console=Console(stderr=as_json),
+                         node_rank=node_rank, main_host=main_host)
         else:
             rep = run_train(model, data, opts, setup_options, console=Console(stderr=as_json))
     except VramfitError as exc:

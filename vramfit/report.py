@@ -118,8 +118,8 @@ def plan_verdict(p) -> str:
     how.append(f"micro-batch {s.micro_batch} x {s.grad_accum}")
     if s.grad_ckpt:
         how.append("checkpointing")
-    if s.loss == "fused":
-        how.append("trl's fused loss")
+    how.append("trl's fused loss (SFTTrainer, as vramfit train runs)" if s.loss == "fused"
+               else "full-logits loss (transformers Trainer)")
     return (f"[bold]{p.model}[/] fits on [bold]{p.device.name}[/] with {', '.join(how)}: "
             f"{fmt_bytes(c.device_bytes)} of {fmt_bytes(p.usable_bytes)} usable, {fmt_rate(c.tokens_per_s)}")
 

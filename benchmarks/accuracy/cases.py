@@ -4,7 +4,10 @@ A training case:
     model             profile name: profiles/models/<model>.json (an HF config.json plus `_` keys)
     config_overrides  dict applied to that config, e.g. {"num_hidden_layers": 4}
     method            full | lora | qlora
-    precision         32-true | bf16-true | bf16-mixed | 16-mixed | 16-true
+    precision         32-true | bf16-true | bf16-mixed | bf16-amp | 16-mixed | 16-true | 16-amp
+                      (vramfit.memory.setup: bf16-amp = dtype bfloat16 + bf16=True, the guides' recipe)
+    loss              only when "fused": trl's fused LM head (add_fused_lm_head, as SFTTrainer); absent:
+                      the model's own loss from full logits (cases made before the key keep their ids)
     optim             a transformers TrainingArguments.optim name
     lora_r, lora_alpha, lora_dropout, target_modules   (None for full fine-tuning)
     seq_len, micro_batch, grad_ckpt, attn, allocator, steps, memory_fraction
@@ -27,7 +30,7 @@ PROFILES_DIR = REPO_ROOT / "profiles" / "models"
 PROFILES_ENV = "VRAMFIT_PROFILES_DIR"
 
 METHODS = ("full", "lora", "qlora")
-PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed", "16-true")
+PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "bf16-amp", "16-mixed", "16-true", "16-amp")
 ALLOCATORS = {"default": None, "expandable": "expandable_segments:True"}
 
 # precision -> (dtype the weights are loaded in, TrainingArguments bf16, fp16)
@@ -37,6 +40,8 @@ PRECISION_SETUP = {
     "bf16-mixed": ("float32", True, False),
     "16-mixed": ("float32", False, True),
     "16-true": ("float16", False, False),
+    "bf16-amp": ("bfloat16", True, False),
+    "16-amp": ("float16", False, True),
 }
 
 
@@ -57,6 +62,7 @@ def training_case(
     config_overrides: dict | None = None,
     steps: int = 3,
     memory_fraction: float | None = None,
+    loss: str = "logits",
 ) -> dict:
     """A complete training case dict; LoRA keys are None for full fine-tuning."""
     if method not in METHODS:
@@ -66,7 +72,8 @@ def training_case(
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator {allocator!r} not in {list(ALLOCATORS)}")
     lora = method != "full"
-    return {
+    extra = {"loss": "fused"} if loss == "fused" else {}
+    return {**extra,
         "kind": "train",
         "model": model,
         "config_overrides": dict(config_overrides or {}),

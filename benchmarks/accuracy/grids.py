@@ -4,6 +4,11 @@
 - `issue2` : 36 configurations, 8 architectures, ~135M to ~7B, all methods; under ~8 min on an H100.
 - `full`   : the issue 3 grid (>=160 configurations, >=10 architectures, a shrunk MoE, configurations
              that do not fit in 80 GB); run it in shards of <= 9 minutes (`--shard i/4`).
+- `recipes`: the standard guides' recipes (issue 19): bfloat16 weights under bf16 autocast
+             (`from_pretrained(dtype=bfloat16)` + `bf16=True`) for full / LoRA / QLoRA (QLoRA through
+             prepare_model_for_kbit_training), float32 weights under bf16, with and without
+             checkpointing, LoRA q,v and all-linear up to r64, both losses (the model's own and trl's
+             fused head), 7 architectures.
 
 Large architectures are shrunk with `config_overrides` (fewer layers) where the aim is the shape
 of the model, not its size. Paged optimizers use CUDA managed memory: they appear only in cases
@@ -268,7 +273,46 @@ def full() -> list[dict]:
             + _allocator_and_fraction_sweep() + _large_and_oom())
 
 
-GRIDS = {"smoke": smoke, "issue2": issue2, "full": full}
+RECIPE_MODELS = {
+    "llama-3.2-1b": {}, "qwen2.5-0.5b": {}, "smollm2-360m": {}, "gemma-2b": {}, "pythia-410m": {},
+    "phi-3-mini": {"num_hidden_layers": 8}, "mistral-7b-v0.1": {"num_hidden_layers": 8},
+}
+
+
+def recipes() -> list[dict]:
+    out = []
+    for model, ov in RECIPE_MODELS.items():
+        seq = 1024
+        out += [
+            T(model, "lora", "bf16-amp", "adamw_torch", seq_len=seq, micro_batch=4, lora_r=16,
+              target_modules=qv(model), config_overrides=ov),
+            T(model, "lora", "bf16-amp", "adamw_torch_fused", seq_len=seq, micro_batch=4, grad_ckpt=True,
+              lora_r=64, target_modules="all-linear", config_overrides=ov),
+            T(model, "qlora", "bf16-amp", "paged_adamw_8bit", seq_len=seq, micro_batch=4, grad_ckpt=True,
+              lora_r=16, target_modules="all-linear", config_overrides=ov),
+            T(model, "full", "bf16-amp", "adamw_torch_fused", seq_len=seq, micro_batch=2, config_overrides=ov),
+            T(model, "lora", "bf16-amp", "adamw_torch", seq_len=seq, micro_batch=4, grad_ckpt=True, lora_r=16,
+              target_modules="all-linear", config_overrides=ov, loss="fused"),
+        ]
+    for model in ("llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b-v0.1"):  # float32 weights under bf16
+        ov = RECIPE_MODELS[model]
+        out += [
+            T(model, "lora", "bf16-mixed", "adamw_torch", seq_len=1024, micro_batch=2, lora_r=16,
+              target_modules=qv(model), config_overrides=ov),
+            T(model, "qlora", "bf16-amp", "paged_adamw_8bit", seq_len=1024, micro_batch=4, grad_ckpt=True,
+              lora_r=16, target_modules="all-linear", config_overrides=ov, loss="fused"),
+            T(model, "full", "bf16-amp", "adamw_torch_fused", seq_len=1024, micro_batch=2, grad_ckpt=True,
+              config_overrides=ov, loss="fused"),
+        ]
+    # full-size QLoRA at 2,048 tokens, as SFTTrainer runs it: the load phase (quantization,
+    # prepare_model_for_kbit_training) and the 12 GB question of the README
+    for model in ("qwen2.5-3b", "llama-3.1-8b"):
+        out.append(T(model, "qlora", "bf16-amp", "paged_adamw_8bit", seq_len=2048, micro_batch=1, grad_ckpt=True,
+                     lora_r=16, target_modules="all-linear", loss="fused"))
+    return out
+
+
+GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes}
 
 
 def get(name: str) -> list[dict]:

@@ -36,7 +36,7 @@ def case_setup(case: dict) -> Setup:
               lora_dropout=case.get("lora_dropout") if case.get("lora_dropout") is not None else 0.05,
               target_modules=targets, seq_len=case["seq_len"], micro_batch=case["micro_batch"],
               grad_ckpt=bool(case.get("grad_ckpt")), attn=case.get("attn", "sdpa"),
-              allocator=case.get("allocator", "default"))
+              allocator=case.get("allocator", "default"), loss=case.get("loss", "logits"))
     validate(s)
     return s
 

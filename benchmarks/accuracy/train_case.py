@@ -79,11 +79,16 @@ class PhaseRecorder:
         self.steps[-1]["seconds"] = time.perf_counter() - self._t0
 
 
-def make_trainer_class(transformers, recorder: PhaseRecorder):
+def make_trainer_class(transformers, recorder: PhaseRecorder, fused: bool = False):
     class MeasuredTrainer(transformers.Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
+            if fused:  # SFTTrainer's path: per-token log-probs from the fused head, no logits
+                outputs = model(**inputs, fused_lm_head=True)
+                loss = outputs.loss
+                out = (loss, outputs) if return_outputs else loss
+            else:
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
             loss = out[0] if return_outputs else out
             if recorder.steps:
                 recorder.steps[-1]["loss"] = float(loss.detach().float())
@@ -179,6 +184,10 @@ def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
             model = transformers.AutoModelForCausalLM.from_config(
                 build_config(transformers, config_dict), dtype=dtype,
                 attn_implementation=case["attn"])
+    if case.get("loss") == "fused":  # what trl's SFTTrainer does to the model, before LoRA
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     if case["method"] in ("lora", "qlora"):
         import peft
 
@@ -275,7 +284,7 @@ def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = No
         dataset = random_tokens_dataset(torch, n, case["seq_len"], config_dict["vocab_size"])
         with tempfile.TemporaryDirectory() as out_dir:
             args = training_arguments(transformers, case, out_dir, recorder.cuda)
-            trainer = make_trainer_class(transformers, recorder)(
+            trainer = make_trainer_class(transformers, recorder, fused=case.get("loss") == "fused")(
                 model=model, args=args, train_dataset=dataset,
                 callbacks=[make_callback(transformers, recorder, result)])
             t = time.perf_counter()

@@ -33,6 +33,7 @@ class Estimate:
     def to_json(self) -> dict:
         s = asdict(self.setup)
         s.pop("extras", None)
+        s["dtype"], s["amp"] = self.setup.dtype, self.setup.amp
         s["lora_alpha"] = self.setup.lora_alpha if self.setup.method != "full" else None
         if self.setup.method == "full":
             for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules"):

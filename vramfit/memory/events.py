@@ -281,8 +281,6 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             in_emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     fused_loss = setup.loss == "fused"
     if fused_loss:  # what trl's SFTTrainer does to the model (vramfit train)
-        if key.autocast_dtype:
-            raise Unsupported("trl's fused loss under autocast (its tile dtype follows CUDA autocast)")
         import logging
 
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # trl imports it: its CPU-kernel notice
@@ -298,7 +296,7 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
         ac_dtype = getattr(torch, key.autocast_dtype) if key.autocast_dtype else None
         B, S = setup.micro_batch, setup.seq_len
         params = [p for p in model.parameters() if p.requires_grad]
-        kernels = _trl_fused_kernels() if fused_loss else contextlib.nullcontext()
+        kernels = _trl_fused_kernels(ac_dtype) if fused_loss else contextlib.nullcontext()
         with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), trace._quiet(), kernels:
             accum = max(1, grad_accum)
             for step in range(len(seq_lens) if seq_lens else steps):

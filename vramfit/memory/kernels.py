@@ -213,9 +213,12 @@ def _qlora_load(rec, model, base_model, quantized: dict) -> None:
 
 
 @contextlib.contextmanager
-def _trl_fused_kernels():
+def _trl_fused_kernels(autocast_dtype=None):
     """trl's fused LM head as it runs on a GPU, on the meta device: its Triton kernels fold each
-    tile in place (nothing allocated) and the fp32 gradient GEMMs accumulate in place."""
+    tile in place (nothing allocated) and the fp32 gradient GEMMs accumulate in place.  Under
+    autocast (`autocast_dtype`, the Trainer's bf16 / fp16) the head computes its tiles in that
+    dtype, casting the hidden states and each weight tile to it: the forward asks
+    `torch.is_autocast_enabled(device)`, which the meta device answers as the CUDA run would."""
     import types
 
     from trl.kernels import chunked_logprob as kern
@@ -228,10 +231,12 @@ def _trl_fused_kernels():
                                                           "_addmm_fp32", "triton")}
     import torch
 
-    is_autocast = torch.is_autocast_enabled
-    # the kernel asks autocast about the tensors' device, which has no autocast on meta: no autocast
-    # is what a run without mixed precision has (mixed precision is refused before this)
-    torch.is_autocast_enabled = lambda *a: False if a and a[0] == "meta" else is_autocast(*a)
+    is_autocast, autocast_of = torch.is_autocast_enabled, torch.get_autocast_dtype
+    # the kernel asks autocast about the tensors' device, which has no autocast on meta: answer as
+    # CUDA would under the Trainer's autocast (on during the forward, where the kernel asks)
+    on = autocast_dtype is not None
+    torch.is_autocast_enabled = lambda *a: on if a and a[0] == "meta" else is_autocast(*a)
+    torch.get_autocast_dtype = lambda *a: autocast_dtype if a and a[0] == "meta" else autocast_of(*a)
     kern._use_triton = lambda device: True
     kern._forward_kernel = kern._backward_kernel = _NoKernel()
     kern._addmm_fp32 = lambda acc, a, b: None
@@ -240,7 +245,7 @@ def _trl_fused_kernels():
     try:
         yield
     finally:
-        torch.is_autocast_enabled = is_autocast
+        torch.is_autocast_enabled, torch.get_autocast_dtype = is_autocast, autocast_of
         for name, value in saved.items():
             if value is None:
                 if hasattr(kern, name):

@@ -1,7 +1,11 @@
 """Setup: one fine-tuning configuration, validated, in the field's own names.
 
-Precision names are Lightning's, optimizer names are `transformers.TrainingArguments.optim`'s,
-LoRA fields are `peft.LoraConfig`'s.  Nothing here imports torch.
+A precision is a pair in transformers' own words: `dtype`, what `from_pretrained(dtype=...)` loads,
+and `amp`, the autocast `TrainingArguments(bf16=/fp16=)` turns on.  Lightning's names are shorthand
+for the pairs they name (bf16-true = bfloat16 weights, no autocast; bf16-mixed = float32 weights
+under bf16 autocast); the pairs Lightning has no name for get one here: bf16-amp is the standard
+guides' recipe (dtype=bfloat16 and bf16=True), 16-amp its fp16 twin.  Optimizer names are
+`TrainingArguments.optim`'s, LoRA fields are `peft.LoraConfig`'s.  Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -20,10 +24,27 @@ PRECISIONS = {
     "32-true": ("float32", None),
     "bf16-true": ("bfloat16", None),
     "bf16-mixed": ("float32", "bfloat16"),
+    "bf16-amp": ("bfloat16", "bfloat16"),
     "16-mixed": ("float32", "float16"),
     "16-true": ("float16", None),
+    "16-amp": ("float16", "float16"),
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = ("float32", "bfloat16", "float16")  # from_pretrained(dtype=...)
+AMPS = {"none": None, "bf16": "bfloat16", "fp16": "float16"}  # TrainingArguments(bf16=True / fp16=True)
+
+
+def precision_of(dtype: str, amp: str) -> str:
+    """The precision name of a (dtype, amp) pair, in transformers' words."""
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16",
+             "float": "float32"}.get(dtype, dtype)
+    _choice("dtype", dtype, DTYPES)
+    _choice("amp", amp, AMPS)
+    for name, pair in PRECISIONS.items():
+        if pair == (dtype, AMPS[amp]):
+            return name
+    raise VramfitError(f"dtype {dtype} with amp {amp} is not a recipe transformers trains: autocast to "
+                       f"{AMPS[amp]} over {dtype} weights; use --amp none or the matching --amp")
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,16 @@ class Setup:
         return PRECISIONS[self.precision][1]
 
     @property
+    def dtype(self) -> str:
+        """What `from_pretrained(dtype=...)` loads (QLoRA: the dtype its non-quantized weights load in)."""
+        return self.param_dtype
+
+    @property
+    def amp(self) -> str:
+        """`TrainingArguments`' autocast: none | bf16 | fp16."""
+        return {v: k for k, v in AMPS.items()}[self.autocast_dtype]
+
+    @property
     def compute_dtype(self) -> str:
         return self.autocast_dtype or self.param_dtype
 
@@ -137,10 +168,27 @@ def _positive(name: str, value) -> None:
         raise VramfitError(f"{name} must be a positive integer, got {value!r}")
 
 
+def resolve_precision(precision: str | None, dtype: str | None, amp: str | None) -> str | None:
+    """--precision, or --dtype and --amp (either alone keeps the other's default: bfloat16, bf16)."""
+    if dtype is None and amp is None:
+        return precision
+    pair = precision_of(dtype or "bfloat16", amp or "bf16")
+    if precision is not None and precision != pair:
+        raise VramfitError(f"--precision {precision} is dtype {PRECISIONS[precision][0]} with amp "
+                           f"{ {v: k for k, v in AMPS.items()}.get(PRECISIONS[precision][1])}, not what "
+                           f"--dtype/--amp say ({pair}): give one or the other")
+    return pair
+
+
 def make_setup(method: str = "lora", precision: str | None = None, lora_r: int | None = None,
                lora_alpha: int | None = None, lora_dropout: float | None = None,
-               target_modules: str | None = None, **kwargs) -> Setup:
-    """Build a validated Setup; LoRA options with method=full are an error, not ignored."""
+               target_modules: str | None = None, dtype: str | None = None, amp: str | None = None,
+               **kwargs) -> Setup:
+    """Build a validated Setup; LoRA options with method=full are an error, not ignored.
+    `dtype` / `amp` (transformers' words) name the precision instead of `precision`."""
+    if precision is not None:
+        _choice("precision", precision, PRECISIONS)
+    precision = resolve_precision(precision, dtype, amp)
     method = _choice("method", method, METHODS)
     if method == "full":
         given = [n for n, v in (("--lora-r", lora_r), ("--lora-alpha", lora_alpha),
@@ -177,7 +225,11 @@ def validate(s: Setup) -> None:
             raise VramfitError(f"lora-dropout must be in [0, 1), got {s.lora_dropout}")
     if s.method == "qlora":
         if s.precision in ("32-true",):
-            raise VramfitError("QLoRA computes in bf16 or fp16: use --precision bf16-true, bf16-mixed, 16-true or 16-mixed")
+            raise VramfitError("QLoRA computes in bf16 or fp16: use --precision bf16-amp, bf16-true, bf16-mixed, "
+                               "16-amp, 16-true or 16-mixed")
+    if s.method == "full" and s.precision == "16-amp":
+        raise VramfitError("full fine-tuning of float16 weights under fp16 autocast does not train: the Trainer's "
+                           "GradScaler refuses fp16 gradients; use --dtype float32 --amp fp16 (16-mixed)")
         if s.quant_type not in ("nf4", "fp4"):
             raise VramfitError(f"unknown 4-bit quant type '{s.quant_type}'; valid: nf4, fp4")
 

@@ -67,6 +67,7 @@ class Lever:
 def setup_json(s: Setup) -> dict:
     d = asdict(s)
     d.pop("extras", None)
+    d["dtype"], d["amp"] = s.dtype, s.amp
     if s.method == "full":
         for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules"):
             d[k] = None

@@ -154,7 +154,7 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
          seq_len: int = DEFAULT_SEQ_LEN, effective_batch: int = DEFAULT_EFFECTIVE_BATCH, micro_batch: int | None = None,
          lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
          precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
-         allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", padded: bool = False,
+         allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False,
          constants=None, cost: CostModel | None = None, trust_remote_code: bool = False,
          simulate_allocator: bool = False) -> Plan:
     """The best setup of MODEL that fits GPU.  MODEL: profile, config.json, directory, hub id or a

@@ -25,15 +25,16 @@ ALLOCATOR_CHOICES = ("default", "expandable")
 
 
 def precisions_for(method: str, bf16: bool) -> tuple:
-    """Precisions worth trying: bf16 where the GPU has it; else fp16 (never pure fp16 for full
-    fine-tuning: AdamW's updates underflow in fp16 weights) and fp32."""
+    """Precisions worth trying: bf16 where the GPU has it (first the standard guides' recipe,
+    bfloat16 weights under bf16 autocast); else fp16 (never fp16 weights for full fine-tuning:
+    AdamW's updates underflow in them, and the Trainer's GradScaler refuses their gradients) and fp32."""
     if bf16:
-        return ("bf16-true", "bf16-mixed")
+        return ("bf16-amp", "bf16-true", "bf16-mixed")
     if method == "full":
         return ("16-mixed", "32-true")
     if method == "qlora":
-        return ("16-true", "16-mixed")
-    return ("16-true", "16-mixed", "32-true")
+        return ("16-amp", "16-true", "16-mixed")
+    return ("16-amp", "16-true", "16-mixed", "32-true")
 
 
 def divisors(n: int) -> tuple:
@@ -56,7 +57,7 @@ class Space:
     lora_alpha: int | None = None
     target_modules: str = DEFAULT_TARGET_MODULES
     attn: str = "sdpa"
-    loss: str = "logits"
+    loss: str = "fused"
     padded: bool = False
 
     def setups(self, bf16: bool) -> list:
@@ -87,7 +88,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
                effective_batch: int = DEFAULT_EFFECTIVE_BATCH, micro_batch: int | None = None,
                lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
                precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
-               allocator: str | None = None, attn: str = "sdpa", loss: str = "logits", padded: bool = False) -> Space:
+               allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False) -> Space:
     """Validate the user's restrictions against the model and the GPU -> Space."""
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
     if method == "auto" and spec.has_fused_experts:  # QLoRA of fused MoE experts is not modelled
@@ -99,7 +100,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
         make_setup(method=method, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules)
     elif precision is not None:  # keep the methods the precision applies to
         methods = tuple(m for m in methods if not (m == "qlora" and precision == "32-true")
-                        and not (m == "full" and precision == "16-true"))
+                        and not (m == "full" and precision in ("16-true", "16-amp")))
     for m in methods:  # names, ranges and LoRA targets, with make_setup's messages
         s = make_setup(method=m, precision=precision or precisions_for(m, device.bf16)[0], optim=optim or "adamw_torch",
                        lora_r=None if m == "full" else lora_r, lora_alpha=None if m == "full" else lora_alpha,
@@ -109,7 +110,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
         resolve_targets(spec, s)
     if precision and precision.startswith("bf16") and not device.bf16:
         raise VramfitError(f"the {device.name} has no bf16 (compute capability {device.compute_capability}); "
-                           f"use --precision 16-mixed, 16-true or 32-true")
+                           f"use --precision 16-amp, 16-mixed, 16-true or 32-true")
     if micro_batch is not None and effective_batch % micro_batch:
         raise VramfitError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
     return Space(seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch, methods=methods,
