@@ -235,8 +235,9 @@ def test_train_without_a_complete_setup_asks_the_planner_for_setup_and_strategy(
 def test_planner_skips_strategies_whose_package_is_missing(llama1b, monkeypatch):
     from vramfit.planner import multigpu
 
+    real = multigpu.importlib.util.find_spec  # only DeepSpeed missing (peft asks it about bitsandbytes too)
     monkeypatch.setattr(multigpu.importlib.util, "find_spec",
-                        lambda name: None if name == "deepspeed" else object())
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
     p = multigpu.plan_gpus(llama1b, "2x24GiB", method="lora")
     assert {c.strategy for c in p.by_strategy} <= {"ddp", "fsdp-full", "fsdp-grad-op"}
     assert any(n == "zero3" and "pip install deepspeed" in w for n, w in p.skipped)
@@ -337,7 +338,9 @@ def test_plan_with_mismatched_gpus_and_train_with_a_missing_engine_are_one_line_
     assert r.exit_code == 2 and "mismatched GPUs: 0: NVIDIA H100 80GB HBM3, 1: NVIDIA A100-SXM4-40GB" in r.output
     from vramfit.planner import multigpu
 
-    monkeypatch.setattr(multigpu.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
+    real = multigpu.importlib.util.find_spec
+    monkeypatch.setattr(multigpu.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
     r = runner.invoke(app, ["train", str(model), str(data), "--out", str(d / "z"), "--gpus", "2", "--strategy",
                             "zero3", *TRAIN])
     assert r.exit_code == 2 and "zero3 needs DeepSpeed, which is not installed" in r.output
@@ -360,3 +363,93 @@ def test_two_cpu_processes_train_ddp_with_a_timeline_per_rank(tiny):
     assert (out / "adapter" / "adapter_config.json").is_file()
     cfg = (out / "launch" / "accelerate_config.yaml").read_text()
     assert "distributed_type: MULTI_CPU" in cfg and "num_processes: 2" in cfg
+
+
+# --------------------------------------------------------------------------- several machines
+
+
+def test_gpus_nodes_by_gpus_parse_and_price_the_link_between_machines_apart():
+    from vramfit.planner.multigpu import communication_seconds, inter_node_bytes, resolve_gpus
+
+    one, two = resolve_gpus("16xh100-sxm"), resolve_gpus("2x8xh100-sxm")
+    assert two.count == 16 and two.nodes == 2 and two.per_node == 8 and "2 nodes x 8 x" in two.label
+    assert one.nodes == 1 and inter_node_bytes(10**9, one) == 0
+    # hierarchical: each GPU carries 1/8 of the (M-1)/M share over its NIC
+    assert inter_node_bytes(15 * 10**9, two) == int(15e9 * 0.5 / (15 / 16) / 8)
+    assert communication_seconds(10**10, two) > communication_seconds(10**10, one)
+    with pytest.raises(VramfitError):
+        resolve_gpus("0x8xh100-sxm")
+
+
+def test_plan_on_two_machines_searches_16_ranks_and_says_the_inter_node_link(tmp_path):
+    r = runner.invoke(app, ["plan", "llama-3.1-8b", "--gpus", "2x8xh100-sxm", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["gpus"] == 16 and d["nodes"] == 2 and d["inter_node_bytes_per_s"] > 0
+
+
+def test_train_gpus_forms_and_node_options_are_checked():
+    from vramfit.run.launch import make_nodes, parse_gpus
+
+    assert parse_gpus("2x8") == (2, 8) and parse_gpus(4) == (1, 4) and parse_gpus("1x2") == (1, 2)
+    for bad in ("0x8", "x", "2x0", "8xh100"):
+        with pytest.raises(VramfitError):
+            parse_gpus(bad)
+    assert make_nodes(1, None, None) is None
+    with pytest.raises(VramfitError, match="--node-rank"):
+        make_nodes(2, None, "10.0.0.1")
+    with pytest.raises(VramfitError, match="0..1"):
+        make_nodes(2, 2, "10.0.0.1")
+    with pytest.raises(VramfitError, match="several machines"):
+        make_nodes(1, 1, "10.0.0.1")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp-full"])
+def test_multi_node_config_loads_through_accelerates_own_classes(tmp_path, strategy):
+    """What `accelerate launch --config_file` on machine 1 of 2 reads: accelerate's ClusterConfig and its
+    launcher's own validation see 2 machines, this one's rank, the main machine's address, 16 processes."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    from vramfit.memory.setup import make_setup
+    from vramfit.run.launch import Nodes, launch_command, write_configs
+
+    nodes = Nodes(2, 1, "10.1.2.3", 29501)
+    path = write_configs(tmp_path, strategy, 16, make_setup(method="full", precision="bf16-mixed"), nodes=nodes)
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert (cfg.num_machines, cfg.machine_rank, cfg.main_process_ip, cfg.main_process_port, cfg.num_processes) == \
+        (2, 1, "10.1.2.3", 29501, 16)
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "t.py"]))
+    assert (args.num_machines, args.machine_rank, args.main_process_ip, args.num_processes) == (2, 1, "10.1.2.3", 16)
+    cmd = launch_command(path, tmp_path / "launch.json", 16, nodes=nodes)
+    assert cmd[cmd.index("--machine_rank") + 1] == "1" and cmd[cmd.index("--num_machines") + 1] == "2"
+    cpu = launch_command(path, tmp_path / "launch.json", 2, cpu=True, nodes=Nodes(2, 0, "127.0.0.1", 29502))
+    assert cpu[cpu.index("--nnodes") + 1] == "2" and cpu[cpu.index("--nproc_per_node") + 1] == "1"
+
+
+def test_two_machines_of_one_cpu_process_each_train_end_to_end(tiny):
+    """Two local processes as two machines (node ranks 0 and 1, gloo over 127.0.0.1): vramfit train
+    --gpus 2x1 --node-rank R --main-host 127.0.0.1 on each, the main one writes the run report."""
+    import socket
+    import subprocess
+    import sys
+
+    model, data, d = tiny
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**__import__("os").environ, "MASTER_PORT": str(port)}
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "vramfit", "train", str(model), str(data), "--out", str(d / f"node{rank}"),
+               "--gpus", "2x1", "--strategy", "ddp", "--cpu", "--node-rank", str(rank), "--main-host", "127.0.0.1",
+               *TRAIN]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rep = json.loads((d / "node0" / "run_report.json").read_text())
+    assert rep["gpus"] == 2 and rep["steps"] == 3 and len(rep["measured_per_rank"]) == 2
+    cfg = (d / "node1" / "launch" / "accelerate_config.yaml").read_text()
+    assert "num_machines: 2" in cfg and "machine_rank: 1" in cfg and "main_process_ip: 127.0.0.1" in cfg
+    assert (d / "node1" / "memory_timeline.rank1.jsonl").is_file()
+    assert "the run report is on the main machine" in outs[1]

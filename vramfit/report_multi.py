@@ -42,7 +42,9 @@ def gpus_plan_verdict(p) -> str:
 
 def gpus_plan_lines(p) -> list[str]:
     lines = [(f"budget per GPU: {fmt_bytes(p.budget_bytes)} - {fmt_bytes(p.headroom_bytes)} headroom = "
-             f"{fmt_bytes(p.usable_bytes)} usable; link {p.gpus.link}; effective batch {p.effective_batch} "
+             f"{fmt_bytes(p.usable_bytes)} usable; link {p.gpus.link}"
+             + (f", between machines {p.gpus.inter_node_link}" if p.gpus.nodes > 1 else "")
+             + f"; effective batch {p.effective_batch} "
              f"over {p.gpus.count} GPUs; {p.searched:,} (strategy, setup) pairs searched")]
     if p.chosen is not None and p.chosen.host_bytes:
         lines.append(f"host memory for offload: {fmt_bytes(p.chosen.host_bytes)} pinned (all ranks)")

@@ -5,6 +5,8 @@
   2xh100-sxm / 8xa100    N cards of a bundled profile (its interconnect from profiles/gpus.toml)
   auto                   every GPU NVML probes on this machine (they must be the same model)
   2                      the first 2 probed GPUs (for `vramfit estimate`, just the count)
+  2x8xh100-sxm           2 machines (nodes) of 8 cards each: 16 ranks; the link between the
+                         machines is priced apart from the one inside them (INTER_NODE_BYTES_PER_S)
 
 The search (`search_gpus`) is the single-GPU planner's recipe with one more axis: each setup of
 the space is tried under every strategy that the setup and the installed packages allow, with
@@ -39,6 +41,12 @@ COMM_EXPOSED_FRACTION = 0.3
 # Fraction of a link's per-direction peak that NCCL's ring collectives reach on large messages
 # (nccl-tests bus bandwidth is typically 70-85% of the NVLink / PCIe peak).
 LINK_EFFICIENCY = 0.8
+# The link between machines, per GPU and direction, when --gpus names several nodes: one 400 Gb/s
+# NIC per GPU (InfiniBand NDR or 400 GbE RoCE), as NVIDIA's DGX H100 / HGX reference systems pair
+# eight ConnectX-7 400 Gb/s adapters with eight GPUs (docs.nvidia.com/dgx/dgxh100-user-guide,
+# "Network ports"); 400 Gb/s = 50 GB/s.
+INTER_NODE_BYTES_PER_S = 50_000_000_000
+INTER_NODE_LINK = "400 Gb/s per GPU between machines (assumed)"
 # DeepSpeedCPUAdam's update rate per rank, parameters per second: a prior (the ZeRO-Offload paper,
 # Ren et al. 2021, reports CPU-Adam updating ~1B parameters in well under a second on a server CPU).
 CPU_ADAM_PARAMS_PER_S = 1.0e9
@@ -54,9 +62,18 @@ class GpuSet:
     link: str  # as people name it ("NVLink 4 900 GB/s", "PCIe 4.0 x16")
     source: str  # size | profile | probe
     note: str = ""
+    nodes: int = 1  # machines; count is all GPUs of all of them (the ranks)
+    inter_node_bytes_per_s: int = INTER_NODE_BYTES_PER_S  # per GPU and direction, between machines
+    inter_node_link: str = INTER_NODE_LINK
+
+    @property
+    def per_node(self) -> int:
+        return self.count // max(self.nodes, 1)
 
     @property
     def label(self) -> str:
+        if self.nodes > 1:
+            return f"{self.nodes} nodes x {self.per_node} x {self.device.name}"
         return f"{self.count} x {self.device.name}"
 
 
@@ -92,6 +109,13 @@ def resolve_gpus(text) -> GpuSet:
                                                                           "PCIe 4.0 x16 (assumed)"))
         return GpuSet(want, smallest, bw, link, "probe",
                       note="budget: the smallest free memory among the probed GPUs")
+    multi = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)\s*[x*]\s*(.+)", raw)
+    if multi:
+        nodes, per_node = int(multi.group(1)), int(multi.group(2))
+        if nodes < 1 or per_node < 1:
+            raise VramfitError(f"--gpus '{text}': nodes and GPUs per node must be at least 1")
+        one = resolve_gpus(f"{per_node}x{multi.group(3)}")
+        return replace(one, count=nodes * per_node, nodes=nodes)
     m = re.fullmatch(r"(\d+)\s*[x*]\s*(.+)", raw)
     if not m:
         raise VramfitError(f"--gpus '{text}': write N x GPU (2xh100, 4x24GB, 8xa100-80gb) or auto")
@@ -136,13 +160,34 @@ def step_seconds(spec, s, strategy, gpus: GpuSet, est, targets=(), cost=DEFAULT_
     if st.sharded:  # each GPU steps the optimizer on its 1/N of the states
         bw = gpus.device.bandwidth_bytes_per_s * cost.bandwidth_efficiency
         compute -= optimizer_step_bytes(spec, run, targets) / bw * (1 - 1 / gpus.count)
-    comm = est.comm_bytes_per_step / (gpus.link_bytes_per_s * LINK_EFFICIENCY) * COMM_EXPOSED_FRACTION
+    comm = communication_seconds(est.comm_bytes_per_step, gpus) * COMM_EXPOSED_FRACTION
     offload = 0.0
     if st.offload_optimizer:
         offload = est.host_link_bytes_per_step / (DEFAULT_HOST_LINK_BYTES_PER_S * LINK_EFFICIENCY)
         trainable = spec.params_total if s.method == "full" else est.breakdown.params_trainable
         offload += trainable / gpus.count / CPU_ADAM_PARAMS_PER_S
     return compute + comm + offload
+
+
+def inter_node_bytes(comm_bytes: int, gpus: GpuSet) -> int:
+    """Of the bytes one GPU sends per step, those that cross between machines.  NCCL runs a
+    collective over several nodes hierarchically (reduce-scatter / all-gather inside each machine,
+    the rest between machines: each GPU carries 1/per_node of the data over its NIC, to M-1 of M
+    nodes): ring bytes over all N ranks scale by (N-1)/N, the inter-node part by (M-1)/M / per_node."""
+    n, m = gpus.count, max(gpus.nodes, 1)
+    if m <= 1 or n <= 1:
+        return 0
+    return int(comm_bytes * ((m - 1) / m) / ((n - 1) / n) / gpus.per_node)
+
+
+def communication_seconds(comm_bytes: int, gpus: GpuSet) -> float:
+    """Seconds of one step's communication on the wire: the intra-machine part over the GPUs' link
+    and, across machines, the inter-node part over the slower network, priced apart."""
+    inter = inter_node_bytes(comm_bytes, gpus)
+    seconds = comm_bytes / (gpus.link_bytes_per_s * LINK_EFFICIENCY)
+    if inter:
+        seconds += inter / (gpus.inter_node_bytes_per_s * LINK_EFFICIENCY)
+    return seconds
 
 
 # --------------------------------------------------------------------------- the search
@@ -192,7 +237,10 @@ class GpusPlan:
     def to_json(self) -> dict:
         from dataclasses import asdict
 
-        return {"model": self.model, "gpus": self.gpus.count, "device": asdict(self.gpus.device),
+        return {"model": self.model, "gpus": self.gpus.count, "nodes": self.gpus.nodes,
+                "inter_node_link": self.gpus.inter_node_link if self.gpus.nodes > 1 else None,
+                "inter_node_bytes_per_s": self.gpus.inter_node_bytes_per_s if self.gpus.nodes > 1 else None,
+                "device": asdict(self.gpus.device),
                 "link": self.gpus.link, "link_bytes_per_s": self.gpus.link_bytes_per_s,
                 "budget_bytes_per_gpu": self.budget_bytes, "headroom_bytes": self.headroom_bytes,
                 "usable_bytes_per_gpu": self.usable_bytes, "effective_batch": self.effective_batch,

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vramfit.memory.distributed import (
@@ -41,6 +42,46 @@ CONFIG_NAME, DS_CONFIG_NAME, LAUNCH_NAME = "accelerate_config.yaml", "deepspeed_
 
 def timeline_name(rank: int) -> str:
     return f"memory_timeline.rank{rank}.jsonl"
+
+
+# --------------------------------------------------------------------------- machines
+
+# The rendezvous port on the main machine when none is given (nor MASTER_PORT): accelerate's and
+# torchrun's default.
+DEFAULT_MAIN_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a run: how many, this one's rank, where rank 0's machine listens."""
+
+    count: int = 1
+    rank: int = 0
+    main_host: str = "127.0.0.1"
+    port: int = DEFAULT_MAIN_PORT
+
+
+def parse_gpus(text) -> tuple[int, int]:
+    """`--gpus` of vramfit train: N (GPUs of this machine) or MxN (M machines of N GPUs) -> (M, N)."""
+    raw = str(text).strip().lower()
+    m = re.fullmatch(r"(?:(\d+)\s*[x*]\s*)?(\d+)", raw)
+    if not m or int(m.group(2)) < 1 or (m.group(1) is not None and int(m.group(1)) < 1):
+        raise VramfitError(f"--gpus must be N (GPUs of this machine) or MxN (M machines of N GPUs), got {text!r}")
+    return int(m.group(1) or 1), int(m.group(2))
+
+
+def make_nodes(count: int, node_rank: int | None, main_host: str | None, port: int | None = None) -> Nodes | None:
+    """Several machines need this one's rank and the main machine's address; one needs neither."""
+    if count <= 1:
+        if node_rank not in (None, 0) or main_host:
+            raise VramfitError("--node-rank and --main-host are for several machines: --gpus MxN (2x8)")
+        return None
+    if node_rank is None or not main_host:
+        raise VramfitError(f"--gpus {count} machines: give --node-rank (0..{count - 1}, 0 on the main machine) and "
+                           f"--main-host (the main machine's address, the same on every machine)")
+    if not 0 <= node_rank < count:
+        raise VramfitError(f"--node-rank must be 0..{count - 1} for {count} machines, got {node_rank}")
+    return Nodes(count, node_rank, main_host, port or int(os.environ.get("MASTER_PORT") or DEFAULT_MAIN_PORT))
 
 
 # --------------------------------------------------------------------------- configs
@@ -77,12 +118,16 @@ def deepspeed_config(strategy: str) -> dict:
 
 
 def accelerate_config(strategy: str, gpus: int, s, cpu: bool = False, deepspeed_file: str | None = None,
-                      layer_cls: str | None = None) -> dict:
-    """The accelerate config (what `accelerate config` would write) for `strategy` on `gpus`."""
+                      layer_cls: str | None = None, nodes: Nodes | None = None) -> dict:
+    """The accelerate config (what `accelerate config` would write) for `strategy` on `gpus`
+    processes in all; `nodes`: the machines, this one's rank and the main one's address."""
     st = get_strategy(strategy)
     cfg = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": gpus,
            "main_training_function": "main", "rdzv_backend": "static", "same_network": True, "use_cpu": cpu,
            "debug": False, "downcast_bf16": "no", "tpu_env": [], "tpu_use_cluster": False, "tpu_use_sudo": False}
+    if nodes is not None and nodes.count > 1:
+        cfg.update(num_machines=nodes.count, machine_rank=nodes.rank, main_process_ip=nodes.main_host,
+                   main_process_port=nodes.port)
     if st.engine == "ddp":
         cfg.update(distributed_type="MULTI_CPU" if cpu else "MULTI_GPU", mixed_precision=mixed_precision(s))
         if not cpu:
@@ -116,7 +161,8 @@ def _yaml(obj: dict) -> str:
     return yaml.safe_dump(obj, sort_keys=True)
 
 
-def write_configs(directory: Path, strategy: str, gpus: int, s, cpu: bool = False, layer_cls: str | None = None) -> Path:
+def write_configs(directory: Path, strategy: str, gpus: int, s, cpu: bool = False, layer_cls: str | None = None,
+                  nodes: Nodes | None = None) -> Path:
     """Write the accelerate YAML (and the DeepSpeed JSON it names) into `directory` -> the YAML."""
     directory.mkdir(parents=True, exist_ok=True)
     ds = None
@@ -124,20 +170,30 @@ def write_configs(directory: Path, strategy: str, gpus: int, s, cpu: bool = Fals
         ds = directory / DS_CONFIG_NAME
         ds.write_text(json.dumps(deepspeed_config(strategy), indent=1) + "\n")
     path = directory / CONFIG_NAME
-    path.write_text(_yaml(accelerate_config(strategy, gpus, s, cpu, str(ds.resolve()) if ds else None, layer_cls)))
+    path.write_text(_yaml(accelerate_config(strategy, gpus, s, cpu, str(ds.resolve()) if ds else None, layer_cls,
+                                            nodes)))
     return path
 
 
-def launch_command(config: Path, launch_json: Path, gpus: int, cpu: bool = False, port: int | None = None) -> list:
-    """`accelerate launch` with the written config.  CPU processes (--cpu, for tests) start through
-    torch's own launcher instead: accelerate's --cpu spawns several processes only through mpirun;
-    each process's Accelerator then finds WORLD_SIZE > 1 on a CPU and uses gloo (MULTI_CPU)."""
+def launch_command(config: Path, launch_json: Path, gpus: int, cpu: bool = False, port: int | None = None,
+                   nodes: Nodes | None = None) -> list:
+    """`accelerate launch` with the written config (`gpus`: processes on all machines).  CPU
+    processes (--cpu, for tests) start through torch's own launcher instead: accelerate's --cpu
+    spawns several processes only through mpirun; each process's Accelerator then finds
+    WORLD_SIZE > 1 on a CPU and uses gloo (MULTI_CPU).  Several machines: the same command on each,
+    with its own machine rank; rank 0's machine is the rendezvous."""
+    multi = nodes is not None and nodes.count > 1
     if cpu:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-                "-m", "vramfit.run.launch", str(launch_json)]
+        where = (["--nnodes", str(nodes.count), "--node_rank", str(nodes.rank), "--master_addr", nodes.main_host,
+                  "--master_port", str(nodes.port)] if multi else ["--standalone"])
+        return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node",
+                str(gpus // (nodes.count if multi else 1)), "-m", "vramfit.run.launch", str(launch_json)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(gpus)]
-    if port:
+    if multi:
+        cmd += ["--num_machines", str(nodes.count), "--machine_rank", str(nodes.rank), "--main_process_ip",
+                nodes.main_host, "--main_process_port", str(nodes.port)]
+    elif port:
         cmd += ["--main_process_port", str(port)]
     return cmd + ["-m", "vramfit.run.launch", str(launch_json)]
 
@@ -177,7 +233,7 @@ def check_runnable(strategy: str, gpus: int, cpu: bool) -> None:
 
 
 def choose(spec, setup_options: dict, seq_len: int, gpus: int, strategy: str | None, headroom: str,
-           effective_batch: int | None):
+           effective_batch: int | None, machines: int = 1):
     """The setup and strategy -> (Setup, strategy, GpusPlan or None)."""
     from vramfit.memory.setup import make_setup
     from vramfit.run.train import SETUP_FIELDS, planner_restrictions
@@ -190,14 +246,27 @@ def choose(spec, setup_options: dict, seq_len: int, gpus: int, strategy: str | N
         return s, strategy, None
     from vramfit.planner.multigpu import plan_gpus
 
-    p = plan_gpus(spec, str(gpus), strategy=strategy, method=given.get("method", "auto"), seq_len=given["seq_len"],
+    from dataclasses import replace
+
+    from vramfit.planner.multigpu import resolve_gpus
+
+    gset = resolve_gpus(str(gpus // machines))  # this machine's GPUs (probed); the others are alike
+    if machines > 1:
+        gset = replace(gset, count=gpus, nodes=machines)
+    p = plan_gpus(spec, gset, strategy=strategy, method=given.get("method", "auto"), seq_len=given["seq_len"],
                   headroom=headroom, **planner_restrictions(given, effective_batch, gpus))
     return p.setup, p.chosen.strategy, p
 
 
-def launch(model: str, data: str, options, setup_options: dict, gpus: int, strategy: str | None = None,
-           cpu: bool = False, console=None, port: int | None = None) -> dict:
-    """Parent: check, choose, predict, write the configs, run accelerate launch -> the run report."""
+def launch(model: str, data: str, options, setup_options: dict, gpus, strategy: str | None = None,
+           cpu: bool = False, console=None, port: int | None = None, node_rank: int | None = None,
+           main_host: str | None = None) -> dict:
+    """Parent: check, choose, predict, write the configs, run accelerate launch -> the run report.
+    `gpus`: N of this machine or "MxN" (M machines, run on each with its `node_rank`; `main_host` is
+    machine 0's address).  Off machine 0 the report is machine 0's: this returns its own status."""
+    machines, per_node = parse_gpus(gpus)
+    nodes = make_nodes(machines, node_rank, main_host, port)
+    gpus = machines * per_node  # processes on all machines: the world size
     from rich.console import Console
 
     from vramfit.run import data as vdata
@@ -215,7 +284,7 @@ def launch(model: str, data: str, options, setup_options: dict, gpus: int, strat
     out = Path(options.out_dir).expanduser()
     _check_out_dir(out, False)
     if strategy is not None:
-        check_runnable(strategy, gpus, cpu)
+        check_runnable(strategy, per_node, cpu)
     source = resolve_model(model, options.init, options.trust_remote_code)
     tokenizer = load_tokenizer(source, options.tokenizer, options.trust_remote_code)
     d = vdata.prepare(data, tokenizer, options.data_format, options.on_bad_row, options.val_split, options.val_file,
@@ -230,25 +299,31 @@ def launch(model: str, data: str, options, setup_options: dict, gpus: int, strat
         s, chosen, plan = make_setup(**given), strategy or "ddp", None
     else:
         s, chosen, plan = choose(source.spec, setup_options, d.seq_len, gpus, strategy, options.headroom,
-                                 options.effective_batch)
-    check_runnable(chosen, gpus, cpu)
+                                 options.effective_batch, machines)
+    check_runnable(chosen, per_node, cpu)
     est = estimate_distributed(source.spec, s, chosen, gpus)
-    say(f"{chosen} on {gpus} {'CPU processes' if cpu else 'GPUs'}: {report.setup_label(s)}; predicted per GPU "
+    where = f" ({machines} machines of {per_node}, this one rank {nodes.rank})" if nodes else ""
+    say(f"{chosen} on {gpus} {'CPU processes' if cpu else 'GPUs'}{where}: {report.setup_label(s)}; predicted per GPU "
         f"{report.fmt_bytes(est.peak_allocated_bytes)} allocated, {report.fmt_bytes(est.device_bytes)} device"
         + (f"; host (offload) {report.fmt_bytes(est.host_bytes)}" if est.host_bytes else ""))
     directory = out / LAUNCH_DIR
-    config = write_configs(directory, chosen, gpus, s, cpu)
+    config = write_configs(directory, chosen, gpus, s, cpu, nodes=nodes)
     job = {"model": model, "data": data, "options": asdict(options), "setup": _setup_json(s), "strategy": chosen,
-           "gpus": gpus, "cpu": cpu, "predicted": est.to_json(), "plan": plan.to_json() if plan else None}
+           "gpus": gpus, "cpu": cpu, "predicted": est.to_json(), "plan": plan.to_json() if plan else None,
+           "nodes": asdict(nodes) if nodes else None}
     launch_json = directory / LAUNCH_NAME
     launch_json.write_text(json.dumps(job, indent=1, default=str) + "\n")
-    cmd = launch_command(config, launch_json, gpus, cpu, port)
+    cmd = launch_command(config, launch_json, gpus, cpu, port, nodes)
     say("launching: " + " ".join(cmd[2:]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if s.allocator == "expandable":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     rc = subprocess.run(cmd, env=env, check=False).returncode
     rep_path = out / "run_report.json"
+    if nodes and nodes.rank != 0 and rc == 0:  # machine 0's rank 0 writes the report, on machine 0
+        say(f"machine {nodes.rank} of {nodes.count}: its ranks finished; the run report is on the main machine "
+            f"({nodes.main_host}), the memory timelines of this machine's ranks in {out}")
+        return {"status": "completed", "node_rank": nodes.rank, "nodes": nodes.count, "report": "on the main machine"}
     if rc != 0 or not rep_path.is_file():
         raise VramfitError(f"accelerate launch exited with code {rc}; the per-rank logs are above and the "
                            f"memory timelines in {out}")
