@@ -97,7 +97,7 @@ def test_qlora_residual_stream_is_fp32_after_kbit_preparation():
 def test_qlora_gqa_in_fp32_takes_the_math_path_with_seq_squared_memory():
     # measured on an H200: fp32 q with grouped KV heads has no fused kernel (saved_tensors.py)
     spec = load_spec("tinyllama-1.1b")
-    setup = make_setup("qlora", grad_ckpt=False)
+    setup = make_setup("qlora", precision="bf16-true", grad_ckpt=False)  # no autocast: q stays fp32
     prof = activation_profile(spec, trace_key(spec, setup, resolve_targets(spec, setup)))
     assert prof.layers[-1].quad >= 4 * spec.num_heads  # one fp32 seq x seq tensor per head
 

@@ -387,8 +387,8 @@ def _persistent_numel(spec) -> int:
 
 def engine_setup(strategy: Strategy, s: Setup) -> Setup:
     """The setup whose activations the engine really runs: DeepSpeed with bf16 casts the module to
-    bf16 and runs without autocast, so bf16-mixed traces as bf16-true."""
-    if strategy.engine == "deepspeed" and s.precision == "bf16-mixed":
+    bf16 and runs without autocast, so bf16-mixed (and bf16-amp) traces as bf16-true."""
+    if strategy.engine == "deepspeed" and s.precision in ("bf16-mixed", "bf16-amp"):
         return s.with_(precision="bf16-true")
     return s
 

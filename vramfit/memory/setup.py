@@ -96,7 +96,7 @@ PEFT_DEFAULT_TARGETS = {
 @dataclass(frozen=True)
 class Setup:
     method: str = "lora"
-    precision: str = "bf16-true"
+    precision: str = "bf16-amp"  # the guides' recipe: from_pretrained(dtype=bfloat16), bf16=True
     optim: str = "adamw_torch"
     lora_r: int = 16
     lora_alpha: int | None = None  # default: 2 * r
@@ -196,7 +196,7 @@ def make_setup(method: str = "lora", precision: str | None = None, lora_r: int |
         if given:
             raise VramfitError(f"{', '.join(given)} only apply to --method lora/qlora, not to full fine-tuning")
     if precision is None:
-        precision = "bf16-true"
+        precision = "bf16-amp"
     setup = Setup(method=method, precision=precision,
                   lora_r=16 if lora_r is None else lora_r,
                   lora_alpha=lora_alpha,

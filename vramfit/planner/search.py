@@ -294,7 +294,7 @@ def _notes(spec, device, space: Space, chosen: Candidate | None) -> tuple:
     if s.method == "qlora":
         notes.append("QLoRA: load with the BitsAndBytesConfig below, then peft.prepare_model_for_kbit_training"
                      "(model, use_gradient_checkpointing=...) before get_peft_model, as the memory model assumes")
-    if s.method == "full" and s.precision in ("bf16-true", "16-true"):
+    if s.method == "full" and s.precision in ("bf16-true", "16-true", "bf16-amp"):
         notes.append("pure bf16 weights and optimizer states (torchtune's default); --precision bf16-mixed keeps "
                      "fp32 master weights at more memory")
     if s.allocator == "expandable":

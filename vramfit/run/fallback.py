@@ -74,7 +74,7 @@ def fallback_ladder(s: Setup) -> list[Setup]:
             targets = s.targets if s.method != "full" else "all-linear"
             precision = s.precision
             if m == "qlora" and precision == "32-true":
-                precision = "bf16-true"
+                precision = "bf16-amp"
             base = s.with_(method=m, precision=precision, target_modules=targets)
         for ckpt in sorted({base.grad_ckpt, True}):
             for mb in micro:
