@@ -129,6 +129,8 @@ def case_label(case: dict) -> str:
         parts.append(f"frac{case['memory_fraction']}")
     if case.get("memory_limit_bytes"):
         parts.append(f"cap{case['memory_limit_bytes']}")
+    if case.get("loss") == "fused":
+        parts.append("fused")
     return "/".join(parts)
 
 
