@@ -7,6 +7,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test session gets its own spec/profile cache: tests never read a user's cache."""
     monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vramfit-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the fitted estimate unless a test asks for the replay (replay=True): a template build per setup
+    # would take the suite from minutes to an hour (tests/test_template.py covers the replay)
+    monkeypatch.setenv("VRAMFIT_REPLAY", "0")
 
 
 TINY_LLAMA = dict(

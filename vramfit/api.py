@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from vramfit.memory.constants import DEFAULT, Constants
 from vramfit.memory.estimate import Estimate, estimate_setup
-from vramfit.memory.replay import simulated_breakdown
+from vramfit.memory.replay import replayed_breakdown
 from vramfit.memory.setup import make_setup
 
 
@@ -17,16 +17,19 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
              target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
              grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default", loss: str = "logits",
              padded: bool = False, trust_remote_code: bool = False, constants: Constants | None = None,
-             use_calibration: bool = True, simulate_allocator: bool = False) -> Estimate:
+             use_calibration: bool = True, simulate_allocator: bool = False, replay: bool | None = None) -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
 
     `padded`: the batches are padded to their longest row, as real data of varying lengths is, so
     an attention mask reaches SDPA; on models with grouped KV heads transformers then repeats the
     KV heads, which the backward keeps at full head count.
 
-    `simulate_allocator`: replay two Trainer steps on the meta device through a model of torch's
-    caching allocator (`vramfit.memory.allocator`) for the reserved and nvidia-smi peaks instead of the
-    fitted reserve: slower (seconds to a minute), closer (benchmarks/results/simulated-reserve.txt)."""
+    The three peaks are the allocator replay's (two Trainer steps' allocations and frees through a
+    model of torch's caching allocator, `vramfit.memory.allocator`), expanded from the setup's event
+    template (`vramfit.memory.template`: milliseconds once built; a first build takes ~10-60 s and is
+    cached) or, where no template covers the setup, replayed on the meta device; the notes say which.
+    `replay=False` (or VRAMFIT_REPLAY=0) gives the fitted analytic estimate instead (the planner's
+    pruning bound).  `simulate_allocator` is accepted and does nothing: the replay is the default."""
     from vramfit.model.spec import load_spec
 
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -43,8 +46,12 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     if setup.attn != "eager" and not spec.supports_sdpa:
         bd = replace(bd, notes=bd.notes + (f"{spec.architecture} has no {setup.attn} support in transformers: "
                                            "estimated with eager attention, which transformers uses for it",))
-    if simulate_allocator:
-        bd = simulated_breakdown(spec, setup, targets, bd, constants or DEFAULT)
+    if replay is None:
+        import os
+
+        replay = simulate_allocator or os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+    if replay:
+        bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT)
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

@@ -15,11 +15,17 @@ from pathlib import Path
 from vramfit.model import cache as live
 
 
-def build_bundled(profiles=None) -> int:
+def build_bundled(profiles=None, templates: bool = True) -> int:
     """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
     the default setups (`vramfit estimate` defaults, the README's QLoRA command, and what the
-    default `vramfit plan` evaluates on a bf16 and on an fp16 card)."""
-    from vramfit.api import estimate
+    default `vramfit plan` evaluates on a bf16 and on an fp16 card).  With `templates`, the two
+    estimates also leave their event templates (vramfit.memory.template), each checked against the
+    real replay at the default setup, or the reason there is none (~1 min a profile); they are keyed
+    by the replay's code, so an edit to it makes them unused until the bundle is rebuilt."""
+    from vramfit.api import estimate as _estimate
+
+    def estimate(*args, **kwargs):
+        return _estimate(*args, replay=templates, **kwargs)
 
     dest = live.BUNDLED_ZIP
     build_dir = Path(tempfile.mkdtemp(prefix="vramfit-bundle-"))
@@ -27,6 +33,7 @@ def build_bundled(profiles=None) -> int:
     live.BUNDLED_ZIP = build_dir / "none.zip"  # computed afresh, not read from the old bundle
     live._specs.clear()
     live._profiles.clear()
+    live._templates.clear()
     from vramfit.model.spec import list_profiles
 
     n = 0
@@ -41,9 +48,11 @@ def build_bundled(profiles=None) -> int:
             pass
         for gpu in ("h100", "t4"):  # the default plan's setups, on a bf16 card and on an fp16 one
             try:
-                plan(name, gpu=gpu)
+                chosen = plan(name, gpu=gpu).chosen
             except VramfitError:  # nothing fits: the traces it needed are stored all the same
-                pass
+                chosen = None
+            if templates and chosen is not None:  # `plan --simulate-allocator` replays the choice
+                _plan_template(name, chosen.setup)
         # the second LoRA rank anchor of every LoRA/QLoRA trace: any rank is then interpolated
         # (trace.RANK_ANCHORS), so rank levers and --lora-r need no new trace
         from vramfit.model.trace import RANK_ANCHORS, activation_profile
@@ -59,6 +68,17 @@ def build_bundled(profiles=None) -> int:
     return n
 
 
+def _plan_template(name: str, setup) -> None:
+    """The event template of a plan's chosen setup, with its gradient accumulation (what the
+    planner's capped replay expands), built and checked at that setup."""
+    from vramfit.memory.replay import setup_template
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.model.spec import load_spec
+
+    spec = load_spec(name)
+    setup_template(spec, setup, resolve_targets(spec, setup), setup.grad_accum, build=True)
+
+
 def _pack(src: Path, dest: Path) -> None:
     """Every entry under `src` into one zip, sorted, with fixed timestamps (the same bytes for the
     same entries)."""
@@ -72,4 +92,8 @@ def _pack(src: Path, dest: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(f"bundled cache: {build_bundled()} profiles -> {live.BUNDLED_ZIP}")
+    import sys
+
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = build_bundled(names or None, templates="--no-templates" not in sys.argv)
+    print(f"bundled cache: {n} profiles -> {live.BUNDLED_ZIP}")

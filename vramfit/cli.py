@@ -37,6 +37,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 LOSS_HELP = ("how the loss is computed: logits (transformers Trainer, model(labels=...): full logits, fp32 "
              "log-softmax) or fused (trl SFTTrainer's chunked LM head, what `vramfit train` runs)")
 
+# the precision in transformers' words, on estimate, plan and train
+DTYPE_OPTION = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 (with --amp, "
+                            "instead of --precision)")
+AMP_OPTION = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 (fp16=True) "
+                          "(with --dtype, instead of --precision)")
+
 
 def _fail(exc: Exception) -> None:
     typer.echo(f"vramfit: error: {exc}", err=True)
@@ -60,11 +66,10 @@ def estimate(
     model: str = typer.Argument(..., help="bundled profile (`vramfit profiles`), config.json, model directory or hub id"),
     method: Method = typer.Option(Method.lora, help="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base)"),
     precision: Optional[str] = typer.Option(None, help="shorthand for a (dtype, amp) pair: 32-true | bf16-true | "
-                                            "bf16-mixed | bf16-amp | 16-mixed | 16-true | 16-amp [default: bf16-true]"),
-    dtype: Optional[str] = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 "
-                                        "(with --amp, instead of --precision)"),
-    amp: Optional[str] = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 "
-                                      "(fp16=True) (with --dtype, instead of --precision)"),
+                                            "bf16-mixed | bf16-amp | 16-mixed | 16-true | 16-amp [default: bf16-amp: dtype bfloat16, "
+                                            "amp bf16, the guides' recipe]"),
+    dtype: Optional[str] = DTYPE_OPTION,
+    amp: Optional[str] = AMP_OPTION,
     optim: str = typer.Option("adamw_torch", help="TrainingArguments.optim: adamw_torch, adamw_torch_fused, "
                               "adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, adafactor, sgd"),
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
@@ -82,9 +87,11 @@ def estimate(
     padded: bool = typer.Option(False, "--padded", help="batches padded to their longest row, as real data of "
                                 "varying lengths is: an attention mask reaches SDPA, and grouped KV heads are "
                                 "repeated (what vramfit train predicts with when its rows differ in length)"),
-    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="replay two training steps "
-                                            "through a model of torch's caching allocator for the reserved and "
-                                            "nvidia-smi peaks (closer; seconds to a minute on a CPU)"),
+    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="accepted, does nothing: the "
+                                            "allocator replay is the default answer"),
+    fast: bool = typer.Option(False, "--fast", help="the fitted analytic estimate (~0.3 s; its allocator reserve "
+                              "is a linear fit, a few % off the device figure) instead of the allocator replay "
+                              "(the default: ~0.5 s once the setup's event template is cached, 10-60 s to build it)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
     gpus: int | None = typer.Option(None, help="data-parallel GPUs: the memory of each [default: 1]"),
     strategy: str | None = typer.Option(None, help="with --gpus: ddp, fsdp-full, fsdp-grad-op, zero1, zero2, "
@@ -107,7 +114,8 @@ def estimate(
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                            seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
                            allocator=allocator.value, loss=loss.value, padded=padded,
-                           trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator)
+                           trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator,
+                           replay=False if fast else None)
     except VramfitError as exc:
         _fail(exc)
     if as_json:
@@ -178,10 +186,8 @@ def plan(
     target_modules: Optional[str] = typer.Option(None, help="comma list, 'all-linear' or a regex [default: all-linear]"),
     precision: Optional[str] = typer.Option(None, help="fix the precision [default: searched: bf16-amp, bf16-true, "
                                             "bf16-mixed; 16-amp, 16-true, 16-mixed, 32-true without bf16]"),
-    dtype: Optional[str] = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 "
-                                        "(with --amp, instead of --precision)"),
-    amp: Optional[str] = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 "
-                                      "(fp16=True) (with --dtype, instead of --precision)"),
+    dtype: Optional[str] = DTYPE_OPTION,
+    amp: Optional[str] = AMP_OPTION,
     optim: Optional[str] = typer.Option(None, help="fix the optimizer [default: searched]"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="fix gradient checkpointing "
                                              "[default: searched]"),
@@ -360,10 +366,8 @@ def train(
     method: Optional[Method] = typer.Option(None, help="full | lora | qlora [default: the planner's]"),
     precision: Optional[str] = typer.Option(None, help="32-true | bf16-true | bf16-mixed | bf16-amp | 16-mixed | "
                                             "16-true | 16-amp [default: planned]"),
-    dtype: Optional[str] = typer.Option(None, help="from_pretrained(dtype=...): float32 | bfloat16 | float16 "
-                                        "(with --amp, instead of --precision)"),
-    amp: Optional[str] = typer.Option(None, help="TrainingArguments autocast: none | bf16 (bf16=True) | fp16 "
-                                      "(fp16=True) (with --dtype, instead of --precision)"),
+    dtype: Optional[str] = DTYPE_OPTION,
+    amp: Optional[str] = AMP_OPTION,
     optim: Optional[str] = typer.Option(None, help="a TrainingArguments.optim name"),
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
     lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha [default: 2 x rank]"),

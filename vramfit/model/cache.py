@@ -137,3 +137,33 @@ def load_profile(spec, key, needs_input_grad: bool, build):
 def store_profile(spec, key, needs_input_grad: bool, prof) -> None:
     _profiles[(spec.config_hash, key, needs_input_grad)] = prof
     _write(_profile_path(spec, key, needs_input_grad), dataclasses.asdict(prof))
+
+
+# --------------------------------------------------------------------------- event templates
+# (vramfit.memory.template): keyed by what the caller digests (config, the setup's discrete fields,
+# the regime, the versions and the replay's own code), one JSON entry each, user cache then bundle
+
+_templates: dict = {}
+
+
+def _template_path(digest: str) -> Path:
+    return cache_dir() / "templates" / f"{digest}.json"
+
+
+def template_digest(*parts) -> str:
+    return _digest(*parts)
+
+
+def load_template(digest: str):
+    if digest in _templates:
+        return _templates[digest]
+    data = _read(_template_path(digest))
+    if not isinstance(data, dict):
+        return None
+    _templates[digest] = data
+    return data
+
+
+def store_template(digest: str, entry: dict) -> None:
+    _templates[digest] = entry
+    _write(_template_path(digest), entry)
