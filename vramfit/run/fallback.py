@@ -1,6 +1,6 @@
 """The budget of a run and the OOM fall-back: the usable bytes of --gpu, the allocator cap of
---enforce-budget, the ladder of cheaper setups tried after an out-of-memory step, and freeing
-what the failed trainer held."""
+--enforce-budget, the ladder of cheaper setups tried after an out-of-memory step, what to say
+after an out-of-memory error while the model loads, and freeing what the failed trainer held."""
 
 from __future__ import annotations
 
@@ -99,6 +99,66 @@ def fallback_setup(spec, s: Setup, scale: float, cap_bytes: int | None, cuda: bo
         if cap_bytes is None or p["peak_reserved_bytes"] * scale <= cap_bytes:
             return c, p
     return None, None
+
+
+def load_fallback(spec, s: Setup, budget_bytes: int | None, cuda: bool, constants=None):
+    """After an OOM while the model loads (its weights did not fit, whatever the batch): the first
+    setup of the ladder with a method whose weights take less (full -> LoRA -> QLoRA) that this
+    machine can run and is predicted to fit `budget_bytes` (device bytes; None: any).
+    -> (Setup, its prediction) or (None, None)."""
+    for c in fallback_ladder(s):
+        if c.method == s.method:
+            continue
+        try:
+            validate(c)
+        except VramfitError:
+            continue
+        if runtime_problem(c, cuda):
+            continue
+        p = predict(spec, c, constants)
+        if budget_bytes is None or p["device_bytes"] <= budget_bytes:
+            return c, p
+    return None, None
+
+
+def setup_flags(s: Setup) -> str:
+    """The `vramfit train` options that give `s`."""
+    flags = [f"--method {s.method}"]
+    if s.method != "full":
+        flags.append(f"--lora-r {s.lora_r}")
+    flags += [f"--precision {s.precision}", f"--optim {s.optim}", f"--micro-batch {s.micro_batch}",
+              f"--grad-accum {s.grad_accum}", "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
+    return " ".join(flags)
+
+
+def load_oom_message(spec, s: Setup, phase: str, error: str, predicted: dict, budget_bytes: int | None,
+                     enforced: dict | None, cuda: bool, constants=None, model: str | None = None,
+                     gpu: str | None = None) -> str:
+    """What went wrong and what to do when the model ran out of memory before its first step: the
+    phase, the budget, what the setup's weights were predicted to take, and the next setup to try."""
+    from vramfit.report import fmt_bytes, setup_label
+
+    weights = sum(v for k, v in predicted.get("breakdown", {}).items() if k.startswith("weights"))
+    if enforced:
+        budget = (f"the budget is --gpu {enforced['gpu']} less {enforced['headroom']} headroom, enforced: torch's "
+                  f"allocator capped at {fmt_bytes(enforced['allocator_cap_bytes'])}")
+    elif budget_bytes is not None:
+        budget = f"the budget is {fmt_bytes(budget_bytes)} usable on this GPU"
+    else:
+        budget = "no GPU budget is known here"
+    need = f"the setup's weights are predicted at {fmt_bytes(weights)}, its peak at " \
+           f"{fmt_bytes(predicted['device_bytes'])}" if weights else \
+        f"the setup's peak is predicted at {fmt_bytes(predicted['device_bytes'])}"
+    new, new_pred = load_fallback(spec, s, budget_bytes, cuda, constants)
+    if new is not None:
+        advice = (f"Try {setup_label(new)} ({setup_flags(new)}), predicted at {fmt_bytes(new_pred['device_bytes'])}"
+                  f", or a smaller model")
+    else:
+        advice = "No setup with lighter weights is predicted to fit: try a smaller model or a GPU with more memory"
+    gpu = gpu or (enforced or {}).get("gpu")
+    plan = f"; `vramfit plan {model}{' --gpu ' + gpu if gpu else ''}` shows what fits" if model else ""
+    return (f"out of memory while {phase} with {setup_label(s)} ({error}); {budget}; {need}. {advice}"
+            f"{plan}")
 
 
 _SIZE = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB)")

@@ -428,7 +428,7 @@ def _rank_model(source, s, strategy: str, local: int, cuda: bool, seed: int, scr
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from vramfit.run.model import _random_checkpoint
+    from vramfit.run.model import _random_checkpoint, loading_phase
 
     if not cuda:
         raise VramfitError("QLoRA needs CUDA GPUs")
@@ -439,7 +439,8 @@ def _rank_model(source, s, strategy: str, local: int, cuda: bool, seed: int, scr
     kw = {"dtype": torch.bfloat16, "attn_implementation": s.attn, "quantization_config": q}
     if get_strategy(strategy).engine != "fsdp" and get_strategy(strategy).zero_stage != 3:
         kw["device_map"] = {"": local}
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    with loading_phase("loading the weights and quantizing them to 4-bit (from_pretrained)"):
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     model.config.use_cache = False
     return model
 

@@ -28,8 +28,15 @@ from vramfit.memory.setup import Setup, make_setup
 from vramfit.planner.convert import lora_config, rename_checkpointing, training_arguments_kwargs
 from vramfit.run import data as vdata
 from vramfit.run.callbacks import _callback_classes, ctrl_c
-from vramfit.run.fallback import enforce_budget, fallback_setup, free_memory, oom_measurement, usable_bytes
-from vramfit.run.model import build_model, load_tokenizer, resolve_model
+from vramfit.run.fallback import (
+    enforce_budget,
+    fallback_setup,
+    free_memory,
+    load_oom_message,
+    oom_measurement,
+    usable_bytes,
+)
+from vramfit.run.model import LoadOutOfMemory, build_model, load_tokenizer, loading_phase, resolve_model
 from vramfit.run.outputs import (
     REPORT_NAME,
     SETUP_NAME,
@@ -285,11 +292,12 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     run = {"setup": _setup_json(s), "max_steps": max_steps, "step_offset": (saved or {}).get("step_offset", 0),
            "base_path": (saved or {}).get("base_path")}
     _write_json(out / SETUP_NAME, run)
-    runner = _Runner(source, tokenizer, d, opts, out, run, cuda, constants, assistant_only, callbacks, console)
+    runner = _Runner(source, tokenizer, d, opts, out, run, cuda, constants, assistant_only, callbacks, console,
+                     budget=budget, enforced=enforced)
     try:
         status, failure = runner.run(s, predicted, resume_from=_last_checkpoint(out, s) if saved else None,
                                      resuming=bool(saved))
-    except VramfitError:  # the model would not load: leave no half-written run behind
+    except VramfitError:  # the model would not load (or ran out of memory loading): leave no half-written run behind
         if not saved and not runner.attempts:
             shutil.rmtree(out, ignore_errors=True)
         raise
@@ -316,12 +324,13 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
 class _Runner:
     """Step 7: trainer attempts, one per setup, until one finishes (the OOM fall-back between them)."""
 
-    def __init__(self, source, tokenizer, d, opts, out, run, cuda, constants, assistant_only, callbacks, console):
+    def __init__(self, source, tokenizer, d, opts, out, run, cuda, constants, assistant_only, callbacks, console,
+                 budget: int | None = None, enforced: dict | None = None):
         from vramfit.run.tracker import MemoryTracker
 
         self.source, self.tokenizer, self.opts, self.out, self.run_state = source, tokenizer, opts, out, run
         self.cuda, self.constants, self.assistant_only, self.callbacks = cuda, constants, assistant_only, callbacks
-        self.console = console
+        self.console, self.budget, self.enforced = console, budget, enforced
         self.train_ds = vdata.to_hf_dataset(d.train.rows)
         self.eval_ds = vdata.to_hf_dataset(d.eval_rows) if d.eval_rows else None
         self.tracker = MemoryTracker(out / TIMELINE_NAME, finish_on_train_end=False)
@@ -343,7 +352,10 @@ class _Runner:
             self.say("no checkpoint to resume from yet: starting over")
         try:
             while True:
-                oom = self.attempt(resume_from)
+                try:
+                    oom = self.attempt(resume_from)
+                except LoadOutOfMemory as exc:
+                    return self.load_failed(exc)
                 if oom is None:
                     break
                 resume_from, failure = self.after_oom(oom)
@@ -373,9 +385,18 @@ class _Runner:
         apply_allocator(s, self.cuda)
         model = build_model(self.source, s, self.cuda, self.opts.seed, run["base_path"], self.out)
         live = self.LiveView(self.console, self.tracker, steps, self.opts.live)
-        self.trainer = _trainer(model, self.tokenizer, s, self.opts, self.out, steps, self.train_ds, self.eval_ds,
-                                self.cuda, self.assistant_only, [self.tracker, live, self.stopper, *self.callbacks])
-        del model
+        what = {"full": "moving the model to the GPU", "lora": "moving the model to the GPU and adding the LoRA "
+                "layers", "qlora": "adding the LoRA layers"}[s.method] if self.cuda else "setting up the trainer"
+        try:
+            with loading_phase(what + " (SFTTrainer)"):
+                self.trainer = _trainer(model, self.tokenizer, s, self.opts, self.out, steps, self.train_ds,
+                                        self.eval_ds, self.cuda, self.assistant_only,
+                                        [self.tracker, live, self.stopper, *self.callbacks])
+        except LoadOutOfMemory:
+            live.close()
+            raise
+        finally:
+            del model  # the trainer holds it; a failed attempt's frame must not
         self.tracker.begin_attempt(_setup_json(s), self.predicted)
         oom, done = None, False
         try:
@@ -396,6 +417,19 @@ class _Runner:
                 "eval_losses": [{"step": h["step"] + run["step_offset"], "eval_loss": h["eval_loss"]}
                                 for h in history if "eval_loss" in h]})
         return oom
+
+    def load_failed(self, exc: LoadOutOfMemory) -> tuple[str, str]:
+        """Out of memory before the first step of an attempt: freed, explained (phase, budget, the next
+        setup to try).  The first attempt: a user error, nothing written; a fall-back's: the run's failure."""
+        free_memory(self.trainer)
+        self.trainer = None
+        msg = load_oom_message(self.source.spec, self.setup, exc.phase, exc.error, self.predicted, self.budget,
+                               self.enforced, self.cuda, self.constants,
+                               self.source.local_dir or self.source.path or self.source.name, self.opts.gpu)
+        if not self.attempts:
+            raise VramfitError(msg) from None
+        self.tracker.event("out of memory", phase=exc.phase, error=exc.error)
+        return "out of memory", msg
 
     def after_oom(self, oom: dict) -> tuple[str | None, str | None]:
         """Free the failed attempt, pick the next setup -> (checkpoint to resume from, failure)."""
