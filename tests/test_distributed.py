@@ -16,10 +16,10 @@ from vramfit.memory.distributed import (
     NCCL_DEVICE_BYTES,
     ZERO_REDUCE_BUCKET,
     estimate_distributed,
-    fsdp_shard_numel,
     get_strategy,
     shard_terms,
 )
+from vramfit.memory.fsdp import fsdp_shard_numel
 from vramfit.errors import VramfitError
 from vramfit.memory.walk import _grad_totals, optimizer_state_bytes, trainable_tensors
 from vramfit.memory.setup import make_setup, resolve_targets
@@ -56,18 +56,21 @@ def test_fsdp_shard_numel_is_each_tensors_padded_dim0_chunk(llama1b):
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_fsdp_full_shard_holds_its_shards_plus_the_root_and_two_gathered_layers(llama8b, n):
+def test_fsdp_full_shard_gathers_the_tail_at_the_loss_and_two_layers_inside_them(llama8b, n):
     s = full("bf16-true")
     sh = shard_terms(llama8b, s, (), get_strategy("fsdp-full"), n)
     weights = dict(sh.weights)
     assert weights == {"weights_bfloat16_sharded": int(2 * llama8b.params_total * fsdp_shard_numel(llama8b, n)
                                                        / llama8b.params_total)}
     roles = llama8b.params_by_role
-    root = roles["embeddings"] + roles["lm_head"] + llama8b.hidden_size
-    layer = (llama8b.params_total - root) / llama8b.num_layers
-    # the root stays gathered (reshard_after_forward=False for the root); the running layer, the
-    # prefetched one and its all-gather output
-    assert sh.extra["forward"] == pytest.approx(2 * (root + 3 * layer), rel=1e-6)
+    tail = roles["lm_head"] + llama8b.hidden_size  # accelerate's [final norm, LM head] unit (untied)
+    layer = (llama8b.params_total - roles["embeddings"] - tail) / llama8b.num_layers
+    gathered = {k: v.get("fsdp_gathered_params", 0) for k, v in sh.held.items()}
+    # at the loss: the tail and its own all-gather output, held to the root's post-forward
+    assert gathered["forward_loss"] == pytest.approx(2 * 2 * tail, rel=1e-6)
+    # inside the layers: the running layer and its (forward) or the next one's (backward) all-gather output
+    assert gathered["forward_layer"] == gathered["backward_top"] == pytest.approx(2 * 2 * layer, rel=1e-6)
+    assert gathered["backward_loss"] == pytest.approx(2 * tail, rel=1e-6)
     assert sh.optimizer == math.ceil(optimizer_state_bytes(trainable_tensors(llama8b, s, ()), s) / n)
 
 
@@ -75,7 +78,8 @@ def test_shard_grad_op_keeps_every_layer_gathered_through_backward(llama8b):
     s = full("bf16-true")
     op = shard_terms(llama8b, s, (), get_strategy("fsdp-grad-op"), 4)
     fs = shard_terms(llama8b, s, (), get_strategy("fsdp-full"), 4)
-    assert op.extra["backward_top"] - fs.extra["backward_top"] > 0.8 * 2 * llama8b.params_total * 0.8
+    top = lambda sh: sh.held["backward_top"]["fsdp_gathered_params"]  # noqa: E731
+    assert top(op) - top(fs) > 0.8 * 2 * llama8b.params_total * 0.8
     assert op.weights == fs.weights and op.optimizer == fs.optimizer
 
 
@@ -85,17 +89,20 @@ def test_zero2_partitions_gradients_and_states_but_not_the_bf16_weights(llama8b)
     sh = shard_terms(llama8b, s, (), get_strategy("zero2"), n)
     p = llama8b.params_total
     assert dict(sh.weights) == {"weights_bfloat16": 2 * p}
-    assert sh.grads == math.ceil(2 * p / n) + 2 * ZERO_REDUCE_BUCKET  # bf16 partition + the ipg bucket
+    assert sh.grads["backward_end"] == math.ceil(2 * p / n)  # the bf16 partition
+    # overlap_comm: two ipg buckets of reduce_bucket_size bf16 elements through the backward only
+    assert sh.held["backward_top"]["zero_ipg_buckets"] == 2 * 2 * ZERO_REDUCE_BUCKET
+    assert "zero_ipg_buckets" not in sh.held.get("forward_loss", {}) and not sh.held.get("optimizer")
     assert sh.optimizer == math.ceil(12 * p / n)  # fp32 master + AdamW's two fp32 states
     z1 = shard_terms(llama8b, s, (), get_strategy("zero1"), n)
-    assert z1.grads == 2 * p and z1.optimizer == sh.optimizer
+    assert z1.grads["backward_end"] == 2 * p and z1.optimizer == sh.optimizer
 
 
 def test_offload_moves_master_weights_states_and_fp32_grads_to_the_host(llama8b):
     s = full("bf16-mixed")
     on = shard_terms(llama8b, s, (), get_strategy("zero2"), 2)
     off = shard_terms(llama8b, s, (), get_strategy("zero2-offload"), 2)
-    assert off.optimizer == 0 and off.grads_step == 0
+    assert off.optimizer == 0 and off.grads["optimizer"] == 0
     assert dict(off.host_named)["optimizer_master_and_states"] == on.optimizer
     assert off.host_bytes == on.optimizer + math.ceil(4 * llama8b.params_total / 2)
     est = estimate_distributed(llama8b, s, "zero2-offload", 2)

@@ -77,10 +77,12 @@ def issue21_grid() -> list:
             for ni, n in enumerate((2, 4, 8)):
                 for si, strategy in enumerate(("ddp", "fsdp-full")):
                     k = mi + ki + ni + si
-                    out.append(case(model, method, precision, strategy, n, grad_ckpt=bool(k % 2),
+                    # QLoRA under FSDP runs only with autocast (transformers#30914; the launcher says so)
+                    prec = "bf16-amp" if method == "qlora" and strategy != "ddp" else precision
+                    out.append(case(model, method, prec, strategy, n, grad_ckpt=bool(k % 2),
                                     loss=("fused", "logits")[(k // 2 + mi) % 2], overrides=ov))
             k = mi + ki
-            out.append(case(model, method, precision, "fsdp-grad-op", 4, grad_ckpt=bool(k % 2),
+            out.append(case(model, method, "bf16-amp" if method == "qlora" else precision, "fsdp-grad-op", 4, grad_ckpt=bool(k % 2),
                             loss=("logits", "fused")[k % 2], overrides=ov))
     return out
 
@@ -103,7 +105,20 @@ def zero_grid() -> list:
             case(m, "full", p, "zero3", 8, True, "logits"), case(m, "lora", p, "zero3", 4, True, "fused")]
 
 
-GRIDS = {"issue21": issue21_grid, "cpu": cpu_grid, "zero": zero_grid}
+def recipe_grid() -> list:
+    """The standard recipe (bf16 weights + bf16 autocast, bf16-amp) under DDP and FSDP2 at N = 4, and
+    the last rank of uneven FSDP shards (N = 8: 1,235,814,400 / 8 and the 8B's 128,256-row head
+    split unevenly by rows)."""
+    out = []
+    for model, ov in MODELS:
+        for method in ("full", "lora", "qlora"):
+            for strategy in ("ddp", "fsdp-full"):
+                out.append(case(model, method, "bf16-amp", strategy, 4, grad_ckpt=True, loss="fused", overrides=ov))
+        out.append(case(model, "full", "bf16-amp", "fsdp-full", 8, grad_ckpt=True, loss="logits", overrides=ov, rank=7))
+    return out
+
+
+GRIDS = {"issue21": issue21_grid, "cpu": cpu_grid, "zero": zero_grid, "recipe": recipe_grid}
 
 
 def setup_of(c: dict):
@@ -162,10 +177,21 @@ def _source(c: dict):
 
 def make_checkpoint(c: dict, scratch: Path) -> str:
     """QLoRA loads 4-bit weights from a checkpoint (bitsandbytes quantizes while loading): write the
-    random bf16 one once per model, as vramfit train --init random does."""
-    from vramfit.run.model import _random_checkpoint
+    random bf16 one once per model, as vramfit train --init random does; the other methods load it
+    too (on the CPU, in their own dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    return _random_checkpoint(_source(c), SEED, scratch)
+    from vramfit.model.spec import config_from_dict
+
+    source = _source(c)
+    target = scratch / "random-init"
+    if not (target / "config.json").is_file():  # on the lent GPU: a random 8B model in seconds
+        torch.manual_seed(SEED)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config_from_dict(source.config, source.name), dtype=torch.bfloat16)
+        model.save_pretrained(target)
+    return str(target)
 
 
 def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
@@ -205,7 +231,11 @@ def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
     else:
         from vramfit.run.model import build_model
 
-        model = build_model(source, s, False, SEED, None, work)  # on the CPU, as run_rank: the engine moves it
+        # on the CPU, as run_rank (the engine moves it), from the per-model random checkpoint when the
+        # driver wrote one (from_pretrained of it is what --init random's from_config does, in seconds)
+        ckpt = scratch / "random-init" if scratch else None
+        base = str(ckpt) if ckpt and (ckpt / "config.json").is_file() else None
+        model = build_model(source, s, False, SEED, base, work)
     out["load_seconds"] = round(time.perf_counter() - t0, 2)
     import transformers
 
@@ -394,8 +424,8 @@ def drive(cases: list, out: Path, jobs: int, budget: int, deadline: float, scrat
     tmp = Path(tempfile.mkdtemp(prefix="fakepg-driver-"))
     # QLoRA checkpoints first, one per model (serially: they write the same folder)
     need = {}
-    for c in cases:
-        if c["method"] == "qlora":
+    for c in cases:  # every method loads it: a random 1-8B model initialised on the CPU takes 50-90 s
+        if not c.get("cpu"):
             need.setdefault((c["model"], json.dumps(c["overrides"], sort_keys=True)), c)
     procs = []
     for k, c in need.items():  # one folder per model: side by side

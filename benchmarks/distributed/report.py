@@ -1,15 +1,23 @@
 """Per-GPU error of the multi-GPU memory model against the proof's measurements.
 
     python -m benchmarks.distributed.report benchmarks/results/<machine>-<date>-distributed.jsonl [--md out.md]
-    python -m benchmarks.distributed.report benchmarks/results/h100-2026-12-07-fake-pg.jsonl --md out.md
+    python -m benchmarks.distributed.report benchmarks/results/h100-2026-12-07-fake-pg.jsonl \
+        benchmarks/results/h100-2026-12-07-fake-pg-zero.jsonl --before fcbd04e \
+        --md benchmarks/results/h100-2026-12-07-fake-pg.md
 
 Lines of the fake-process-group harness (benchmarks.distributed.fake_pg: one rank of N per line)
 are told apart by their flat peaks; their report has the targets' statistics (median, p90, max of
 |error|, share under-predicted by more than 2%) over all runs and per strategy and N, and a row per run.
+A run whose engine (its record's `engine.distributed_type`) is not the one its strategy names is
+predicted as the engine it ran, and listed apart.
 
 Predictions are recomputed with the current model (the recorded ones are kept in the JSONL as
-they were), one row per case and rank: measured and predicted torch allocated / reserved peaks
-and NVML device memory, relative error (predicted - measured) / measured.
+they were): the fake-group runs with `vramfit estimate --gpus N`'s default answer (the allocator
+replay of the rank's step, vramfit.memory.rank_replay) and, beside it, the fitted per-rank walk the
+planner searches with; `--before REV` adds the model of git revision REV (its
+vramfit/memory/distributed.py, read with `git show`) for a before / after table.  One row per case
+and rank: measured and predicted torch allocated / reserved peaks and NVML device memory, relative
+error (predicted - measured) / measured.
 """
 
 from __future__ import annotations
@@ -65,22 +73,91 @@ def summary(rs: list) -> str:
 
 # --------------------------------------------------------------------------- fake-group lines
 
+# the accelerate distributed type each engine runs under
+ENGINE_TYPE = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
 
-def fake_rows(records: list) -> list:
-    from benchmarks.distributed.fake_pg import predicted as fake_predicted
 
+def ran_as(rec: dict) -> str:
+    """The strategy a fake-group run really ran: its own, or ddp where accelerate set up DDP instead
+    (the zero2 / zero3 lines of 2026-12-07: their launch environment had no ACCELERATE_USE_DEEPSPEED,
+    vramfit.run.launch.launch_env takes accelerate's prepare_multi_gpu_env for every config)."""
+    from vramfit.memory.distributed import get_strategy
+
+    c = rec["case"]
+    kind = str((rec.get("engine") or {}).get("distributed_type") or "")
+    expected = ENGINE_TYPE[get_strategy(c["strategy"]).engine]
+    if not kind or kind.endswith(expected):
+        return c["strategy"]
+    return "ddp" if kind.endswith("MULTI_GPU") else c["strategy"]
+
+
+def fake_predicted(c: dict, strategy: str, replay: bool) -> dict:
+    """One rank's predicted peaks: the replay's (default) or the fitted walk's; without NCCL's constant."""
+    from benchmarks.distributed.fake_pg import setup_of
+    from vramfit.memory.distributed import estimate_distributed
+    from vramfit.memory.rank_replay import replayed_rank
+    from vramfit.model.spec import load_spec
+
+    spec = load_spec(c["model"], overrides=c["overrides"] or None)
+    s = setup_of(c)
+    est = estimate_distributed(spec, s, strategy, c["world_size"])
+    if replay:
+        est = replayed_rank(spec, s, strategy, c["world_size"], est)
+    per_gpu = dict(est.to_json()["per_gpu"])
+    # the fake group has no NCCL communicator: compare the device figure without its constant
+    per_gpu["device_bytes"] -= per_gpu.get("breakdown", {}).get("nccl_buffers", 0)
+    return per_gpu
+
+
+def before_model(rev: str):
+    """vramfit/memory/distributed.py as of git revision `rev`, imported apart (its estimate_distributed)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    text = subprocess.run(["git", "show", f"{rev}:vramfit/memory/distributed.py"], check=True, capture_output=True,
+                          text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="vramfit-before-")) / "distributed_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("vramfit_distributed_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _before_predicted(mod, c: dict, strategy: str) -> dict:
+    from benchmarks.distributed.fake_pg import setup_of
+    from vramfit.model.spec import load_spec
+
+    spec = load_spec(c["model"], overrides=c["overrides"] or None)
+    per_gpu = dict(mod.estimate_distributed(spec, setup_of(c), strategy, c["world_size"]).to_json()["per_gpu"])
+    per_gpu["device_bytes"] -= per_gpu.get("breakdown", {}).get("nccl_buffers", 0)
+    return per_gpu
+
+
+def fake_rows(records: list, before=None, fitted: bool = True) -> list:
     out = []
     for rec in records:
         if rec.get("status") != "ok" or rec.get("peak_allocated_bytes") is None:
             continue
         c = rec["case"]
-        per_gpu = dict(fake_predicted(c)["per_gpu"])
-        # the fake group has no NCCL communicator: compare the device figure without its constant
-        per_gpu["device_bytes"] -= per_gpu.get("breakdown", {}).get("nccl_buffers", 0)
-        out.append({"name": rec["name"], "case": c, "rank": c["rank"],
-                    "measured": {k: rec.get(k) for k, _ in KEYS}, "predicted": {k: per_gpu[k] for k, _ in KEYS},
-                    "error": errors(rec, per_gpu), "gpu": (rec.get("environment") or {}).get("gpu_name"),
-                    "environment": rec.get("environment") or {}})
+        strategy = ran_as(rec)
+        per_gpu = fake_predicted(c, strategy, replay=True)
+        row = {"name": rec["name"], "case": c, "rank": c["rank"], "ran_as": strategy,
+               "wrapper": (rec.get("engine") or {}).get("wrapper"),
+               "measured": {k: rec.get(k) for k, _ in KEYS}, "predicted": {k: per_gpu[k] for k, _ in KEYS},
+               "error": errors(rec, per_gpu), "gpu": (rec.get("environment") or {}).get("gpu_name"),
+               "environment": rec.get("environment") or {}}
+        if fitted:
+            row["error_fitted"] = errors(rec, fake_predicted(c, strategy, replay=False))
+        if before is not None:
+            try:
+                row["error_before"] = errors(rec, _before_predicted(before, c, c["strategy"]))
+            except Exception as exc:  # noqa: BLE001 - the old model refused it: said so in the table
+                row["error_before"] = {k: None for k, _ in KEYS}
+                row["before_error"] = f"{type(exc).__name__}: {exc}"[:120]
+        out.append(row)
     return out
 
 
@@ -93,8 +170,8 @@ def _pct(xs: list, q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
-def stats(rs: list, key: str) -> dict:
-    errs = [r["error"][key] for r in rs if r["error"].get(key) is not None]
+def stats(rs: list, key: str, field: str = "error") -> dict:
+    errs = [r[field][key] for r in rs if r.get(field) and r[field].get(key) is not None]
     if not errs:
         return {}
     a = [abs(e) for e in errs]
@@ -118,18 +195,42 @@ def fake_summary(rs: list) -> str:
     return "\n".join(lines)
 
 
+def _groups(rs: list) -> dict:
+    groups = {}
+    for r in rs:
+        groups.setdefault((r["ran_as"], r["case"]["world_size"]), []).append(r)
+    return dict(sorted(groups.items()))
+
+
 def fake_by_strategy(rs: list) -> str:
     lines = ["| strategy | N | runs | allocated median / p90 / max | reserved median / p90 / max | "
              "under > 2% (alloc, res) |", "|---|---|---|---|---|---|"]
-    groups = {}
-    for r in rs:
-        groups.setdefault((r["case"]["strategy"], r["case"]["world_size"]), []).append(r)
-    for (st, n), g in sorted(groups.items()):
+    for (st, n), g in _groups(rs).items():
         a, v = stats(g, "peak_allocated_bytes"), stats(g, "peak_reserved_bytes")
         f = lambda s: f"{100 * s['median']:.2f} / {100 * s['p90']:.2f} / {100 * s['max']:.2f}%"  # noqa: E731
         lines.append(f"| {st} | {n} | {len(g)} | {f(a)} | {f(v)} | {round(a['under2'] * a['n'])}, "
                      f"{round(v['under2'] * v['n'])} |")
     return "\n".join(lines)
+
+
+def fake_before_after(rs: list) -> str:
+    """Per strategy (as run): median / max |error| before, with the fitted per-rank walk, with the replay."""
+    fields = [f for f in ("error_before", "error_fitted", "error") if any(f in r for r in rs)]
+    label = {"error_before": "before", "error_fitted": "fitted walk", "error": "replay (default)"}
+    cols = [f"{k} {label[f]}" for k in ("allocated", "reserved") for f in fields]
+    head = "| strategy | runs | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(fields))]
+    by = {}
+    for r in rs:
+        by.setdefault(r["ran_as"], []).append(r)
+    for st, g in sorted(by.items()):
+        cells = []
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
+            for f in fields:
+                s = stats(g, key, f)
+                cells.append(f"{100 * s['median']:.1f} / {100 * s['max']:.1f}%" if s else "-")
+        lines.append(f"| {st} | {len(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(median / max |error|; before: the model the measured misses were found with)"
 
 
 def fake_environment(rs: list) -> str:
@@ -138,29 +239,53 @@ def fake_environment(rs: list) -> str:
     return "\n".join(f"- {x}" for x in sorted(envs))
 
 
-def fake_report(records: list, path: str) -> str:
-    rs = fake_rows(records)
+def fake_table(rs: list) -> str:
+    rows = []
+    for r in sorted(rs, key=lambda r: r["name"]):
+        name = r["name"] + (f" (ran {r['ran_as']})" if r["ran_as"] != r["case"]["strategy"] else "")
+        rows.append(dict(r, name=name))
+    return table(rows)
+
+
+def _here() -> str:
+    from vramfit.versions import installed
+
+    return ", ".join(f"{k} {v}" for k, v in installed("torch", "transformers", "peft", "trl").items())
+
+
+def fake_report(records: list, paths: list, before_rev: str | None = None) -> str:
+    before = before_model(before_rev) if before_rev else None
+    rs = fake_rows(records, before)
     other = [f"- {r.get('name')}: {r.get('status')}" + (f" ({str(r.get('error', ''))[:200]})" if r.get("error") else "")
              for r in records if r.get("status") != "ok"]
+    moved = [f"- {r['name']}: named {r['case']['strategy']}, ran {r['ran_as']} (accelerate set up {r['wrapper']}; "
+             f"its launch environment had no ACCELERATE_USE_DEEPSPEED); predicted as {r['ran_as']}"
+             for r in rs if r["ran_as"] != r["case"]["strategy"]]
     header = (f"# Per-rank memory through torch's fake process group\n\n{len(rs)} runs ok of {len(records)} "
-              f"({path}); each is rank r of N on one GPU, one fresh process; predicted by the current "
-              f"`vramfit.memory.distributed` (error = (predicted - measured) / measured).  NCCL's own buffers are "
+              f"({', '.join(paths)}); each is rank r of N on one GPU, one fresh process; predicted by the current "
+              f"model, `vramfit estimate --gpus N`'s default answer (the allocator replay of the rank's step, "
+              f"`vramfit.memory.rank_replay`; error = (predicted - measured) / measured).  NCCL's own buffers are "
               f"outside the fake group: the device column compares without the model's NCCL "
-              f"constant (the measurement has no NCCL communicator).\n\nEnvironment:\n{fake_environment(rs)}")
+              f"constant (the measurement has no NCCL communicator).  Replayed here with "
+              f"{_here()}.\n\nEnvironment:\n{fake_environment(rs)}")
     return "\n\n".join(x for x in (
-        header, "## All runs", fake_summary(rs) if rs else "no measured run", "## Per strategy and N",
-        fake_by_strategy(rs) if rs else "", "## Runs", table(sorted(rs, key=lambda r: r["name"])) if rs else "",
+        header, "## All runs", fake_summary(rs) if rs else "no measured run",
+        "## Before and after, per strategy" if rs else "", fake_before_after(rs) if rs else "",
+        "## Per strategy and N", fake_by_strategy(rs) if rs else "",
+        "## Runs that ran another engine\n\n" + "\n".join(moved) if moved else "",
+        "## Runs", fake_table(rs) if rs else "",
         "## Not measured\n\n" + "\n".join(other) if other else "") if x)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("jsonl", help="a proof's JSONL, or the fake-group harness's")
+    ap.add_argument("jsonl", nargs="+", help="a proof's JSONL, or the fake-group harness's (several: one report)")
     ap.add_argument("--md", default=None, help="also write the tables to this markdown file")
+    ap.add_argument("--before", default=None, help="fake-group lines: git revision of the model to compare with")
     args = ap.parse_args(argv)
-    records = [json.loads(x) for x in Path(args.jsonl).read_text().splitlines() if x.strip()]
+    records = [json.loads(x) for p in args.jsonl for x in Path(p).read_text().splitlines() if x.strip()]
     if records and all("ranks" not in r for r in records):  # the fake-group harness
-        text = fake_report(records, args.jsonl)
+        text = fake_report(records, args.jsonl, args.before)
         print(text)
         if args.md:
             Path(args.md).write_text(text + "\n")
@@ -168,7 +293,7 @@ def main(argv=None) -> int:
     rs = rows(records)
     other = [f"- {r['name']}: {r['status']}" + (f" ({r.get('error', '')[:160]})" if r.get("error") else "")
              for r in records if r.get("status") != "ok"]
-    header = (f"{len(rs)} rank measurements of {len({r['name'] for r in rs})} cases ({args.jsonl}); "
+    header = (f"{len(rs)} rank measurements of {len({r['name'] for r in rs})} cases ({', '.join(args.jsonl)}); "
               f"GPU: {', '.join(sorted({str(r['gpu']) for r in rs})) or 'none'}")
     text = "\n\n".join(x for x in (
         header,

@@ -1,10 +1,15 @@
 """Per-GPU memory of data-parallel training on N GPUs: DDP, FSDP2 and DeepSpeed ZeRO, in bytes.
 
-Built on the single-GPU step walk (`vramfit.memory.walk.breakdown`): the activations, logits and loss
-buffers of one GPU's micro-batch are the single-GPU ones; what a strategy changes is which
-weights, gradients and optimizer states each GPU holds, and the buffers the engine adds (gradient
-buckets, all-gathered layers).  `shard_terms` computes those per GPU (a `Sharding`), and
-`breakdown(..., sharding=...)` walks the step with them.  Pure: no torch, no I/O.
+Built on the single-GPU step walk (`vramfit.memory.walk`): the activations, logits and loss buffers of one
+GPU's micro-batch are the single-GPU ones, taken at the walk's moments (`vramfit.memory.rank_step`: the
+loss, the LM head, the top and bottom decoder layer, the end of the backward, the optimizer step); what a
+strategy changes is which weights, gradients and optimizer states each GPU holds, and what the engine
+holds at each moment (gradient buckets, gathered units and their all-gather outputs, reduce-scatter
+inputs: `vramfit.memory.fsdp` for FSDP2).  `shard_terms` computes those per GPU and moment (a
+`vramfit.memory.rank_step.RankTerms`), `rank_breakdown` takes the largest moment.  What each rank's
+model is (`activation_setup`): DeepSpeed runs bf16 without autocast, and QLoRA through `vramfit train
+--gpus N` is loaded without prepare_model_for_kbit_training.  Pure: no torch, no I/O.
+`vramfit.memory.rank_replay` gives the same rank's peaks from the allocator replay of its step.
 
 Strategies, in accelerate's vocabulary (`vramfit.run.launch` writes the accelerate config):
 
@@ -23,9 +28,10 @@ written into the DeepSpeed config vramfit launches, so the model and the run agr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vramfit.errors import VramfitError
+from vramfit.memory.rank_step import MOMENTS, RankTerms, moments, rank_breakdown, single_gpu_grads
 from vramfit.memory.setup import DTYPE_BYTES, Setup
 
 FP32 = 4
@@ -33,10 +39,11 @@ MiB = 1 << 20
 
 # --------------------------------------------------------------------------- engine constants
 
-# torch DDP: bucket_cap_mb=25 (accelerate's DistributedDataParallelKwargs default), and
-# gradient_as_bucket_view=False (same source): the Reducer allocates flat bucket tensors for every
-# trainable parameter's gradient at construction and copies each gradient into its bucket, so the
-# buckets are a second copy of all gradients, held from wrapping to the end of the run
+# torch DDP as accelerate builds it for the Trainer: neither passes bucket_cap_mb nor gradient_as_bucket_view
+# (accelerate's DistributedDataParallelKwargs.to_kwargs passes only what differs from its defaults), so DDP
+# caps buckets at 25 MiB (the first at _DEFAULT_FIRST_BUCKET_BYTES, 1 MiB) and keeps gradients apart: the
+# Reducer allocates a flat tensor per bucket of trainable parameters at construction and copies each
+# gradient into it, a second copy of all gradients held from wrapping to the end of the run
 # (torch/csrc/distributed/c10d/reducer.cpp, initialize_buckets).
 DDP_BUCKET_CAP_BYTES = 25 * MiB
 # NCCL's own device memory per process (channel buffers, NCCL_BUFFSIZE 4 MiB per channel and peer
@@ -59,6 +66,9 @@ ZERO3_PREFETCH_BUCKET = 50_000_000
 ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
 ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
+# overlap_comm, as vramfit.run.launch.deepspeed_config writes it: ZeRO-1/2 then double-buffers its ipg
+# bucket (stage_1_and_2.py, setup_buckets: "Use double buffers to avoid data access conflict").
+ZERO_OVERLAP_COMM = True
 # Host-to-device link when a profile names none (offload traffic): PCIe 4.0 x16 per direction.
 DEFAULT_HOST_LINK_BYTES_PER_S = 31_500_000_000
 
@@ -129,6 +139,10 @@ def check_combination(strategy: Strategy, s: Setup, gpus: int) -> None:
     if strategy.engine == "fsdp" and s.optimizer.paged:
         raise VramfitError(f"{s.optim} keeps states in CUDA managed memory, which FSDP's sharded DTensor "
                            f"parameters do not support: choose adamw_torch or adamw_torch_fused")
+    if strategy.engine == "fsdp" and s.method == "qlora" and not s.autocast_dtype:
+        raise VramfitError(f"QLoRA under FSDP needs autocast: {s.precision} has none, and peft's LoRA layers then "
+                           "meet fp32 inputs (transformers#30914, 'expected mat1 and mat2 to have the same dtype', "
+                           "measured through the fake process group); use --amp bf16 (bf16-amp)")
     if strategy.offload_params and s.method == "qlora":
         raise VramfitError("zero3-offload with QLoRA: DeepSpeed cannot offload bitsandbytes 4-bit weights; "
                            "use zero3 or fsdp-full")
@@ -137,25 +151,8 @@ def check_combination(strategy: Strategy, s: Setup, gpus: int) -> None:
 # --------------------------------------------------------------------------- the per-GPU terms
 
 
-@dataclass(frozen=True)
-class Sharding:
-    """One GPU's bytes under a strategy, as `memory.breakdown` consumes them."""
-
-    weights: tuple  # ((name, bytes), ...) held for the whole step
-    grads: int  # gradients held at the end of backward (the walk's G)
-    grads_outside: int  # of which embeddings / LM head (held from the top of backward)
-    grads_step: int  # gradients held during the optimizer step
-    optimizer: int  # optimizer states on this GPU (torch allocator)
-    optimizer_temp: int  # the optimizer step's temporaries on this GPU
-    extra: dict  # phase -> engine buffers: forward, backward_top, backward_bottom, optimizer
-    named: dict = field(default_factory=dict)  # phase -> {component name: bytes}, for the breakdown
-    device_extra: int = 0  # outside torch's allocator (NCCL)
-    no_weight_copies: bool = False  # the engine gathers weights already in the compute dtype
-    host_bytes: int = 0  # pinned host memory of this rank (offload)
-    host_named: tuple = ()  # ((name, bytes), ...)
-
-    def components(self, phase: str) -> dict:
-        return dict(self.named.get(phase, {}))
+def _ceil_div(a: float, n: int) -> int:
+    return math.ceil(a / n)
 
 
 def _elements(spec) -> dict:
@@ -167,22 +164,44 @@ def _elements(spec) -> dict:
     return {"layer": layer, "outside": spec.params_total - layer * n, "total": spec.params_total}
 
 
-def fsdp_shard_numel(spec, gpus: int) -> int:
-    """Elements of one rank's shards: FSDP2 shards every parameter on dim 0 (torch.chunk), each
-    rank's chunk padded to ceil(dim0 / N) rows (torch/distributed/fsdp/_fully_shard/_fsdp_param.py)."""
-    total = 0
-    for shape, count, _ in spec.param_shapes:
-        rest = math.prod(shape[1:]) if len(shape) > 1 else 1
-        total += count * math.ceil(shape[0] / gpus) * rest
-    return total
+def launched_qlora(strategy: Strategy, gpus: int) -> bool:
+    """QLoRA as `vramfit train --gpus N` loads it on every rank (vramfit.run.launch._rank_model):
+    4-bit weights stored as bf16 (bnb_4bit_quant_storage), the rest loaded in bf16, and no
+    prepare_model_for_kbit_training -- so, unlike the single-GPU recipe, nothing is upcast to fp32."""
+    return not (gpus == 1 and strategy.engine == "ddp")
 
 
-def _ceil_div(a: float, n: int) -> int:
-    return math.ceil(a / n)
+def activation_setup(strategy: Strategy, s: Setup, gpus: int = 2) -> Setup:
+    """The setup whose activations one rank runs.  DeepSpeed: bf16 without autocast (`engine_setup`).
+    QLoRA through the launcher (`launched_qlora`): the activations of LoRA over the same targets on
+    bf16 weights -- the residual stream, the norms and the LM head stay bf16 (prepare_model_for_kbit_
+    training's fp32 casts are what make the single-GPU QLoRA trace differ from LoRA's) -- with the 4-bit
+    layers' weights and their dequantization buffer added by the rank's terms."""
+    run = engine_setup(strategy, s)
+    if run.method == "qlora" and launched_qlora(strategy, gpus):
+        precision = {"bfloat16": "bf16-amp", "float16": "16-amp"}.get(run.autocast_dtype or "", "bf16-true")
+        run = run.with_(method="lora", precision=precision, target_modules=s.targets)
+    return run
 
 
-def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) -> Sharding:
-    """One GPU's weights, gradients, optimizer states and engine buffers under `strategy`."""
+def trl_casts_adapters(s: Setup) -> bool:
+    """trl's SFTTrainer (loss "fused", what vramfit train runs) casts a quantized model's trainable
+    parameters to bf16 (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights are
+    converted to bf16"): the adapters, their gradients and AdamW's states are bf16."""
+    return s.method == "qlora" and s.loss == "fused"
+
+
+def _launched_qlora_weights(spec, s: Setup, targets, c) -> dict:
+    from vramfit.memory.walk import _lora_total, _quant_totals
+
+    q_numel, q_bytes, _ = _quant_totals(spec, c, s.double_quant)
+    return {"weights_4bit": q_bytes, "weights_bfloat16_unquantized": (spec.params_total - q_numel) * 2,
+            "lora_adapters": _lora_total(spec, tuple(targets), s.lora_r) * (2 if trl_casts_adapters(s) else FP32)}
+
+
+def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) -> RankTerms:
+    """One GPU's weights, gradients, optimizer states and engine buffers under `strategy`, per
+    moment of the step (vramfit.memory.rank_step)."""
     from vramfit.memory.constants import DEFAULT
     from vramfit.memory.walk import (
         _grad_totals,
@@ -193,128 +212,68 @@ def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) 
     )
 
     c = c or DEFAULT
-    weights = weight_bytes(spec, s, targets, c)
-    tensors = trainable_tensors(spec, s, targets)
+    run = engine_setup(strategy, s)
+    qlora = run.method == "qlora" and launched_qlora(strategy, gpus)
+    weights = _launched_qlora_weights(spec, run, targets, c) if qlora else weight_bytes(spec, run, targets, c)
+    tensors = trainable_tensors(spec, run, targets)
+    if trl_casts_adapters(run) and qlora:
+        tensors = tuple((num, 2, role, shape) for num, _, role, shape in tensors)
+    if strategy.engine == "fsdp" and run.method == "full" and run.autocast_dtype:
+        # accelerate's fsdp2_prepare_model upcasts trainable parameters to fp32 under mixed precision
+        tensors = tuple((num, FP32, role, shape) for num, _, role, shape in tensors)
     G, G_out = _grad_totals(tensors)
-    O = optimizer_state_bytes(tensors, s, c)
-    temp = optimizer_step_temp_bytes(tensors, s, spec)
-    el = _elements(spec)
+    O = optimizer_state_bytes(tensors, run, c)
+    temp = optimizer_step_temp_bytes(tensors, run, spec)
     nccl = 0 if gpus < 2 else NCCL_DEVICE_BYTES if gpus == 2 else NCCL_DEVICE_BYTES_LARGER_GROUPS
+    layers = max(spec.num_layers, 1)
     if strategy.engine == "ddp":
-        bucket = G if gpus > 1 else 0  # a DDP of one process still builds buckets; N=1 means no DDP here
-        named = {ph: {"ddp_gradient_buckets": bucket} for ph in ("forward", "backward", "optimizer")} if bucket else {}
-        return Sharding(weights=tuple(weights.items()), grads=G, grads_outside=G_out, grads_step=G, optimizer=O,
-                        optimizer_temp=temp, named=named, device_extra=nccl,
-                        extra={k: bucket for k in ("forward", "backward_top", "backward_bottom", "optimizer")})
+        # torch DDP: the Reducer's flat bucket tensors, one per bucket of trainable parameters, a second
+        # copy of every gradient, allocated at wrapping and held to the end (reducer.cpp,
+        # initialize_buckets; gradient_as_bucket_view=False: accelerate and the Trainer pass none)
+        bucket = G if gpus > 1 else 0
+        held = {k: {"ddp_gradient_buckets": bucket} for k in MOMENTS} if bucket else {}
+        return RankTerms(weights=tuple(weights.items()), optimizer=O, optimizer_temp=temp,
+                         grads=single_gpu_grads(G, G_out, G, layers), held=held, device_extra=nccl)
     if strategy.engine == "fsdp":
-        return _fsdp_terms(spec, s, targets, strategy, gpus, c, weights, tensors, G, G_out, O, temp, el, nccl)
-    return _zero_terms(spec, s, strategy, gpus, c, tensors, G_out, el, nccl)
+        from vramfit.memory.fsdp import fsdp_terms
+        from vramfit.memory.walk import _quant_totals
+
+        packed = constants = 0
+        if run.method == "qlora":
+            q_numel, q_bytes, _ = _quant_totals(spec, c, run.double_quant)
+            packed = (q_numel + 1) // 2
+            constants = q_bytes - packed
+            weights = dict(weights, weights_bfloat16_unquantized=(spec.params_total - q_numel) * 2)
+        return fsdp_terms(spec, activation_setup(strategy, run, gpus), targets, strategy, gpus, c, weights, tensors,
+                          O, temp, nccl if gpus > 1 else 0, packed, constants)
+    return _zero_terms(spec, run, strategy, gpus, c, tensors, G_out, _elements(spec), nccl)
 
 
 def _compute_bytes(s: Setup) -> int:
     return DTYPE_BYTES[s.compute_dtype]
 
 
-def _fsdp_terms(spec, s, targets, st, n, c, weights, tensors, G, G_out, O, temp, el, nccl) -> Sharding:
-    """FSDP2 `fully_shard` on every decoder layer and on the root (accelerate's fsdp_version 2 with
-    TRANSFORMER_BASED_WRAP).  Per GPU:
-    - parameters: each rank's dim-0 shards (padded), in the dtype they were loaded in; adapters too.
-      QLoRA (bnb_4bit_quant_storage=bfloat16, as peft's FSDP-QLoRA guide requires, so the packed
-      4-bit weights are bf16-typed and shard with the rest): the packed bytes are sharded, the
-      quantization constants (absmax, a QuantState attribute, not a parameter) stay on every rank.
-      vramfit launches QLoRA with FSDP1 (peft's recipe: one flat parameter per decoder layer,
-      limit_all_gathers keeps two in flight, BACKWARD_PRE prefetch): the same bytes up to padding.
-    - all-gathered layers: the layer running and the next one prefetched (FSDP2's implicit forward
-      prefetch and backward_prefetch of one layer), each unsharded in MixedPrecisionPolicy's
-      param_dtype (accelerate sets param_dtype = reduce_dtype = bf16 under mixed precision), plus
-      its all-gather output buffer until copy-out: ~2 layers x 2 buffers at the worst moment we count
-      as 2 layers unsharded + 1 all-gather output.
-    - the root module's parameters (embeddings, final norm, LM head) are gathered from the start of
-      forward to the end of backward: fully_shard sets reshard_after_forward=False for the root.
-    - reshard_after_forward=False (SHARD_GRAD_OP): every layer stays gathered from its forward to
-      its backward, so the top of backward holds all layers unsharded.
-    - gradients: sharded (reduce-scattered per layer in backward), plus one layer's unsharded
-      gradient in reduce_dtype while it is reduce-scattered; the root's gradients are unsharded
-      until the root's post-backward.  vramfit's run sets sync_each_batch=True, so gradient
-      accumulation does not keep unsharded gradients between micro-batches (accelerate's no_sync).
-    - optimizer states and step temporaries: of the local shards, so 1/N.
-    """
-    cb = _compute_bytes(s)
-    layers = max(spec.num_layers, 1)
-    shard_fraction = fsdp_shard_numel(spec, n) / max(spec.params_total, 1)  # padding included
-    w = {}
-    for name, b in weights.items():
-        if name == "weights_4bit":
-            q_numel = _q_numel(spec, c, s)
-            packed = (q_numel + 1) // 2
-            w["weights_4bit_sharded"] = _ceil_div(packed, n)
-            w["weights_4bit_quant_constants"] = b - packed  # absmax (+ nested): replicated
-        elif name == "weights_fp32_unquantized":
-            # FSDP-QLoRA loads with dtype = quant storage dtype (bf16): nothing is upcast to fp32
-            w["weights_bfloat16_unquantized_sharded"] = _ceil_div(b // FP32 * 2, n)
-        elif name == "lora_adapters":
-            w["lora_adapters_sharded"] = _ceil_div(b, n)
-        else:
-            w[name + "_sharded"] = int(b * shard_fraction)
-    # one decoder layer unsharded in the compute dtype (adapters included); QLoRA's 4-bit layers
-    # are gathered packed
-    # adapters (fp32, peft) are gathered in fp32 unless a MixedPrecisionPolicy casts every parameter
-    # (FSDP2 all-gathers mixed dtypes of one group as bytes)
-    adapters = weights.get("lora_adapters", 0) / FP32 * (cb if s.autocast_dtype else FP32)
-    if s.method == "qlora":
-        q_numel = _q_numel(spec, c, s)
-        layer_gather = ((q_numel + 1) // 2 + (el["layer"] * layers - q_numel) * cb + adapters) / layers
-    else:
-        layer_gather = el["layer"] * cb + adapters / layers
-    root_gather = el["outside"] * cb
-    gather_fwd = int(2 * layer_gather + layer_gather)  # running + prefetched + the prefetch's all-gather output
-    trainable_layer = (G - G_out) / layers  # one layer's gradient bytes (param dtype)
-    grad_dtype_ratio = (2 / FP32) if (s.autocast_dtype and _trainable_fp32(tensors)) else 1.0
-    unsharded_grad = int(trainable_layer * grad_dtype_ratio * (1 + 1 / n))  # + reduce-scatter output
-    if st.reshard_after_forward:
-        fwd = root_gather + gather_fwd
-        top = bottom = root_gather + gather_fwd + unsharded_grad
-    else:
-        all_layers = int(layer_gather * layers)
-        fwd = root_gather + all_layers + int(layer_gather)
-        top = root_gather + all_layers + unsharded_grad
-        bottom = root_gather + gather_fwd + unsharded_grad
-    grads = G_out + _ceil_div(G - G_out, n)
-    named = {"forward": {"fsdp_gathered_params": int(fwd)},
-             "backward": {"fsdp_gathered_params": int(top - unsharded_grad),
-                          "fsdp_unsharded_layer_grad": unsharded_grad}}
-    return Sharding(weights=tuple(w.items()), grads=grads, grads_outside=G_out, grads_step=_ceil_div(G, n),
-                    optimizer=_ceil_div(O, n), optimizer_temp=_ceil_div(temp, n),
-                    extra={"forward": int(fwd), "backward_top": int(top), "backward_bottom": int(bottom)},
-                    named=named, device_extra=nccl if n > 1 else 0, no_weight_copies=bool(s.autocast_dtype))
-
-
-def _trainable_fp32(tensors) -> bool:
-    return any(pb == FP32 for _, pb, _, _ in tensors)
-
-
-def _q_numel(spec, c, s) -> int:
-    from vramfit.memory.walk import _quant_totals
-
-    return _quant_totals(spec, c, s.double_quant)[0]
-
-
-def _zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl) -> Sharding:
-    """DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py) as accelerate starts it
-    with bf16 enabled: the engine casts the module to bf16 (adapters too), keeps an fp32 master copy
+def _zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl) -> RankTerms:
+    """DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py, 0.19.8) as accelerate starts
+    it with bf16 enabled: the engine casts the module to bf16 (adapters too), keeps an fp32 master copy
     of its partition of the trainable parameters inside the optimizer, and AdamW's two fp32 states
     of that partition.  Per GPU (Pt trainable elements, P all elements, pb the compute dtype):
     - stage 1: bf16 params and bf16 gradients in full; master 4 Pt/N + states 8 Pt/N; at the step
       the fp32 gradient partition 4 Pt/N.
-    - stage 2: gradients reduced in buckets of reduce_bucket_size into this rank's partition
-      (contiguous_gradients: a bf16 partition buffer pb Pt/N and the ipg bucket).
+    - stage 2: gradients reduced in buckets into this rank's partition (contiguous_gradients: a bf16
+      partition buffer pb Pt/N).
+    - stages 1 and 2, during the backward: the ipg buckets, `setup_buckets` allocates
+      reduce_bucket_size elements of the reduction dtype, twice with overlap_comm ("double buffers"),
+      whatever the model's size, and `_release_ipg_buffers` frees them after the backward's epilogue.
     - stage 3: also the parameters partitioned (pb P/N; tensors under the persistence threshold
       kept whole) and gathered on use: at most stage3_max_live_parameters; and, when the model is
       smaller than stage3_max_reuse_distance, DeepSpeed keeps gathered what it will reuse within
       that distance, so a small model stays gathered from forward to backward.
     - offload_optimizer (cpu): master, states and the fp32 gradient partition live in pinned host
-      memory (16 Pt/N per rank); the GPU keeps the ipg bucket.  offload_param (cpu, stage 3): the
+      memory (16 Pt/N per rank); the GPU keeps the ipg buckets.  offload_param (cpu, stage 3): the
       bf16 partitions live in pinned host memory too (pb P/N per rank).
+    Not measured yet: the fake-group runs named zero2 / zero3 on 2026-12-07 ran DDP (their launch
+    environment had no ACCELERATE_USE_DEEPSPEED), see benchmarks/distributed/report.py.
     """
     from vramfit.memory.walk import _quant_totals
 
@@ -347,21 +306,21 @@ def _zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl) -> Sharding:
         w["weights_partitioned"] = part
         if constants:
             w["weights_4bit_quant_constants"] = constants
-    bucket = min(ZERO_REDUCE_BUCKET, pt) * pb  # the ipg bucket (contiguous_gradients)
+    ipg = ((2 if ZERO_OVERLAP_COMM else 1) * ZERO_REDUCE_BUCKET * pb if st.zero_stage < 3
+           else min(ZERO_REDUCE_BUCKET, pt) * pb)
     g_part = _ceil_div(pt * pb, n)
     fp32_part = _ceil_div(pt * FP32, n)
     master_states = _ceil_div(pt * (FP32 + 8), n)  # fp32 master + AdamW exp_avg and exp_avg_sq
     if st.zero_stage == 1:
         grads, grads_out, grads_step = pt * pb, G_out if s.method == "full" else 0, pt * pb + fp32_part
     else:
-        grads, grads_out, grads_step = g_part + bucket, 0, g_part + fp32_part
+        grads, grads_out, grads_step = g_part, 0, g_part + fp32_part
     optimizer, opt_temp = master_states, _ceil_div(pt * FP32, n) if s.optimizer.foreach_temp else 0
     if st.offload_optimizer:
         host["optimizer_master_and_states"] = master_states
         host["fp32_gradient_partition"] = fp32_part
-        optimizer, opt_temp, grads, grads_step = 0, 0, bucket, 0
-    extra = {"forward": 0, "backward_top": 0, "backward_bottom": 0}
-    named = {}
+        optimizer, opt_temp, grads_step = 0, 0, 0
+    held = {k: {"zero_ipg_buckets": ipg} for k in MOMENTS if k.startswith("backward")}
     if st.zero_stage == 3:
         layer = el["layer"] + pt / layers if s.method != "full" else el["layer"]
         largest = max([el["layer"]] + [math.prod(sh) for sh, _, _ in spec.param_shapes])
@@ -371,12 +330,12 @@ def _zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl) -> Sharding:
             live = ZERO3_MAX_REUSE_DISTANCE / 2 + max(layer, largest) + ZERO3_PREFETCH_BUCKET
         live = min(live, ZERO3_MAX_LIVE_PARAMETERS)
         gathered = int(live * (base - constants + adapters) / (P + (pt if s.method != "full" else 0)))
-        extra = {"forward": gathered, "backward_top": gathered, "backward_bottom": gathered}
-        named = {"forward": {"zero3_gathered_params": gathered}, "backward": {"zero3_gathered_params": gathered}}
-    return Sharding(weights=tuple(w.items()), grads=grads, grads_outside=min(grads_out, grads), grads_step=grads_step,
-                    optimizer=optimizer, optimizer_temp=opt_temp, extra=extra, named=named,
-                    device_extra=nccl if n > 1 else 0, no_weight_copies=True,
-                    host_bytes=sum(host.values()), host_named=tuple(host.items()))
+        for k in MOMENTS[:-1]:
+            held.setdefault(k, {})["zero3_gathered_params"] = gathered
+    return RankTerms(weights=tuple(w.items()), optimizer=optimizer, optimizer_temp=opt_temp,
+                     grads=single_gpu_grads(grads, min(grads_out, grads), grads_step, layers),
+                     held=held, device_extra=nccl if n > 1 else 0, no_weight_copies=True,
+                     host_bytes=sum(host.values()), host_named=tuple(host.items()))
 
 
 def _persistent_numel(spec) -> int:
@@ -386,8 +345,8 @@ def _persistent_numel(spec) -> int:
 
 
 def engine_setup(strategy: Strategy, s: Setup) -> Setup:
-    """The setup whose activations the engine really runs: DeepSpeed with bf16 casts the module to
-    bf16 and runs without autocast, so bf16-mixed (and bf16-amp) traces as bf16-true."""
+    """The setup the engine really runs (what the cost model prices): DeepSpeed with bf16 casts the
+    module to bf16 and runs without autocast, so bf16-mixed (and bf16-amp) runs as bf16-true."""
     if strategy.engine == "deepspeed" and s.precision in ("bf16-mixed", "bf16-amp"):
         return s.with_(precision="bf16-true")
     return s
@@ -438,11 +397,14 @@ class DistEstimate:
 
 
 def estimate_distributed(spec, s: Setup, strategy: str | Strategy, gpus: int, constants=None) -> DistEstimate:
-    """The analytic core for N GPUs on a loaded spec (what the planner calls)."""
-    from vramfit.memory.estimate import trace_key
+    """The analytic core for N GPUs on a loaded spec (what the planner calls): the single-GPU walk's
+    moments of one rank's step (`activation_setup`) plus what the engine holds at each (`shard_terms`)."""
+    from dataclasses import replace
+
     from vramfit.memory.constants import DEFAULT
-    from vramfit.memory.walk import breakdown
+    from vramfit.memory.estimate import estimate_setup, trace_key
     from vramfit.memory.setup import resolve_targets, validate
+    from vramfit.memory.walk import _quant_totals, breakdown
     from vramfit.model.trace import activation_profile
 
     st = strategy if isinstance(strategy, Strategy) else get_strategy(strategy)
@@ -451,17 +413,47 @@ def estimate_distributed(spec, s: Setup, strategy: str | Strategy, gpus: int, co
     c = constants or DEFAULT
     run = engine_setup(st, s)
     targets = resolve_targets(spec, run)
-    from vramfit.memory.estimate import estimate_setup
-
     if gpus == 1 and st.engine == "ddp":  # one process: no DDP wrapper, exactly the single-GPU estimate
         bd, _ = estimate_setup(spec, run, c)
         return DistEstimate(st.name, 1, s, bd, 0, {}, 0, 0)
     estimate_setup(spec, run, c)  # the single-GPU checks (fused experts, QLoRA) and the trace cache
-    profile = activation_profile(spec, trace_key(spec, run, targets), grad_ckpt=run.grad_ckpt)
-    sh = shard_terms(spec, run, targets, st, gpus, c)
-    bd = breakdown(spec, run, targets, profile, c, sharding=sh)
+    act = activation_setup(st, run, gpus)
+    profile = activation_profile(spec, trace_key(spec, act, targets), grad_ckpt=act.grad_ckpt)
+    terms = shard_terms(spec, run, targets, st, gpus, c)
+    single = breakdown(spec, act, targets, profile, c)  # parameter counts and notes
+    if act.method != run.method:  # the launcher's QLoRA, walked as LoRA over bf16: its counts are QLoRA's
+        single = replace(single, params_packed=spec.params_total - _quant_totals(spec, c, run.double_quant)[0] // 2)
+    m = rank_moments(spec, run, act, targets, profile, c, terms)
+    bd = rank_breakdown(single, m, terms, c)
     comm, host_link = communication_bytes(spec, run, targets, st, gpus, c)
-    return DistEstimate(st.name, gpus, s, bd, sh.host_bytes, dict(sh.host_named), comm, host_link)
+    return DistEstimate(st.name, gpus, s, bd, terms.host_bytes, dict(terms.host_named), comm, host_link)
+
+
+def rank_moments(spec, run: Setup, act: Setup, targets, profile, c, terms: RankTerms):
+    """The walk's moments of the rank's activations (`act`), with what the launcher's QLoRA changes
+    in them: bitsandbytes' dequantized bf16 weight inside every 4-bit layer's forward and backward
+    (the largest one, at the layers' moments) and, under trl's bf16 cast of the adapters
+    (`trl_casts_adapters`), the adapters' inputs saved in bf16 instead of fp32: peft's LoRA forward casts
+    x to lora_A's dtype before the dropout without autocast (peft/tuners/lora/bnb.py, Linear4bit.forward,
+    `_cast_input_dtype`), so each target saves its dropout output (in_features) and lora_A's output (r)
+    at 2 bytes less per element."""
+    from dataclasses import replace
+
+    from vramfit.memory.walk import _quant_totals
+
+    m = moments(spec, act, targets, profile, c, drop_weight_copies=terms.no_weight_copies)
+    if act.method == run.method:
+        return m
+    dq = _quant_totals(spec, c, run.double_quant)[2] * 2
+    m = replace(m, top_acts=m.top_acts + dq, bottom_acts=m.bottom_acts + dq)
+    if not (trl_casts_adapters(run) and run.lora_dropout > 0 and not run.autocast_dtype):
+        return m
+    by_name = {lin.name: lin for lin in spec.linears}
+    total = sum(2 * (by_name[t].in_features + run.lora_r) for t in targets) * run.tokens
+    layer = total // max(spec.num_layers, 1)
+    if run.grad_ckpt:  # only the recomputed layer holds them
+        return replace(m, top_acts=m.top_acts - layer, bottom_acts=m.bottom_acts - layer)
+    return replace(m, A_fwd=m.A_fwd - total, top_acts=m.top_acts - total, bottom_acts=m.bottom_acts - layer)
 
 
 def communication_bytes(spec, s: Setup, targets, st: Strategy, n: int, c=None) -> tuple[int, int]:

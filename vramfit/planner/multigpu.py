@@ -391,10 +391,13 @@ def host_available_bytes() -> int | None:
 
 
 def estimate_gpus(model: str, gpus: int = 2, strategy: str = "ddp", trust_remote_code: bool = False,
-                  constants=None, use_calibration: bool = True, **setup_options):
+                  constants=None, use_calibration: bool = True, replay: bool | None = None, **setup_options):
     """`vramfit.estimate` for `gpus` GPUs with `strategy` -> DistEstimate whose `per_gpu` is the
     Estimate of one GPU (its breakdown and three peaks); host bytes for offload beside it.
-    setup_options: those of `vramfit.estimate` (method, precision, optim, seq_len, micro_batch, ...)."""
+    setup_options: those of `vramfit.estimate` (method, precision, optim, seq_len, micro_batch, ...).
+    The peaks are the allocator replay's of the rank's step (vramfit.memory.rank_replay), as
+    `vramfit.estimate`'s are; `replay=False` (or VRAMFIT_REPLAY=0) gives the fitted per-rank walk, what
+    the planner searches with."""
     from vramfit.memory.estimate import Estimate
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.model.spec import load_spec
@@ -411,6 +414,14 @@ def estimate_gpus(model: str, gpus: int = 2, strategy: str = "ddp", trust_remote
 
         constants, calibration = load_local_constants(spec)
     d = estimate_distributed(spec, setup, st, gpus, constants)
+    if replay is None:
+        import os
+
+        replay = os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+    if replay and gpus > 1:
+        from vramfit.memory.rank_replay import replayed_rank
+
+        d = replayed_rank(spec, setup, st, gpus, d, constants)
     bd = d.breakdown
     targets = resolve_targets(spec, setup)
     per_gpu = Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,

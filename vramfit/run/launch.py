@@ -139,6 +139,10 @@ def accelerate_config(strategy: str, gpus: int, s, cpu: bool = False, deepspeed_
                 "fsdp_activation_checkpointing": False}
         if layer_cls:
             fsdp["fsdp_transformer_layer_cls_to_wrap"] = layer_cls
+        if s.method == "qlora" and mixed_precision(s) == "no":
+            raise VramfitError(f"QLoRA under FSDP needs autocast: {s.precision} has none, and peft's LoRA layers "
+                               "then meet fp32 inputs (transformers#30914, 'expected mat1 and mat2 to have the same "
+                               "dtype', measured through the fake process group); use --amp bf16 (bf16-amp)")
         if s.method == "qlora":  # peft's FSDP-QLoRA recipe: FSDP1, flat parameters of bf16 storage
             fsdp.update(fsdp_version=1, fsdp_sharding_strategy="FULL_SHARD" if st.reshard_after_forward
                         else "SHARD_GRAD_OP", fsdp_use_orig_params=False, fsdp_backward_prefetch="BACKWARD_PRE",
@@ -205,11 +209,18 @@ def launch_env(config: Path) -> dict:
         _validate_launch_command,
         launch_command_parser,
     )
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
-    args, _, _ = _validate_launch_command(args)
-    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE", "FSDP"))}
+    args, defaults, _ = _validate_launch_command(args)
+    # accelerate launch hands a DeepSpeed config to its deepspeed launcher (launch_command), everything
+    # else to the multi-GPU one
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = list(defaults.deepspeed_config.keys()) if defaults else []
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE", "FSDP"))}
 
 
 # --------------------------------------------------------------------------- parent

@@ -1,0 +1,184 @@
+"""What one rank holds under FSDP2 (`fully_shard`) as accelerate 1.15 wraps a causal LM, moment by moment.
+Pure: no torch.
+
+Units (accelerate/utils/fsdp_utils.py, fsdp2_prepare_model): every decoder layer (TRANSFORMER_BASED_WRAP)
+with the strategy's reshard_after_forward; the input embedding alone when untied (same setting);
+the "tail" [final norm, LM head] -- with the embedding in it when tied -- with
+reshard_after_forward=False ("forward-end / backward-start uses cluster"); and the root.
+
+torch 2.11's FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, _fsdp_collectives.py):
+- a unit's all-gather allocates one flat output of its unsharded size (`foreach_all_gather`, in the
+  all-gather copy-in stream); the copy-out allocates the unsharded parameters (default stream).
+  In the forward the flat output is kept until the next unit's copy-out, or the root's post-forward
+  ([Note: Overlapping all-gather copy-in and all-gather], `wait_for_unshard`): a layer runs beside
+  its own flat output, and at the loss the last gathered unit's flat output is still held.  In the
+  backward it is freed right after the copy-out, and each unit's pre-backward prefetches the unit
+  before it in the forward's order (`_backward_prefetch`): a layer's backward runs beside the next
+  one's flat output.
+- post-backward: reshard, then the previous unit's reduce-scatter input is dropped
+  (`comm_ctx.reduce_scatter_state`) and this unit's is allocated (its padded unsharded gradient size,
+  reduce dtype, default stream), the unsharded gradients copied in and freed; the sharded gradient
+  is the reduce-scatter output (reduce-scatter stream), cast to the parameter dtype when they differ.
+- a unit's post-backward hook sits on its forward inputs that require grad: for a unit whose inputs
+  are token ids (the tied tail, the embedding) it runs in the root's final callback, at the end.
+QLoRA: vramfit launches it with FSDP1 (peft's FSDP-QLoRA recipe: flat parameters of bf16 storage, one per
+decoder layer and per LoRA module, the root's never resharded after the forward, BACKWARD_PRE
+prefetch; torch/distributed/fsdp/_runtime_utils.py): one unit gathered at a time in the forward,
+two in the backward, the root (embeddings, final norm, LM head) all step; no all-gather streams' pools
+(FSDP1 all-gathers into the unit's padded flat parameter).
+Mixed precision (accelerate's mixed_precision bf16 -> MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=bf16)): fsdp2_prepare_model first upcasts every trainable parameter to fp32, so the
+sharded parameters, gradients and optimizer states of trainable parameters are fp32 and every
+parameter is gathered in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vramfit.memory.rank_step import RankTerms
+
+FP32 = 4
+
+
+def _ceil_div(a: float, n: int) -> int:
+    return math.ceil(a / n)
+
+
+def fsdp_shard_numel(spec, gpus: int) -> int:
+    """Elements of one rank's shards: FSDP2 shards every parameter on dim 0 (torch.chunk), each
+    rank's chunk padded to ceil(dim0 / N) rows (torch/distributed/fsdp/_fully_shard/_fsdp_param.py)."""
+    total = 0
+    for shape, count, _ in spec.param_shapes:
+        rest = math.prod(shape[1:]) if len(shape) > 1 else 1
+        total += count * math.ceil(shape[0] / gpus) * rest
+    return total
+
+
+def units(spec) -> dict:
+    """Element counts of the FSDP2 units accelerate builds: one decoder layer, the embedding unit
+    (0 when tied: it is in the tail), the tail and whatever is left to the root."""
+    roles = spec.params_by_role
+    emb, head, norm = roles.get("embeddings", 0), roles.get("lm_head", 0), spec.hidden_size
+    layers = max(spec.num_layers, 1)
+    per_layer = max(0, spec.params_total - emb - head - norm) / layers
+    tied = bool(spec.tied_embeddings) or head == 0
+    return {"layer": per_layer, "embedding": 0 if tied else emb, "tail": head + norm + (emb if tied else 0),
+            "tied": tied, "layers": layers}
+
+
+def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, temp: int, nccl: int,
+               qlora_packed: int = 0, qlora_constants: int = 0) -> RankTerms:
+    """One rank's terms under FSDP2 (`st.reshard_after_forward`: FULL_SHARD true, SHARD_GRAD_OP false).
+    `weights`: the single-GPU weights by name (as the rank's model stores them); `tensors`: the
+    trainable tensors; QLoRA (`qlora_packed` 4-bit bytes, their quantization constants replicated)."""
+    u = units(spec)
+    L, tied, full_shard = u["layers"], u["tied"], st.reshard_after_forward
+    fsdp1 = qlora_packed > 0  # the launcher's QLoRA (`s`: its activation setup, LoRA over bf16)
+    if fsdp1:  # FSDP1: the root holds everything outside the layers, gathered all step
+        u = dict(u, tail=u["tail"] + u["embedding"], embedding=0)
+        tied = True
+    mp = bool(s.autocast_dtype)  # accelerate's mixed precision: MixedPrecisionPolicy(bf16, bf16)
+    pb = 2 if s.param_dtype != "float32" else FP32
+    gb = 2 if mp else pb  # gather dtype of the base parameters
+    full = s.method == "full"
+    store = FP32 if (full and mp) else pb  # trainable storage: upcast to fp32 under mixed precision
+    adapters = weights.get("lora_adapters", 0) / FP32  # elements
+    # ---- sharded parameters (padded dim-0 chunks), at rest
+    frac = fsdp_shard_numel(spec, n) / max(spec.params_total, 1)
+    w = {}
+    if fsdp1:
+        w["weights_4bit_sharded"] = _ceil_div(qlora_packed, n)
+        w["weights_4bit_quant_constants"] = qlora_constants  # QuantState's absmax: not a parameter
+        w["weights_bfloat16_unquantized_sharded"] = _ceil_div(weights["weights_bfloat16_unquantized"], n)
+    else:
+        base = spec.params_total * (store if full else pb)
+        w[f"weights_{'float32' if (store if full else pb) == FP32 else s.param_dtype}_sharded"] = int(base * frac)
+    if adapters:
+        w["lora_adapters_sharded"] = _ceil_div(adapters * FP32, n)
+    # ---- unsharded units in the gather dtype (adapters: fp32, or bf16 under mixed precision)
+    ab = 2 if mp else FP32
+    if fsdp1:
+        q_numel = 2 * qlora_packed
+        U = (qlora_packed + (u["layer"] * L - q_numel) * 2 + adapters * ab) / L
+    else:
+        U = u["layer"] * gb + adapters * ab / L
+    U_tail, U_emb = u["tail"] * gb, u["embedding"] * gb
+    # ---- gradients: unsharded in the reduce dtype, sharded in the parameter's
+    grad_u = 2 if mp else (store if full else FP32)
+    grad_s = store if full else FP32
+    t_layer = u["layer"] if full else adapters / L  # trainable elements of one layer
+    g_u = t_layer * grad_u
+    g_s_layers = _ceil_div(t_layer * L * grad_s, n)
+    t_tail = (u["tail"]) if full else 0
+    t_emb = u["embedding"] if full else 0
+    tail_u, tail_s = t_tail * grad_u, _ceil_div(t_tail * grad_s, n)
+    emb_u, emb_s = t_emb * grad_u, _ceil_div(t_emb * grad_s, n)
+    # untied: the tail is reduce-scattered after the final norm's backward (its inputs need grad),
+    # its input buffer kept until the top layer's post-backward; tied: its hook sits on token ids,
+    # so its gradient stays unsharded to the end
+    tail_state = tail_u if tied else tail_s
+    # the embedding takes part in the backward (FSDP2 re-gathers it in its pre-backward) when its
+    # output needs a gradient: its weight trains, or checkpointed LoRA (enable_input_require_grads)
+    emb_in_backward = full or (s.grad_ckpt and s.method != "full")
+    # ---- what is gathered at each moment
+    keep_tail = U_tail if tied else 0  # the tied tail holds the embedding: gathered all step
+    if full_shard:
+        g_fwd_layer = keep_tail + 2 * U  # running layer + its flat all-gather output
+        g_fwd_loss = U_tail + (U if tied else U_tail)  # the tail + the last flat output (to the root's post-forward)
+        g_bwd_loss = U_tail
+        g_bwd_head = U_tail + (U if s.loss != "fused" else 0)  # logits path: the tail's pre-backward prefetch
+        g_top = keep_tail + 2 * U  # the layer + the next one's prefetched flat output
+        g_bottom = keep_tail + U + (U_emb if not tied else 0)  # + the embedding's prefetched flat output
+        g_end = U_emb if emb_in_backward else 0
+    else:  # SHARD_GRAD_OP: gathered from its forward to its backward, no all-gather in the backward
+        keep = keep_tail or U_emb
+        g_fwd_layer = keep + L * U + U
+        g_fwd_loss = keep + L * U + U_tail * (0 if tied else 1) + (U if tied else U_tail)
+        g_bwd_loss = g_bwd_head = keep + L * U + (0 if tied else U_tail)
+        g_top, g_bottom, g_end = keep + L * U, keep + U, U_emb
+    if fsdp1:
+        g_fwd_layer, g_fwd_loss, g_bwd_loss = U_tail + U, U_tail, U_tail
+        g_bwd_head, g_top, g_bottom, g_end = U_tail + U, U_tail + 2 * U, U_tail + U, U_tail
+        if not full_shard:
+            g_fwd_layer, g_fwd_loss = U_tail + L * U, U_tail + L * U
+            g_bwd_loss = g_bwd_head = g_top = U_tail + L * U
+    held = {"forward_layer": {"fsdp_gathered_params": g_fwd_layer},
+            "forward_loss": {"fsdp_gathered_params": g_fwd_loss},
+            "backward_loss": {"fsdp_gathered_params": g_bwd_loss},
+            "backward_head": {"fsdp_gathered_params": g_bwd_head},
+            "backward_top": {"fsdp_gathered_params": g_top, "fsdp_reduce_scatter_input": 0 if tied else tail_u},
+            "backward_bottom": {"fsdp_gathered_params": g_bottom, "fsdp_reduce_scatter_input": g_u},
+            "backward_end": {}}
+    # the end: the embedding's (untied) or the tied tail's backward beside layer 1's reduce-scatter
+    # input, then its post-backward: its gradient and its reduce-scatter input
+    last_u = emb_u if not tied else tail_u
+    last_params = g_end if not tied else U_tail
+    end_a, end_b = last_params + last_u + g_u, 2 * last_u
+    held["backward_end"] = {"fsdp_gathered_params": last_params if end_a >= end_b else 0,
+                            "fsdp_reduce_scatter_input": g_u if end_a >= end_b else last_u}
+    sharded_all = g_s_layers + tail_s + emb_s
+    grads = {"forward_layer": 0, "forward_loss": 0, "backward_loss": 0,
+             "backward_head": tail_u,  # the LM head's (tied: shared) gradient, unsharded
+             "backward_top": int(g_u + tail_state),
+             "backward_bottom": int(g_u + g_s_layers * (L - 1) / L + tail_state),
+             "backward_end": int(g_s_layers + tail_state + last_u) if tied else int(g_s_layers + tail_s + emb_u),
+             "optimizer": sharded_all}
+    # other streams' pools (CUDACachingAllocator: a freed block serves only its own stream): the
+    # flat all-gather outputs (copy-in stream: two at once in the forward), the sharded gradients
+    # (reduce-scatter stream: freed by zero_grad, cached for the next step)
+    flat_in_use = {"forward_layer": U, "forward_loss": U if tied else U_tail,
+                   "backward_head": U if (full_shard and s.loss != "fused") else 0,
+                   "backward_top": U if full_shard else 0, "backward_bottom": U_emb if full_shard else 0}
+    if fsdp1:  # FSDP1 all-gathers into each unit's padded flat parameter: no copy-in stream output
+        flat_in_use = {}
+    rs_in_use = {"backward_top": tail_s, "backward_bottom": g_s_layers * (L - 1) / L + tail_s,
+                 "backward_end": g_s_layers + tail_s, "optimizer": sharded_all}
+    pools = {"fsdp_all_gather_stream": (int(max(U_tail, U_emb) + U), {k: int(v) for k, v in flat_in_use.items()}),
+             "fsdp_reduce_scatter_stream": (int(sharded_all), {k: int(v) for k, v in rs_in_use.items()})}
+    if fsdp1:
+        pools = {}
+    return RankTerms(weights=tuple((k, int(v)) for k, v in w.items()), optimizer=_ceil_div(O, n),
+                     optimizer_temp=_ceil_div(temp, n), grads=grads,
+                     held={k: {a: int(b) for a, b in v.items() if b} for k, v in held.items()}, pools=pools,
+                     device_extra=nccl, no_weight_copies=mp)

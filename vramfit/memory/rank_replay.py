@@ -1,0 +1,297 @@
+"""One rank's peaks from the allocator replay of its own step: the default answer of `vramfit estimate
+--gpus N`, as the replay is `vramfit estimate`'s (the planner searches with the walk,
+vramfit.memory.distributed).
+
+The replay records the rank's step on the meta device (vramfit.memory.events; the activation setup of
+vramfit.memory.distributed: QLoRA through the launcher as LoRA over bf16 weights, the load's allocations
+of its 4-bit layers' weights replayed at their NF4 size).  What the engine changes:
+- DDP: allocations of its own, replayed as such, so allocated and reserved are the replay's -- its
+  constructor's broadcast buffers, its gradient buckets from wrapping to the end (torch/csrc/distributed/
+  c10d/reducer.cpp, initialize_buckets), rebuilt once at the second step.
+- FSDP2 / DeepSpeed: their buffers come and go with each decoder layer, which the events do not mark; the
+  step is cut where the rank's terms change (`step_windows`: the forward, the loss and the head, each
+  decoder layer's backward from its first parameter gradient, the end, the optimizer step) and each
+  window's replayed peak gets what the rank holds then beyond one GPU (`anchored_rank`: the walk's
+  per-rank moments minus its single-GPU ones, vramfit.memory.rank_step), so the activations are the
+  replay's.  Reserved: the replay's own reserve over the largest default-stream moment, plus the other
+  CUDA streams' pools.
+Torch-free at import; the replay itself needs torch (the meta device) and is cached per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from vramfit.memory.allocator import CachingAllocator
+
+_EVENTS: dict = {}  # (id(spec), setup, targets) -> (spec, events)
+
+
+def rank_events(spec, act, targets) -> dict:
+    """Two Trainer steps' events of the rank's activation setup, from a cached template or the meta device."""
+    from vramfit.memory.events import training_events
+    from vramfit.memory.replay import _template_events
+
+    key = (id(spec), act, tuple(targets))
+    hit = _EVENTS.get(key)
+    if hit is None or hit[0] is not spec:
+        ev = _template_events(spec, act, targets)
+        if ev is None:
+            ev = training_events(spec, act, targets, steps=2, grad_accum=act.grad_accum)
+        hit = _EVENTS[key] = (spec, ev)
+    return hit[1]
+
+
+def phase_cuts(marks: dict, step: int = 1) -> list:
+    """[(event index, phase)] where each phase of `step` starts (forward, backward, optimizer)."""
+    bounds = sorted((at, label) for label, at in marks.items() if label.startswith(f"step{step}."))
+    return [(at, {"forward": "forward", "backward": "backward"}.get(label.rsplit(".", 1)[-1], "optimizer"))
+            for at, label in bounds]
+
+
+def phase_peaks(events: list, marks: dict, step: int = 1) -> dict:
+    """Allocated bytes' peak of each phase of `step` (forward, backward, optimizer) over the events."""
+    end = marks.get(f"step{step + 1}.forward", marks.get("end", len(events)))
+    return window_peaks(events, phase_cuts(marks, step), end)
+
+
+def window_peaks(events: list, cuts: list, end: int) -> dict:
+    """Allocated bytes' peak in each window: `cuts` [(event index, window name)] sorted, to `end`."""
+    sizes, cur, out, k = {}, 0, {}, -1
+    for i, ev in enumerate(events[:end]):
+        if ev[0] == "a":
+            sizes[ev[1]] = ev[2]
+            cur += ev[2]
+        elif ev[0] == "f":
+            cur -= sizes.pop(ev[1])
+        while k + 1 < len(cuts) and cuts[k + 1][0] <= i:
+            k += 1
+        if k >= 0:
+            out[cuts[k][1]] = max(out.get(cuts[k][1], 0), cur)
+    return out
+
+
+def step_windows(events: list, marks: dict, spec, tensors, step: int = 1) -> tuple | None:
+    """The second step cut where the rank's terms change: its forward, the backward before the first
+    decoder layer's gradient (the loss and the LM head), each decoder layer's backward (from its first
+    parameter gradient: the step's gradients are the backward's allocations freed only by zero_grad,
+    in the order autograd makes them), the untied embedding's at the end, the optimizer step.
+    -> (cuts, end, number of layers' windows), or None where the gradients do not cut it so."""
+    try:
+        b0, b1 = marks[f"step{step}.backward"], marks[f"step{step}.clip"]
+        f0, post = marks[f"step{step}.forward"], marks[f"step{step}.post_step"]
+    except KeyError:
+        return None
+    end = marks.get(f"step{step + 1}.forward", marks.get("end", len(events)))
+    born, dies = {}, {}
+    for i, ev in enumerate(events[:end]):
+        if ev[0] == "a" and b0 <= i < b1:
+            born[ev[1]] = i
+        elif ev[0] == "f" and ev[1] in born:
+            dies[ev[1]] = i
+    grads = sorted(i for k, i in born.items() if dies.get(k, end) >= post)
+    L = max(spec.num_layers, 1)
+    full = any(role in ("embeddings", "lm_head") for _, _, role, _ in tensors)
+    head = 2 if full else 0  # the LM head's (or the tied embedding's) and the final norm's
+    tail = 1 if (full and not spec.tied_embeddings and spec.params_by_role.get("lm_head")) else 0
+    per_layer, rest = divmod(len(tensors) - head - tail, L)
+    if rest or per_layer <= 0 or len(grads) != len(tensors):
+        return None
+    cuts = [(f0, "forward"), (b0, "backward_head")]
+    cuts += [(grads[head + k * per_layer], ("layer", k)) for k in range(L)]
+    if tail:
+        cuts.append((grads[-1], "backward_end"))
+    cuts.append((b1, "optimizer"))
+    return cuts, end, L
+
+
+def simulate_rank(events: list, marks: dict, wrap: list, later: dict | None = None, expandable: bool = False) -> dict:
+    """The caching allocator over `events` with the engine's `wrap` events (("a", id, bytes), ("f", id))
+    placed after the Trainer's empty_cache, and the peaks reset there, as a run measures its steps;
+    `later`: {mark: events} placed where that mark of `marks` starts."""
+    e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+    at = {e_at + 1: list(wrap)}
+    for mark, evs in (later or {}).items():
+        if mark in marks:
+            at.setdefault(marks[mark], []).extend(evs)
+    a = CachingAllocator(expandable)
+    live = {}
+
+    def run(ev):
+        if ev[0] == "a":
+            live[ev[1]] = a.malloc(ev[2])
+        elif ev[0] == "e":
+            a.empty_cache()
+        else:
+            a.free(live.pop(ev[1]))
+
+    for i, ev in enumerate(events):
+        for x in at.get(i, ()):
+            run(x)
+        if i == e_at + 1:
+            a.reset_peaks()
+        run(ev)
+    return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved}
+
+
+def ddp_buckets(tensors, first_cap: int = 1 << 20, cap: int = 25 << 20) -> list:
+    """Bucket sizes as DDP assigns them (torch/distributed/distributed_c10d.py _compute_bucket_assignment_by_size,
+    the parameters in reverse order, the first bucket capped at _DEFAULT_FIRST_BUCKET_BYTES = 1 MiB and the
+    rest at bucket_cap_mb = 25 when the caller passes none): one flat tensor each."""
+    out, cur = [], 0
+    for num, pb, _, _ in reversed(tuple(tensors)):
+        cur += num * pb
+        if cur >= (first_cap if not out else cap):
+            out.append(cur)
+            cur = 0
+    return out + ([cur] if cur else [])
+
+
+def ddp_broadcast(nbytes: int, bucket: int = 250 << 20, in_flight: int = 2) -> list:
+    """DDP's constructor broadcasts the module's states from rank 0 (`_sync_module_states`, a no-op
+    collective under the fake group, not its buffers): torch/csrc/distributed/c10d/comm.cpp
+    broadcast_coalesced flattens the tensors into buckets of 250 MiB (DDP's broadcast_bucket_size),
+    at most 2 in flight, each freed when its copy back is done.  Events before the reducer's buckets."""
+    sizes = [bucket] * int(nbytes // bucket) + ([int(nbytes % bucket)] if nbytes % bucket else [])
+    out, live = [], []
+    for i, size in enumerate(sizes):
+        if len(live) >= in_flight:
+            out.append(("f", live.pop(0)))
+        out.append(("a", -10**6 - i, size))
+        live.append(-10**6 - i)
+    return out + [("f", x) for x in live]
+
+
+def _qlora_load(events: list, marks: dict, spec, c, double_quant: bool) -> list:
+    """The load's allocations of the 4-bit layers' bf16 weights, at their NF4 size (packed + absmax)."""
+    from vramfit.memory.walk import _nf4_bytes
+
+    nf4 = {}
+    for lin in spec.quantizable_linears():
+        nf4.setdefault(lin.numel * 2, _nf4_bytes(lin.numel, c, double_quant))
+    end = marks.get("after_load", 0)
+    return [("a", ev[1], nf4.get(ev[2], ev[2])) if (i < end and ev[0] == "a") else ev for i, ev in enumerate(events)]
+
+
+def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
+    """`est` (a DistEstimate from the walk) with its peaks from the replay; the breakdown notes how."""
+    from vramfit.memory.constants import DEFAULT
+    from vramfit.memory.distributed import activation_setup, engine_setup, get_strategy, shard_terms, trl_casts_adapters
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.setup import resolve_targets
+
+    c = constants or DEFAULT
+    st = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    run = engine_setup(st, s)
+    targets = resolve_targets(spec, run)
+    act = activation_setup(st, run, gpus)
+    try:
+        ev = rank_events(spec, act, targets)
+    except Unsupported as exc:
+        bd = est.breakdown
+        return replace(est, breakdown=replace(bd, notes=bd.notes + (f"the replay does not cover {exc}: fitted peaks",)))
+    events, marks = ev["events"], ev["marks"]
+    if act.method != run.method:
+        events = _qlora_load(events, marks, spec, c, run.double_quant)
+    bd = est.breakdown
+    outside = c.cuda_context_bytes + c.kernel_growth_bytes + bd.components.get("nccl_buffers", 0)
+    if st.engine == "ddp" and not (act.method != run.method and trl_casts_adapters(run)):
+        from vramfit.memory.walk import trainable_tensors
+
+        terms = shard_terms(spec, run, targets, st, gpus, c)
+        G = terms.held_at("optimizer")
+        tensors = trainable_tensors(spec, act, targets)
+        sizes = ddp_buckets(tensors)
+        scale = G / max(sum(sizes), 1)  # the terms' dtype (trl's bf16 adapters) over the traced one's
+        W = sum(b for _, b in terms.weights)
+        buckets = [("a", -1 - i, int(b * scale)) for i, b in enumerate(sizes)]
+        # the Reducer rebuilds its buckets once, in the order the first backward made the gradients ready,
+        # at the next forward (DistributedDataParallel._pre_forward -> reducer._rebuild_buckets): the old
+        # ones freed (buckets_.clear()), then the new ones allocated; their sizes are the same buckets here
+        rebuilt = [("f", -1 - i) for i in range(len(sizes))] + buckets
+        sim = simulate_rank(events, marks, ddp_broadcast(W) + buckets, {"step1.forward": rebuilt},
+                            act.allocator == "expandable")
+        peak, reserved = sim["peak_allocated"], sim["peak_reserved"]
+        note = (f"peaks from the allocator replay of the rank's two steps with DDP's {len(buckets)} gradient buckets "
+                "(and its constructor's broadcast buffers, and the buckets' rebuild at the second step)")
+    else:
+        out, note = anchored_rank(spec, run, act, targets, st, gpus, c, events, marks, bd)
+        peak, reserved = out.peak_allocated_bytes, out.peak_reserved_bytes
+        bd = replace(out, notes=bd.notes)
+    comps = dict(bd.components, allocator_reserve=int(reserved - peak))
+    walk_only = ("peak moment:", "reserved includes other CUDA streams")  # the walk's, superseded here
+    notes = tuple(n for n in bd.notes if not n.startswith(walk_only)) + (note,)
+    bd = replace(bd, components=comps, peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
+                 device_bytes=int(reserved + outside), notes=notes)
+    return replace(est, breakdown=bd)
+
+
+def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks: dict, bd):
+    """The replay's allocated peak of each window of the step (`step_windows`; each phase where the
+    gradients do not cut the backward) plus what the rank holds then beyond the single GPU: the
+    walk's per-rank moments minus its single-GPU ones, so that the activations are the replay's."""
+    from vramfit.memory.distributed import _launched_qlora_weights, rank_moments, shard_terms
+    from vramfit.memory.estimate import trace_key
+    from vramfit.memory.rank_step import PHASE, RankTerms, moment_bytes, moments, single_gpu_grads
+    from vramfit.memory.walk import (_grad_totals, optimizer_state_bytes, optimizer_step_temp_bytes,
+                                     trainable_tensors, weight_bytes)
+    from vramfit.model.trace import activation_profile
+
+    ws = c.cublas_workspace_bytes
+    profile = activation_profile(spec, trace_key(spec, act, targets), grad_ckpt=act.grad_ckpt)
+    terms = shard_terms(spec, run, targets, st, gpus, c)
+    tensors = trainable_tensors(spec, act, targets)
+    G, G_out = _grad_totals(tensors)
+    w = (_launched_qlora_weights(spec, run.with_(loss="logits"), targets, c) if act.method != run.method
+         else weight_bytes(spec, act, targets, c))  # what the replayed events hold
+    single = RankTerms(weights=tuple(w.items()), optimizer=optimizer_state_bytes(tensors, act, c),
+                       optimizer_temp=optimizer_step_temp_bytes(tensors, act, spec),
+                       grads=single_gpu_grads(G, G_out, G, max(spec.num_layers, 1)), held={})
+    at_s = moment_bytes(moments(spec, act, targets, profile, c), single, ws)
+    at_r = moment_bytes(rank_moments(spec, run, act, targets, profile, c, terms), terms, ws)
+    d = {k: at_r[k] - at_s[k] for k in at_r}
+    used = {k: sum(u.get(k, 0) for _, u in terms.pools.values()) for k in at_r}
+    win = step_windows(events, marks, spec, tensors)
+    if win is None:  # one window per phase
+        cuts, end, L = phase_cuts(marks), marks.get("step2.forward", marks.get("end", len(events))), 0
+    else:
+        cuts, end, L = win
+    peaks = window_peaks(events, cuts, end)
+    by_window = {"forward": ("forward_layer", "forward_loss"), "backward_head": ("backward_loss", "backward_head"),
+                 "backward": tuple(k for k in at_r if PHASE[k] == "backward"), "backward_end": ("backward_end",),
+                 "optimizer": ("optimizer",)}
+    values, default = {}, {}
+    for name, peak in peaks.items():
+        if isinstance(name, tuple):  # the k-th decoder layer from the top: the terms are linear in k
+            k = name[1]
+            f = k / max(L - 1, 1)
+            cand = {"backward_top": d["backward_top"] + (d["backward_bottom"] - d["backward_top"]) * f}
+            if k == L - 1 and not any(n == "backward_end" for _, n in cuts):
+                cand["backward_end"] = d["backward_end"]
+            moment = max(cand, key=cand.get)
+            delta, u = cand[moment], used["backward_top" if moment == "backward_top" and k < L - 1 else
+                                          ("backward_bottom" if moment == "backward_top" else moment)]
+        else:  # several moments: the walk's largest rank moment over its largest single-GPU one
+            moment = max(by_window[name], key=lambda m: at_r[m])
+            delta, u = at_r[moment] - max(at_s[m] for m in by_window[name]), used[moment]
+        values[name] = peak + delta
+        default[name] = values[name] - u
+    sim = simulate_rank(events, marks, [])
+    gap = sim["peak_reserved"] - sim["peak_allocated"]
+    phase_of = {n: ("backward" if isinstance(n, tuple) or str(n).startswith("backward") else n) for n in values}
+    phases = {}
+    for n, v in values.items():
+        phases[phase_of[n]] = max(phases.get(phase_of[n], 0), int(v))
+    peak_name = max(values, key=values.get)
+    peak = int(values[peak_name])
+    pooled = sum(res for res, _ in terms.pools.values())
+    reserved = max(peak, int(max(default.values()) + gap + pooled))
+    comps = dict(bd.components, allocator_reserve=reserved - peak)
+    where = (f"decoder layer {L - peak_name[1]} of {L}" if isinstance(peak_name, tuple)
+             else str(peak_name).replace("_", " "))
+    note = (f"peaks: the allocator replay of the rank's step ({len(values)} windows), each window's peak plus "
+            f"what the engine holds then beyond one GPU (the walk's terms); peak at {where}; reserve: the "
+            f"replay's ({gap:,} B) plus other streams' pools ({pooled:,} B)")
+    out = replace(bd, components=comps, phases=phases, peak_phase=phase_of[peak_name], peak_allocated_bytes=peak,
+                  peak_reserved_bytes=reserved)
+    return out, note
