@@ -88,17 +88,25 @@ def fallback_setup(spec, s: Setup, scale: float, cap_bytes: int | None, cuda: bo
     """After an OOM at `s`: the first setup of the ladder predicted to fit once its reserved peak
     is scaled by the measured overshoot (`scale` = needed / predicted); without a known cap, the
     first of the ladder.  -> (Setup, its prediction) or (None, None)."""
+    for c, p in _runnable(spec, s, cuda, constants):
+        if cap_bytes is None or p["peak_reserved_bytes"] * scale <= cap_bytes:
+            return c, p
+    return None, None
+
+
+def _runnable(spec, s: Setup, cuda: bool, constants=None, other_method: bool = False):
+    """(setup, its prediction) down the fall-back ladder of `s`, for the rungs that are valid and
+    that this machine can run (`other_method`: only those with another method than `s`)."""
     for c in fallback_ladder(s):
+        if other_method and c.method == s.method:
+            continue
         try:
             validate(c)
         except VramfitError:
             continue
         if runtime_problem(c, cuda):
             continue
-        p = predict(spec, c, constants)
-        if cap_bytes is None or p["peak_reserved_bytes"] * scale <= cap_bytes:
-            return c, p
-    return None, None
+        yield c, predict(spec, c, constants)
 
 
 def load_fallback(spec, s: Setup, budget_bytes: int | None, cuda: bool, constants=None):
@@ -106,16 +114,7 @@ def load_fallback(spec, s: Setup, budget_bytes: int | None, cuda: bool, constant
     setup of the ladder with a method whose weights take less (full -> LoRA -> QLoRA) that this
     machine can run and is predicted to fit `budget_bytes` (device bytes; None: any).
     -> (Setup, its prediction) or (None, None)."""
-    for c in fallback_ladder(s):
-        if c.method == s.method:
-            continue
-        try:
-            validate(c)
-        except VramfitError:
-            continue
-        if runtime_problem(c, cuda):
-            continue
-        p = predict(spec, c, constants)
+    for c, p in _runnable(spec, s, cuda, constants, other_method=True):
         if budget_bytes is None or p["device_bytes"] <= budget_bytes:
             return c, p
     return None, None
