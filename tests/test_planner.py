@@ -497,3 +497,53 @@ def test_lora_config_pins_all_linear_on_fused_experts():
     dense = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64))
     assert lora_config(s, dense).target_modules == "all-linear"  # no fused experts: peft's meaning is vramfit's
+
+
+def test_plan_replays_by_default_and_fast_or_env_skips_it(tmp_path, monkeypatch):
+    """The replay recheck is the plan's default (VRAMFIT_REPLAY unset); replay=False, the CLI's
+    --fast and VRAMFIT_REPLAY=0 (what the test suite sets) give the fast model's plan."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import vramfit
+    from conftest import TINY_LLAMA
+    from vramfit.cli import app
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    assert vramfit.plan(str(cfg), gpu="1.1GB", seq_len=128, effective_batch=4).replay is None  # VRAMFIT_REPLAY=0
+    monkeypatch.delenv("VRAMFIT_REPLAY", raising=False)
+    p = vramfit.plan(str(cfg), gpu="1.1GB", seq_len=128, effective_batch=4)
+    assert p.replay is not None and p.replay["checks"][0]["role"] == "chosen"
+    assert vramfit.plan(str(cfg), gpu="1.1GB", seq_len=128, effective_batch=4, replay=False).replay is None
+    runner = CliRunner()
+    args = ["plan", str(cfg), "--gpu", "1.1GB", "--seq-len", "128", "--effective-batch", "4", "--json"]
+    got = json.loads(runner.invoke(app, args).stdout)
+    assert got["allocator_replay"]["checks"][0]["role"] == "chosen"
+    got = json.loads(runner.invoke(app, args + ["--fast"]).stdout)
+    assert got["allocator_replay"] is None
+    got = json.loads(runner.invoke(app, args + ["--simulate-allocator"]).stdout)  # accepted: the default
+    assert got["allocator_replay"] is not None
+
+
+def test_step_down_skips_setups_the_failed_replays_overshoot_rules_out(monkeypatch):
+    """After a replay runs out of memory, setups whose fast figure scaled by that replay's overshoot
+    is still over the budget are skipped; other allocator settings are always tried."""
+    from types import SimpleNamespace as NS
+
+    import vramfit.memory.replay as replay_mod
+    from vramfit.planner.recheck import _next_to_try
+
+    GiB = 1 << 30
+
+    def cand(gib, allocator="default"):
+        return NS(setup=NS(allocator=allocator), device_bytes=int(gib * GiB))
+
+    fitting = [cand(10.5), cand(10.4), cand(10.2), cand(10.3, "expandable"), cand(9.0)]
+    ev = NS(memory=lambda setup: (None, ()))
+    monkeypatch.setattr(replay_mod, "capped_replay", lambda *a, **k: {"device_bytes": int(11.55 * GiB)})  # x1.1
+    assert _next_to_try(None, ev, fitting, 0, {}, int(10.62 * GiB), None) == (3, 2)  # 10.4, 10.2 x 1.1 > 10.62
+    assert _next_to_try(None, ev, fitting, 3, {}, int(10.62 * GiB), None)[0] == 4
+    monkeypatch.setattr(replay_mod, "capped_replay", lambda *a, **k: {"device_bytes": int(10.5 * GiB)})  # no overshoot
+    assert _next_to_try(None, ev, fitting, 0, {}, int(10.62 * GiB), None) == (1, 0)

@@ -201,10 +201,11 @@ def plan(
     strategy: str | None = typer.Option(None, help="with --gpus: fix the strategy [default: searched]"),
     trust_remote_code: bool = typer.Option(False, help="allow custom model code from the hub"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
-    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="recheck the choice and its "
-                                            "next-larger micro-batch by replaying two training steps through the "
-                                            "allocator model capped at the budget (it releases its cache before it "
-                                            "runs out): seconds to a minute more"),
+    simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="accepted, does nothing: the "
+                                            "allocator recheck is the default"),
+    fast: bool = typer.Option(False, "--fast", help="the fast model's plan only (~1 s): no allocator replay of "
+                              "the choice and its next-larger micro-batch (the default replays them: ~1 s with "
+                              "their event templates cached, 20-60 s a setup the first time)"),
 ):
     """The best fine-tuning setup of MODEL that fits the GPU: verdict, candidates, rejections, levers."""
     from vramfit.planner import search as planner
@@ -214,8 +215,6 @@ def plan(
     restrictions = dict(method=method.value, seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch,
                         lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, precision=precision,
                         optim=optim, grad_ckpt=grad_ckpt)
-    if simulate_allocator and (gpus is not None or strategy is not None or find_gpu):
-        _fail(VramfitError("--simulate-allocator rechecks one GPU's plan: drop --gpus/--strategy/--find-gpu"))
     if gpus is not None or strategy is not None:
         return _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer.value, as_json, trust_remote_code,
                           restrictions)
@@ -229,7 +228,7 @@ def plan(
                                      trust_remote_code=trust_remote_code, **restrictions)
         else:
             result = planner.plan(model, gpu or "auto", headroom=headroom, prefer=prefer.value,
-                                  trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator,
+                                  trust_remote_code=trust_remote_code, replay=False if fast else None,
                                   **restrictions)
     except VramfitError as exc:
         _fail(exc)

@@ -1,5 +1,5 @@
-"""The planner's allocator recheck (`vramfit plan --simulate-allocator`): the fast search's choice
-and its micro-batch boundary replayed through the allocator model under a memory cap.
+"""The planner's allocator recheck (`vramfit plan`'s default; --fast skips it): the fast search's
+choice and its micro-batch boundary replayed through the allocator model under a memory cap.
 
 The fast model's device figure is the unconstrained reserved peak plus what lives outside torch's
 allocator.  Under a cap (torch.cuda.set_per_process_memory_fraction, or a card that is simply
@@ -36,11 +36,33 @@ def replay_verdict(spec, ev, setup, usable_bytes: int, constants=None) -> tuple:
     from vramfit.memory.replay import capped_replay
 
     bd, targets = ev.memory(setup)
+    _ensure_template(spec, setup, targets)
     try:
         r = capped_replay(spec, setup, targets, replay_limit(usable_bytes, constants), constants)
     except Unsupported as exc:
         return bd.device_bytes <= usable_bytes, {"unsupported": str(exc)}
     return r["fits"], r
+
+
+def _ensure_template(spec, setup, targets) -> None:
+    """Build and cache `setup`'s event template when none is (capped_replay only reads the cache):
+    the first plan of a setup pays its build once (~20-60 s), every later one replays in ~1 s."""
+    import sys
+    import warnings
+
+    from vramfit.memory.replay import setup_template
+
+    got = setup_template(spec, setup, targets, setup.grad_accum, build=False)
+    if got["template"] is not None or got["note"] != "no event template cached for this setup":
+        return  # cached (or cached as not covered: the meta-device replay answers)
+    print(f"vramfit: building the allocator replay's event template of micro-batch {setup.micro_batch} x "
+          f"{setup.grad_accum} (once; cached)...", file=sys.stderr, flush=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            setup_template(spec, setup, targets, setup.grad_accum, build=True)
+    except Exception:  # noqa: BLE001 - no template: capped_replay replays on the meta device
+        pass
 
 
 def next_larger(ev, setup, device, usable_bytes: int, fits, limit: int = 1024):
@@ -73,6 +95,31 @@ def next_larger(ev, setup, device, usable_bytes: int, fits, limit: int = 1024):
     return cand(hi, 1)
 
 
+def _next_to_try(spec, ev, fitting: list, k: int, r: dict, usable: int, constants) -> tuple:
+    """After the replay of fitting[k] ran out of memory: the index of the next setup worth replaying,
+    and how many were skipped.  The failed setup's uncapped replay over its fast figure is the fast
+    model's shortfall there; a setup below it in the ranking with the same allocator settings whose
+    fast figure, scaled by that ratio, is still over the budget is skipped (each replay of a new setup
+    costs a template build).  Setups with other allocator settings are always tried."""
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.replay import capped_replay
+
+    failed = fitting[k]
+    try:
+        bd, targets = ev.memory(failed.setup)
+        unc = capped_replay(spec, failed.setup, targets, 1 << 62, constants)
+        ratio = unc["device_bytes"] / max(failed.device_bytes, 1)
+    except Unsupported:
+        return k + 1, 0
+    j = k + 1
+    while j < len(fitting):
+        c = fitting[j]
+        if c.setup.allocator != failed.setup.allocator or c.device_bytes * ratio <= usable:
+            break
+        j += 1
+    return j, j - k - 1
+
+
 def _row(role: str, cand, fits: bool, r: dict) -> dict:
     from vramfit.planner.result import setup_json as _setup_json
 
@@ -96,7 +143,7 @@ def recheck(p, spec, ev, constants=None):
     rows, notes, changed = [], [], []
     fitting = list(p.candidates)
     chosen = p.chosen
-    i = 0
+    i = k = 0
     while chosen is not None:
         ok, r = replay_verdict(spec, ev, chosen.setup, usable, constants)
         rows.append(_row("chosen", chosen, ok, r))
@@ -107,10 +154,12 @@ def recheck(p, spec, ev, constants=None):
             break
         i += 1
         changed.append("stepped_down")
-        nxt = fitting[i] if i < len(fitting) else None
+        k, skipped = _next_to_try(spec, ev, fitting, k, r, usable, constants)
+        nxt = fitting[k] if k < len(fitting) else None
         notes.append(f"allocator replay: {_text(chosen.setup)} runs out of memory under a "
                      f"{fmt_bytes(limit)} allocator cap ({r.get('oom_phase')}): "
-                     + (f"stepped down to {_text(nxt.setup)}" if nxt else "nothing below it in the ranking"))
+                     + (f"stepped down to {_text(nxt.setup)}" if nxt else "nothing below it in the ranking")
+                     + (f" (skipped {skipped} setups its replay's overshoot rules out)" if skipped else ""))
         chosen = nxt
     if chosen is None:
         from vramfit.errors import VramfitError

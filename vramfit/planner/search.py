@@ -15,6 +15,7 @@ The cost model is vramfit.planner.cost, the Space searched vramfit.planner.space
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 from vramfit.errors import VramfitError
@@ -156,14 +157,17 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
          precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
          allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False,
          constants=None, cost: CostModel | None = None, trust_remote_code: bool = False,
-         simulate_allocator: bool = False) -> Plan:
+         simulate_allocator: bool | None = None, replay: bool | None = None) -> Plan:
     """The best setup of MODEL that fits GPU.  MODEL: profile, config.json, directory, hub id or a
     ModelSpec; GPU: "auto", a profile name, a size ("12GiB") or a Device.  Nothing fits: VramfitError
     naming the closest setup and by how much it misses.
 
-    `simulate_allocator`: recheck the choice and its next-larger micro-batch by replaying two
-    training steps through the allocator model capped at what the usable budget leaves torch's
-    allocator (vramfit/recheck.py): seconds to a minute more; `Plan.replay` says what changed."""
+    The fast model searches; its choice and next-larger micro-batch are then rechecked by replaying
+    two training steps through the allocator model capped at what the usable budget leaves torch's
+    allocator (vramfit/planner/recheck.py), and the chosen setup's figures are the replay's.  A
+    setup's first replay builds its event template (~20-60 s once, cached).  `replay=False` (or
+    VRAMFIT_REPLAY=0, or the CLI's --fast) keeps the fast model's answer; `simulate_allocator` is
+    the old name of `replay`.  `Plan.replay` says what was checked and what changed."""
     spec, device, constants = _resolve(model, gpu, constants, trust_remote_code)
     _check_choice("prefer", prefer, ("speed", "memory"))
     _check_choice("method", method, ("auto", "full", "lora", "qlora"))
@@ -175,7 +179,11 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
     result = search(spec, device, space, headroom, prefer, constants, cost, evaluator=ev)
     if result.chosen is None:
         raise VramfitError(nothing_fits_message(result, spec, constants))
-    if simulate_allocator:
+    if replay is None:
+        replay = simulate_allocator
+    if replay is None:
+        replay = os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+    if replay:
         from vramfit.planner.recheck import recheck
 
         result = recheck(result, spec, ev, constants)
