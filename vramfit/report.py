@@ -55,6 +55,16 @@ def estimate_table(est):
     return table
 
 
+def peak_phase_line(est) -> str:
+    """The phase of the peak: the replayed whole run's (load, forward, backward, optimizer, eval, save:
+    each phase's allocated peak) when the replay answered, else the fitted step's."""
+    if "load" in est.phases:  # the allocator replay's phases
+        each = ", ".join(f"{name} {gib(b)}" for name, b in est.phases.items())
+        return f"peak phase: {est.peak_phase}, of the whole run replayed ({each} GiB allocated)"
+    return (f"peak phase: {est.peak_phase} (forward {gib(est.phases['forward'])}, backward "
+            f"{gib(est.phases['backward'])}, optimizer {gib(est.phases['optimizer'])} GiB allocated)")
+
+
 def estimate_summary(est) -> list[str]:
     lines = [
         f"parameters: {est.params_total:,} total, {est.params_trainable:,} trainable "
@@ -62,8 +72,7 @@ def estimate_summary(est) -> list[str]:
     ]
     if est.setup.method == "qlora":
         lines.append(f"base model with 4-bit weights counted packed (as model.num_parameters() shows): {est.params_packed:,}")
-    lines.append(f"peak phase: {est.peak_phase} (forward {gib(est.phases['forward'])}, backward "
-                 f"{gib(est.phases['backward'])}, optimizer {gib(est.phases['optimizer'])} GiB allocated)")
+    lines.append(peak_phase_line(est))
     lines += list(est.notes)
     lines.append(f"calibration: {est.calibration or 'none (constants measured on an H200, driver 580, CUDA 13, torch 2.11)'}")
     return lines
@@ -118,6 +127,8 @@ def plan_verdict(p) -> str:
     how.append(f"micro-batch {s.micro_batch} x {s.grad_accum}")
     if s.grad_ckpt:
         how.append("checkpointing")
+    if s.allocator == "expandable":
+        how.append("expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
     how.append("trl's fused loss (SFTTrainer, as vramfit train runs)" if s.loss == "fused"
                else "full-logits loss (transformers Trainer)")
     return (f"[bold]{p.model}[/] fits on [bold]{p.device.name}[/] with {', '.join(how)}: "
@@ -135,7 +146,10 @@ def plan_candidates_table(p, limit: int = 8):
     """The best fitting setups, one per (method, precision, checkpointing)."""
     from rich.table import Table
 
-    table = Table(title="best setups that fit", title_justify="left")
+    title = "best setups that fit"
+    if p.replay:
+        title += " (device GiB: the chosen one's from the allocator replay, the others the fast model's)"
+    table = Table(title=title, title_justify="left")
     for col, just in (("method", "left"), ("precision", "left"), ("optimizer", "left"), ("ckpt", "left"),
                       ("micro x accum", "right"), ("device GiB", "right"), ("left GiB", "right"), ("tokens/s", "right")):
         table.add_column(col, justify=just)
@@ -187,7 +201,8 @@ def _lever_change(l, chosen) -> str:
 def plan_levers_table(p, limit: int = 8):
     from rich.table import Table
 
-    table = Table(title="levers of the chosen setup (one knob at a time)", title_justify="left")
+    title = "levers of the chosen setup (one knob at a time" + ("; the fast model's figures)" if p.replay else ")")
+    table = Table(title=title, title_justify="left")
     for col, just in (("change", "left"), ("device GiB", "right"), ("change GiB", "right"), ("tokens/s", "right"),
                       ("fits", "left")):
         table.add_column(col, justify=just)
@@ -203,7 +218,7 @@ def plan_extra_lines(p) -> list[str]:
     lines = []
     if p.longest_seq_len is not None:
         lines.append(f"at this setup the longest sequence that fits is {p.longest_seq_len:,} tokens; the largest "
-                     f"micro-batch is {p.largest_micro_batch}")
+                     f"micro-batch is {p.largest_micro_batch}" + (" (the fast model's bounds)" if p.replay else ""))
     kw = p.to_training_arguments_kwargs()
     lines.append("TrainingArguments/SFTConfig: " + ", ".join(f"{k}={v!r}" for k, v in kw.items()))
     if p.to_lora_config_kwargs():

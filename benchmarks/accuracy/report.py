@@ -5,6 +5,10 @@ median / p90 / max relative error per peak, overall and per method and architect
 of dangerous under-predictions (> 2% below the measurement), whether every OOM was predicted not
 to fit, and writes a markdown table and a scatter plot next to the results.
 
+`--phases`: the phases outside the steps (load, the Trainer's set-up, and where the case ran them
+evaluation, a checkpoint save, the adapter's reload, the final save) against their allocator replay,
+under the installed transformers (PYTHONPATH=<a transformers 5.17 install> for the 5.17 runs).
+
 Relative error = (predicted - measured) / measured: negative means under-predicted.
 """
 
@@ -243,6 +247,99 @@ def scatter(rs, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- phases outside the steps
+
+# measured phase (train_case.py's phases_outside_steps) -> the replayed phase it is compared with
+MEASURED_PHASES = (("load", "load"), ("setup", "setup"), ("eval", "eval"), ("save", "save"),
+                   ("load_best", "load_best"), ("save_model", "save"))
+
+
+def _replay_run_phases(rec: dict) -> dict:
+    """One measured run's phases replayed (in a fresh process: the model is built on the meta device):
+    the load alone (steps=0) unless the run measured evaluation or saving, then two steps and the
+    post-training stream (vramfit.memory.events.training_events, after=True)."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    import transformers
+
+    from vramfit.memory.events import training_events
+    from vramfit.memory.replay import replay_phases
+    from vramfit.memory.setup import resolve_targets
+
+    case = rec["case"]
+    out = {"label": rec["label"], "method": case["method"], "replay_transformers": transformers.__version__}
+    try:
+        s = case_setup(case)
+        spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
+        outside = rec.get("phases_outside_steps") or {}
+        post = "eval" in outside or "save" in outside
+        ev = training_events(spec, s, resolve_targets(spec, s), steps=2 if post else 0, after=post,
+                             eval_batch=case.get("eval_batch"))
+        parts = [(ev["events"], ev["marks"])] + ([(ev["after"]["events"], ev["after"]["marks"])] if post else [])
+        res = replay_phases(parts, expandable=case.get("allocator") == "expandable")
+    except Exception as exc:  # noqa: BLE001 - listed, not hidden
+        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return out
+    out["phases"] = res["phases"]
+    return out
+
+
+def phase_rows(records, jobs: int = 1) -> list[dict]:
+    """Measured against replayed peaks of the phases outside the training steps (loading, the Trainer's
+    set-up, evaluation, saving): one row per run and phase, the errors relative to the measured figure."""
+    import multiprocessing as mp
+
+    recs = [r for r in records if r["status"] == "ok" and r.get("phases_outside_steps")]
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        replayed = pool.map(_replay_run_phases, recs, chunksize=1)
+    out = []
+    for rec, rep in zip(recs, replayed):
+        if "error" in rep:
+            print(f"no replay for {rec['label']}: {rep['error']}")
+            continue
+        for meas_name, sim_name in MEASURED_PHASES:
+            m, p = rec["phases_outside_steps"].get(meas_name), rep["phases"].get(sim_name)
+            if not m or not p or m.get("peak_allocated_bytes") is None:
+                continue
+            row = {"label": rec["label"], "method": rec["case"]["method"], "phase": meas_name,
+                   "replay_transformers": rep["replay_transformers"],
+                   "run_transformers": rec.get("environment", {}).get("versions", {}).get("transformers")}
+            for k, mk, pk in (("allocated", "peak_allocated_bytes", "peak_allocated"),
+                              ("reserved", "peak_reserved_bytes", "peak_reserved"),
+                              ("allocated_end", "allocated_end_bytes", "allocated_end"),
+                              ("reserved_end", "reserved_end_bytes", "reserved_end")):
+                row[f"meas_{k}"], row[f"pred_{k}"] = m.get(mk), p.get(pk)
+                row[f"err_{k}"] = (p[pk] - m[mk]) / m[mk] if m.get(mk) and p.get(pk) is not None else None
+            out.append(row)
+    return out
+
+
+def phases_markdown(rows_) -> str:
+    keys = ("allocated", "reserved", "allocated_end", "reserved_end")
+    lines = ["| phase | runs | figure | median | p90 | max | under >2% | bias |", "|---|---|---|---|---|---|---|---|"]
+    for phase, _ in MEASURED_PHASES:
+        for method in ("all", "full", "lora", "qlora"):
+            g = [r for r in rows_ if r["phase"] == phase and method in ("all", r["method"])]
+            for k in keys:
+                s = summarize(g, k)
+                if s["n"]:
+                    lines.append(f"| {phase} {method} | {s['n']} | {k} | {100 * s['median']:.2f}% | "
+                                 f"{100 * s['p90']:.2f}% | {100 * s['max']:.2f}% | {100 * s['under2']:.1f}% | "
+                                 f"{100 * s['bias']:+.2f}% |")
+    lines += ["", "| run | phase | allocated pred/meas MiB | reserved pred/meas MiB | end allocated / reserved "
+                  "pred/meas MiB |", "|---|---|---|---|---|"]
+    for r in rows_:
+        lines.append(f"| {r['label']} | {r['phase']} | {(r['pred_allocated'] or 0) >> 20} / "
+                     f"{r['meas_allocated'] >> 20} | "
+                     f"{(r['pred_reserved'] or 0) >> 20} / {r['meas_reserved'] >> 20} | "
+                     f"{(r['pred_allocated_end'] or 0) >> 20} / {(r['meas_allocated_end'] or 0) >> 20}, "
+                     f"{(r['pred_reserved_end'] or 0) >> 20} / {(r['meas_reserved_end'] or 0) >> 20} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="*", help="JSONL files (default: benchmarks/results/*.jsonl)")
@@ -251,10 +348,21 @@ def main(argv=None) -> None:
     ap.add_argument("--simulated", action="store_true",
                     help=f"peaks from the allocator simulation where {SIMULATED.name} has the case")
     ap.add_argument("--simulated-from", default=str(SIMULATED), help="the simulate_reserve results --simulated reads")
+    ap.add_argument("--phases", action="store_true", help="the phases outside the steps (load, set-up, "
+                    "evaluation, saving) measured against their replay (under the installed transformers: give "
+                    "the runs of one version, e.g. PYTHONPATH=<a transformers 5.17 install>), and stop")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for --phases")
     ap.add_argument("--calibration", help="a `vramfit calibrate` JSON: report the cases measured on its GPU "
                                           "before and after applying it, and stop")
     args = ap.parse_args(argv)
     paths = args.results or sorted(glob.glob(str(RESULTS / "*.jsonl")))
+    if args.phases:
+        import transformers
+
+        recs = [r for r in load_records(paths)
+                if r.get("environment", {}).get("versions", {}).get("transformers") == transformers.__version__]
+        print(phases_markdown(phase_rows(recs, args.jobs)))
+        return
     if args.calibration:
         print(before_after(load_records(paths), json.loads(Path(args.calibration).read_text())))
         return

@@ -11,7 +11,16 @@ override (synchronize, read the peaks, reset them):
     post_step  -> on_step_end (lr scheduler, zero_grad)
     idle       -> next on_step_begin
 Outside the steps: `load` (CUDA init to model built, LoRA applied) and `setup` (Trainer init,
-optimizer creation, first batch) up to the first on_step_begin.
+optimizer creation, first batch) up to the first on_step_begin; with the case's `after` (a list of
+"eval", "save") the phases after train() returns (the last step's `idle` ends there), each its
+own entry of phases_outside_steps:
+    eval       trainer.evaluate() on `eval_rows` rows (default 2 batches) at `eval_batch` (default
+               the training micro-batch, vramfit train's per_device_eval_batch_size), loss only
+    save       trainer._save_checkpoint: the model (the adapter for LoRA / QLoRA), optimizer,
+               scheduler, RNG states, as a checkpoint of vramfit train's run
+    load_best  LoRA / QLoRA: the checkpoint's adapter loaded back (model.load_adapter), as
+               load_best_model_at_end does
+    save_model trainer.save_model(): vramfit train's final save
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class PhaseRecorder:
         self.peak_allocated = 0 if self.cuda else None
         self.peak_reserved = 0 if self.cuda else None
         self._t0 = 0.0
+        self.after_steps = False  # phases from here on are the run's, outside the steps
 
     def close(self, next_phase: str) -> dict:
         """End the current phase: record its peaks, reset the counters, start `next_phase`."""
@@ -60,7 +70,7 @@ class PhaseRecorder:
         else:
             record = dict.fromkeys(("peak_allocated_bytes", "peak_reserved_bytes",
                                     "allocated_end_bytes", "reserved_end_bytes"))
-        if self.steps:
+        if self.steps and not self.after_steps:
             self.steps[-1]["phases"][self.phase] = record
         else:
             self.outside_steps[self.phase] = record
@@ -89,6 +99,8 @@ def make_trainer_class(transformers, recorder: PhaseRecorder, fused: bool = Fals
             else:
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                            num_items_in_batch=num_items_in_batch)
+            if not model.training:  # evaluation: no step phase to close
+                return out
             loss = out[0] if return_outputs else out
             if recorder.steps:
                 recorder.steps[-1]["loss"] = float(loss.detach().float())
@@ -226,9 +238,47 @@ def training_arguments(transformers, case: dict, output_dir: str, cuda: bool):
     return transformers.TrainingArguments(
         output_dir=output_dir, max_steps=case["steps"],
         per_device_train_batch_size=case["micro_batch"], gradient_accumulation_steps=1,
+        per_device_eval_batch_size=eval_batch(case),
         optim=case["optim"], bf16=bf16, fp16=fp16, gradient_checkpointing=case["grad_ckpt"],
         report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no",
         dataloader_num_workers=0, disable_tqdm=True, seed=SEED, use_cpu=not cuda)
+
+
+def eval_batch(case: dict) -> int:
+    return case.get("eval_batch") or case["micro_batch"]
+
+
+def after_steps(trainer, case: dict, recorder: PhaseRecorder, out_dir: str, result: dict) -> None:
+    """The case's phases after train() (`after`: "eval", "save"), each closed with its peaks into
+    phases_outside_steps; the adapter's reload (load_best) and the final save_model with "save"."""
+    after = case.get("after") or []
+    recorder.close("eval" if "eval" in after else "save")  # the last step's idle, the rest of train() with it
+    recorder.after_steps = True
+    seconds = {}
+    if "eval" in after:
+        t = time.perf_counter()
+        metrics = trainer.evaluate()
+        seconds["eval"] = time.perf_counter() - t
+        result["eval_loss"] = metrics.get("eval_loss")
+        recorder.close("save" if "save" in after else "done")
+    if "save" in after:
+        t = time.perf_counter()
+        trainer._save_checkpoint(trainer.model, trial=None)
+        seconds["save"] = time.perf_counter() - t
+        checkpoint = os.path.join(out_dir, f"checkpoint-{trainer.state.global_step}")
+        result["checkpoint_files"] = sorted(os.listdir(checkpoint))
+        model = trainer.model
+        if case["method"] != "full":  # a PeftModel
+            recorder.close("load_best")
+            t = time.perf_counter()
+            model.load_adapter(checkpoint, model.active_adapters[0])  # as Trainer._load_best_model
+            seconds["load_best"] = time.perf_counter() - t
+        recorder.close("save_model")
+        t = time.perf_counter()
+        trainer.save_model(os.path.join(out_dir, "final"))
+        seconds["save_model"] = time.perf_counter() - t
+        recorder.close("done")
+    result["after_seconds"] = seconds
 
 
 def cuda_stats(torch) -> dict | None:
@@ -282,15 +332,22 @@ def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = No
 
         n = case["steps"] * case["micro_batch"]
         dataset = random_tokens_dataset(torch, n, case["seq_len"], config_dict["vocab_size"])
+        eval_dataset = None
+        if "eval" in (case.get("after") or []):
+            rows = case.get("eval_rows") or 2 * eval_batch(case)
+            eval_dataset = random_tokens_dataset(torch, rows, case["seq_len"], config_dict["vocab_size"])
         with tempfile.TemporaryDirectory() as out_dir:
             args = training_arguments(transformers, case, out_dir, recorder.cuda)
             trainer = make_trainer_class(transformers, recorder, fused=case.get("loss") == "fused")(
-                model=model, args=args, train_dataset=dataset,
+                model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                 callbacks=[make_callback(transformers, recorder, result)])
             t = time.perf_counter()
             trainer.train()
             result["train_seconds"] = time.perf_counter() - t
-        recorder.close("done")
+            if case.get("after"):
+                after_steps(trainer, case, recorder, out_dir, result)
+        if not case.get("after"):
+            recorder.close("done")
         result["status"] = "ok"
     except torch.OutOfMemoryError as error:
         result["status"] = "oom"

@@ -22,11 +22,16 @@ not do as CUDA does is emulated:
   (paged tensors of >= 1e5 elements live in managed memory, outside torch's allocator) and no
   temporaries (the update kernels work in place);
 - torch's fused AdamW on a device the constructor does not accept (the meta device).
-- QLoRA (bitsandbytes 0.50.2, transformers 5.23, peft 0.21): the 4-bit load (each bf16 weight
-  quantized on the GPU with its transient buffers), prepare_model_for_kbit_training's fp32 casts
-  and empty_cache, gemm_4bit's dequantize + F.linear forward and dequantize + matmul backward, and
-  peft's Linear4bit LoRA forward (base output cloned); see `_qlora_load`, `_qlora_linear_forward`.
+- QLoRA (bitsandbytes 0.50.2, transformers 5.23, peft 0.21): from_pretrained's caching-allocator
+  warm-up, the 4-bit load (each bf16 weight quantized on the GPU with its transient buffers),
+  prepare_model_for_kbit_training's fp32 casts and empty_cache, gemm_4bit's dequantize + F.linear
+  forward and dequantize + matmul backward, and peft's Linear4bit LoRA forward (base output cloned);
+  see `_qlora_load`, `_qlora_linear_forward`.
 Left out: GradScaler's scalars under 16-mixed.
+With `after=True`, the rest of the run as a stream of its own: evaluation (`_record_eval`: no_grad
+forwards at the eval micro-batch, the loss, the Trainer's loss container) and a checkpoint save
+(`kernels._save_checkpoint`: save_pretrained run for real without the file writes, QLoRA's quant-state
+clones, the best adapter's reload), replayed from the allocator state the steps leave.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from vramfit.memory.kernels import (  # noqa: F401  (Unsupported: raised here fo
     _qlora_linear_forward,
     _qlora_load,
     _reduction_buffers,
+    _save_checkpoint,
     _trl_fused_kernels,
 )
 
@@ -193,14 +199,114 @@ def _recorder_class():
     return Recorder
 
 
+# --------------------------------------------------------------------------- after the steps
+
+EVAL_BATCHES = 2  # the second finds the first's blocks cached; the Trainer's loss container grows by one
+
+
+def _record_eval(rec, model, key, ac_dtype, B: int, S: int, fused_loss: bool, marks: dict) -> None:
+    """Trainer.evaluate as vramfit train runs it (trl's SFTTrainer, no compute_metrics, so
+    prediction_loss_only): model.eval() (no dropout, no checkpointing), per eval micro-batch of B rows
+    padded to S: the batch on the GPU, the forward with labels under no_grad and the Trainer's
+    autocast, accelerate's fp32 copy of 16-bit outputs, the loss (trl's fused head: its per-token
+    log-probs; else the model's loss over the full logits, `.detach().mean()` while the outputs live);
+    then evaluation_loop's `loss.repeat(batch_size)`, concatenated to the losses before it on the GPU
+    (EvalLoopContainer's nested_concat) until the loop ends."""
+    import torch
+
+    from vramfit.model import trace
+
+    model.eval()
+    losses = None
+    try:
+        for k in range(EVAL_BATCHES):
+            marks[f"eval{k}"] = len(rec.events)
+            ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+            mask = torch.ones((B, S), dtype=torch.long, device="meta")
+            labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+            rec.backward = False
+            with torch.no_grad():
+                ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
+                with ac:
+                    extra = {"fused_lm_head": True} if fused_loss else {}
+                    if key.attn == "eager":
+                        extra["attention_mask"] = mask
+                    out = model(input_ids=ids, labels=labels, **extra)
+                if ac_dtype is not None:
+                    out = _outputs_to_fp32(out)
+                loss = out.loss.detach()
+                if not fused_loss:  # Trainer.prediction_step
+                    loss = loss.mean()
+                del out, ac
+                rep = loss.repeat(B)
+                del loss
+                losses = rep if losses is None else torch.cat((losses, rep))
+                del rep, ids, mask, labels
+        del losses  # all_losses.get_arrays(): to the host
+    finally:
+        model.train()
+
+
+def _own_ids(events: list, first_id: int) -> tuple:
+    """The post-training stream with ids of its own (0, 1, ...), so it can follow any training stream
+    (a template's expansion numbers its ids differently); -> (events, frees of earlier allocations
+    dropped: none where the rest of the run frees nothing of the training's)."""
+    ids, out, foreign = {}, [], 0
+    for ev in events:
+        if ev[0] == "a":
+            ids[ev[1]] = len(ids)
+            out.append((ev[0], ids[ev[1]]) + tuple(ev[2:]))
+        elif ev[0] == "f":
+            if ev[1] in ids:
+                out.append((ev[0], ids[ev[1]]) + tuple(ev[2:]))
+            elif ev[1] < first_id:
+                foreign += 1
+            else:
+                raise AssertionError(f"free of {ev[1]} before its allocation")
+        else:
+            out.append(ev)
+    return out, foreign
+
+
+def _record_after(rec, model, setup, key, ac_dtype, eval_batch: int, fresh: bool, quantized: int) -> dict:
+    """The rest of the run after the training steps, into `rec.events` (a fresh list): evaluation, then a
+    checkpoint save.  `fresh`: no step ran; first make the model as the steps leave it, silently."""
+    import torch
+
+    first_id = rec.next_id
+    if fresh:
+        rec.workspaces.update(("fwd", "bwd"))
+        silent, rec.events = rec.events, []
+        for m in model.modules():  # _qlora_linear_forward casts a 4-bit layer's bias once, in the first forward
+            bias = getattr(m, "bias", None)
+            if type(m).__name__ == "_Meta4bitLinear" and bias is not None and bias.dtype != torch.bfloat16:
+                rec.live.pop(bias.untyped_storage()._cdata, None)
+                m.bias.data = bias.data.to(torch.bfloat16)
+        rec.events = silent
+    marks = {}
+    _record_eval(rec, model, key, ac_dtype, eval_batch, setup.seq_len, setup.loss == "fused", marks)
+    _save_checkpoint(rec, model, quantized, marks)
+    marks["end"] = len(rec.events)
+    events, foreign = _own_ids(rec.events, first_id)
+    # "raw": the recorder's own events (ids, and the template builder's tags) for vramfit.memory.replay's post template
+    return {"events": events, "marks": marks, "foreign_frees": foreign, "eval_batch": eval_batch, "raw": rec.events}
+
+
 # --------------------------------------------------------------------------- QLoRA (bitsandbytes 4-bit)
 
-def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad_accum: int = 1) -> dict:
+def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad_accum: int = 1,
+                    after: bool = False, eval_batch: int | None = None) -> dict:
     """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts.
     `seq_lens`: each step's padded batch length (real data: the longest row of each batch); default
     `setup.seq_len` for every step.  `grad_accum`: micro-batches per
     optimizer step, each a forward and a backward whose gradients add into the ones kept from the
-    micro-batch before (marks `stepN.microM.forward` / `.backward` from the second on)."""
+    micro-batch before (marks `stepN.microM.forward` / `.backward` from the second on).
+    `after`: also the rest of the run after the steps, as a stream of its own (`result["after"]`:
+    {"events", "marks"}, its ids its own, to be replayed from the allocator state the steps leave;
+    the training stream is the same with or without it): evaluation (`_record_eval`, micro-batch
+    `eval_batch`, default the training one, as vramfit train's per_device_eval_batch_size) and a
+    checkpoint save (`kernels._save_checkpoint`); with `steps=0` it is recorded right after the load as
+    it would run after the steps (the cuBLAS handles' workspaces taken, QLoRA's biases cast)."""
     import copy
 
     import torch
@@ -226,6 +332,7 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
 
         base_model = model.get_base_model()
         quantized = {id(m.weight): None for m in base_model.modules() if type(m).__name__ == "_Meta4bitLinear"}
+        quantized_count = len(quantized)
         _qlora_load(rec, model, base_model, quantized)
         base_fwd, lora_fwd = _qlora_linear_forward(rec, torch.bfloat16)  # bnb_4bit_compute_dtype
         for m in base_model.modules():
@@ -234,6 +341,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                 m.forward = types.MethodType(lora_fwd, m)
             elif id(getattr(m, "weight", None)) in quantized and not hasattr(m, "base_layer"):
                 m.forward = types.MethodType(base_fwd, m)
+    else:
+        quantized_count = 0
     # ---- load: parameters and buffers in creation order
     lora = [] if qlora else [p for n, p in model.named_parameters() if "lora_" in n]
     lora_ids = {id(p) for p in lora}
@@ -334,10 +443,17 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                 marks[f"step{step}.post_step"] = len(rec.events)
                 for p in params:
                     p.grad = None
+            if after:
+                train, rec.events = rec.events, []
+                post = _record_after(rec, model, setup, key, ac_dtype, eval_batch or B, steps == 0, quantized_count)
+                rec.events = train
         marks["end"] = len(rec.events)
     finally:
         if orig_fused is not None:
             import torch.optim.optimizer as opt_mod
 
             opt_mod._get_fused_kernels_supported_devices = orig_fused
+    if after:
+        train = list(rec.events)  # what dies later is not the run's
+        return {"events": _sum_in_place(train, rec.sums, marks), "marks": marks, "after": post}
     return {"events": _sum_in_place(rec.events, rec.sums, marks), "marks": marks}

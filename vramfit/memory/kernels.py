@@ -186,6 +186,17 @@ def _qlora_load(rec, model, base_model, quantized: dict) -> None:
         if "lora_" in n:
             continue
         named[n.replace(".base_layer.", ".")] = p
+    # from_pretrained with a device map on the GPU first runs caching_allocator_warmup: one torch.empty of
+    # the bytes the model will take (4-bit weights at half a byte an element, the rest as the checkpoint
+    # stores them, tied weights once), freed at once, so the load is carved from one cached segment and
+    # prepare_model_for_kbit_training's empty_cache releases nothing (H100 memory history of llama-2-7b
+    # QLoRA, benchmarks/results/h100-2026-12-06-memory-history-2/4f194d722f55.json.gz: 1331830784 bytes
+    # first, then the weights; the 12 recipes' QLoRA runs kept their load's reserved memory to the byte).
+    # transformers subtracts what is reserved and unused at that moment (the harness's 2 MiB from its
+    # torch.empty(1)): not modelled.  Replayed on the 52 measured QLoRA runs (2026-12-07, each under its
+    # own transformers), device error p90 2.60% -> 1.57%, max 6.52% -> 3.82%, under by > 2%: 4 -> 2.
+    warm = sum(p.numel() // 2 if id(p) in quantized else p.numel() * 2 for p in named.values())
+    rec.free(rec.alloc(warm))
     first = []
     bf16_ids = {}
     for n in sorted(named, key=dot_natural_key):
@@ -406,3 +417,97 @@ def _fused_ok():
     orig = opt_mod._get_fused_kernels_supported_devices
     opt_mod._get_fused_kernels_supported_devices = lambda: list(orig()) + ["meta"]
     return orig
+
+
+# --------------------------------------------------------------------------- evaluation and saving
+
+QUANT_STATE_CODE = 256 * 4  # bitsandbytes' nested (double-quant) code: 256 fp32 values
+
+
+@contextlib.contextmanager
+def _no_writes():
+    """transformers' and peft's safetensors writers replaced by no-ops for `save_pretrained` on the
+    meta device: the writer only copies each tensor to the host (safetensors' `_tobytes`:
+    `tensor.to("cpu")`), so what a save allocates on the GPU is what the code before it does to the
+    state dict (transformers' `tensor.contiguous()` per shard and the MoE experts' reverted weight
+    conversions, peft's clones of shared tensors and `contiguous()`), all of which runs for real.
+    Their `id_tensor_storage` tells storages apart by address, and every meta storage has address 0
+    (all same-sized tensors would look shared, and peft would clone them): here by the storage itself."""
+    import importlib
+
+    def storage_id(tensor):
+        from transformers.pytorch_utils import storage_size
+
+        return tensor.device, tensor.untyped_storage()._cdata, storage_size(tensor)
+
+    patched = []
+    for name in ("transformers.modeling_utils", "peft.peft_model"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr, value in (("safe_save_file", lambda *args, **kwargs: None), ("id_tensor_storage", storage_id)):
+            if hasattr(mod, attr):
+                patched.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, value)
+    try:
+        yield
+    finally:
+        for mod, attr, value in reversed(patched):
+            setattr(mod, attr, value)
+
+
+def _save_checkpoint(rec, model, quantized: int, marks: dict) -> None:
+    """A Trainer checkpoint as vramfit train saves them (trl's SFTTrainer: `_save_checkpoint`), then
+    `load_best_model_at_end`:
+    - `save_model` -> `save_pretrained` (the adapter for LoRA / QLoRA, else the model), run for real on
+      the meta device without the file writes (`_no_writes`); QLoRA: the base model's state dict that
+      peft filters the adapter from holds, per 4-bit layer, bitsandbytes' `QuantState.as_dict(packed=True)`
+      with `state2.code.clone()` (1 KiB on the GPU each, freed with the state dict, in its order);
+    - the optimizer's and scheduler's state dicts through `torch.save`, which copies each storage to
+      the host (nothing on the GPU), and the RNG states (host tensors): nothing recorded;
+    - LoRA / QLoRA at the end of training: `_load_best_model` -> peft's `load_adapter` loads the best
+      checkpoint's adapter onto the GPU (safetensors `load_file(device="cuda")`), copies it into the
+      model and frees it (the dict dies in its order); a full model's best checkpoint is loaded on the
+      host and copied in place (nothing on the GPU).  The adapter is loaded here layer by layer
+      (safetensors sorts the names, layers.10 before layers.2): the same blocks in another order.
+    The allocations are ops on the parameters (new_empty / empty_like), so the template builder's
+    recorder tags them by layer (`param_phase`, as for the optimizer)."""
+    import tempfile
+
+    import torch
+    from transformers.core_model_loading import dot_natural_key
+    from transformers.utils import logging as hf_logging
+
+    marks["save"] = len(rec.events)
+    if hasattr(rec, "param_phase"):  # vramfit.memory.template_record's recorder: tag ops by their parameters
+        rec.ctx, rec.param_phase = None, True
+    if quantized:
+        clones = [m.weight.new_empty((QUANT_STATE_CODE // 4,), dtype=torch.float32) for m in model.modules()
+                  if type(m).__name__ == "_Meta4bitLinear"]
+        while clones:
+            clones.pop(0)
+    # state_dict() detaches every tensor: a view, no allocation, also of a storage the recorder holds
+    # under another id (a 4-bit layer's stand-in weight: its packed bytes were recorded at the load)
+    held = [t.untyped_storage()._cdata for t in list(model.parameters()) + list(model.buffers())]
+    held = [k for k in dict.fromkeys(held) if k not in rec.live]
+    for k in held:
+        rec.live[k] = -1
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards"
+    try:
+        with tempfile.TemporaryDirectory() as out, _no_writes():
+            model.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        for k in held:
+            if rec.live.get(k) == -1:
+                del rec.live[k]
+    adapters = sorted(((n, p) for n, p in model.named_parameters() if "lora_" in n),
+                      key=lambda item: dot_natural_key(item[0]))
+    if adapters:
+        marks["save.load_best"] = len(rec.events)
+        loaded = [torch.empty_like(p) for _, p in adapters]
+        while loaded:
+            loaded.pop(0)

@@ -10,34 +10,124 @@ from vramfit.memory.setup import Setup
 from vramfit.memory.walk import Breakdown
 
 
-def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants, seq_lens=None) -> Breakdown:
+def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants, seq_lens=None,
+                        after: bool = True, eval_batch: int | None = None) -> Breakdown:
     """`bd` with its three peaks from the allocator simulation, or with a note saying why not.
     `seq_lens`: one padded batch length per replayed step (real data), instead of two steps at
-    `setup.seq_len`."""
+    `setup.seq_len`.  `after`: the whole run's peaks, the evaluation and checkpoint save after the
+    steps replayed from the state they leave (`phases` then holds each phase's allocated peak), the
+    evaluation at micro-batch `eval_batch` (default the training one, as vramfit train's)."""
     import time
 
     from vramfit.memory.events import training_events
     from vramfit.memory.kernels import Unsupported
-    from vramfit.memory.allocator import simulate
 
     started = time.perf_counter()
     try:
         # two steps: measured reserved is flat from the second step on (optimizer states exist), and
         # 2- and 3-step replays gave the same peaks on the 7 cases compared
-        ev = training_events(spec, setup, targets, steps=2, seq_lens=seq_lens)
+        ev = training_events(spec, setup, targets, steps=2, seq_lens=seq_lens, after=after, eval_batch=eval_batch)
     except Unsupported as exc:
         return replace(bd, notes=bd.notes + (f"the allocator simulation does not cover {exc} yet: the reserve is "
                                              "the fitted one",))
-    sim = simulate(ev["events"], expandable_segments=setup.allocator == "expandable")
+    parts = [(ev["events"], ev["marks"])] + ([(ev["after"]["events"], ev["after"]["marks"])] if after else [])
+    sim = replay_phases(parts, expandable=setup.allocator == "expandable")
+    steps = f"{len(seq_lens)} steps of the data's padded batch lengths" if seq_lens else "2 steps"
+    rest = ", evaluation and a checkpoint save" if after else ""
+    note = (f"reserved and device peaks from the allocator simulation: {sum(len(e) for e, _ in parts):,} "
+            f"allocations and frees of {steps}{rest} replayed in {time.perf_counter() - started:.1f} s")
+    if after:
+        return with_phases(bd, sim, c, note)
     comps = dict(bd.components)
     comps["allocator_reserve"] = sim["peak_reserved"] - sim["peak_allocated"]
     outside = c.cuda_context_bytes + c.kernel_growth_bytes
-    steps = f"{len(seq_lens)} steps of the data's padded batch lengths" if seq_lens else "2 steps"
-    note = (f"reserved and device peaks from the allocator simulation: {len(ev['events']):,} allocations and "
-            f"frees of {steps} replayed in {time.perf_counter() - started:.1f} s")
     return replace(bd, components=comps, peak_allocated_bytes=sim["peak_allocated"],
                    peak_reserved_bytes=sim["peak_reserved"], device_bytes=sim["peak_reserved"] + outside,
                    notes=bd.notes + (note,))
+
+
+# --------------------------------------------------------------------------- the run's phases
+
+# the whole run's phases, in order: loading (with the Trainer's set-up), a step's forward, backward and
+# optimizer step (gradient clipping, the step, zero_grad), evaluation and checkpoint saving
+PHASES = ("load", "forward", "backward", "optimizer", "eval", "save")
+
+
+def phase_of(mark: str) -> str:
+    """The phase a mark of `training_events` (or of its post-training stream) opens: after_load -> setup,
+    step1.micro2.backward -> backward, step0.clip -> optimizer, eval1 -> eval, save.load_best -> load_best
+    (the measured phases' names: benchmarks/accuracy/train_case.py)."""
+    if mark in ("load", "after_load"):
+        return "load" if mark == "load" else "setup"
+    if mark == "save.load_best":
+        return "load_best"
+    last = mark.rsplit(".", 1)[-1]
+    if last in ("forward", "backward"):
+        return last
+    if last in ("clip", "optimizer", "post_step"):
+        return "optimizer"
+    head = mark.split(".", 1)[0].rstrip("0123456789")
+    return head if head in ("eval", "save") else last
+
+
+def replay_phases(parts, expandable: bool = False, limit_bytes: int | None = None) -> dict:
+    """Streams of events replayed one after another through one allocator model, each continuing from
+    the state the one before left (its live blocks and its cached segments): `parts` is a list of
+    (events, marks), each stream's ids its own.  -> {peak_allocated, peak_reserved, allocated, reserved,
+    oom, oom_phase, phases: {phase: {peak_allocated, peak_reserved, allocated_end, reserved_end}}} with
+    the phases of `phase_of` (a phase met several times, as each step's forward, keeps its maxima)."""
+    from vramfit.memory.allocator import CachingAllocator, OutOfMemory
+
+    a = CachingAllocator(expandable, limit_bytes)
+    phases: dict = {}
+    oom_phase = None
+
+    def close(name):
+        ph = phases.setdefault(name, {"peak_allocated": 0, "peak_reserved": 0})
+        ph["peak_allocated"] = max(ph["peak_allocated"], a.peak_allocated)
+        ph["peak_reserved"] = max(ph["peak_reserved"], a.peak_reserved)
+        ph["allocated_end"], ph["reserved_end"] = a.allocated, a.reserved
+        a.reset_peaks()
+
+    peak_a = peak_r = 0
+    for events, marks in parts:
+        live = {}
+        # by position, marks at the same one in their order (an empty phase first)
+        bounds = sorted((at, k, phase_of(name)) for k, (name, at) in enumerate(marks.items()) if name != "end")
+        if not bounds or bounds[0][0] > 0:
+            bounds.insert(0, (0, -1, "load"))
+        bounds.append((len(events), 0, None))
+        for (start, _, name), (stop, _, _) in zip(bounds, bounds[1:]):
+            try:
+                for ev in events[start:stop]:
+                    if ev[0] == "a":
+                        live[ev[1]] = a.malloc(ev[2])
+                    elif ev[0] == "f":
+                        a.free(live.pop(ev[1]))
+                    else:
+                        a.empty_cache()
+            except OutOfMemory:
+                oom_phase = name
+            peak_a, peak_r = max(peak_a, a.peak_allocated), max(peak_r, a.peak_reserved)
+            close(name)
+            if oom_phase:
+                break
+        if oom_phase:
+            break
+    return {"peak_allocated": peak_a, "peak_reserved": peak_r, "allocated": a.allocated, "reserved": a.reserved,
+            "oom": oom_phase is not None, "oom_phase": oom_phase, "phases": phases}
+
+
+def run_phases(result: dict) -> dict:
+    """replay_phases' per-phase figures grouped as the run's PHASES (the set-up joins loading, the
+    adapter's reload the save) ->
+    {phase: (peak allocated, peak reserved)}, in run order, the phases met only."""
+    out = {}
+    for name, ph in result["phases"].items():
+        key = {"setup": "load", "load_best": "save"}.get(name, name)
+        a, r = out.get(key, (0, 0))
+        out[key] = (max(a, ph["peak_allocated"]), max(r, ph["peak_reserved"]))
+    return {k: out[k] for k in PHASES if k in out}
 
 
 # capped replays of this process: events per (spec, setup, targets), a few kept (a large model's
@@ -199,41 +289,187 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     return {"template": tpl if ok else None, "first": (sim, res), "note": note}
 
 
-def template_replay(spec, setup: Setup, targets, build: bool = True) -> tuple:
-    """(simulate's result over two steps at `setup`, grad_accum 1 as `simulated_breakdown`, a note)
-    from the setup's template, or (None, why not)."""
+def template_replay(spec, setup: Setup, targets, build: bool = True, after: bool = True,
+                    eval_batch: int | None = None) -> tuple:
+    """(replay_phases' result over two steps at `setup`, grad_accum 1 as `simulated_breakdown`, and with
+    `after` the rest of the run (post_stream), a note) from the setup's template, or (None, why not)."""
     import time
 
-    from vramfit.memory.template import NoTemplate, replay
+    from vramfit.memory.template import NoTemplate, expand
 
     started = time.perf_counter()
     got = setup_template(spec, setup, targets, 1, build)
     if "first" in got:  # built now: the real replay it was checked against is the answer
-        sim, res = got["first"]
-        return sim, (f"reserved and device peaks from the allocator simulation of {len(res['events']):,} allocations "
-                     f"and frees of 2 steps; {got['note']}")
-    tpl = got["template"]
-    if tpl is None:
-        return None, got["note"]
+        _, res = got["first"]
+        parts = [(res["events"], res["marks"])]
+        note = (f"reserved and device peaks from the allocator simulation of {len(res['events']):,} allocations "
+                f"and frees of 2 steps; {got['note']}")
+    else:
+        tpl = got["template"]
+        if tpl is None:
+            return None, got["note"]
+        marks = {}
+        try:
+            events = expand(tpl, setup.micro_batch, setup.seq_len, setup.lora_r, spec.num_layers, 1, marks)
+        except (NoTemplate, KeyError, IndexError, TypeError, ValueError) as exc:
+            return None, f"the event template does not expand here ({type(exc).__name__}: {exc})"
+        parts = [(events, marks)]
+        note = (f"reserved and device peaks from the allocator simulation of {len(events):,} allocations and "
+                f"frees of 2 steps, expanded from the setup's event template")
+    if after:
+        post = post_stream(spec, setup, targets, eval_batch, build=build)
+        parts.append((post["events"], post["marks"]))
+        how = "its template" if post["source"] == "template" else "the meta device"
+        note += f"; evaluation and a checkpoint save after them ({len(post['events']):,} events, from {how})"
+    sim = replay_phases(parts, expandable=setup.allocator == "expandable")
+    return sim, note + f", in {time.perf_counter() - started:.2f} s"
+
+
+# --------------------------------------------------------------------------- the rest of the run
+# evaluation and a checkpoint save after the steps (training_events(after=True)): a stream of its own,
+# replayed from the state the training stream leaves.  Its template is built by template_build itself,
+# given the load and this stream as one (the evaluations' forwards named as training forwards), so it
+# expands torch-free to any micro-batch, sequence, rank and layer count as the training template does.
+
+POST_FORMAT = 1
+
+
+def eval_setup(setup: Setup, eval_batch: int | None = None) -> Setup:
+    """What the post-training stream depends on: the setup at the evaluation's micro-batch (vramfit
+    train's per_device_eval_batch_size is the training micro-batch, the default here)."""
+    return replace(setup, micro_batch=eval_batch or setup.micro_batch)
+
+
+def _as_training(res: dict) -> tuple:
+    """training_events(steps=0, after=True) as one stream, load then the rest of the run, with the
+    evaluation batches' marks named as training forwards (what the template builder's tagging knows)."""
+    load, post = res["events"], res["after"]["raw"]
+    marks = {"after_load": res["marks"]["after_load"]}
+    for name, at in res["after"]["marks"].items():
+        marks[_AS_TRAINING.get(name, name)] = len(load) + at
+    return load + post, marks
+
+
+_AS_TRAINING = {f"eval{k}": f"step{k}.forward" for k in range(8)}
+_FROM_TRAINING = {v: k for k, v in _AS_TRAINING.items()}
+
+
+def _post_record(spec, setup, layers: int, grad_accum: int = 1) -> list:
+    """template_build's `record` for the post-training stream (build time only)."""
+    from vramfit.memory.events import training_events
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.memory.template_record import _tag, _tagging, shrunk_spec
+
+    small = shrunk_spec(spec, layers)
+    with _tagging(layers) as st:
+        res = training_events(small, setup, resolve_targets(small, setup), steps=0, after=True)
+    events, marks = _as_training(res)
+    return _tag(events, marks, st.rec.meta, layers - 1)
+
+
+def _post_real(spec, setup, layers: int | None = None, grad_accum: int = 1) -> list:
+    from vramfit.memory.events import training_events
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.memory.template_record import shrunk_spec
+
+    s = spec if layers is None else shrunk_spec(spec, layers)
+    return _as_training(training_events(s, setup, resolve_targets(s, setup), steps=0, after=True))[0]
+
+
+def _post_part(events: list, marks: dict) -> dict:
+    """The post-training part of a joined stream (_as_training's, or its template's expansion)."""
+    from vramfit.memory.events import _own_ids
+
+    cut = marks["step0.forward"]
+    first = next((ev[1] for ev in events[cut:] if ev[0] == "a"), 0)
+    own, foreign = _own_ids(events[cut:], first)
+    if foreign:
+        raise ValueError("the rest of the run frees the load's allocations")
+    out = {_FROM_TRAINING.get(k, k): v - cut for k, v in marks.items() if v >= cut}
+    # a save with no event on the GPU starts no run of the template: it starts where the next phase does
+    out.setdefault("save", out.get("save.load_best", out.get("end", len(own))))
+    return {"events": own, "marks": out}
+
+
+def post_template(spec, setup: Setup, targets, eval_batch: int | None = None, build: bool = True) -> dict:
+    """The post-training stream's template at `setup` (its evaluation micro-batch): {"template"} from
+    the cache, or built now with template_build (patched to record this stream), checked at full size
+    and cached, exact or not; {"template": None, "note"} where none."""
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.template import NoTemplate, expand
+    from vramfit.memory.template_build import same_events
+    from vramfit.model import cache
+
+    s = eval_setup(setup, eval_batch)
+    key = cache.template_digest(template_key(spec, s), "post", POST_FORMAT)
+    entry = cache.load_template(key)
+    if entry is not None:
+        return {"template": entry.get("template") if entry.get("exact") else None,
+                "note": "" if entry.get("exact") else f"no post-training template: {entry.get('reason')}"}
+    if not build:
+        return {"template": None, "note": "no post-training template cached"}
+    from vramfit.memory import template_build as tb
+
+    saved = tb.record, tb._real_events
+    tb.record, tb._real_events = _post_record, _post_real
     try:
-        sim = replay(tpl, setup.micro_batch, setup.seq_len, setup.lora_r, spec.num_layers,
-                     expandable=setup.allocator == "expandable")
-    except (NoTemplate, KeyError, IndexError, TypeError, ValueError) as exc:
-        return None, f"the event template does not expand here ({type(exc).__name__}: {exc})"
-    return sim, (f"reserved and device peaks from the allocator simulation of {sim['events']:,} allocations and "
-                 f"frees of 2 steps, expanded from the setup's event template in {time.perf_counter() - started:.2f} s")
+        tpl = tb.build(spec, s, s.micro_batch, s.seq_len)
+        mine = expand(tpl, s.micro_batch, s.seq_len, s.lora_r, spec.num_layers)
+        real = _post_real(spec, s)
+        ok, why = same_events(mine, real), "its events differ from the real recording's"
+    except (NoTemplate, Unsupported) as exc:
+        tpl, ok, why = None, False, str(exc)
+    except Exception as exc:  # noqa: BLE001  the builder's own failure: not cached, the recording answers
+        return {"template": None, "note": f"building the post-training template failed ({type(exc).__name__}: {exc})"}
+    finally:
+        tb.record, tb._real_events = saved
+    cache.store_template(key, {"exact": True, "template": tpl} if ok else {"exact": False, "reason": why})
+    return {"template": tpl if ok else None, "note": "" if ok else f"no post-training template: {why}"}
 
 
-def replayed_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants) -> Breakdown:
-    """`bd` with its three peaks replayed through the allocator model: from the setup's event template
-    where one exists or can be built, else from the real replay (`simulated_breakdown`), saying so."""
-    sim, note = template_replay(spec, setup, targets)
-    if sim is None:
-        out = simulated_breakdown(spec, setup, targets, bd, c)
-        return replace(out, notes=out.notes + (f"{note}: replayed on the meta device instead",))
+def post_stream(spec, setup: Setup, targets, eval_batch: int | None = None, build: bool = True) -> dict:
+    """The rest of the run after the steps at `setup` (evaluation at `eval_batch`, a checkpoint save):
+    {"events", "marks", "source"} from its template (torch-free) or recorded on the meta device."""
+    from vramfit.memory.template import NoTemplate, expand
+
+    s = eval_setup(setup, eval_batch)
+    tpl = post_template(spec, setup, targets, eval_batch, build)["template"]
+    if tpl is not None:
+        marks = {}
+        try:
+            events = expand(tpl, s.micro_batch, s.seq_len, s.lora_r, spec.num_layers, 1, marks)
+            return dict(_post_part(events, marks), source="template")
+        except (NoTemplate, KeyError, IndexError, TypeError, ValueError):
+            pass
+    from vramfit.memory.events import training_events
+
+    res = training_events(spec, s, targets, steps=0, after=True)
+    return {"events": res["after"]["events"], "marks": res["after"]["marks"], "source": "recorded"}
+
+
+def with_phases(bd: Breakdown, result: dict, c: Constants, note: str) -> Breakdown:
+    """`bd` with the whole run's peaks from `replay_phases`' result (load, the steps, evaluation, saving):
+    `phases` the replayed allocated peak of each, `peak_phase` the largest, and a note with each
+    phase's reserved peak."""
+    per = run_phases(result)
     comps = dict(bd.components)
-    comps["allocator_reserve"] = sim["peak_reserved"] - sim["peak_allocated"]
-    outside = c.cuda_context_bytes + c.kernel_growth_bytes
-    return replace(bd, components=comps, peak_allocated_bytes=sim["peak_allocated"],
-                   peak_reserved_bytes=sim["peak_reserved"], device_bytes=sim["peak_reserved"] + outside,
-                   notes=bd.notes + (note,))
+    comps["allocator_reserve"] = result["peak_reserved"] - result["peak_allocated"]
+    peak_phase = max(per, key=lambda k: per[k][0])
+    reserved = ", ".join(f"{k} {v[1] / 2**30:.2f}" for k, v in per.items())
+    return replace(bd, components=comps, peak_allocated_bytes=result["peak_allocated"],
+                   peak_reserved_bytes=result["peak_reserved"],
+                   device_bytes=result["peak_reserved"] + c.cuda_context_bytes + c.kernel_growth_bytes,
+                   phases={k: v[0] for k, v in per.items()}, peak_phase=peak_phase,
+                   notes=bd.notes + (f"replayed reserved peaks by phase (GiB): {reserved}", note))
+
+
+def replayed_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants,
+                       eval_batch: int | None = None) -> Breakdown:
+    """`bd` with the whole run's peaks replayed through the allocator model (load, two steps, evaluation,
+    a checkpoint save): from the setup's event templates where they exist or can be built, else from the
+    real replay (`simulated_breakdown`), saying so."""
+    sim, note = template_replay(spec, setup, targets, eval_batch=eval_batch)
+    if sim is None:
+        out = simulated_breakdown(spec, setup, targets, bd, c, eval_batch=eval_batch)
+        return replace(out, notes=out.notes + (f"{note}: replayed on the meta device instead",))
+    return with_phases(bd, sim, c, note)
