@@ -51,3 +51,20 @@ def test_malformed_config_json_is_reported(tmp_path):
     p.write_text("{not json")
     r = runner.invoke(app, ["estimate", str(p)])
     assert r.exit_code == 2 and "not valid JSON" in r.stderr
+
+
+def test_estimate_eval_batch_size_makes_evaluation_the_peak(monkeypatch):
+    """--eval-batch-size is per_device_eval_batch_size: an evaluation batch 8x the training one is
+    the whole run's peak in the replay (the fitted estimate has no evaluation phase)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramfit.cli import app
+
+    monkeypatch.delenv("VRAMFIT_REPLAY", raising=False)
+    args = ["estimate", "smollm2-135m", "--method", "lora", "--seq-len", "256", "--batch-size", "2", "--json"]
+    base = json.loads(CliRunner().invoke(app, args).stdout)
+    big = json.loads(CliRunner().invoke(app, args + ["--eval-batch-size", "16"]).stdout)
+    assert base["peak_phase"] != "eval" and big["peak_phase"] == "eval"
+    assert big["phases"]["eval"] > base["phases"]["eval"] and big["phases"]["backward"] == base["phases"]["backward"]

@@ -17,7 +17,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
              target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
              grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default", loss: str = "logits",
              padded: bool = False, trust_remote_code: bool = False, constants: Constants | None = None,
-             use_calibration: bool = True, simulate_allocator: bool = False, replay: bool | None = None) -> Estimate:
+             use_calibration: bool = True, simulate_allocator: bool = False, replay: bool | None = None,
+             eval_batch: int | None = None) -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
 
     `padded`: the batches are padded to their longest row, as real data of varying lengths is, so
@@ -29,7 +30,9 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     template (`vramfit.memory.template`: milliseconds once built; a first build takes ~10-60 s and is
     cached) or, where no template covers the setup, replayed on the meta device; the notes say which.
     `replay=False` (or VRAMFIT_REPLAY=0) gives the fitted analytic estimate instead (the planner's
-    pruning bound).  `simulate_allocator` is accepted and does nothing: the replay is the default."""
+    pruning bound).  `simulate_allocator` is accepted and does nothing: the replay is the default.
+    The replay runs the whole run: load, the steps, an evaluation at `eval_batch` sequences
+    (per_device_eval_batch_size; default the micro-batch, as vramfit train) and a checkpoint save."""
     from vramfit.model.spec import load_spec
 
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -51,7 +54,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
 
         replay = simulate_allocator or os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
     if replay:
-        bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT)
+        bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT, eval_batch=eval_batch)
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

@@ -89,6 +89,9 @@ def estimate(
                                 "repeated (what vramfit train predicts with when its rows differ in length)"),
     simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="accepted, does nothing: the "
                                             "allocator replay is the default answer"),
+    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="sequences per evaluation batch "
+                                                  "(per_device_eval_batch_size) [default: the micro-batch, as "
+                                                  "vramfit train]"),
     fast: bool = typer.Option(False, "--fast", help="the fitted analytic estimate (~0.3 s; its allocator reserve "
                               "is a linear fit, a few % off the device figure) instead of the allocator replay "
                               "(the default: ~0.5 s once the setup's event template is cached, 10-60 s to build it)"),
@@ -115,7 +118,7 @@ def estimate(
                            seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
                            allocator=allocator.value, loss=loss.value, padded=padded,
                            trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator,
-                           replay=False if fast else None)
+                           replay=False if fast else None, eval_batch=eval_batch_size)
     except VramfitError as exc:
         _fail(exc)
     if as_json:
