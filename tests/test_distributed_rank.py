@@ -276,5 +276,76 @@ def test_report_before_after_table_has_a_row_per_strategy_as_run():
 
     text = fake_before_after([row("ddp", 0.5, 0.001), row("ddp", -0.1, 0.0), row("fsdp-full", 0.2, -0.02)])
     lines = [x for x in text.splitlines() if x.startswith("| ddp") or x.startswith("| fsdp")]
-    assert lines[0].startswith("| ddp | 2 | 30.0 / 50.0% | 0.1 / 0.1% | 0.1 / 0.1% |")
-    assert lines[1].startswith("| fsdp-full | 1 | 20.0 / 20.0% | 2.0 / 2.0% |")
+    assert lines[0].startswith("| ddp | 2 | 30.0 / 46.0 / 50.0% | 0.1 / 0.1 / 0.1% | 0.1 / 0.1 / 0.1% |")
+    assert lines[1].startswith("| fsdp-full | 1 | 20.0 / 20.0 / 20.0% | 2.0 / 2.0 / 2.0% |")
+
+
+def test_report_groups_by_strategy_n_and_method_and_counts_under_predictions():
+    from benchmarks.distributed.report import fake_by_strategy
+
+    def row(st, n, method, err):
+        e = {"peak_allocated_bytes": err, "peak_reserved_bytes": err, "device_bytes": err}
+        return {"ran_as": st, "case": {"world_size": n, "method": method}, "error": e}
+
+    text = fake_by_strategy([row("ddp", 4, "qlora", -0.03), row("ddp", 4, "full", 0.01), row("ddp", 4, "qlora", 0.0),
+                             row("fsdp-full", 2, "lora", 0.05)])
+    lines = [x for x in text.splitlines() if x.startswith("| ddp") or x.startswith("| fsdp")]
+    assert [x.split(" | ")[:4] for x in lines] == [["| ddp", "4", "full", "1"], ["| ddp", "4", "qlora", "2"],
+                                                  ["| fsdp-full", "2", "lora", "1"]]
+    assert "1.50 / 2.70 / 3.00% (1)" in lines[1]  # one of the two under-predicted by more than 2%
+
+
+# --------------------------------------------------------------------------- FSDP2 mixed precision, the tied tail
+
+
+def test_fsdp_mixed_precision_keeps_no_autocast_copy_of_the_lm_head(llama1b):
+    """Under FSDP2's MixedPrecisionPolicy the tail is gathered in bf16: autocast's cast of the head's weight
+    returns it as it is, so the rank saves no copy of it (the logits path; trl's fused head never had one)."""
+    s = make_setup(method="full", precision="bf16-mixed", seq_len=256, micro_batch=1, loss="logits")
+    targets = resolve_targets(llama1b, s)
+    profile = activation_profile(llama1b, trace_key(llama1b, s, targets), grad_ckpt=s.grad_ckpt)
+    keep, drop = moments(llama1b, s, targets, profile), moments(llama1b, s, targets, profile, drop_weight_copies=True)
+    head = llama1b.vocab_size * llama1b.hidden_size * 2
+    assert profile.outside.const >= head
+    assert drop.A_fwd <= keep.A_fwd - head
+    assert drop.top_acts >= keep.top_acts - (keep.A_fwd - drop.A_fwd - int(profile.outside.const))  # freed there anyway
+    t = shard_terms(llama1b, s, targets, get_strategy("fsdp-full"), 4)
+    assert t.no_weight_copies
+    m = rank_moments(llama1b, s, s, targets, profile, DEFAULT, t)
+    assert m.A_fwd == drop.A_fwd
+
+
+def test_the_tied_embeddings_gradient_is_in_the_replayed_end_window_once(tiny, tiny_tied):
+    """The one-GPU replay's last window holds the tied embedding's own gradient (made, then added into the
+    LM head's): the rank's end moment, which counts it too, is measured against a one-GPU moment holding it."""
+    from vramfit.memory.rank_replay import tied_embedding_grad
+
+    s = make_setup(method="full", precision="bf16-true", seq_len=128, micro_batch=2)
+    fsdp, ddp = get_strategy("fsdp-full"), get_strategy("ddp")
+    tensors = trainable_tensors(tiny_tied, s, ())
+    assert tied_embedding_grad(tiny_tied, fsdp, tensors) == tiny_tied.vocab_size * tiny_tied.hidden_size * 2
+    assert tied_embedding_grad(tiny_tied, ddp, tensors) == 0  # DDP's replay is its own events: nothing to match
+    assert tied_embedding_grad(tiny, fsdp, trainable_tensors(tiny, s, ())) == 0  # untied: its own window
+    lora = make_setup(method="lora", precision="bf16-true", seq_len=128, micro_batch=2)
+    lora_tensors = trainable_tensors(tiny_tied, lora, resolve_targets(tiny_tied, lora))
+    assert tied_embedding_grad(tiny_tied, fsdp, lora_tensors) == 0
+
+
+def test_launched_qlora_under_autocast_replays_peft_s_adapter_input_casts_in_bf16(tiny):
+    """peft casts an nn.Linear adapter's input to lora_A's dtype (fp32 in the trace) even under autocast; the
+    run's 4-bit layers skip the cast under autocast and trl's adapters are bf16: the step's fp32 tokens x
+    in_features blocks are bf16 there -- only for widths that are not the hidden size (RMSNorm's upcast)."""
+    from vramfit.memory.rank_replay import bf16_adapter_inputs
+
+    s = make_setup(method="qlora", precision="bf16-amp", seq_len=128, micro_batch=2, loss="fused")
+    act = activation_setup(get_strategy("ddp"), s, 4)
+    targets = resolve_targets(tiny, s)
+    T, H, wide = act.tokens, tiny.hidden_size, tiny.config["intermediate_size"]
+    assert act.method == "lora" and wide != H
+    events = [("a", 1, T * wide * 4), ("a", 2, T * wide * 4), ("a", 3, T * H * 4), ("f", 2),
+              ("a", 4, T * wide * 2)]
+    out = bf16_adapter_inputs(events, {"after_load": 1}, tiny, act, targets)
+    assert out == [("a", 1, T * wide * 4), ("a", 2, T * wide * 2), ("a", 3, T * H * 4), ("f", 2),
+                   ("a", 4, T * wide * 2)]
+    # LoRA on q_proj / v_proj only: no adapter input is wider than the hidden size, nothing changes
+    assert bf16_adapter_inputs(events, {"after_load": 1}, tiny, act, ("model.layers.0.self_attn.q_proj",)) == events

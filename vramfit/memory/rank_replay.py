@@ -4,7 +4,8 @@ vramfit.memory.distributed).
 
 The replay records the rank's step on the meta device (vramfit.memory.events; the activation setup of
 vramfit.memory.distributed: QLoRA through the launcher as LoRA over bf16 weights, the load's allocations
-of its 4-bit layers' weights replayed at their NF4 size).  What the engine changes:
+of its 4-bit layers' weights replayed at their NF4 size, and under autocast with trl's bf16 adapters
+peft's fp32 casts of their inputs replayed in bf16, `bf16_adapter_inputs`).  What the engine changes:
 - DDP: allocations of its own, replayed as such, so allocated and reserved are the replay's -- its
   constructor's broadcast buffers, its gradient buckets from wrapping to the end (torch/csrc/distributed/
   c10d/reducer.cpp, initialize_buckets), rebuilt once at the second step.
@@ -173,6 +174,25 @@ def _qlora_load(events: list, marks: dict, spec, c, double_quant: bool) -> list:
     return [("a", ev[1], nf4.get(ev[2], ev[2])) if (i < end and ev[0] == "a") else ev for i, ev in enumerate(events)]
 
 
+def bf16_adapter_inputs(events: list, marks: dict, spec, act, targets) -> list:
+    """The launched QLoRA under autocast with trl's bf16 adapters, from the traced LoRA with fp32 adapters.
+    The trace's adapters sit on nn.Linear, where peft casts every adapter input to lora_A's dtype whatever
+    autocast does (peft/tuners/lora/layer.py, Linear.forward: `x = self._cast_input_dtype(x, lora_A.weight.dtype)`):
+    an fp32 copy of the input, its fp32 dropout, and in the backward their fp32 gradients (autocast's
+    ToCopyBackward of lora_A's bf16 input gradient, the dropout's backward).  The run's 4-bit layers skip
+    that cast under autocast (peft/tuners/lora/bnb.py, Linear4bit.forward: `requires_conversion = not
+    torch.is_autocast_enabled()`), and trl's bf16 adapters would need none: those tensors are bf16 there.
+    Replayed as such for the targets whose input width differs from the hidden size (an fp32 tokens x
+    hidden tensor is also every RMSNorm's upcast): the step's fp32 tokens x in_features blocks become bf16."""
+    T = act.tokens
+    by_name = {lin.name: lin for lin in spec.linears}
+    widths = {by_name[t].in_features for t in targets if t in by_name} - {spec.hidden_size}
+    fp32 = {T * w * 4: T * w * 2 for w in widths}
+    start = marks.get("after_load", 0)
+    return [("a", ev[1], fp32.get(ev[2], ev[2])) if (i >= start and ev[0] == "a") else ev
+            for i, ev in enumerate(events)]
+
+
 def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     """`est` (a DistEstimate from the walk) with its peaks from the replay; the breakdown notes how."""
     from vramfit.memory.constants import DEFAULT
@@ -193,6 +213,8 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     events, marks = ev["events"], ev["marks"]
     if act.method != run.method:
         events = _qlora_load(events, marks, spec, c, run.double_quant)
+        if trl_casts_adapters(run) and act.autocast_dtype:
+            events = bf16_adapter_inputs(events, marks, spec, act, targets)
     bd = est.breakdown
     outside = c.cuda_context_bytes + c.kernel_growth_bytes + bd.components.get("nccl_buffers", 0)
     if st.engine == "ddp" and not (act.method != run.method and trl_casts_adapters(run)):
@@ -226,6 +248,18 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     return replace(est, breakdown=bd)
 
 
+def tied_embedding_grad(spec, st, tensors) -> int:
+    """The tied embedding's own gradient in the one-GPU replay's last window: autograd makes the embedding's
+    gradient (vocab x hidden) and only then adds it into the LM head's (events._sum_in_place), so the
+    replayed window's peak already holds it beside every gradient.  The rank's end moment counts the same
+    tensor (fsdp_terms: the tied tail's unsharded gradient beside its new one, or its reduce-scatter
+    input): the one-GPU moment it is measured against must hold it too, or it is counted twice.
+    0 unless FSDP runs a tied model whose embedding trains."""
+    if st.engine != "fsdp" or not spec.tied_embeddings:
+        return 0
+    return sum(num * pb for num, pb, role, _ in tensors if role == "embeddings")
+
+
 def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks: dict, bd):
     """The replay's allocated peak of each window of the step (`step_windows`; each phase where the
     gradients do not cut the backward) plus what the rank holds then beyond the single GPU: the
@@ -248,6 +282,7 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
                        optimizer_temp=optimizer_step_temp_bytes(tensors, act, spec),
                        grads=single_gpu_grads(G, G_out, G, max(spec.num_layers, 1)), held={})
     at_s = moment_bytes(moments(spec, act, targets, profile, c), single, ws)
+    at_s["backward_end"] += tied_embedding_grad(spec, st, tensors)
     at_r = moment_bytes(rank_moments(spec, run, act, targets, profile, c, terms), terms, ws)
     d = {k: at_r[k] - at_s[k] for k in at_r}
     used = {k: sum(u.get(k, 0) for _, u in terms.pools.values()) for k in at_r}

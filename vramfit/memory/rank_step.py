@@ -61,6 +61,13 @@ def moments(spec, s, targets, profile, c=DEFAULT, drop_weight_copies: bool = Fal
         transient += _quant_totals(spec, c, s.double_quant)[2] * 2
     l_max = max(layer_saved, default=0)
     head_copy = max(0, int(profile.outside.const)) if s.loss != "fused" else 0
+    if drop_weight_copies and head_copy:
+        # nor of the LM head's: autocast's copy of it, saved by the head's matmul for its backward, is the
+        # traced constant outside the layers (under FSDP2's MixedPrecisionPolicy(param_dtype=bf16) the tail
+        # is gathered in bf16 and autocast's cast returns it as it is: torch/csrc/autograd/autocast_mode.h,
+        # cached_cast skips tensors already in the target dtype)
+        outside_saved -= head_copy
+        head_copy = 0
     if s.grad_ckpt:
         kept_per_layer, kept_shared = int(profile.layer_input_lin * T), int(profile.shared_input_lin * T)
         A_fwd = outside_saved + kept_per_layer * n_layers + kept_shared
