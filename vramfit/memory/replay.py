@@ -168,6 +168,23 @@ def _template_events(spec, setup: Setup, targets) -> dict | None:
     return {"events": events, "marks": marks}
 
 
+def _quiet(fn):
+    """Run `fn` with the traced libraries' warnings silenced (transformers' deprecation notes while the
+    model is built and traced on the meta device say nothing about the user's setup)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
 def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Constants | None = None,
                   initial_allocated: int = 0, templates: bool = True) -> dict:
     """Two Trainer steps of `setup` replayed through the allocator model under a cap of
@@ -463,6 +480,7 @@ def with_phases(bd: Breakdown, result: dict, c: Constants, note: str) -> Breakdo
                    notes=bd.notes + (f"replayed reserved peaks by phase (GiB): {reserved}", note))
 
 
+@_quiet
 def replayed_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants,
                        eval_batch: int | None = None) -> Breakdown:
     """`bd` with the whole run's peaks replayed through the allocator model (load, two steps, evaluation,
