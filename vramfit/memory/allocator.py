@@ -221,6 +221,15 @@ class CachingAllocator:
             self._try_merge(block, cand, pool)
         pool.insert(block)
 
+    def apply(self, ev, live: dict) -> None:
+        """One replay event: ("a", id, bytes) allocates into `live`, ("f", id) frees, ("e",) empties the cache."""
+        if ev[0] == "a":
+            live[ev[1]] = self.malloc(ev[2])
+        elif ev[0] == "e":
+            self.empty_cache()
+        else:
+            self.free(live.pop(ev[1]))
+
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache: every free block that is a whole segment is cudaFree'd.
         Expandable segments (whose free pages torch unmaps) are left mapped here."""
@@ -421,12 +430,7 @@ def simulate(events, expandable_segments: bool = False, limit_bytes: int | None 
         if initial_allocated:
             a.malloc(initial_allocated)
         for i, ev in enumerate(events):
-            if ev[0] == "a":
-                live[ev[1]] = a.malloc(ev[2])
-            elif ev[0] == "e":
-                a.empty_cache()
-            else:
-                a.free(live.pop(ev[1]))
+            a.apply(ev, live)
     except OutOfMemory:
         oom_at = i
     return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved,

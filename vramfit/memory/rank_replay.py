@@ -119,12 +119,7 @@ def simulate_rank(events: list, marks: dict, wrap: list, later: dict | None = No
     live = {}
 
     def run(ev):
-        if ev[0] == "a":
-            live[ev[1]] = a.malloc(ev[2])
-        elif ev[0] == "e":
-            a.empty_cache()
-        else:
-            a.free(live.pop(ev[1]))
+        a.apply(ev, live)
 
     for i, ev in enumerate(events):
         for x in at.get(i, ()):
