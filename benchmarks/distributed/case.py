@@ -23,6 +23,16 @@ from pathlib import Path
 SEED = 1234
 
 
+
+def step_peaks(torch, cuda: bool, step: int, started: float) -> dict:
+    """One Trainer step's record: its number, seconds since `started`, and (on CUDA) torch's peaks so far."""
+    rec = {"step": step, "seconds": round(time.perf_counter() - started, 4)}
+    if cuda:
+        torch.cuda.synchronize()
+        rec.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    return rec
+
 def build_model(case: dict, cuda: bool):
     import torch
     import transformers
@@ -107,12 +117,7 @@ def run(case: dict, result_dir: Path) -> dict:
             self.t = time.perf_counter()
 
         def on_step_end(self, a, state, control, **k):
-            rec = {"step": state.global_step, "seconds": round(time.perf_counter() - self.t, 4)}
-            if cuda:
-                torch.cuda.synchronize()
-                rec.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                           peak_reserved_bytes=torch.cuda.max_memory_reserved())
-            steps.append(rec)
+            steps.append(step_peaks(torch, cuda, state.global_step, self.t))
             self.t = time.perf_counter()
 
     trainer = transformers.Trainer(model=model, args=args, callbacks=[Peaks()],

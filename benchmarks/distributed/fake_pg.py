@@ -250,6 +250,7 @@ def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
     args.ddp_find_unused_parameters = False
     args.logging_steps = 1
     steps, marks = [], {}
+    from benchmarks.distributed.case import step_peaks
 
     class Peaks(transformers.TrainerCallback):
         def on_train_begin(self, a, state, control, **k):
@@ -263,12 +264,7 @@ def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
             self.t = time.perf_counter()
 
         def on_step_end(self, a, state, control, **k):
-            rec = {"step": state.global_step, "seconds": round(time.perf_counter() - self.t, 4)}
-            if cuda:
-                torch.cuda.synchronize()
-                rec.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                           peak_reserved_bytes=torch.cuda.max_memory_reserved())
-            steps.append(rec)
+            steps.append(step_peaks(torch, cuda, state.global_step, self.t))
             self.t = time.perf_counter()
 
     vocab = source.spec.vocab_size if hasattr(source.spec, "vocab_size") else source.config["vocab_size"]
