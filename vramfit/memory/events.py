@@ -295,7 +295,7 @@ def _record_after(rec, model, setup, key, ac_dtype, eval_batch: int, fresh: bool
 # --------------------------------------------------------------------------- QLoRA (bitsandbytes 4-bit)
 
 def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad_accum: int = 1,
-                    after: bool = False, eval_batch: int | None = None) -> dict:
+                    after: bool = False, eval_batch: int | None = None, unused_reserved: int = 0) -> dict:
     """Allocation events of `steps` Trainer steps of `setup` on `spec`, and where each phase starts.
     `seq_lens`: each step's padded batch length (real data: the longest row of each batch); default
     `setup.seq_len` for every step.  `grad_accum`: micro-batches per
@@ -333,7 +333,7 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
         base_model = model.get_base_model()
         quantized = {id(m.weight): None for m in base_model.modules() if type(m).__name__ == "_Meta4bitLinear"}
         quantized_count = len(quantized)
-        _qlora_load(rec, model, base_model, quantized)
+        _qlora_load(rec, model, base_model, quantized, unused_reserved)
         base_fwd, lora_fwd = _qlora_linear_forward(rec, torch.bfloat16)  # bnb_4bit_compute_dtype
         for m in base_model.modules():
             base = getattr(m, "base_layer", None)
@@ -360,9 +360,22 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
     # it in place (the H100 memory history of llama-3.2-1b bf16-mixed, benchmarks/results/h100-2026-11-23-
     # memory-history/b099647bb0f0.json.gz, frees the embedding's 1002 MiB gradient right after it is
     # made); _sum_in_place replays that, with every other accumulation of the backward.
-    for p in lora:  # peft: adapters built on the CPU, moved to the base layer's device
+    # peft: adapters built on the CPU and moved to the base layer's device and float dtype
+    # (_move_adapter_to_device_of_base_layer), all of them; then PeftModel.__init__'s _cast_adapter_dtype
+    # upcasts each 16-bit one to fp32 (the fp32 copy, then the 16-bit one freed).  H100 histories of
+    # gemma-2b / mistral-7b[8] LoRA r64 bf16 (d805f3afa23f, 4cc977a8cec5): 54 x 2 MiB, 24 x 1.75 MiB.
+    # The 16-bit copy is registered under the adapter's storage (an event template tags it by its layer).
+    upcast = key.param_dtype in ("bfloat16", "float16")
+    half = {}
+    for p in lora:
+        st = p.untyped_storage()
+        if upcast and p.dtype == torch.float32:
+            half[st._cdata] = rec.live[st._cdata] = rec.alloc(st.nbytes() // 2)
+    for p in lora:
         st = p.untyped_storage()
         rec.live[st._cdata] = rec.alloc(st.nbytes())
+        if st._cdata in half:
+            rec.free(half[st._cdata])
     marks["after_load"] = len(rec.events)
     # Trainer.train -> _inner_training_loop begins with accelerator.free_memory(): gc.collect() and
     # torch.cuda.empty_cache(), releasing the segments load left free (a tied LM head's discarded

@@ -109,6 +109,7 @@ def _qlora_linear_forward(rec, compute_dtype):
     (absmax dequantized to fp32 plus the offset, the weight dequantized to the compute dtype,
     freed after the matmul), and in backward the weight dequantized again for the input gradient."""
     import torch
+    from torch.overrides import _get_current_function_mode_stack
 
     class _MatMul4Bit(torch.autograd.Function):
         @staticmethod
@@ -160,7 +161,11 @@ def _qlora_linear_forward(rec, compute_dtype):
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout, scaling = self.lora_dropout[name], self.scaling[name]
-            requires_conversion = not torch.is_autocast_enabled()
+            # the Trainer's autocast is on here on the GPU; the replay's is an emulation (a
+            # TorchFunctionMode) that torch.is_autocast_enabled() does not see: without this, one
+            # more fp32 copy of the output per call (H100 histories 07ebba766325 / 1bd91886c747)
+            requires_conversion = not (torch.is_autocast_enabled() or any(
+                type(m).__name__ == "_AutocastEmulation" for m in _get_current_function_mode_stack()))
             if requires_conversion:
                 expected_dtype = result.dtype
                 x = self._cast_input_dtype(x, lora_A.weight.dtype)
@@ -173,7 +178,7 @@ def _qlora_linear_forward(rec, compute_dtype):
     return base_forward, forward
 
 
-def _qlora_load(rec, model, base_model, quantized: dict) -> None:
+def _qlora_load(rec, model, base_model, quantized: dict, unused_reserved: int = 0) -> None:
     """from_pretrained(quantization_config=nf4 + double quant, dtype=bf16, device_map GPU) of a
     bf16 checkpoint, then prepare_model_for_kbit_training: checkpoint tensors one at a time in
     natural key order (transformers loads synchronously when it quantizes on the fly), each on the
@@ -193,9 +198,11 @@ def _qlora_load(rec, model, base_model, quantized: dict) -> None:
     # QLoRA, benchmarks/results/h100-2026-12-06-memory-history-2/4f194d722f55.json.gz: 1331830784 bytes
     # first, then the weights; the 12 recipes' QLoRA runs kept their load's reserved memory to the byte).
     # transformers subtracts what is reserved and unused at that moment (the harness's 2 MiB from its
-    # torch.empty(1)): not modelled.  Replayed on the 52 measured QLoRA runs (2026-12-07, each under its
-    # own transformers), device error p90 2.60% -> 1.57%, max 6.52% -> 3.82%, under by > 2%: 4 -> 2.
+    # torch.empty(1)): `unused_reserved`, 0 in a fresh process (gemma-2b QLoRA, 1bd91886c747: 19240 ->
+    # 18998 MiB reserved with it, as measured).  Replayed on the 52 measured QLoRA runs (2026-12-07, each
+    # under its own transformers), device error p90 2.60% -> 1.57%, max 6.52% -> 3.82%, under by > 2%: 4 -> 2.
     warm = sum(p.numel() // 2 if id(p) in quantized else p.numel() * 2 for p in named.values())
+    warm = max(0, warm - unused_reserved)  # caching_allocator_warmup: minus what is reserved and unused
     rec.free(rec.alloc(warm))
     first = []
     bf16_ids = {}
