@@ -99,6 +99,14 @@ def sim_key(rec: dict) -> str:
     return f"{rec['label']}|{env.get('gpu_name', '?')}|{env.get('date', '')}"
 
 
+def _dtype_amp(precision: str) -> str:
+    """The recipe's two axes: from_pretrained(dtype=...), TrainingArguments(bf16= / fp16=)."""
+    from vramfit.memory.setup import AMPS, PRECISIONS
+
+    dtype, amp = PRECISIONS.get(precision, (precision, None))
+    return f"({dtype}, {next(k for k, v in AMPS.items() if v == amp)})"
+
+
 def rows(records, constants: Constants = DEFAULT, calibration: dict | None = None,
          simulated: dict | None = None) -> list[dict]:
     """`simulated`: benchmarks.accuracy.simulate_reserve's results; where a case has one, its three
@@ -116,6 +124,7 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
         row = {"label": rec["label"], "status": rec["status"], "method": case["method"],
                "gpu": rec.get("environment", {}).get("gpu_name", "?"),
                "arch": spec.model_type, "model": case["model"], "predicted_phase": bd.peak_phase,
+               "dtype_amp": _dtype_amp(case["precision"]),
                "gpu_total": rec.get("environment", {}).get("gpu_total_bytes"),
                "memory_fraction": case.get("memory_fraction")}
         meas = measured(rec)
@@ -178,6 +187,7 @@ def markdown(rs) -> str:
     if len({r["source"] for r in rs}) > 1:
         groups += [(s, [r for r in rs if r["source"] == s]) for s in sorted({r["source"] for r in rs})]
     groups += [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
+    groups += [(f"(dtype, amp)={d}", [r for r in rs if r["dtype_amp"] == d]) for d in sorted({r["dtype_amp"] for r in rs})]
     groups += [(f"arch={a}", [r for r in rs if r["arch"] == a]) for a in sorted({r["arch"] for r in rs})]
     for name, g in groups:
         for label, _ in PEAKS:
@@ -276,8 +286,10 @@ def _replay_run_phases(rec: dict) -> dict:
         spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
         outside = rec.get("phases_outside_steps") or {}
         post = "eval" in outside or "save" in outside
+        init = rec.get("after_cuda_init") or {}  # the harness's probe segment, unused at the load's warm-up
+        unused = max(0, (init.get("reserved_bytes") or 0) - (init.get("allocated_bytes") or 0))
         ev = training_events(spec, s, resolve_targets(spec, s), steps=2 if post else 0, after=post,
-                             eval_batch=case.get("eval_batch"))
+                             eval_batch=case.get("eval_batch"), unused_reserved=unused)
         parts = [(ev["events"], ev["marks"])] + ([(ev["after"]["events"], ev["after"]["marks"])] if post else [])
         res = replay_phases(parts, expandable=case.get("allocator") == "expandable")
     except Exception as exc:  # noqa: BLE001 - listed, not hidden
