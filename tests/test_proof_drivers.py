@@ -83,3 +83,56 @@ def test_supersede_replaces_a_role_per_model_budget_and_drops_older_alternatives
     kept = plan_report.supersede(recs + [t(1, "plan", 1, tps=90.0)])
     roles = {(r["budget"], r["role"], r["setup"]["micro_batch"]) for r in kept}
     assert ("12GB", "plan", 2) not in roles and ("12GB", "plan", 1) in roles and ("12GB", "alt", 1) not in roles
+
+
+def test_midrun_design_fits_the_first_steps_and_not_the_last():
+    steps = [w for n, a, b in train_run.MIDRUN_PHASES for w in [min(b, train_run.MAX_SEQ_LEN)] * n]
+    lengths = [w for w in steps for _ in range(16)]
+    d = train_run.midrun_design(lengths)
+    assert d["fixed"]["safe_reserved_share_of_cap"] <= 1 - train_run.OOM_MARGIN
+    assert d["fixed"]["long_over_cap"] >= train_run.OOM_MARGIN
+    assert d["fallback_first_rung"]["reserved_share_of_cap"] <= 1 - train_run.OOM_MARGIN
+    assert train_run.MIDRUN_SAVE_STEPS < d["predicted_oom_step"] <= train_run.MIDRUN_STEPS
+    args = train_run.midrun_args(d, tiny=False)
+    assert args[args.index("--gpu") + 1] == d["gpu"] and "--enforce-budget" in args and "sequential" in args
+
+
+def _midrun_run(tmp_path, oom_step=13, resumed=10, second_first_log=11, error="CUDA out of memory. Tried to allocate"):
+    steps = train_run.MIDRUN_STEPS
+    out = tmp_path / "run"
+    out.mkdir(parents=True)
+    setup16 = {"micro_batch": 16, "grad_accum": 1, "grad_ckpt": False}
+    setup8 = {"micro_batch": 8, "grad_accum": 2, "grad_ckpt": False}
+    rep = {"status": "completed", "steps": steps, "max_steps": steps,
+           "losses": [{"step": s, "loss": 5.0 - 0.01 * s} for s in range(1, steps + 1)],
+           "fallbacks": [{"step": oom_step, "error": error, "resumed_from": f"/x/checkpoints/lora/checkpoint-{resumed}",
+                          "setup_before": setup16, "setup_after": setup8}]}
+    recs = [{"kind": "event", "message": "setup"}]
+    for s in range(1, oom_step):
+        recs += [{"kind": "step_end", "step": s}, {"kind": "log", "step": s, "loss": 5.0 - 0.01 * s,
+                                                   "num_input_tokens_seen": 100 * s}]
+    recs += [{"kind": "event", "message": "out of memory"}, {"kind": "event", "message": "setup"}]
+    for s in range(resumed + 1, steps + 1):
+        log_step = s - resumed - 1 + second_first_log
+        recs += [{"kind": "step_end", "step": s}, {"kind": "log", "step": log_step, "loss": 5.0 - 0.01 * log_step,
+                                                   "num_input_tokens_seen": 100 * log_step}]
+    (out / "memory_timeline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (out / "run.log").write_text(f"out of memory at step {oom_step}: a -> b; resumed from /x/checkpoint-{resumed}\n"
+                                 f"run completed: {steps} of {steps} steps in 1m, final loss 4.7\n")
+    return out, rep
+
+
+def test_midrun_checks_pass_a_resumed_run_and_catch_a_reset_or_an_early_oom(tmp_path):
+    out, rep = _midrun_run(tmp_path / "good")
+    checks = train_run.midrun_checks(out, rep, tiny=False, design=None)
+    assert all(c["ok"] for c in checks), checks
+    assert "redone steps [11, 12]" in checks[-2]["detail"]
+    out, rep = _midrun_run(tmp_path / "reset", second_first_log=1)  # the resumed attempt logged from step 1
+    assert not {c["check"]: c["ok"] for c in train_run.midrun_checks(out, rep, False, None)}[
+        "loss curve continuous (no reset)"]
+    out, rep = _midrun_run(tmp_path / "early", oom_step=3, resumed=0, second_first_log=1)  # before any checkpoint
+    bad = {c["check"] for c in train_run.midrun_checks(out, rep, False, None) if not c["ok"]}
+    assert {"OOM after the first checkpoint", "resumed from the last checkpoint before the OOM"} <= bad
+    out, rep = _midrun_run(tmp_path / "injected", error="CUDA out of memory (injected: batch of 400 tokens)")
+    assert not train_run.midrun_checks(out, rep, False, None)[1]["ok"]  # a GPU run's OOM must be real
+    assert train_run.midrun_checks(out, rep, True, None)[1]["ok"]  # the --tiny run's is injected

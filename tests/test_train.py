@@ -409,3 +409,47 @@ def test_batch_lengths_follow_the_data_and_simulated_predictions_replay_them(tin
         predict(tiny_spec, s.with_(seq_len=max(lens)))["peak_allocated_bytes"], rel=0.02)
     assert sim["device_bytes"] >= sim["peak_reserved_bytes"] >= sim["peak_allocated_bytes"]
     assert "notes" not in fast
+
+
+def test_sequential_sampling_resumes_a_mid_run_oom_from_its_checkpoint_with_steps_counted_once(workdir, model_dir,
+                                                                                            alpaca):
+    """--sampling sequential (TrainingArguments.train_sampling_strategy): the rows in the file's order;
+    an OOM after the first checkpoint resumes from it, the resumed Trainer skipping the rows done."""
+    from trl import SFTConfig
+
+    from vramfit.run.train import sampling_kwargs
+
+    assert sampling_kwargs("sequential", SFTConfig) == {"train_sampling_strategy": "sequential"}
+    with pytest.raises(VramfitError, match="--sampling must be one of"):
+        sampling_kwargs("shuffled", SFTConfig)
+    out = workdir / "oom-midrun"
+    rep = train(model_dir, alpaca, RunOptions(out_dir=str(out), max_steps=4, max_seq_len=64, save_steps=2, val_split=0,
+                                              sampling="sequential", live=False), LORA, callbacks=[OomOnce(at=4)])
+    assert (rep["status"], rep["steps"], rep["options"]["sampling"]) == ("completed", 4, "sequential")
+    [f] = rep["fallbacks"]
+    assert f["step"] == 4 and f["resumed_from"].endswith("checkpoint-2")
+    assert [x["step"] for x in rep["losses"]] == [1, 2, 3, 4]
+    steps = [x["step"] for x in timeline(out) if x["kind"] == "step_end"]
+    assert steps == [1, 2, 3, 3, 4]  # step 3 redone from checkpoint-2, then 4: four optimizer steps in all
+
+
+def test_random_init_dir_is_written_once_kept_and_refused_for_another_config_or_seed(tmp_path):
+    from tiny_lm import llama_config, make_tokenizer
+
+    from vramfit.run.model import RANDOM_INIT_MARK, _random_checkpoint, resolve_model
+
+    cfg_dir = tmp_path / "config"
+    llama_config(make_tokenizer()).save_pretrained(cfg_dir)
+    source = resolve_model(str(cfg_dir), "random")
+    shared = tmp_path / "shared"
+    path = _random_checkpoint(source, 7, tmp_path / "run-a", shared=shared)
+    assert path == str(shared) and (shared / RANDOM_INIT_MARK).is_file() and not (tmp_path / "run-a").exists()
+    stamp = (shared / "config.json").stat().st_mtime_ns
+    assert _random_checkpoint(source, 7, tmp_path / "run-b", shared=shared) == path  # reused by another run
+    assert (shared / "config.json").stat().st_mtime_ns == stamp
+    with pytest.raises(VramfitError, match="another model, config or seed"):
+        _random_checkpoint(source, 8, tmp_path / "run-c", shared=shared)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(VramfitError, match="not empty and holds no checkpoint"):
+        _random_checkpoint(source, 7, tmp_path / "run-d", shared=tmp_path / "junk")

@@ -29,6 +29,7 @@ DataFormat = _choices("DataFormat", "auto", *FORMATS)
 BadRowAction = _choices("BadRowAction", "skip", "fail")
 Init = _choices("Init", "pretrained", "random")
 SeqLenFrom = _choices("SeqLenFrom", "max", "p99")
+Sampling = _choices("Sampling", "random", "sequential")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Will this fine-tuning run fit on my GPU, and what is the best setup that does?")
@@ -407,6 +408,13 @@ def train(
     early_stopping_patience: int = typer.Option(3, help="evaluations without a better validation loss before "
                                                 "stopping (0: never)"),
     seed: int = typer.Option(42),
+    sampling: Sampling = typer.Option(Sampling.random, help="the order rows are trained in (TrainingArguments."
+                                 "train_sampling_strategy): random (shuffled) or sequential (the data's own "
+                                 "order, e.g. a curriculum; transformers >= 5.2)"),
+    random_init_dir: Optional[str] = typer.Option(None, help="with --init random and QLoRA: where the random "
+                                                  "checkpoint is written (on the CPU), kept and reused by later "
+                                                  "runs of the same config and seed [default: OUT/random-init, "
+                                                  "deleted at the end]"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="on out-of-memory, continue with a "
                                   "cheaper setup from the last checkpoint"),
@@ -435,6 +443,7 @@ def train(
                       seq_len_from=seq_len_from.value, epochs=epochs, max_steps=max_steps,
                       learning_rate=learning_rate, warmup=warmup, logging_steps=logging_steps, eval_steps=eval_steps,
                       save_steps=save_steps, early_stopping_patience=early_stopping_patience, seed=seed,
+                      sampling=sampling.value, random_init_dir=random_init_dir,
                       resume=resume, fallback=fallback, fit_check=fit_check, gpu=gpu, headroom=headroom,
                       enforce_budget=enforce_budget, simulate_allocator=simulate_allocator,
                       effective_batch=effective_batch, trust_remote_code=trust_remote_code)

@@ -174,6 +174,7 @@ def build(bundle: Path, name: str) -> str:
     for r in lines:
         if r.get("oom_design"):
             out.append(f"OOM run design (memory model of the run's commit): {json.dumps(r['oom_design'])}.")
+    out += checks_section(lines) + budget_section(lines)
     sources = {r.get("device_bytes_source") for r in lines if r.get("device_bytes_source")}
     if sources:
         out.append(f"Device figure source (tracker): {', '.join(sorted(sources))}.")
@@ -184,6 +185,54 @@ def build(bundle: Path, name: str) -> str:
                    f"capped at {gib(e['allocator_cap_bytes'])} GiB = {e['fraction']:.4f} of "
                    f"{gib(e['device_total_bytes'])} GiB (set_per_process_memory_fraction).")
     return "\n".join(out) + "\n"
+
+
+def checks_section(lines: list) -> list:
+    """The mid-run OOM runs' pass/fail checks (run.py's midrun_checks: issue 20 item 5)."""
+    out = []
+    for r in lines:
+        if "checks" not in r:
+            continue
+        d = r.get("midrun_design") or {}
+        ok = all(c["ok"] for c in r["checks"])
+        out += ["", f"## {r['run']}: nothing lost when the plan is wrong -> {'PASS' if ok else 'FAIL'}", "",
+                f"Budget --gpu {d.get('gpu')} enforced (allocator cap {d.get('allocator_cap_gib')} GiB); rows sorted "
+                f"short to long (--sampling sequential), batch widths per step {d.get('batch_max_per_step')}; "
+                f"checkpoints every {d.get('save_steps')} steps; predicted: OOM at step {d.get('predicted_oom_step')} "
+                f"(width {d.get('predicted_oom_width')}), resumed from "
+                f"checkpoint-{d.get('predicted_resume_checkpoint')}.",
+                ""]
+        out += [f"- {'PASS' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}" for c in r["checks"]]
+    return out
+
+
+def budget_section(lines: list) -> list:
+    """The enforced-budget runs at 2,048 tokens: outcome, peaks against the budget and the prediction,
+    MFU, and how their shared random checkpoint was written."""
+    runs = [r for r in lines if "budget" in r]
+    if not runs:
+        return []
+    out = ["", "## Enforced budgets at 2,048 tokens (peaks in GiB: measured / predicted)", "",
+           "| run | status | setup | budget: usable / allocator cap | allocated | reserved | device | within | MFU |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        b = r["budget"]
+        if "peaks_gib" not in b:
+            said = (b.get("budget_outcome") or "no budget enforced (--tiny: a CPU)").replace("|", "/")
+            out.append(f"| {r['run']} | {r.get('status')} | {said[:300]} | - | - | - | - | - | - |")
+            continue
+        pk = b["peaks_gib"]
+        cell = lambda k: f"{pk[k]['measured']} / {pk[k]['predicted']}"  # noqa: E731
+        mfu = b.get("mfu", {}).get("mfu")
+        label = setup_label_from_json(r["setup"]) if r.get("setup") else "-"
+        out.append(f"| {r['run']} | {r.get('status')} | {label} | "
+                   f"{b['budget']}: {b['usable_gib']} / {b['allocator_cap_gib']} | {cell('peak_allocated_bytes')} | "
+                   f"{cell('peak_reserved_bytes')} | {cell('device_bytes')} ({b.get('device_bytes_source')}) | "
+                   f"{'yes' if b.get('within_budget') else 'NO'} | {f'{100 * mfu:.1f}%' if mfu else '-'} |")
+    bg = next((r["background"] for r in runs if r.get("background")), None)
+    if bg:
+        out += ["", f"Made before these runs, with no GPU visible (CUDA_VISIBLE_DEVICES empty): {json.dumps(bg)}."]
+    return out
 
 
 def main(argv=None) -> int:

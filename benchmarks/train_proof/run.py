@@ -4,7 +4,9 @@ under an enforced budget.  Everything it measured goes under --out:
 
     python3 -m benchmarks.train_proof.run --out "$OUT"                               # all runs
     python3 -m benchmarks.train_proof.run --out "$OUT" --runs 1b-oom-fallback 7b-full 7b-qlora --skip-done
-    python3 -m benchmarks.train_proof.run --print-design                             # the OOM run's numbers
+    python3 -m benchmarks.train_proof.run --out "$OUT" --budget-s 540 \
+        --runs 1b-oom-midrun 8b-qlora-12gb 8b-qlora-8gb 8b-qlora-8gb-forced         # issue 20 items 4-5
+    python3 -m benchmarks.train_proof.run --print-design                             # the OOM runs' numbers
     python3 -m benchmarks.train_proof.run --out /tmp/tp --tiny                       # CPU dry run: tiny Llama
 
 Each run is its own `vramfit train` process (so nvidia-smi's per-process figure is that run's
@@ -31,6 +33,31 @@ allocated peak exceeds the cap by at least 20%.  Its data are all long rows (eve
 to 512), so step 1 already has the planned shape and runs out of memory inside its step; the
 fall-back re-plans and restarts (no checkpoint yet).  In --tiny mode that OOM is injected at the
 first batch wider than 500 tokens (step 1), since a CPU has no allocator to exhaust.
+
+Mid-run OOM (1b-oom-midrun, issue 20 item 5: nothing lost when the plan is wrong).  The same fixed
+setup on 384 rows sorted short to long and trained in that order (`--sampling sequential`, i.e.
+TrainingArguments.train_sampling_strategy), 24 steps of 16 rows, a checkpoint every 5 steps: the
+batches grow from ~90 to 512 tokens.  `midrun_design` picks the enforced --gpu (13 GiB with the memory
+model of 2026-12-07) so that the first 8 steps are predicted at most 80% of the allocator cap, the
+last third over it by at least 20%, and the fall-back's first rung (8 x 2) at 512 within 80% of it;
+the OOM is predicted at step 13 (the first batch of 393 tokens), after checkpoint-10.  The driver
+then checks and prints, PASS/FAIL (`midrun_checks`): one real OOM after the first checkpoint; resumed
+from the last checkpoint before it; the fall-back's setup (same effective batch); 24 optimizer steps,
+each step once in each attempt's timeline and in the report's loss curve; the loss continuous (the
+resumed attempt logs from the checkpoint's next step, its redone steps' losses within 2% of the first
+attempt's, tokens seen going on); the run's log saying "out of memory at step N ... resumed from".
+The --tiny twin injects its OOM at the first batch as wide as the GPU run's predicted OOM width.
+
+Enforced budgets at 2,048 tokens (8b-qlora-12gb, 8b-qlora-8gb, 8b-qlora-8gb-forced; issue 20 item 4):
+`vramfit train llama-3.1-8b --init random --gpu 12GiB|8GiB --enforce-budget` on rows all longer than
+2,048 tokens, 4 steps of 4 rows, the planner choosing (what a user gets: a card sold as 12 GB has 12
+GiB); then the smallest setup forced under 8 GiB (--no-fit-check), to see its real peak or its load
+OOM explained in one line.  The three share one random checkpoint (`--random-init-dir`), written by
+vramfit's own code in a background process that sees no GPU while the 1B runs use it; a second
+background process makes the runs' plans once, so the allocator replay's event templates are cached
+(a fresh image builds them: minutes of CPU).  The driver waits for both before the first 8B run, and
+records per run the peaks against the budget and the prediction, whether the run stayed within it,
+the MFU of its tokens/s, and the CLI's one-line outcome when it did not run (no traceback).
 """
 
 from __future__ import annotations
@@ -57,6 +84,19 @@ OOM_FIXED = {"method": "lora", "precision": "bf16-true", "optim": "adamw_torch",
              "grad_ckpt": False}
 OOM_MODEL = "llama-3.2-1b"
 OOM_MARGIN = 0.2  # the fixed setup over the cap, and the fall-back's first rung under it, by at least this
+# The mid-run OOM (issue 20 item 5): OOM_FIXED on rows sorted short to long (--sampling sequential), so
+# the micro-batches grow; the first MIDRUN_SAFE_STEPS steps (two checkpoints) are short rows that fit,
+# the last third are cut to MAX_SEQ_LEN and do not.  One epoch exactly (16 rows a step), so a resumed
+# Trainer skips the rows done before its checkpoint, whatever micro-batch the fall-back chose.
+MIDRUN_STEPS, MIDRUN_SAVE_STEPS, MIDRUN_SAFE_STEPS = 24, 5, 8
+MIDRUN_PHASES = ((8, 100, 180), (8, 180, 560), (8, 560, 660))  # (steps, first, last row length) in tokens
+MIDRUN_LOSS_TOLERANCE = 0.02  # a redone step's loss against the first attempt's (the same weights and rows)
+# Llama-3.1-8B at 2,048 tokens under enforced 12 GiB / 8 GiB cards (issue 20 item 4): rows all longer than
+# LONG_SEQ_LEN (every micro-batch has the planned shape), a few steps; the runs share one random
+# checkpoint (--random-init-dir), written on the CPU while the 1B runs use the GPU
+LONG_MODEL, LONG_SEQ_LEN, LONG_ROWS = "llama-3.1-8b", 2048, 48
+LONG_STEPS = ["--max-steps", "4", "--effective-batch", "4", "--no-simulate-allocator"]  # the replay: minutes for 8B
+BF16_DENSE_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 WEIGHTS = ("model", "adapter", "checkpoints", "random-init")
 KEEP = ("run_report.json", "run_setup.json", "memory_timeline.jsonl", "memory_timeline.png", "run.log")
 
@@ -76,6 +116,7 @@ GPU_RUNS = [
     ("1b-full", "llama-3.2-1b", ["--method", "full", "--effective-batch", "8", *SIM], 110),
     ("1b-qlora", "llama-3.2-1b", ["--method", "qlora", "--effective-batch", "8", *SIM], 120),
     ("1b-oom-fallback", OOM_MODEL, OOM_ARGS, 120),
+    ("1b-oom-midrun", OOM_MODEL, [], 150),  # + midrun_args(design)
     ("7b-lora", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4", *SIM], 180),
     ("7b-full", "mistral-7b-v0.1", ["--method", "full", "--effective-batch", "4", *SIM], 260),
     ("7b-qlora", "mistral-7b-v0.1", ["--method", "qlora", "--effective-batch", "4", *SIM], 300),
@@ -86,6 +127,14 @@ GPU_RUNS = [
                                                    "default"], 90),
     ("7b-lora-default-allocator", "mistral-7b-v0.1", ["--method", "lora", "--effective-batch", "4", "--allocator",
                                                       "default"], 120),
+    # what a user gets with --gpu 12GiB / 8GiB --enforce-budget (the planner chooses; a card sold as
+    # 12 GB has 12 GiB); then the smallest setup forced under 8 GiB (--no-fit-check) for its real peak
+    # or its explained load OOM.  The driver waits for the shared random checkpoint before the first.
+    ("8b-qlora-12gb", LONG_MODEL, ["--gpu", "12GiB", "--enforce-budget", *LONG_STEPS], 300),
+    ("8b-qlora-8gb", LONG_MODEL, ["--gpu", "8GiB", "--enforce-budget", *LONG_STEPS], 240),
+    ("8b-qlora-8gb-forced", LONG_MODEL,
+     ["--gpu", "8GiB", "--enforce-budget", "--no-fit-check", "--method", "qlora", "--precision", "bf16-amp", "--optim",
+      "paged_adamw_8bit", "--micro-batch", "1", "--grad-accum", "4", "--grad-ckpt", *LONG_STEPS], 180),
 ]
 TINY_FIXED = ["--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "4", "--grad-accum", "1",
               "--no-grad-ckpt"]
@@ -96,6 +145,11 @@ TINY_RUNS = [
     ("tiny-oom-fallback", "TINY",
      ["--method", "lora", "--precision", "32-true", "--optim", "adamw_torch", "--micro-batch", "16", "--grad-accum",
       "1", "--no-grad-ckpt", "--save-steps", "1", "--max-steps", "6"], 300),
+    # the OOM injected at the first batch as wide as the GPU run's predicted OOM length (midrun_design)
+    ("tiny-oom-midrun", "TINY", [], 400),  # + midrun_args(design, tiny=True)
+    # the 8B runs' data and options on the tiny model (LoRA: QLoRA needs CUDA, and --enforce-budget too)
+    ("tiny-long", "TINY", ["--method", "lora", *TINY_FIXED, "--micro-batch", "1", "--grad-accum", "2", "--max-steps",
+                           "2"], 300),
 ]
 
 
@@ -150,8 +204,101 @@ def build_inputs(work: Path) -> dict:
     tiny = work / "tiny-config"
     llama_config(tok).save_pretrained(tiny)
     tok.save_pretrained(tiny)
+    midrun, midrun_info = build_midrun_data(work / "midrun.jsonl", rng, tok, WORDS)
+    long, long_info = build_long_data(work / "long.jsonl", rng, tok, WORDS)
+    info["midrun_data"], info["long_data"] = midrun_info, long_info
     return {"tokenizer": str(tok_dir), "data": str(data), "oom_data": str(oom), "tiny": str(tiny),
+            "midrun_data": str(midrun), "long_data": str(long), "midrun_lengths": midrun_info.pop("lengths"),
             "data_info": info}
+
+
+def build_midrun_data(path: Path, rng, tok, words) -> tuple[Path, dict]:
+    """MIDRUN_STEPS x 16 Alpaca rows whose lengths grow over MIDRUN_PHASES, written in the order of
+    their measured token lengths (short to long; the last phase's rows are all cut to MAX_SEQ_LEN)."""
+    lengths = []
+    for steps, a, b in MIDRUN_PHASES:
+        lengths += sorted(rng.randint(a, b) for _ in range(steps * 16))
+    rows = _rows(rng, lengths, words)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, each = _measure(path, tok)
+    order = sorted(range(len(rows)), key=lambda i: each[i])
+    path.write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+    stats, each = _measure(path, tok)
+    cut = [min(n, MAX_SEQ_LEN) for n in each]
+    if (len(rows) != MIDRUN_STEPS * 16 or cut != sorted(cut) or stats["seq_len"] != MAX_SEQ_LEN
+            or cut[-16 * MIDRUN_PHASES[-1][0]] < MAX_SEQ_LEN):
+        raise SystemExit(f"the mid-run OOM data is not as designed: {stats}")
+    steps = [max(cut[16 * i:16 * (i + 1)]) for i in range(MIDRUN_STEPS)]
+    return path, {"rows": len(rows), "order": "sorted by token length, short to long", "token_lengths": stats,
+                  "batch_max_per_step": steps, "lengths": cut}
+
+
+def build_long_data(path: Path, rng, tok, words) -> tuple[Path, dict]:
+    """LONG_ROWS Alpaca rows all longer than LONG_SEQ_LEN (cut to it: every micro-batch is 2,048 wide)."""
+    rows = _rows(rng, [rng.randint(LONG_SEQ_LEN + 60, LONG_SEQ_LEN + 200) for _ in range(LONG_ROWS)], words)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from vramfit.run.data import prepare, token_lengths
+
+    d = prepare(str(path), tok, max_seq_len=LONG_SEQ_LEN, val_split=0)
+    each = token_lengths(d.train.rows, d.train.format, tok)
+    if min(each) <= LONG_SEQ_LEN or d.seq_len != LONG_SEQ_LEN:
+        raise SystemExit(f"the long-row data is not as designed: shortest {min(each)}, seq_len {d.seq_len}")
+    return path, {"rows": LONG_ROWS, "shortest": min(each), "seq_len": d.seq_len}
+
+
+def midrun_design(lengths: list, constants=None) -> dict:
+    """The mid-run OOM run's --gpu from the current memory model, for rows of `lengths` (cut, in the
+    trained order): the smallest whole GiB whose allocator cap holds the fall-back's first rung at
+    MAX_SEQ_LEN with OOM_MARGIN to spare and OOM_FIXED on the first MIDRUN_SAFE_STEPS steps' rows likewise,
+    while OOM_FIXED at MAX_SEQ_LEN exceeds the cap by OOM_MARGIN.  Also the step the OOM is predicted in
+    (the first whose widest row takes OOM_FIXED's predicted allocated peak past the cap), the checkpoint
+    it should resume from, and the batch width the --tiny run injects its OOM at."""
+    from vramfit.memory.setup import Setup
+    from vramfit.run.fallback import allocator_cap_bytes, fallback_ladder
+    from vramfit.run.model import resolve_model
+    from vramfit.run.predict import predict
+
+    spec = resolve_model(OOM_MODEL, "random").spec
+    at = lambda n: Setup(**OOM_FIXED, seq_len=n, loss="fused", padded=True)  # noqa: E731
+    steps = [max(lengths[16 * i:16 * (i + 1)]) for i in range(MIDRUN_STEPS)]
+    safe = max(steps[:MIDRUN_SAFE_STEPS])
+    rung = fallback_ladder(at(MAX_SEQ_LEN))[0]
+    p_long, p_safe, p_rung = predict(spec, at(MAX_SEQ_LEN), constants), predict(spec, at(safe), constants), \
+        predict(spec, rung, constants)
+    for gib in range(4, 80):
+        cap = allocator_cap_bytes(f"{gib}GiB", "5%", constants)
+        if max(p_rung["peak_reserved_bytes"], p_safe["peak_reserved_bytes"]) <= (1 - OOM_MARGIN) * cap:
+            break
+    over = p_long["peak_allocated_bytes"] / cap - 1
+    if over < OOM_MARGIN:
+        raise SystemExit(f"no budget makes the long rows clearly exceed the cap: {gib} GiB, over by {over:.1%}")
+    widths = sorted(set(steps))
+    need = {n: predict(spec, at(n), constants)["peak_allocated_bytes"] for n in widths}
+    oom_width = min(n for n in widths if need[n] > cap)
+    oom_step = 1 + min(i for i, n in enumerate(steps) if n >= oom_width)
+    g = 2**30
+    return {"gpu": f"{gib}GiB", "allocator_cap_gib": round(cap / g, 3), "steps": MIDRUN_STEPS,
+            "save_steps": MIDRUN_SAVE_STEPS, "batch_max_per_step": steps,
+            "fixed": {"setup": "LoRA bf16-true adamw_torch 16x1 no-ckpt (fused loss, padded)",
+                      "predicted_allocated_gib_by_width": {n: round(need[n] / g, 3) for n in widths},
+                      "safe_steps": MIDRUN_SAFE_STEPS, "safe_width": safe,
+                      "safe_reserved_share_of_cap": round(p_safe["peak_reserved_bytes"] / cap, 3),
+                      "long_over_cap": round(over, 3)},
+            "fallback_first_rung": {"setup": f"micro-batch {rung.micro_batch} x {rung.grad_accum}, ckpt "
+                                             f"{rung.grad_ckpt}",
+                                    "predicted_reserved_gib": round(p_rung["peak_reserved_bytes"] / g, 3),
+                                    "reserved_share_of_cap": round(p_rung["peak_reserved_bytes"] / cap, 3)},
+            "predicted_oom_width": oom_width, "predicted_oom_step": oom_step,
+            "predicted_resume_checkpoint": (oom_step - 1) // MIDRUN_SAVE_STEPS * MIDRUN_SAVE_STEPS}
+
+
+def midrun_args(design: dict, tiny: bool) -> list:
+    """The mid-run OOM run's options: OOM_FIXED (32-true on a CPU), the data's order kept, checkpoints
+    every MIDRUN_SAVE_STEPS; on a GPU the budget enforced."""
+    args = ["--method", "lora", "--precision", "32-true" if tiny else "bf16-true", "--optim", "adamw_torch",
+            "--micro-batch", "16", "--grad-accum", "1", "--no-grad-ckpt", "--sampling", "sequential",
+            "--save-steps", str(MIDRUN_SAVE_STEPS), "--max-steps", str(MIDRUN_STEPS), "--no-fit-check"]
+    return args if tiny else [*args, "--gpu", design["gpu"], "--enforce-budget"]
 
 
 def oom_design(constants=None) -> dict:
@@ -209,22 +356,115 @@ def environment() -> dict:
 # --------------------------------------------------------------------------- one run
 
 
+def data_key(name: str) -> str:
+    """Which of build_inputs' data files a run trains on."""
+    if name.endswith("oom-fallback"):
+        return "oom_data"
+    if name.endswith("oom-midrun"):
+        return "midrun_data"
+    if name.startswith("8b-") or name == "tiny-long":
+        return "long_data"
+    return "data"
+
+
 def command(name: str, model: str, extra: list, inputs: dict, out: Path, tiny: bool) -> list:
     oom_run = name.endswith("oom-fallback")
-    args = ["train", inputs["tiny"] if model == "TINY" else model, inputs["oom_data" if oom_run else "data"],
+    midrun = name.endswith("oom-midrun")
+    key = data_key(name)
+    args = ["train", inputs["tiny"] if model == "TINY" else model, inputs[key],
             "--init", "random",
             "--tokenizer", inputs["tokenizer"], "--out", str(out), "--max-seq-len", str(MAX_SEQ_LEN),
             "--val-split", "0", "--save-steps", "0", "--max-steps", "50", "--seed", "42"]
+    if key == "long_data":
+        args += ["--max-seq-len", str(LONG_SEQ_LEN)]
+        if inputs.get("random_init_dir"):
+            args += ["--random-init-dir", inputs["random_init_dir"]]
+    if midrun:
+        args += midrun_args(inputs["midrun_design"], tiny)
     args += extra  # later options win (typer keeps the last), so a run may override the defaults
     if oom_run and not tiny:
         args += ["--gpu", inputs["oom_design"]["gpu"]]
     if oom_run and tiny:  # injected at the first batch of the planned shape (step 1: every row is long)
         return [sys.executable, "-m", "benchmarks.train_proof.inject", "--oom-above", str(MAX_SEQ_LEN - 12), "--",
                 *args]
+    if midrun and tiny:  # injected at the first batch as wide as the GPU run is predicted to run out at
+        return [sys.executable, "-m", "benchmarks.train_proof.inject", "--oom-above",
+                str(inputs["midrun_design"]["predicted_oom_width"] - 1), "--", *args]
     return [sys.executable, "-c", "from vramfit.cli import main; main()", *args]
 
 
+def write_random_init(model: str, target: str, seed: int = 42) -> dict:
+    """The random bf16 checkpoint `vramfit train MODEL --init random --random-init-dir TARGET` loads
+    for QLoRA, written by vramfit's own code path (run in a process that sees no GPU)."""
+    from vramfit.run.model import _random_checkpoint, resolve_model
+
+    t0 = time.perf_counter()
+    _random_checkpoint(resolve_model(model, "random"), seed, Path(target).parent, shared=target)
+    files = [f for f in Path(target).iterdir() if f.is_file()]
+    return {"model": model, "dir": target, "seconds": round(time.perf_counter() - t0, 1),
+            "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
+
+
+def warm_plans(model: str, budgets: list, data: str, tokenizer: str) -> dict:
+    """The plans the long-row runs will make (`choose_setup` as `vramfit train` calls it: seq 2,048,
+    unpadded rows, the effective batch of LONG_STEPS), made once so that their allocator-replay event
+    templates are cached (~/.cache/vramfit; keyed by the transformers and peft versions, so a fresh
+    GPU image builds them: minutes of CPU) before the runs start."""
+    from vramfit.errors import VramfitError
+    from vramfit.run.data import prepare
+    from vramfit.run.model import load_tokenizer, resolve_model
+    from vramfit.run.train import choose_setup
+
+    source = resolve_model(model, "random")
+    d = prepare(data, load_tokenizer(source, tokenizer), max_seq_len=LONG_SEQ_LEN, val_split=0)
+    out = {}
+    for gpu in budgets:
+        t0 = time.perf_counter()
+        try:
+            s, _ = choose_setup(source.spec, {}, d.seq_len, gpu, "5%",
+                                int(LONG_STEPS[LONG_STEPS.index("--effective-batch") + 1]), padded=False)
+            got = s.micro_batch
+        except VramfitError as exc:
+            got = str(exc)[:200]
+        out[gpu] = {"seconds": round(time.perf_counter() - t0, 1), "micro_batch_or_error": got}
+    return out
+
+
+def start_background(code: str, log: Path) -> subprocess.Popen:
+    """`python -c code` in the background, with no GPU visible (CUDA_VISIBLE_DEVICES empty)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    f = log.open("w")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def start_random_init(model: str, target: str, log: Path) -> subprocess.Popen:
+    """write_random_init in the background, with no GPU visible."""
+    return start_background(f"import json, torch; from benchmarks.train_proof.run import write_random_init; "
+                            f"r = write_random_init({model!r}, {target!r}); "
+                            f"r['cuda_available'] = torch.cuda.is_available(); print('RESULT ' + json.dumps(r))", log)
+
+
+def start_warm_plans(model: str, budgets: list, data: str, tokenizer: str, log: Path) -> subprocess.Popen:
+    return start_background(f"import json; from benchmarks.train_proof.run import warm_plans; "
+                            f"print('RESULT ' + json.dumps(warm_plans({model!r}, {budgets!r}, {data!r}, "
+                            f"{tokenizer!r})))", log)
+
+
+def finish_background(p: subprocess.Popen, log: Path, timeout: float) -> dict:
+    """Wait for a background process (killed at `timeout`) -> its RESULT line, or why there is none."""
+    try:
+        p.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    text = log.read_text() if log.is_file() else ""
+    got = [x for x in text.splitlines() if x.startswith("RESULT ")]
+    return json.loads(got[-1][7:]) if got else {"error": text[-800:], "rc": p.returncode}
+
+
 def run_one(name: str, cmd: list, out: Path, timeout: float) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # an earlier command's attempt (--work reused): vramfit wants it new
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{name}.log"
     t0 = time.perf_counter()
@@ -272,6 +512,131 @@ def timeline_facts(path: Path) -> dict:
     steps = [r["step"] for r in recs if r.get("kind") == "step_end"]
     return {"timeline_peaks": peaks, "tokens_per_s": round(rate, 1) if rate else None,
             "timeline_last_step": max(steps) if steps else None}
+
+
+def attempts_of(path: Path) -> list:
+    """The memory timeline cut at its "setup" events: per trainer attempt, its step_end steps and its
+    logged (step, loss, tokens seen)."""
+    from benchmarks.jsonl import records
+
+    out = []
+    for r in records(path) if path.is_file() else []:
+        if r.get("kind") == "event" and r.get("message") == "setup":
+            out.append({"steps": [], "logs": []})
+        elif out and r.get("kind") == "step_end":
+            out[-1]["steps"].append(r["step"])
+        elif out and r.get("kind") == "log" and isinstance(r.get("loss"), (int, float)):
+            out[-1]["logs"].append((r["step"], r["loss"], r.get("num_input_tokens_seen")))
+    return out
+
+
+def check(name: str, ok: bool, detail: str) -> dict:
+    return {"check": name, "ok": bool(ok), "detail": detail}
+
+
+def midrun_checks(out: Path, rep: dict | None, tiny: bool, design: dict | None) -> list:
+    """Issue 20 item 5, checked from the run's report, timeline and log: one real (GPU) or injected
+    (--tiny) OOM after the first checkpoint, the fall-back's setup, resumed from the last checkpoint
+    before it, the planned number of optimizer steps counted once, a continuous loss curve, and the
+    report saying so."""
+    if rep is None:
+        return [check("run report", False, "no run_report.json: the run did not finish")]
+    save, steps = MIDRUN_SAVE_STEPS, rep["max_steps"]
+    fbs = rep.get("fallbacks") or []
+    res = [check("completed, steps counted once",
+                 rep["status"] == "completed" and rep["steps"] == steps == MIDRUN_STEPS,
+                 f"status {rep['status']}, {rep['steps']} of {steps} optimizer steps (planned {MIDRUN_STEPS})")]
+    if len(fbs) != 1:
+        return res + [check("one OOM and fall-back", False, f"{len(fbs)} fall-backs: {fbs}")]
+    f = fbs[0]
+    injected = "injected" in (f.get("error") or "")
+    real = "out of memory" in (f.get("error") or "").lower() and (injected if tiny else not injected)
+    predicted = (f", predicted step {design['predicted_oom_step']} (width {design['predicted_oom_width']})"
+                 if design else "")
+    res.append(check("OOM after the first checkpoint", real and f["step"] > save,
+                     f"step {f['step']}{predicted}; {'injected' if injected else 'real'}: {f.get('error', '')[:120]}"))
+    c = int(str(f.get("resumed_from") or "-0").rsplit("-", 1)[1] or 0)
+    last = (f["step"] - 1) // save * save
+    res.append(check("resumed from the last checkpoint before the OOM", c == last >= save,
+                     f"resumed from {f.get('resumed_from')} (expected checkpoint-{last})"))
+    b, a = f["setup_before"], f["setup_after"]
+    res.append(check("fall-back setup: same effective batch, smaller micro-batch",
+                     a["micro_batch"] * a["grad_accum"] == b["micro_batch"] * b["grad_accum"] and
+                     a["micro_batch"] < b["micro_batch"],
+                     f"{b['micro_batch']}x{b['grad_accum']} ckpt {b['grad_ckpt']} -> {a['micro_batch']}x"
+                     f"{a['grad_accum']} ckpt {a['grad_ckpt']}"))
+    att = attempts_of(out / "memory_timeline.jsonl")
+    if len(att) != 2:
+        return res + [check("two attempts in the timeline", False, f"{len(att)} attempts")]
+    s1, s2 = att[0]["steps"], att[1]["steps"]
+    merged = [x["step"] for x in rep.get("losses") or []]
+    res.append(check("each step once, in order", s1 == list(range(1, f["step"])) and
+                     s2 == list(range(c + 1, steps + 1)) and merged == list(range(1, steps + 1)),
+                     f"attempt 1 steps {s1[:1]}..{s1[-1:]}, attempt 2 steps {s2[:1]}..{s2[-1:]}; the report's "
+                     f"loss curve has {len(merged)} steps"))
+    l1 = {s: (loss, tok) for s, loss, tok in att[0]["logs"]}
+    l2 = [(s, loss, tok) for s, loss, tok in att[1]["logs"]]
+    no_reset = bool(l2) and l2[0][0] == c + 1 and all(x[0] < y[0] for x, y in zip(l2, l2[1:]))
+    redone = [(s, l1[s][0], loss) for s, loss, _ in l2 if s in l1]
+    if redone:
+        worst = max(abs(b2 / b1 - 1) for _, b1, b2 in redone)
+        same = worst <= MIDRUN_LOSS_TOLERANCE
+        how = (f"redone steps {[s for s, _, _ in redone]}: losses {[(round(x, 4), round(y, 4)) for _, x, y in redone]}"
+               f" (first attempt, resumed), worst {worst:.2%} (<= {MIDRUN_LOSS_TOLERANCE:.0%})")
+    else:
+        before, after = l1.get(c, (None,))[0], l2[0][1] if l2 else None
+        same = before is not None and after is not None and abs(after / before - 1) <= 0.1
+        how = f"no redone step; loss at step {c} {before}, at step {c + 1} {after} (within 10%)"
+    tok_ok = True
+    if l2 and l1.get(c, (None, None))[1] is not None and l2[0][2] is not None:
+        tok_ok = l2[0][2] > l1[c][1]
+        how += f"; tokens seen at step {c} {l1[c][1]}, at {c + 1} {l2[0][2]}"
+    res.append(check("loss curve continuous (no reset)", no_reset and same and tok_ok,
+                     f"the resumed attempt logs from step {l2[0][0] if l2 else None} (expected {c + 1}); " + how))
+    log = (out / "run.log").read_text() if (out / "run.log").is_file() else ""
+    said = [x for x in log.splitlines() if x.startswith(f"out of memory at step {f['step']}")]
+    res.append(check("the report says what happened", bool(said) and "resumed from" in said[0] and
+                     f"run completed: {steps} of {steps} steps" in log, said[0][:300] if said else "no fall-back line"))
+    return res
+
+
+def budget_facts(rep: dict | None, env: dict, log: str = "", tokens_per_s: float | None = None) -> dict:
+    """An enforced-budget run: its peaks against the budget and the prediction; the model-FLOPs
+    utilization of its tokens/s (6 N + attention per token, on the GPU's dense bf16 peak); how the
+    run's random checkpoint was written."""
+    from vramfit.run.fallback import usable_bytes
+
+    if rep is None or not rep.get("enforced_budget"):
+        said = [x for x in log.splitlines() if x.startswith("vramfit:")]
+        return {"budget_outcome": said[-1][:400] if said else None, "traceback_in_log": "Traceback" in log}
+    e, m, p = rep["enforced_budget"], rep["measured"]["measured"] or {}, rep["predicted"]
+    usable = usable_bytes(e["gpu"], e["headroom"])
+    g = 2**30
+    facts = {"budget": e["gpu"], "usable_gib": round(usable / g, 3),
+             "allocator_cap_gib": round(e["allocator_cap_bytes"] / g, 3),
+             "peaks_gib": {k: {"measured": round(m[k] / g, 3) if m.get(k) else None, "predicted": round(p[k] / g, 3)}
+                           for k in ("peak_allocated_bytes", "peak_reserved_bytes", "device_bytes")},
+             "device_bytes_source": rep["measured"].get("device_bytes_source"), "traceback_in_log": "Traceback" in log,
+             "within_budget": bool(m.get("device_bytes")) and m["device_bytes"] <= usable and
+             rep["status"] == "completed"}
+    spec = None
+    try:
+        from vramfit.run.model import resolve_model
+
+        spec = resolve_model(rep["model"], "random").spec
+    except Exception:  # noqa: BLE001 - the tiny model: no MFU
+        pass
+    name = str(env.get("nvidia_smi") or "")
+    peak = next((v for k, v in BF16_DENSE_PEAK.items() if k in name), None)
+    tps = tokens_per_s
+    if spec is not None and peak and tps:
+        dense = spec.params_total - spec.params_by_role.get("embeddings", 0)
+        flops = 6 * dense + 6 * spec.num_layers * spec.hidden_size * rep["setup"]["seq_len"]
+        facts["mfu"] = {"tokens_per_s": round(tps, 1), "flops_per_token": flops, "peak_flops": peak,
+                        "mfu": round(tps * flops / peak, 4),
+                        "note": "tokens/s between the first and last logged step (the timeline's); 6 N + "
+                                "6 layers x hidden x seq per token, no recomputation counted"}
+    return facts
 
 
 def summary_line(name: str, model: str, out: Path, res: dict, env: dict) -> dict:
@@ -332,10 +697,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", help="run names to do, in the listed order of GPU_RUNS (default: all)")
     ap.add_argument("--skip-done", action="store_true",
                     help="skip the runs OUT/train_proof.jsonl already has as completed")
-    ap.add_argument("--print-design", action="store_true", help="print the OOM run's budget and predictions, run nothing")
+    ap.add_argument("--print-design", action="store_true",
+                    help="print the OOM runs' budgets and predictions, run nothing")
     a = ap.parse_args(argv)
     if a.print_design:
-        print(json.dumps(oom_design(), indent=1))
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            lengths = build_inputs(Path(tmp))["midrun_lengths"]
+        print(json.dumps({"1b-oom-fallback": oom_design(), "1b-oom-midrun": midrun_design(lengths)}, indent=1))
         return 0
     if not a.out:
         ap.error("--out is required")
@@ -358,6 +728,8 @@ def main(argv=None) -> int:
     if not a.tiny:
         inputs["oom_design"] = oom_design()
         say(f"OOM run design (current memory model): {json.dumps(inputs['oom_design'])}")
+    inputs["midrun_design"] = midrun_design(inputs["midrun_lengths"])
+    say(f"mid-run OOM design (current memory model): {json.dumps(inputs['midrun_design'])}")
     env = environment()
     env["data"] = inputs["data_info"]
     env["mode"] = "tiny (CPU dry run)" if a.tiny else "gpu"
@@ -379,8 +751,30 @@ def main(argv=None) -> int:
         for name in [r[0] for r in runs if r[0] in completed]:
             say(f"{name}: completed before, skipped (--skip-done)")
         runs = [r for r in runs if r[0] not in completed]
+    background = {}  # the long-row runs' shared random checkpoint and plans, made on the CPU meanwhile
+    if any(data_key(r[0]) == "long_data" for r in runs):
+        src = inputs["tiny"] if a.tiny else LONG_MODEL
+        inputs["random_init_dir"] = str(work / f"random-init-{Path(src).name}")
+        say(f"random checkpoint of {src}: writing it in the background (no GPU visible) to {inputs['random_init_dir']}")
+        background["random_init"] = start_random_init(src, inputs["random_init_dir"], out / "random_init.log")
+        budgets = sorted({r[2][r[2].index("--gpu") + 1] for r in runs if data_key(r[0]) == "long_data" and
+                          "--gpu" in r[2] and "--no-fit-check" not in r[2]}) or (["12GiB"] if a.tiny else [])
+        if budgets:
+            say(f"plans of {src} for {budgets}: made in the background (allocator-replay templates cached)")
+            background["warm_plans"] = start_warm_plans(src, budgets, inputs["long_data"], inputs["tokenizer"],
+                                                        out / "warm_plans.log")
+    random_init = None  # what the background work did
     done = []
     for name, model, extra, cap in runs:
+        if data_key(name) == "long_data" and background and random_init is None:
+            wait = max(1.0, deadline - time.perf_counter() - 30)
+            say(f"{name}: waiting for the background work (up to {wait:.0f} s)")
+            t_wait = time.perf_counter()
+            random_init = {k: finish_background(p, out / f"{k}.log", deadline - time.perf_counter() - 30)
+                           for k, p in background.items()}
+            random_init["waited_s"] = round(time.perf_counter() - t_wait, 1)
+            say(f"background work: {json.dumps(random_init)}")
+
         left = deadline - time.perf_counter() - 10  # packing the last results
         if left < 20:
             say(f"{name}: skipped, {left:.0f} s left of the budget")
@@ -393,22 +787,46 @@ def main(argv=None) -> int:
             res = run_one(name, cmd, rdir, min(cap, left))
             line = summary_line(name, model, rdir, res, env)
             oom_run = name.endswith("oom-fallback")
-            line["data"] = {"file": Path(inputs["oom_data" if oom_run else "data"]).name,
+            key = data_key(name)
+            info = inputs["data_info"]
+            line["data"] = {"file": Path(inputs[key]).name,
                             **({"rows": OOM_ROWS, "all_longer_than_max_seq_len": True} if oom_run else
-                               {k: inputs["data_info"][k] for k in ("rows", "lengths", "long_fraction")})}
+                               {k: info["midrun_data"][k] for k in ("rows", "order", "batch_max_per_step")}
+                               if key == "midrun_data" else
+                               {**info["long_data"], "all_longer_than_max_seq_len": True} if key == "long_data" else
+                               {k: info[k] for k in ("rows", "lengths", "long_fraction")})}
             if oom_run and inputs.get("oom_design"):
                 line["oom_design"] = inputs["oom_design"]
+            rep_path = rdir / "run_report.json"
+            rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
+            if key == "midrun_data":
+                line["midrun_design"] = inputs["midrun_design"]
+                line["checks"] = midrun_checks(rdir, rep, a.tiny, inputs["midrun_design"])
+            if key == "long_data":
+                log_text = res["log"].read_text() if res["log"].is_file() else ""
+                line["budget"] = budget_facts(rep, env, log_text, line.get("tokens_per_s"))
+                line["background"] = random_init
             done.append(name)
             err = (line.get("relative_error") or {}).get("device_bytes")
             say(f"{name}: {line['status']} rc={res['rc']} {res['wall_s']} s, steps {line.get('steps')}, "
                 f"device error {err}, fallbacks {len(line.get('fallbacks') or [])}, tokens/s {line.get('tokens_per_s')}")
+            for c in line.get("checks") or []:
+                say(f"  {'PASS' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}")
+            if line.get("budget"):
+                say(f"  budget: {json.dumps(line['budget'])}")
         with summary.open("a") as f:
             f.write(json.dumps(line, default=str) + "\n")
-        pack(out, work, done, [str(work / "environment.json"), str(summary), str(out / "driver.log")] +
+        pack(out, work, done, [str(work / "environment.json"), str(summary), str(out / "driver.log"),
+                              str(out / "random_init.log"), str(out / "warm_plans.log")] +
              ([str(work / "tiny-config" / "config.json")] if a.tiny else []))
+    for p in background.values():  # no long-row run got to wait for it
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     say(f"done in {time.perf_counter() - t_start:.0f} s")
     dlog.close()
-    pack(out, work, done, [str(work / "environment.json"), str(summary), str(out / "driver.log")] +
+    pack(out, work, done, [str(work / "environment.json"), str(summary), str(out / "driver.log"),
+                              str(out / "random_init.log"), str(out / "warm_plans.log")] +
          ([str(work / "tiny-config" / "config.json")] if a.tiny else []))
     return 0
 

@@ -382,8 +382,8 @@ def run_rank(launch_json: str) -> dict | None:
                       opts.max_seq_len, opts.seq_len_from, opts.seed)
     steps = opts.max_steps or max(1, -(-len(d.train.rows) // (s.micro_batch * s.grad_accum * world)))
     # the model is built on the CPU: the engine moves (DDP, ZeRO-1/2) or shards (FSDP2, ZeRO-3) it
-    model = _rank_model(source, s, job["strategy"], local, cuda, opts.seed, out) if s.method == "qlora" else \
-        build_model(source, s, False, opts.seed, None, out)
+    model = _rank_model(source, s, job["strategy"], local, cuda, opts.seed, out, opts.random_init_dir) \
+        if s.method == "qlora" else build_model(source, s, False, opts.seed, None, out)
     if source.path:
         _name_base(model, source.path)
     predicted = job["predicted"]["per_gpu"]
@@ -417,7 +417,8 @@ def run_rank(launch_json: str) -> dict | None:
                        "accelerate_config": str(out / LAUNCH_DIR / CONFIG_NAME)},
            "data": d.to_json(), "options": job["options"], "versions": versions()}
     (out / "run_report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    shutil.rmtree(out / "random-init", ignore_errors=True)
+    if not opts.random_init_dir:
+        shutil.rmtree(out / "random-init", ignore_errors=True)
     return rep
 
 
@@ -432,7 +433,8 @@ def _gather(summary: dict, world: int) -> list:
     return out
 
 
-def _rank_model(source, s, strategy: str, local: int, cuda: bool, seed: int, scratch: Path):
+def _rank_model(source, s, strategy: str, local: int, cuda: bool, seed: int, scratch: Path,
+                random_init_dir: str | None = None):
     """QLoRA on several GPUs: 4-bit weights stored as bf16 (bnb_4bit_quant_storage), as peft's
     FSDP-QLoRA and DeepSpeed-ZeRO3-QLoRA guides require, loaded onto this rank's GPU (FSDP: on the
     CPU, FSDP moves the shards)."""
@@ -443,7 +445,7 @@ def _rank_model(source, s, strategy: str, local: int, cuda: bool, seed: int, scr
 
     if not cuda:
         raise VramfitError("QLoRA needs CUDA GPUs")
-    path = source.path or _random_checkpoint(source, seed, scratch)
+    path = source.path or _random_checkpoint(source, seed, scratch, random_init_dir)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s.quant_type,
                            bnb_4bit_use_double_quant=s.double_quant, bnb_4bit_compute_dtype=torch.bfloat16,
                            bnb_4bit_quant_storage=torch.bfloat16)

@@ -83,7 +83,8 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None, trust_remote_code
     return tok
 
 
-def build_model(source: ModelSource, s: Setup, cuda: bool, seed: int, base_path: str | None, scratch: Path):
+def build_model(source: ModelSource, s: Setup, cuda: bool, seed: int, base_path: str | None, scratch: Path,
+                random_init_dir: str | None = None):
     """The base model as `s` loads it: dtype, attention, 4-bit NF4 + prepare_model_for_kbit_training
     for QLoRA.  LoRA layers are added by SFTTrainer from `lora_config(s)`.  An out-of-memory error
     raises LoadOutOfMemory, naming the phase it happened in."""
@@ -99,7 +100,7 @@ def build_model(source: ModelSource, s: Setup, cuda: bool, seed: int, base_path:
         kw["quantization_config"] = bnb_config(s)
         kw["device_map"] = {"": torch.cuda.current_device()}
         if path is None:  # bitsandbytes quantizes while loading: write the random weights first
-            path = _random_checkpoint(source, seed, scratch)
+            path = _random_checkpoint(source, seed, scratch, random_init_dir)
     if path is None:
         config = config_from_dict(source.config, source.name)
         torch.manual_seed(seed)
@@ -168,26 +169,54 @@ def _name_base(model, name: str) -> None:
     model.name_or_path = name
 
 
-def _random_checkpoint(source: ModelSource, seed: int, scratch: Path) -> str:
+def _random_checkpoint(source: ModelSource, seed: int, scratch: Path, shared: str | Path | None = None) -> str:
     """`--init random` for QLoRA (bitsandbytes quantizes while loading): SCRATCH/random-init, the random
     bf16 checkpoint of `source`'s config, written once (`write_random_checkpoint`: on the CPU, shard by
-    shard, no GPU)."""
+    shard, no GPU).  `shared` (--random-init-dir): that folder instead, kept after the run and reused
+    by any run of the same config and seed (RANDOM_INIT_MARK says which); another one's is refused."""
     import torch
 
     from vramfit.model.spec import config_from_dict
 
-    target = scratch / "random-init"
-    if not (target / "config.json").is_file():
-        with loading_phase("writing the random checkpoint (on the CPU)"):
-            write_random_checkpoint(config_from_dict(source.config, source.name), target, seed, torch.bfloat16)
+    target = Path(shared).expanduser() if shared else scratch / "random-init"
+    mark = _random_init_mark(source, seed)
+    if (target / "config.json").is_file():
+        if shared and _read_mark(target) != mark:
+            raise VramfitError(f"--random-init-dir {target} holds the random checkpoint of another model, config or "
+                               f"seed ({_read_mark(target) or 'unmarked'}; this run's: {mark}): give another folder")
+        return str(target)
+    if shared and target.exists() and any(target.iterdir()):
+        raise VramfitError(f"--random-init-dir {target} is not empty and holds no checkpoint: give an empty or new "
+                           f"folder")
+    with loading_phase("writing the random checkpoint (on the CPU)"):
+        write_random_checkpoint(config_from_dict(source.config, source.name), target, seed, torch.bfloat16,
+                                mark=mark)
     return str(target)
+
+
+RANDOM_INIT_MARK = "vramfit_random_init.json"
+
+
+def _random_init_mark(source: ModelSource, seed: int) -> dict:
+    """What a random checkpoint was drawn from: the model's config (its hash), the seed, the dtype."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(source.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model": source.name, "config_sha256": digest, "seed": seed, "dtype": "bfloat16"}
+
+
+def _read_mark(target: Path) -> dict | None:
+    try:
+        return json.loads((target / RANDOM_INIT_MARK).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- the random checkpoint
 
 
 def write_random_checkpoint(config, target: Path, seed: int, dtype=None, max_shard_size: int | str = SHARD_SIZE,
-                            unit_bytes: int = UNIT_BYTES) -> dict:
+                            unit_bytes: int = UNIT_BYTES, mark: dict | None = None) -> dict:
     """Write a randomly initialized checkpoint of `config` to `target` as `save_pretrained` writes one
     (safetensors shards of at most `max_shard_size` + model.safetensors.index.json, config.json,
     generation_config.json; tied weights once; on-disk names as transformers reverts them), without
@@ -196,8 +225,8 @@ def write_random_checkpoint(config, target: Path, seed: int, dtype=None, max_sha
     own `_init_weights`, one unit of modules (`unit_bytes`, or one larger leaf) at a time, seeded by
     `seed` and the unit's name, and written to their place in their shard.  Host memory: about one
     unit; the same seed writes the same bytes.  Written into a temporary directory renamed to
-    `target` at the end, so `target` only ever holds a complete checkpoint.
-    -> {"shards": n, "total_size": bytes, "seconds": s}."""
+    `target` at the end, so `target` only ever holds a complete checkpoint (with `mark` written to
+    RANDOM_INIT_MARK in it when given).  -> {"shards": n, "total_size": bytes, "seconds": s}."""
     import json
     import os
     import shutil
@@ -245,6 +274,8 @@ def write_random_checkpoint(config, target: Path, seed: int, dtype=None, max_sha
             index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if mark is not None:
+            (tmp / RANDOM_INIT_MARK).write_text(json.dumps(mark) + "\n")
         if target.exists() and not (target / "config.json").is_file():
             shutil.rmtree(target)  # an incomplete one, from an older vramfit that wrote in place
         try:

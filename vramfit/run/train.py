@@ -88,6 +88,12 @@ class RunOptions:
     save_total_limit: int = 2
     early_stopping_patience: int = 3
     seed: int = 42
+    # the order rows are trained in: transformers' TrainingArguments.train_sampling_strategy (>= 5.2),
+    # "random" (a seeded shuffle per epoch) or "sequential" (the file's order: a curriculum)
+    sampling: str = "random"
+    # --init random with QLoRA: where the random checkpoint goes (kept, reused by runs of the same
+    # config and seed); None: OUT/random-init, deleted at the end
+    random_init_dir: str | None = None
     resume: bool = False
     fallback: bool = True
     fit_check: bool = True
@@ -195,10 +201,29 @@ def sft_config(s: Setup, opts: RunOptions, output_dir: Path, max_steps: int, has
               disable_tqdm=True, use_cpu=not cuda, include_num_input_tokens_seen="non_padding")
     if sched["save_steps"]:
         kw["save_steps"] = sched["save_steps"]
+    kw.update(sampling_kwargs(opts.sampling, SFTConfig))
     if has_eval:
         kw.update(eval_strategy="steps", eval_steps=sched["eval_steps"], load_best_model_at_end=True,
                   metric_for_best_model="eval_loss", greater_is_better=False)
     return SFTConfig(**kw)
+
+
+SAMPLINGS = ("random", "sequential")
+
+
+def sampling_kwargs(sampling: str, config_class) -> dict:
+    """--sampling as TrainingArguments sees it: `train_sampling_strategy` (transformers >= 5.2); older
+    versions always shuffle, so "sequential" needs a newer one."""
+    if sampling not in SAMPLINGS:
+        raise VramfitError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got '{sampling}'")
+    import dataclasses
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(config_class)}:
+        return {"train_sampling_strategy": sampling}
+    if sampling != "random":
+        raise VramfitError(f"--sampling {sampling} needs transformers >= 5.2 (TrainingArguments."
+                           f"train_sampling_strategy); this one always shuffles")
+    return {}
 
 
 def assistant_only_loss(tokenizer) -> tuple[bool, str | None]:
@@ -286,6 +311,9 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     if max_steps <= 0:
         raise VramfitError(f"--max-steps must be a positive integer, got {max_steps}")
     schedule(opts, max_steps, bool(d.eval_rows))
+    from trl import SFTConfig
+
+    sampling_kwargs(opts.sampling, SFTConfig)  # --sampling sequential needs a newer transformers
 
     # ---- 6-8: from here on, files are written and the model is loaded
     out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +332,8 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     s, predicted, trainer = runner.setup, runner.predicted, runner.trainer
     outputs = {"timeline": str(out / TIMELINE_NAME), "plot": str(runner.tracker.plot_path),
                "report": str(out / REPORT_NAME)}
-    shutil.rmtree(out / "random-init", ignore_errors=True)  # QLoRA's random weights, written to be quantized
+    if not opts.random_init_dir:
+        shutil.rmtree(out / "random-init", ignore_errors=True)  # QLoRA's random weights, written to be quantized
     if trainer is not None and status != "aborted":
         target = out / ("model" if s.method == "full" else "adapter")
         trainer.save_model(str(target))
@@ -383,7 +412,8 @@ class _Runner:
         s, run = self.setup, self.run_state
         steps = run["max_steps"] - run["step_offset"]
         apply_allocator(s, self.cuda)
-        model = build_model(self.source, s, self.cuda, self.opts.seed, run["base_path"], self.out)
+        model = build_model(self.source, s, self.cuda, self.opts.seed, run["base_path"], self.out,
+                            self.opts.random_init_dir)
         live = self.LiveView(self.console, self.tracker, steps, self.opts.live)
         what = {"full": "moving the model to the GPU", "lora": "moving the model to the GPU and adding the LoRA "
                 "layers", "qlora": "adding the LoRA layers"}[s.method] if self.cuda else "setting up the trainer"
