@@ -120,6 +120,8 @@ def _recorder_class():
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
+    from vramfit.model.meta_cache import call as meta_call
+
     class Recorder(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -172,7 +174,7 @@ def _recorder_class():
             if (self.backward and func is torch.ops.aten.add.Tensor and not kwargs and not torch.is_grad_enabled()
                     and _same_dense(args) and not args[0]._is_view()):
                 first = self.live.get(args[0].untyped_storage()._cdata)
-            out = func(*args, **(kwargs or {}))
+            out = meta_call(func, args, kwargs)  # func(*args, **kwargs), its meta outputs memoized
             for t in tree_flatten(out)[0]:
                 self.track(t)
             if first is not None and out.untyped_storage()._cdata in self.live:
