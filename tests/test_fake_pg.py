@@ -39,3 +39,28 @@ def test_one_rank_of_n_trains_through_the_fake_group_on_the_cpu(tmp_path, name):
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok" and rec["launch_env"] and len(rec["steps"]) == cases[0]["steps"]
     assert rec["engine"]["num_processes"] == cases[0]["world_size"] and rec["engine"]["process_index"] == 0
+
+
+def test_history_grid_names_the_zero_runs_and_the_worst_fsdp_ones():
+    g = fake_pg.history_grid()
+    assert [c["name"] for c in g] == list(fake_pg.HISTORY)
+    assert sum(c["strategy"].startswith("zero") for c in g) == 4 and any(c["strategy"] == "fsdp-full" for c in g)
+
+
+def test_memory_history_keeps_each_blocks_stream_and_finds_the_peak_by_frame():
+    from benchmarks.distributed import history
+
+    ds = [{"filename": "/x/torch/_tensor.py", "line": 1, "name": "t"},
+          {"filename": "/x/deepspeed/runtime/zero/stage3.py", "line": 782, "name": "_setup_for_real_optimizer"}]
+    snap = {"device_traces": [[
+        {"action": "segment_alloc", "addr": 0, "size": 4 << 20, "stream": 7, "frames": ds, "time_us": 1},
+        {"action": "alloc", "addr": 0, "size": 3 << 20, "stream": 7, "frames": ds, "time_us": 2},
+        {"action": "alloc", "addr": 9 << 20, "size": 1 << 20, "stream": 0, "frames": [], "time_us": 3},
+        {"action": "free_completed", "addr": 0, "size": 3 << 20, "stream": 7, "time_us": 4},
+        {"action": "segment_free", "addr": 0, "size": 4 << 20, "stream": 7, "time_us": 5}]]}
+    data = history.compact(snap)
+    assert [r[0] for r in data["events"]] == ["S", "a", "a", "f", "s"]
+    assert data["events"][1][3] == 7 and data["frames"][data["events"][1][4]].startswith("runtime/zero/stage3.py:782")
+    data.update(marks=[("train_begin", 0)], name="t")
+    text = history.summary(data)
+    assert "peak allocated (trace) 4.0 MiB" in text and "{7: 3.0, 0: 1.0}" in text and "stage3.py:782" in text

@@ -87,6 +87,10 @@ def run(case: dict, result_dir: Path) -> dict:
 
         probe.nvml_index = nvml_index  # this rank's GPU, not cuda:0's
         sampler = probe.start_sampler()
+    from benchmarks.distributed import history
+
+    recording = history.start(torch) if cuda else False
+    hist_marks = []
     model, config = build_model(case, cuda)
     st = get_strategy(case["strategy"])
     bf16 = case["precision"] == "bf16-mixed"
@@ -112,12 +116,17 @@ def run(case: dict, result_dir: Path) -> dict:
                 torch.cuda.empty_cache()
                 out["after_wrap_allocated_bytes"] = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
+            hist_marks.append(("train_begin", history.now_us()))
             if sampler is not None:
                 sampler.process_peak, sampler.device_delta_peak = None, 0  # from here on
             self.t = time.perf_counter()
 
+        def on_step_begin(self, a, state, control, **k):
+            hist_marks.append((f"step{state.global_step + 1}_begin", history.now_us()))
+
         def on_step_end(self, a, state, control, **k):
             steps.append(step_peaks(torch, cuda, state.global_step, self.t))
+            hist_marks.append((f"step{state.global_step}_end", history.now_us()))
             self.t = time.perf_counter()
 
     trainer = transformers.Trainer(model=model, args=args, callbacks=[Peaks()],
@@ -134,6 +143,9 @@ def run(case: dict, result_dir: Path) -> dict:
         out["device_bytes"] = out.get("nvml_peak_bytes")
     out["environment"] = probe.environment(torch, sampler) if cuda else {"cuda": False}
     out["versions"] = probe.package_versions()
+    if recording:  # VRAMFIT_MEMORY_HISTORY=<dir>: the trace, for benchmarks.distributed.history
+        out["memory_history"] = history.dump(torch, os.environ["VRAMFIT_MEMORY_HISTORY"],
+                                             f"{case['name']}-rank{rank}", hist_marks, {"case": case, "steps": steps})
     return out
 
 

@@ -118,7 +118,24 @@ def recipe_grid() -> list:
     return out
 
 
-GRIDS = {"issue21": issue21_grid, "cpu": cpu_grid, "zero": zero_grid, "recipe": recipe_grid}
+# the runs whose memory history the device script records (benchmarks/distributed/history_device.sh):
+# the four ZeRO runs and the FSDP runs with the worst reserved error of 2026-12-07 (QLoRA's FSDP1 under,
+# full fine-tuning over)
+HISTORY = ("llama-3.2-1b-full-bf16-mixed-zero2-n4r0-nockpt-logits-s1024b2",
+           "llama-3.2-1b-full-bf16-mixed-zero3-n4r0-nockpt-fused-s1024b2",
+           "llama-3.2-1b-full-bf16-mixed-zero3-n8r0-ckpt-logits-s1024b2",
+           "llama-3.2-1b-lora-bf16-mixed-zero3-n4r0-ckpt-fused-s1024b2",
+           "llama-3.2-1b-full-bf16-mixed-fsdp-full-n4r0-nockpt-logits-s1024b2",
+           "llama-3.2-1b-qlora-bf16-amp-fsdp-full-n4r0-ckpt-fused-s1024b2")
+
+
+def history_grid() -> list:
+    every = {c["name"]: c for c in issue21_grid() + recipe_grid() + zero_grid()}
+    return [every[n] for n in HISTORY]
+
+
+GRIDS = {"issue21": issue21_grid, "cpu": cpu_grid, "zero": zero_grid, "recipe": recipe_grid,
+         "history": history_grid}
 
 
 def setup_of(c: dict):
@@ -220,6 +237,10 @@ def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
         from benchmarks.accuracy import probe
 
         sampler = probe.start_sampler()
+    from benchmarks.distributed import history
+
+    recording = history.start(torch) if cuda else False
+    hist_marks = []
     dist.init_process_group("fake", rank=r, world_size=n, store=FakeStore())
     _ddp_local_hook(torch)
     source = _source(c)
@@ -261,10 +282,15 @@ def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
                              after_wrap_allocated_bytes=torch.cuda.memory_allocated(),
                              after_wrap_reserved_bytes=torch.cuda.memory_reserved())
                 torch.cuda.reset_peak_memory_stats()
+            hist_marks.append(("train_begin", history.now_us()))
             self.t = time.perf_counter()
+
+        def on_step_begin(self, a, state, control, **k):
+            hist_marks.append((f"step{state.global_step + 1}_begin", history.now_us()))
 
         def on_step_end(self, a, state, control, **k):
             steps.append(step_peaks(torch, cuda, state.global_step, self.t))
+            hist_marks.append((f"step{state.global_step}_end", history.now_us()))
             self.t = time.perf_counter()
 
     vocab = source.spec.vocab_size if hasattr(source.spec, "vocab_size") else source.config["vocab_size"]
@@ -295,6 +321,9 @@ def run_one(c: dict, work: Path, scratch: Path | None) -> dict:
                                                                          "versions": probe.package_versions()}
     out["environment"]["versions"].update(_more_versions())
     out["engine"] = _engine_of(trainer)
+    if recording:  # VRAMFIT_MEMORY_HISTORY=<dir>: the trace, for benchmarks.distributed.history
+        out["memory_history"] = history.dump(torch, os.environ["VRAMFIT_MEMORY_HISTORY"], c["name"], hist_marks,
+                                             {"case": c, "steps": steps, "launch_env": out.get("launch_env")})
     return out
 
 

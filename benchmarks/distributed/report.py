@@ -3,8 +3,8 @@
     python -m benchmarks.distributed.report benchmarks/results/<machine>-<date>-distributed.jsonl [--md out.md]
     python -m benchmarks.distributed.report benchmarks/results/h100-2026-12-07-fake-pg.jsonl \
         benchmarks/results/h100-2026-12-07-fake-pg-recipe.jsonl \
-        benchmarks/results/h100-2026-12-07-fake-pg-zero.jsonl --before fcbd04e \
-        --md benchmarks/results/h100-2026-12-07-fake-pg.md
+        benchmarks/results/h100-2026-12-07c-fake-pg-zero.jsonl --before HEAD \
+        --md benchmarks/results/h100-2026-12-07c-fake-pg.md
 
 Lines of the fake-process-group harness (benchmarks.distributed.fake_pg: one rank of N per line)
 are told apart by their flat peaks; their report has the targets' statistics (median, p90, max of
@@ -287,8 +287,9 @@ def fake_report(records: list, paths: list, before_rev: str | None = None) -> st
               f"model, `vramfit estimate --gpus N`'s default answer (the allocator replay of the rank's step, "
               f"`vramfit.memory.rank_replay`; error = (predicted - measured) / measured).  The statistics are over "
               f"the {len(rs)} runs that ran the engine they name ({len(last)} of them the last rank of N, uneven "
-              f"shards); the {len(moved)} lines named ZeRO ran DDP (a harness bug, fixed since in "
-              f"vramfit.run.launch.launch_env) and are listed apart: DeepSpeed ZeRO itself is not measured.  "
+              f"shards)" + (f"; the {len(moved)} lines named ZeRO ran DDP (a harness bug, fixed since in "
+                            f"vramfit.run.launch.launch_env) and are listed apart" if moved else "") +
+              f"; {sum(r['ran_as'].startswith('zero') for r in rs)} runs of DeepSpeed ZeRO.  "
               f"NCCL's own buffers are outside the fake group: the device column compares without the model's NCCL "
               f"constant (the measurement has no NCCL communicator).  Replayed here with "
               f"{_here()}.\n\nEnvironment:\n{fake_environment(every)}")

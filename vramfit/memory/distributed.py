@@ -246,102 +246,13 @@ def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) 
             weights = dict(weights, weights_bfloat16_unquantized=(spec.params_total - q_numel) * 2)
         return fsdp_terms(spec, activation_setup(strategy, run, gpus), targets, strategy, gpus, c, weights, tensors,
                           O, temp, nccl if gpus > 1 else 0, packed, constants)
-    return _zero_terms(spec, run, strategy, gpus, c, tensors, G_out, _elements(spec), nccl)
+    from vramfit.memory.zero import zero_terms
+
+    return zero_terms(spec, run, strategy, gpus, c, tensors, G_out, _elements(spec), nccl)
 
 
 def _compute_bytes(s: Setup) -> int:
     return DTYPE_BYTES[s.compute_dtype]
-
-
-def _zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl) -> RankTerms:
-    """DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py, 0.19.8) as accelerate starts
-    it with bf16 enabled: the engine casts the module to bf16 (adapters too), keeps an fp32 master copy
-    of its partition of the trainable parameters inside the optimizer, and AdamW's two fp32 states
-    of that partition.  Per GPU (Pt trainable elements, P all elements, pb the compute dtype):
-    - stage 1: bf16 params and bf16 gradients in full; master 4 Pt/N + states 8 Pt/N; at the step
-      the fp32 gradient partition 4 Pt/N.
-    - stage 2: gradients reduced in buckets into this rank's partition (contiguous_gradients: a bf16
-      partition buffer pb Pt/N).
-    - stages 1 and 2, during the backward: the ipg buckets, `setup_buckets` allocates
-      reduce_bucket_size elements of the reduction dtype, twice with overlap_comm ("double buffers"),
-      whatever the model's size, and `_release_ipg_buffers` frees them after the backward's epilogue.
-    - stage 3: also the parameters partitioned (pb P/N; tensors under the persistence threshold
-      kept whole) and gathered on use: at most stage3_max_live_parameters; and, when the model is
-      smaller than stage3_max_reuse_distance, DeepSpeed keeps gathered what it will reuse within
-      that distance, so a small model stays gathered from forward to backward.
-    - offload_optimizer (cpu): master, states and the fp32 gradient partition live in pinned host
-      memory (16 Pt/N per rank); the GPU keeps the ipg buckets.  offload_param (cpu, stage 3): the
-      bf16 partitions live in pinned host memory too (pb P/N per rank).
-    Not measured yet: the fake-group runs named zero2 / zero3 on 2026-12-07 ran DDP (their launch
-    environment had no ACCELERATE_USE_DEEPSPEED), see benchmarks/distributed/report.py.
-    """
-    from vramfit.memory.walk import _quant_totals
-
-    pb = 2 if s.compute_dtype != "float32" else FP32
-    pt = sum(num for num, _, _, _ in tensors)  # trainable elements
-    P = spec.params_total
-    layers = max(spec.num_layers, 1)
-    # the model in the engine's dtype: bf16 weights (QLoRA: 4-bit packed + bf16 unquantized)
-    if s.method == "qlora":
-        q_numel, q_bytes, _ = _quant_totals(spec, c, s.double_quant)
-        base = q_bytes + (P - q_numel) * pb
-        packed = (q_numel + 1) // 2
-        constants = q_bytes - packed
-    else:
-        q_numel, base, packed, constants = 0, P * pb, 0, 0
-    adapters = pt * pb if s.method != "full" else 0
-    w, host = {}, {}
-    if st.zero_stage < 3:
-        w["weights_" + ("bfloat16" if pb == 2 else "float32")] = base - (constants if s.method == "qlora" else 0)
-        if constants:
-            w["weights_4bit_quant_constants"] = constants
-        if adapters:
-            w["lora_adapters"] = adapters
-    else:
-        persistent = _persistent_numel(spec)
-        part = _ceil_div(base - constants - persistent * pb, n) + persistent * pb + _ceil_div(adapters, n)
-        if st.offload_params:
-            host["params_partition"] = part - persistent * pb
-            part = persistent * pb
-        w["weights_partitioned"] = part
-        if constants:
-            w["weights_4bit_quant_constants"] = constants
-    ipg = ((2 if ZERO_OVERLAP_COMM else 1) * ZERO_REDUCE_BUCKET * pb if st.zero_stage < 3
-           else min(ZERO_REDUCE_BUCKET, pt) * pb)
-    g_part = _ceil_div(pt * pb, n)
-    fp32_part = _ceil_div(pt * FP32, n)
-    master_states = _ceil_div(pt * (FP32 + 8), n)  # fp32 master + AdamW exp_avg and exp_avg_sq
-    if st.zero_stage == 1:
-        grads, grads_out, grads_step = pt * pb, G_out if s.method == "full" else 0, pt * pb + fp32_part
-    else:
-        grads, grads_out, grads_step = g_part, 0, g_part + fp32_part
-    optimizer, opt_temp = master_states, _ceil_div(pt * FP32, n) if s.optimizer.foreach_temp else 0
-    if st.offload_optimizer:
-        host["optimizer_master_and_states"] = master_states
-        host["fp32_gradient_partition"] = fp32_part
-        optimizer, opt_temp, grads_step = 0, 0, 0
-    held = {k: {"zero_ipg_buckets": ipg} for k in MOMENTS if k.startswith("backward")}
-    if st.zero_stage == 3:
-        layer = el["layer"] + pt / layers if s.method != "full" else el["layer"]
-        largest = max([el["layer"]] + [math.prod(sh) for sh, _, _ in spec.param_shapes])
-        if P <= ZERO3_MAX_REUSE_DISTANCE:  # reused within the distance: kept gathered
-            live = P + (pt if s.method != "full" else 0)
-        else:  # the layers within the reuse distance of the forward/backward turn stay gathered
-            live = ZERO3_MAX_REUSE_DISTANCE / 2 + max(layer, largest) + ZERO3_PREFETCH_BUCKET
-        live = min(live, ZERO3_MAX_LIVE_PARAMETERS)
-        gathered = int(live * (base - constants + adapters) / (P + (pt if s.method != "full" else 0)))
-        for k in MOMENTS[:-1]:
-            held.setdefault(k, {})["zero3_gathered_params"] = gathered
-    return RankTerms(weights=tuple(w.items()), optimizer=optimizer, optimizer_temp=opt_temp,
-                     grads=single_gpu_grads(grads, min(grads_out, grads), grads_step, layers),
-                     held=held, device_extra=nccl if n > 1 else 0, no_weight_copies=True,
-                     host_bytes=sum(host.values()), host_named=tuple(host.items()))
-
-
-def _persistent_numel(spec) -> int:
-    """Elements of parameters below stage3_param_persistence_threshold: kept whole on every rank."""
-    return sum(count * math.prod(shape) for shape, count, _ in spec.param_shapes
-               if math.prod(shape) < ZERO3_PERSISTENCE_THRESHOLD)
 
 
 def engine_setup(strategy: Strategy, s: Setup) -> Setup:

@@ -182,3 +182,43 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
                      optimizer_temp=_ceil_div(temp, n), grads=grads,
                      held={k: {a: int(b) for a, b in v.items() if b} for k, v in held.items()}, pools=pools,
                      device_extra=nccl, no_weight_copies=mp)
+
+
+def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), qlora: bool = False,
+                adapters: tuple = ()) -> list:
+    """What wrapping leaves on the GPU before the first step (the Trainer's empty_cache runs before it:
+    transformers' _inner_training_loop frees memory, then prepares the model), as allocator events.
+    FSDP2 (accelerate's fsdp2_prepare_model on a model built on the CPU): fully_shard moves each unit's
+    parameters to the GPU whole, then copies each one's padded dim-0 chunk into its own sharded tensor and
+    drops the whole one (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, _init_sharded_param): per
+    parameter, the whole tensor (`full_bytes` per element: fp32 where accelerate upcast the trainable ones)
+    then its shard.  FSDP1 (the launcher's QLoRA, its model loaded on the GPU: `originals`, the load's live
+    allocations): per unit, the flat parameter (the unit's tensors concatenated) and its local shard, the
+    flat one freed, and the original tensors freed once they are views of nothing.  Against the fake-group
+    runs' after-wrap reserved (llama-3.1-8b's untied 128k head: 5 GB cached at N = 8) this is what keeps
+    the wrap's cache in the rank's reserve."""
+    u = units(spec)
+    L = u["layers"]
+    out = []
+    if qlora:
+        nbytes = sum(b for _, b in originals) or 1
+        emb = (u["tail"] + u["embedding"]) * 2
+        per_layer = max(0, nbytes - emb) / L
+        for size in [per_layer] * L + [emb]:
+            flat, shard = ids(), ids()
+            out += [("a", flat, int(size)), ("a", shard, math.ceil(size / n)), ("f", flat)]
+        return out + [("f", i) for i, _ in originals]
+    # fully_shard(unit) moves the whole unit to the GPU first (_move_states_to_device), then shards its
+    # parameters one by one: per decoder layer, then the root with what is left (embeddings, LM head, norm)
+    layer, root = [], list(adapters)  # adapters: (shape, bytes per element)
+    for shape, count, role in spec.param_shapes:
+        per = 0 if role in ("embeddings", "lm_head") else count // L
+        layer += [(tuple(shape), full_bytes)] * per
+        root += [(tuple(shape), full_bytes)] * (count - per * L)
+    for unit in [layer] * L + [root]:
+        wholes = [ids() for _ in unit]
+        out += [("a", w, math.prod(sh) * nb) for w, (sh, nb) in zip(wholes, unit)]
+        for w, (shape, nbytes) in zip(wholes, unit):
+            rest = math.prod(shape[1:]) if len(shape) > 1 else 1
+            out += [("a", ids(), math.ceil(shape[0] / n) * rest * nbytes), ("f", w)]
+    return out

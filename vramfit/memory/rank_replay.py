@@ -9,18 +9,26 @@ peft's fp32 casts of their inputs replayed in bf16, `bf16_adapter_inputs`).  Wha
 - DDP: allocations of its own, replayed as such, so allocated and reserved are the replay's -- its
   constructor's broadcast buffers, its gradient buckets from wrapping to the end (torch/csrc/distributed/
   c10d/reducer.cpp, initialize_buckets), rebuilt once at the second step.
-- FSDP2 / DeepSpeed: their buffers come and go with each decoder layer, which the events do not mark; the
-  step is cut where the rank's terms change (`step_windows`: the forward, the loss and the head, each
-  decoder layer's backward from its first parameter gradient, the end, the optimizer step) and each
-  window's replayed peak gets what the rank holds then beyond one GPU (`anchored_rank`: the walk's
-  per-rank moments minus its single-GPU ones, vramfit.memory.rank_step), so the activations are the
-  replay's.  Reserved: the replay's own reserve over the largest default-stream moment, plus the other
-  CUDA streams' pools.
+- DeepSpeed ZeRO: the rank's own events, replayed (vramfit.memory.zero): the single-GPU events without
+  the load, the gradients and the optimizer step (`dropped_ids`), DeepSpeed's allocations placed where it
+  makes them (wrap, buckets, gradient partitions, gathered parameters, the step), one allocator per
+  CUDA stream.
+- FSDP2 (and what ZeRO's replay does not cover: QLoRA, offload): their buffers come and go with each
+  decoder layer, which the events do not mark; the step is cut where the rank's terms change
+  (`step_windows`: the forward, the loss and the head, each decoder layer's backward from its first
+  parameter gradient, the end, the optimizer step) and each window's replayed peak gets what the rank
+  holds then beyond one GPU (`anchored_rank`: the walk's per-rank moments minus its single-GPU ones,
+  vramfit.memory.rank_step), so the activations are the replay's.  Reserved: the largest default-stream
+  moment plus the reserve of the rank's own default stream (`_engine_gap_replay`: what wrapping left --
+  the shards and the cached blocks of the whole parameters they replaced, kept: the Trainer empties the
+  cache before it wraps -- then the activations without the single GPU's gradients and optimizer step,
+  whose fragmentation the rank does not have), plus the other CUDA streams' pools.
 Torch-free at import; the replay itself needs torch (the meta device) and is cached per process.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from vramfit.memory.allocator import CachingAllocator
@@ -130,6 +138,44 @@ def simulate_rank(events: list, marks: dict, wrap: list, later: dict | None = No
     return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved}
 
 
+def dropped_ids(events: list, marks: dict, load: bool = False) -> tuple:
+    """What a sharding engine replaces in the single-GPU events: each step's gradients (allocated in its
+    backward and held past its optimizer step) and everything its clip and optimizer step allocate (the
+    optimizer states, made at the first step, and the step's temporaries); `load`: also every allocation
+    before the Trainer's empty_cache (the engine places the weights itself).
+    -> (ids, {step: [(event index, bytes) of its gradients, in birth order]})."""
+    drop, grads, k = set(), {}, 0
+    end = marks.get("end", len(events))
+    if load:
+        e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+        drop |= {ev[1] for ev in events[:e_at] if ev[0] == "a"}
+    while f"step{k}.forward" in marks and f"step{k}.post_step" in marks:
+        b0, b1, post = marks[f"step{k}.backward"], marks[f"step{k}.clip"], marks[f"step{k}.post_step"]
+        nxt = marks.get(f"step{k + 1}.forward", end)
+        born = {}
+        for i in range(b0, nxt):
+            ev = events[i]
+            if ev[0] == "a":
+                if i < b1:
+                    born[ev[1]] = (i, ev[2])
+                else:
+                    drop.add(ev[1])
+            elif ev[0] == "f" and i < post:
+                born.pop(ev[1], None)
+        drop |= set(born)
+        grads[k] = sorted(born.values())
+        k += 1
+    return drop, grads
+
+
+def activation_events(events: list, marks: dict) -> list:
+    """The single-GPU events without `dropped_ids`: the weights, the activations and the backward's
+    transients, what the rank's default stream runs beside the engine's own buffers (its allocator
+    reserve is the rank's there)."""
+    drop = dropped_ids(events, marks)[0]
+    return [ev for ev in events if not (ev[0] in ("a", "f") and ev[1] in drop)]
+
+
 def ddp_buckets(tensors, first_cap: int = 1 << 20, cap: int = 25 << 20) -> list:
     """Bucket sizes as DDP assigns them (torch/distributed/distributed_c10d.py _compute_bucket_assignment_by_size,
     the parameters in reverse order, the first bucket capped at _DEFAULT_FIRST_BUCKET_BYTES = 1 MiB and the
@@ -231,6 +277,8 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
         peak, reserved = sim["peak_allocated"], sim["peak_reserved"]
         note = (f"peaks from the allocator replay of the rank's two steps with DDP's {len(buckets)} gradient buckets "
                 "(and its constructor's broadcast buffers, and the buckets' rebuild at the second step)")
+    elif st.engine == "deepspeed" and run.method != "qlora" and not (st.offload_optimizer or st.offload_params):
+        peak, reserved, note = _zero_rank(spec, act, targets, st, gpus, events, marks)
     else:
         out, note = anchored_rank(spec, run, act, targets, st, gpus, c, events, marks, bd)
         peak, reserved = out.peak_allocated_bytes, out.peak_reserved_bytes
@@ -241,6 +289,72 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     bd = replace(bd, components=comps, peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
                  device_bytes=int(reserved + outside), notes=notes)
     return replace(est, breakdown=bd)
+
+
+def _zero_rank(spec, act, targets, st, gpus: int, events: list, marks: dict) -> tuple:
+    """DeepSpeed ZeRO: the allocator replay of the rank's own events (vramfit.memory.zero)."""
+    from vramfit.memory import distributed as d
+    from vramfit.memory.walk import trainable_tensors
+    from vramfit.memory.zero import zero_replay
+
+    drop, grads = dropped_ids(events, marks, load=True)
+    consts = {"reduce_bucket": d.ZERO_REDUCE_BUCKET, "max_live": d.ZERO3_MAX_LIVE_PARAMETERS,
+              "prefetch": d.ZERO3_PREFETCH_BUCKET, "persistence": d.ZERO3_PERSISTENCE_THRESHOLD}
+    sim = zero_replay(spec, act, trainable_tensors(spec, act, targets), st, gpus, events, marks, drop, grads, consts)
+    pools = ", ".join(f"{k} stream {v:,} B" for k, v in sim["pools"].items() if v)
+    note = (f"peaks from the allocator replay of the rank's steps under ZeRO-{st.zero_stage} (the engine's "
+            f"buffers placed as DeepSpeed allocates them, one allocator per CUDA stream{': ' + pools if pools else ''})")
+    return sim["peak_allocated"], sim["peak_reserved"], note
+
+
+def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, marks: dict) -> dict:
+    """The allocator over what the rank's default stream runs besides the engine's per-moment buffers: the
+    single-GPU events without their gradients and optimizer step (`dropped_ids`), after what wrapping left
+    (FSDP: vramfit.memory.fsdp.wrap_events: the sharded parameters and the cached blocks of the whole ones
+    they replaced; the load's weights dropped where the model was built on the CPU)."""
+    if st.engine == "ddp":  # DDP keeps the single GPU's gradients and optimizer step: its whole replay
+        return simulate_rank(events, marks, [])
+    if st.engine != "fsdp":
+        return simulate_rank(activation_events(events, marks), marks, [])
+    from vramfit.memory.fsdp import wrap_events
+    from vramfit.memory.zero import _Ids
+
+    qlora = act.method != run.method
+    drop = dropped_ids(events, marks, load=not qlora)[0]
+    e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+    originals = ()
+    if qlora:  # the model loaded on the GPU: what the load left allocated
+        live = {}
+        for ev in events[:e_at]:
+            if ev[0] == "a":
+                live[ev[1]] = ev[2]
+            elif ev[0] == "f":
+                live.pop(ev[1], None)
+        originals = tuple(live.items())
+    full = act.method == "full"
+    elem = 4 if (act.param_dtype == "float32" or (full and act.autocast_dtype)) else 2
+    adapters = () if full else tuple((shape, 4) for _, _, _, shape in tensors)
+    ids = _Ids()
+    wrap = wrap_events(spec, act, gpus, elem, ids, originals, qlora, adapters)
+    later = {}
+    o = act.optimizer
+    if not (o.paged or o.factored) and o.states:
+        shards = _shard_sizes(spec, tensors, gpus, o.state_bytes or (elem if full else 4), full)
+        k = 0
+        while f"step{k}.optimizer" in marks:  # the rank's AdamW on its shards: states at the first step
+            temps = [ids() for _ in shards] if o.foreach_temp else []
+            evs = [("a", ids(), b) for b in shards for _ in range(o.states)] if k == 0 else []
+            evs += [("a", t, b) for t, b in zip(temps, shards)] + [("f", t) for t in temps]
+            later[f"step{k}.optimizer"] = evs
+            k += 1
+    return simulate_rank([ev for ev in events if not (ev[0] in ("a", "f") and ev[1] in drop)], marks, wrap, later)
+
+
+def _shard_sizes(spec, tensors, n: int, nbytes: int, full: bool) -> list:
+    """Bytes of each trainable parameter's FSDP shard (its padded dim-0 chunk), one AdamW state each."""
+    shapes = ([tuple(sh) for sh, count, _ in spec.param_shapes for _ in range(count)] if full
+              else [tuple(shape) for _, _, _, shape in tensors])
+    return [math.ceil(sh[0] / n) * (math.prod(sh[1:]) if len(sh) > 1 else 1) * nbytes for sh in shapes]
 
 
 def tied_embedding_grad(spec, st, tensors) -> int:
@@ -306,7 +420,7 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
             delta, u = at_r[moment] - max(at_s[m] for m in by_window[name]), used[moment]
         values[name] = peak + delta
         default[name] = values[name] - u
-    sim = simulate_rank(events, marks, [])
+    sim = _engine_gap_replay(spec, run, act, st, gpus, tensors, events, marks)
     gap = sim["peak_reserved"] - sim["peak_allocated"]
     phase_of = {n: ("backward" if isinstance(n, tuple) or str(n).startswith("backward") else n) for n in values}
     phases = {}

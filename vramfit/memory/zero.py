@@ -1,0 +1,407 @@
+"""One rank's memory under DeepSpeed ZeRO (0.19.8) as accelerate starts it for the Trainer (bf16, the
+Trainer's torch AdamW, the ZeRO sizes vramfit.run.launch writes: overlap_comm, contiguous_gradients,
+reduce_bucket_size 5e8, stage3_max_live_parameters 1e9, stage3_prefetch_bucket_size 5e7): the allocator
+replay of the rank's own step (`zero_replay`, the default answer of `vramfit estimate --gpus N
+--strategy zero*`), from the single-GPU events of the bf16 step without what ZeRO replaces (the load,
+the gradients and the optimizer step: `rank_replay.dropped_ids`) plus the engine's own allocations, each
+on the CUDA stream DeepSpeed makes it on (a freed block serves only its own stream: one allocator per
+stream).  `zero_terms`: the same engine as the fitted walk's per-moment terms (vramfit.memory.rank_step,
+what the planner searches with).  Pure: no torch.
+
+What DeepSpeed allocates (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py, partition_parameters.py,
+partitioned_param_coordinator.py); Pt trainable elements (the optimizer's param groups: the Trainer's
+decay and no-decay groups, each flattened and partitioned apart), P all, N ranks, bf16 (2 bytes):
+- wrapping, ZeRO-1/2: the module moved to the GPU parameter by parameter; per group (after an
+  empty_cache) the group flattened into one bf16 buffer (the parameters become views of it, their own
+  tensors freed), the rank's fp32 master partition (a bf16 clone cast to fp32), then
+  initialize_optimizer_states' fp32 zeros of each partition, freed at once (a cached block the step's
+  fp32 gradient reuses).  ZeRO-3: every parameter moved whole and partitioned (parameters under
+  stage3_param_persistence_threshold elements stay whole), the trainable partitions copied into one flat
+  buffer, the fp32 master partition, initialize_optimizer_states' fp32 gradient buffer (freed), the ipg
+  bucket (reduce_bucket_size elements, allocated at wrap and held for good, LoRA too) and the bf16
+  gradient partitions' flat buffer (held for good).
+- the backward, ZeRO-1/2: at the first gradient hook setup_buckets allocates the ipg bucket twice
+  (overlap_comm's double buffer), reduce_bucket_size elements each, whatever the model's size; every
+  gradient is copied into it and its own tensor freed; at the first bucket flush (reduce_ipg_grads on the
+  reduction stream) the rank's bf16 gradient partition (grads_in_partition, Pt/N) is allocated on that
+  stream; the epilogue frees the buckets.  ZeRO-3: each gradient copied into the held bucket.  Both: a
+  tied LM head's gradient waits in autograd for the embedding's before its hook (one vocab x hidden
+  block from the LM head's backward to the end, and the embedding's own beside it at the end).
+- ZeRO-3 with frozen weights under checkpointing (LoRA): every frozen weight gathered by the end of the
+  backward (the recompute's gathers are released with the outermost backward module).
+- ZeRO-3's gathered parameters: on the all-gather stream (a single-parameter module, every Linear,
+  gathers into a buffer allocated there); once the first step has traced the module order, the
+  coordinator keeps what it will reuse within stage3_max_reuse_distance and prefetches up to
+  stage3_max_live_parameters: held here as min(P, max_live + prefetch bucket) elements from the forward
+  to the step's release (the fake-group runs of 2026-12-07: ~2.1 GB on llama-3.2-1b, N = 4 and 8, full
+  and LoRA; not derived element by element).
+- the step: per group, the bf16 partition flattened and cast to an fp32 gradient (Pt/N x 4), the bf16
+  gradients freed; at the first step AdamW's two fp32 states; foreach AdamW's sqrt temporary; the fp32
+  gradient freed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vramfit.memory.allocator import CachingAllocator
+
+DEFAULT, REDUCE, ALLGATHER = 0, 1, 2  # CUDA streams
+
+
+class Streams:
+    """One caching allocator per CUDA stream (CUDACachingAllocator keeps a freed block for the stream that
+    allocated it); events ("a", id, bytes, stream) / ("f", id) / ("e",).  Peaks over the sum."""
+
+    def __init__(self, expandable: bool = False):
+        self.alloc = {s: CachingAllocator(expandable) for s in (DEFAULT, REDUCE, ALLGATHER)}
+        self.where, self.live = {}, {}
+        self.peak_allocated = self.peak_reserved = 0
+
+    def apply(self, ev) -> None:
+        if ev[0] == "a":
+            s = ev[3] if len(ev) > 3 else DEFAULT
+            self.where[ev[1]] = s
+            self.live[ev[1]] = self.alloc[s].malloc(ev[2])
+        elif ev[0] == "f":
+            self.alloc[self.where.pop(ev[1])].free(self.live.pop(ev[1]))
+        else:
+            for a in self.alloc.values():
+                a.empty_cache()
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    @property
+    def allocated(self) -> int:
+        return sum(a.allocated for a in self.alloc.values())
+
+    @property
+    def reserved(self) -> int:
+        return sum(a.reserved for a in self.alloc.values())
+
+    def reset_peaks(self) -> None:
+        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+
+class _Ids:
+    def __init__(self):
+        self.n = -(1 << 40)
+
+    def __call__(self) -> int:
+        self.n -= 1
+        return self.n
+
+
+def groups(tensors) -> list:
+    """The Trainer's param groups (decay, no-decay: biases and norms, the 1-d tensors), in elements."""
+    decay = sum(num for num, _, _, shape in tensors if len(shape) > 1)
+    return [g for g in (decay, sum(num for num, _, _, shape in tensors if len(shape) <= 1)) if g]
+
+
+def wrap_events(spec, tensors, stage: int, n: int, pb: int, full: bool, ids, bucket: int,
+                persistence: int) -> list:
+    """What deepspeed.initialize leaves on the GPU (see the module's docstring), as events."""
+    out = []
+    frozen = [] if full else [(math.prod(sh), tuple(sh)) for sh, count, _ in spec.param_shapes for _ in range(count)]
+    train = [(num, tuple(shape)) for num, _, _, shape in tensors]
+    gs = groups(tensors)
+    if stage < 3:
+        for num, _ in frozen:
+            out.append(("a", ids(), num * pb))
+        per_group = {0: [], 1: []}
+        for num, shape in train:
+            i = ids()
+            out.append(("a", i, num * pb))
+            per_group[0 if len(shape) > 1 else 1].append(i)
+        keys = [k for k in (0, 1) if per_group[k]]
+        for g, k in zip(gs, keys):
+            out.append(("e",))
+            out.append(("a", ids(), g * pb))  # the flat bf16 group
+            out += [("f", i) for i in per_group[k]]
+            clone = ids()
+            out += [("a", clone, math.ceil(g / n) * pb), ("a", ids(), math.ceil(g / n) * 4), ("f", clone)]
+        zeros = [ids() for _ in gs]
+        out += [("a", z, math.ceil(g / n) * 4) for z, g in zip(zeros, gs)] + [("f", z) for z in zeros]
+        return out
+    parts = []
+    for num, shape in frozen + train:
+        whole = ids()
+        out.append(("a", whole, num * pb))
+        if num < persistence:  # kept whole on every rank
+            continue
+        p = ids()
+        out += [("a", p, math.ceil(num / n) * pb), ("f", whole)]
+        if (num, shape) in train:
+            parts.append(p)
+    part = sum(math.ceil(g / n) for g in gs)
+    out.append(("a", ids(), part * pb))  # _create_fp16_partitions_with_defragmentation: one flat buffer
+    out += [("f", p) for p in parts]
+    out += [("a", ids(), math.ceil(g / n) * 4) for g in gs]  # fp32 master partitions
+    buf = ids()
+    out += [("a", buf, max(math.ceil(g / n) for g in gs) * 4), ("f", buf)]  # initialize_optimizer_states
+    out.append(("a", ids(), bucket * pb))  # the ipg bucket, held
+    out.append(("a", ids(), part * pb))  # grad_partitions_flat_buffer, held
+    return out
+
+
+def step_events(gs: list, n: int, pb: int, first: bool, ids, free_before: list) -> list:
+    """The optimizer step of ZeRO's optimizer, per group: the bf16 partition flattened, cast to fp32, the
+    bf16 gradients freed (`free_before`), AdamW's states (first step), its sqrt temporary, fp32 freed."""
+    out = []
+    for k, g in enumerate(gs):
+        part = math.ceil(g / n)
+        flat, fp32 = ids(), ids()
+        out += [("a", flat, part * pb), ("a", fp32, part * 4), ("f", flat)]
+        if k == 0:
+            out += [("f", i) for i in free_before]
+        if first:
+            out += [("a", ids(), part * 4), ("a", ids(), part * 4)]
+        tmp = ids()
+        out += [("a", tmp, part * 4), ("f", tmp), ("f", fp32)]
+    return out
+
+
+def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropped: set, grads_by_step: dict,
+                constants: dict) -> dict:
+    """Peaks of the rank's steps: the single-GPU events without `dropped` ids (the load, the gradients and
+    the optimizer step), the engine's allocations inserted (see the module's docstring).
+    `grads_by_step`: step -> [(event index, bytes)] of its gradients in birth order."""
+    ids = _Ids()
+    pb = 2 if act.compute_dtype != "float32" else 4
+    full = act.method == "full"
+    stage = st.zero_stage
+    bucket = constants["reduce_bucket"]
+    gs = groups(tensors)
+    pt = sum(gs)
+    e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+    at: dict = {}
+
+    def put(i, evs):
+        at.setdefault(i, []).extend(evs)
+
+    put(e_at + 1, wrap_events(spec, tensors, stage, n, pb, full, ids, bucket, constants["persistence"]))
+    tied = full and bool(spec.tied_embeddings)
+    vh = spec.vocab_size * spec.hidden_size * pb
+    live_elems = min(spec.params_total + (0 if full else pt), constants["max_live"] + constants["prefetch"])
+    if tied:  # the tied weight's hook fires last, once autograd has added the embedding's gradient to it
+        vocab_blocks = {spec.vocab_size * spec.hidden_size * b for b in (2, 4)}
+        grads_by_step = {j: [g for g in gr if g[1] not in vocab_blocks] + [g for g in gr if g[1] in vocab_blocks]
+                         for j, gr in grads_by_step.items()}
+    # the flushes' sizes are the same every step (DeepSpeed's hooks run in one order): the first step's
+    first = next((gr for gr in grads_by_step.values() if gr), [])
+    sizes = [(lo, hi) for _, lo, hi in bucket_flushes(first, pt, bucket, 0)]
+    k = 0
+    while f"step{k}.clip" in marks:
+        f0, b1 = marks[f"step{k}.forward"], marks[f"step{k}.clip"]
+        grads = grads_by_step.get(k, [])
+        g0 = min(i for i, _ in grads) if grads else b1
+        free_at_end = []
+        if stage == 3:
+            gathered = ids()
+            put(f0, [("a", gathered, int(live_elems * pb), ALLGATHER)])
+            free_at_end.append(gathered)
+            frozen = spec.params_total - live_elems
+            if not full and act.grad_ckpt and grads and frozen > 0:
+                # a checkpointed layer's recompute gathers its frozen weights for the backward module that
+                # is running (partitioned_param_coordinator: update_recompute_parameters), released when
+                # that module's backward ends: the outermost one's, at the end: every frozen weight by then
+                rest = ids()
+                put(max(i for i, _ in grads), [("a", rest, int(frozen * pb), ALLGATHER)])
+                free_at_end.append(rest)
+        else:
+            ipg = [ids(), ids()]
+            put(g0, [("a", i, bucket * pb) for i in ipg])
+            free_at_end += ipg
+        if tied and grads:
+            head, emb = ids(), ids()
+            put(g0, [("a", head, vh)])
+            put(max(i for i, _ in grads), [("a", emb, vh)])
+            free_at_end += [head, emb]
+        part_grads = []
+        flushes = [(_index_at(grads, hi / pt, b1) if hi < pt else b1, lo, hi) for lo, hi in sizes]
+        for j, (i, lo, hi) in enumerate(flushes):  # the reductions, on the reduction stream
+            evs = []
+            for size in reduce_buffers(lo, hi, pt, n, stage):
+                x = ids()
+                evs += [("a", x, size * pb, REDUCE), ("f", x)]
+            if stage < 3 and j == 0:  # grads_in_partition: at the first flush, after the reduction
+                gp = ids()
+                evs.append(("a", gp, math.ceil(pt / n) * pb, REDUCE))
+                part_grads.append(gp)
+            put(i, evs)
+        put(b1, [("f", i) for i in free_at_end] + step_events(gs, n, pb, k == 0, ids, part_grads))
+        k += 1
+    s = Streams(act.allocator == "expandable")
+    starts = {marks[f"step{j}.forward"]: j for j in range(1, k + 1) if f"step{j}.forward" in marks}
+    steps = []
+    for i, ev in enumerate(events):
+        if i in starts:  # each step's peaks, as the runner records them (the peaks are not reset)
+            steps.append((s.peak_allocated, s.peak_reserved))
+        for x in at.get(i, ()):
+            s.apply(x)
+        if i == e_at + 1:
+            s.reset_peaks()
+            wrapped = (s.allocated, s.reserved)
+        if i <= e_at or (ev[0] in ("a", "f") and ev[1] in dropped):
+            continue
+        s.apply(ev)
+    steps.append((s.peak_allocated, s.peak_reserved))
+    return {"peak_allocated": s.peak_allocated, "peak_reserved": s.peak_reserved, "steps": steps, "wrapped": wrapped,
+            "pools": {name: s.alloc[x].peak_reserved for name, x in (("reduce", REDUCE), ("allgather", ALLGATHER))}}
+
+
+def bucket_flushes(grads: list, pt: int, bucket: int, end: int) -> list:
+    """[(event index, lo, hi)]: the ipg bucket's reductions, elements [lo, hi) of the trainable ones counted
+    from the end of the flat groups (the backward's order): a flush when the next gradient would overflow
+    the bucket (reduce_independent_p_g_buckets_and_remove_grads), the rest at the backward's epilogue.
+    The gradients' sizes are the single-GPU ones, scaled to `pt` elements."""
+    total = sum(b for _, b in grads) or 1
+    out, lo, cur = [], 0, 0
+    for i, b in grads:
+        e = b / total * pt
+        if cur - lo + e > bucket and cur > lo:
+            out.append((i, lo, int(cur)))
+            lo = int(cur)
+        cur += e
+    if pt > lo:
+        out.append((end, lo, pt))
+    return out
+
+
+# --------------------------------------------------------------------------- the fitted walk's terms
+
+
+def zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl):
+    """DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py, 0.19.8) as accelerate starts
+    it with bf16 enabled: the engine casts the module to bf16 (adapters too), keeps an fp32 master copy
+    of its partition of the trainable parameters inside the optimizer, and AdamW's two fp32 states
+    of that partition.  Per GPU (Pt trainable elements, P all elements, pb the compute dtype):
+    - stage 1: bf16 params and bf16 gradients in full; master 4 Pt/N + states 8 Pt/N; at the step
+      the fp32 gradient partition 4 Pt/N.
+    - stage 2: gradients reduced in buckets into this rank's partition (contiguous_gradients: a bf16
+      partition buffer pb Pt/N).
+    - stages 1 and 2, during the backward: the ipg buckets, `setup_buckets` allocates
+      reduce_bucket_size elements of the reduction dtype, twice with overlap_comm ("double buffers"),
+      whatever the model's size, and `_release_ipg_buffers` frees them after the backward's epilogue.
+    - stage 3: also the parameters partitioned (pb P/N; tensors under the persistence threshold
+      kept whole) and gathered on use: at most stage3_max_live_parameters; and, when the model is
+      smaller than stage3_max_reuse_distance, DeepSpeed keeps gathered what it will reuse within
+      that distance, so a small model stays gathered from forward to backward.
+    - offload_optimizer (cpu): master, states and the fp32 gradient partition live in pinned host
+      memory (16 Pt/N per rank); the GPU keeps the ipg buckets.  offload_param (cpu, stage 3): the
+      bf16 partitions live in pinned host memory too (pb P/N per rank).
+    Measured through the fake group (benchmarks/results/h100-2026-12-07c-fake-pg-zero.jsonl); the replay
+    of the rank's own events (vramfit.memory.zero) is the default answer.
+    """
+    from vramfit.memory.distributed import (FP32, ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET,
+                                            ZERO_OVERLAP_COMM, ZERO_REDUCE_BUCKET, _ceil_div)
+    from vramfit.memory.rank_step import MOMENTS, RankTerms, single_gpu_grads
+    from vramfit.memory.walk import _quant_totals
+
+    pb = 2 if s.compute_dtype != "float32" else FP32
+    pt = sum(num for num, _, _, _ in tensors)  # trainable elements
+    P = spec.params_total
+    layers = max(spec.num_layers, 1)
+    # the model in the engine's dtype: bf16 weights (QLoRA: 4-bit packed + bf16 unquantized)
+    if s.method == "qlora":
+        q_numel, q_bytes, _ = _quant_totals(spec, c, s.double_quant)
+        base = q_bytes + (P - q_numel) * pb
+        packed = (q_numel + 1) // 2
+        constants = q_bytes - packed
+    else:
+        q_numel, base, packed, constants = 0, P * pb, 0, 0
+    adapters = pt * pb if s.method != "full" else 0
+    w, host = {}, {}
+    if st.zero_stage < 3:
+        w["weights_" + ("bfloat16" if pb == 2 else "float32")] = base - (constants if s.method == "qlora" else 0)
+        if constants:
+            w["weights_4bit_quant_constants"] = constants
+        if adapters:
+            w["lora_adapters"] = adapters
+    else:
+        persistent = persistent_numel(spec)
+        part = _ceil_div(base - constants - persistent * pb, n) + persistent * pb + _ceil_div(adapters, n)
+        if st.offload_params:
+            host["params_partition"] = part - persistent * pb
+            part = persistent * pb
+        w["weights_partitioned"] = part
+        if constants:
+            w["weights_4bit_quant_constants"] = constants
+    # the ipg bucket: stages 1/2 allocate it twice (overlap_comm) at the backward's first gradient hook and free
+    # it at its epilogue; stage 3 allocates it once at wrap and holds it, beside the bf16 gradient partitions'
+    # flat buffer (stage3.py, _setup_for_real_optimizer) -- whatever the trainable size, LoRA too
+    ipg = (2 if ZERO_OVERLAP_COMM else 1) * ZERO_REDUCE_BUCKET * pb if st.zero_stage < 3 else ZERO_REDUCE_BUCKET * pb
+    g_part = _ceil_div(pt * pb, n)
+    fp32_part = _ceil_div(pt * FP32, n)
+    master_states = _ceil_div(pt * (FP32 + 8), n)  # fp32 master + AdamW exp_avg and exp_avg_sq
+    # a tied LM head's gradient waits in autograd for the embedding's before its hook copies it away
+    tied = spec.vocab_size * spec.hidden_size * pb if (s.method == "full" and spec.tied_embeddings) else 0
+    if st.zero_stage == 1:
+        grads, grads_out, grads_step = pt * pb, G_out if s.method == "full" else 0, pt * pb + fp32_part
+    else:  # the step: the bf16 partition flattened beside its fp32 cast, then the fp32 gradient
+        grads, grads_out, grads_step = g_part + tied, tied, fp32_part
+    optimizer, opt_temp = master_states, _ceil_div(pt * FP32, n) if s.optimizer.foreach_temp else 0
+    if st.offload_optimizer:
+        host["optimizer_master_and_states"] = master_states
+        host["fp32_gradient_partition"] = fp32_part
+        optimizer, opt_temp, grads_step = 0, 0, 0
+    # stages 1/2: the buckets from the first hook (after the LM head's backward) to the epilogue
+    held = {k: {"zero_ipg_buckets": ipg} for k in ("backward_top", "backward_bottom", "backward_end")}
+    if st.zero_stage == 3:
+        held = {k: {"zero_ipg_bucket": ipg, "zero3_gradient_partitions": g_part} for k in MOMENTS}
+        grads, grads_step = tied, fp32_part
+        # gathered parameters once the first step traced the module order: the coordinator keeps what it
+        # reuses within stage3_max_reuse_distance and prefetches up to stage3_max_live_parameters; held as
+        # min(all, max_live + prefetch bucket) elements (vramfit.memory.zero; fitted to the fake-group runs)
+        total = P + (pt if s.method != "full" else 0)
+        live = min(total, ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET)
+        gathered = int(live * (base - constants + adapters) / total)
+        for k in MOMENTS[:-1]:
+            held[k]["zero3_gathered_params"] = gathered
+    # other streams' pools: stage 3 gathers on its all-gather stream and interleaves each bucket's gradients
+    # for the reduce-scatter on its reduction stream; stages 1/2 flatten a partition's slices for the reduce
+    # and keep the gradient partition there (vramfit.memory.zero)
+    bucket_rs = min(ZERO_REDUCE_BUCKET, pt) * pb if st.zero_stage == 3 else min(ZERO_REDUCE_BUCKET, _ceil_div(pt, n)) * pb
+    pools = {"zero_reduction_stream": (bucket_rs + (0 if st.zero_stage == 3 else g_part),
+                                       {} if st.zero_stage == 3 else {"backward_bottom": g_part, "backward_end": g_part})}
+    if st.zero_stage == 3:
+        pools["zero3_allgather_stream"] = (gathered, {k: gathered for k in MOMENTS[:-1]})
+    return RankTerms(weights=tuple(w.items()), optimizer=optimizer, optimizer_temp=opt_temp,
+                     grads=single_gpu_grads(grads, min(grads_out, grads), grads_step, layers),
+                     held=held, pools=pools, device_extra=nccl if n > 1 else 0, no_weight_copies=True,
+                     host_bytes=sum(host.values()), host_named=tuple(host.items()))
+
+
+def persistent_numel(spec) -> int:
+    """Elements of parameters below stage3_param_persistence_threshold: kept whole on every rank."""
+    return sum(count * math.prod(shape) for shape, count, _ in spec.param_shapes
+               if math.prod(shape) < _threshold())
+
+
+def _threshold() -> int:
+    from vramfit.memory.distributed import ZERO3_PERSISTENCE_THRESHOLD
+
+    return ZERO3_PERSISTENCE_THRESHOLD
+
+
+def _index_at(grads: list, frac: float, end: int) -> int:
+    """The event index where the gradients born so far reach `frac` of all of them."""
+    total = sum(b for _, b in grads) or 1
+    c, last = 0, 0
+    for i, b in grads:
+        c, last = c + b, max(last, i)
+        if c / total >= frac - 1e-9:
+            return last
+    return end
+
+
+def reduce_buffers(lo: int, hi: int, pt: int, n: int, stage: int) -> list:
+    """Elements of the temporaries one flush allocates on the reduction stream.  ZeRO-3: the bucket's
+    gradients interleaved into one flat tensor (comm/coalesced_collectives.py, reduce_scatter_coalesced's
+    torch.cat).  ZeRO-1/2: per rank whose partition the bucket meets, its slices flattened for the reduce
+    (allreduce_no_retain -> allreduce_bucket's flatten), one after the other."""
+    if stage == 3:
+        return [hi - lo]
+    part = math.ceil(pt / n)
+    a, b = pt - hi, pt - lo  # the bucket's range in the flat group's order
+    return [min(b, (r + 1) * part) - max(a, r * part) for r in range(n) if min(b, (r + 1) * part) > max(a, r * part)]
