@@ -55,20 +55,11 @@ DDP_BUCKET_CAP_BYTES = 25 * MiB
 # proof (benchmarks/distributed) measures device - reserved per rank.
 NCCL_DEVICE_BYTES = 544 * MiB
 NCCL_DEVICE_BYTES_LARGER_GROUPS = 688 * MiB
-# DeepSpeed ZeRO sizes, written explicitly into the generated DeepSpeed config (vramfit.run.launch);
-# the values are DeepSpeed's documented defaults (deepspeed.ai/docs/config-json, "ZeRO
-# optimizations"): reduce_bucket_size 5e8 and allgather_bucket_size 5e8 elements,
-# stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_max_reuse_distance 1e9,
-# stage3_param_persistence_threshold 1e5 elements.
-ZERO_REDUCE_BUCKET = 500_000_000
-ZERO_ALLGATHER_BUCKET = 500_000_000
-ZERO3_PREFETCH_BUCKET = 50_000_000
-ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
-ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
-ZERO3_PERSISTENCE_THRESHOLD = 100_000
-# overlap_comm, as vramfit.run.launch.deepspeed_config writes it: ZeRO-1/2 then double-buffers its ipg
-# bucket (stage_1_and_2.py, setup_buckets: "Use double buffers to avoid data access conflict").
-ZERO_OVERLAP_COMM = True
+# DeepSpeed ZeRO sizes: vramfit.memory.zero (re-exported here for the launcher)
+from vramfit.memory.zero import (ZERO3_MAX_LIVE_PARAMETERS, ZERO3_MAX_REUSE_DISTANCE,  # noqa: E402,F401
+                                 ZERO3_PERSISTENCE_THRESHOLD, ZERO3_PREFETCH_BUCKET, ZERO_ALLGATHER_BUCKET,
+                                 ZERO_OVERLAP_COMM, ZERO_REDUCE_BUCKET)
+
 # Host-to-device link when a profile names none (offload traffic): PCIe 4.0 x16 per direction.
 DEFAULT_HOST_LINK_BYTES_PER_S = 31_500_000_000
 

@@ -46,6 +46,27 @@ import math
 
 from vramfit.memory.allocator import CachingAllocator
 
+FP32 = 4
+# DeepSpeed ZeRO sizes, written explicitly into the generated DeepSpeed config (vramfit.run.launch);
+# the values are DeepSpeed's documented defaults (deepspeed.ai/docs/config-json, "ZeRO
+# optimizations"): reduce_bucket_size 5e8 and allgather_bucket_size 5e8 elements,
+# stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_max_reuse_distance 1e9,
+# stage3_param_persistence_threshold 1e5 elements.
+ZERO_REDUCE_BUCKET = 500_000_000
+ZERO_ALLGATHER_BUCKET = 500_000_000
+ZERO3_PREFETCH_BUCKET = 50_000_000
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+# overlap_comm, as vramfit.run.launch.deepspeed_config writes it: ZeRO-1/2 then double-buffers its ipg
+# bucket (stage_1_and_2.py, setup_buckets: "Use double buffers to avoid data access conflict").
+ZERO_OVERLAP_COMM = True
+
+
+def _ceil_div(a: float, n: int) -> int:
+    return math.ceil(a / n)
+
+
 DEFAULT, REDUCE, ALLGATHER = 0, 1, 2  # CUDA streams
 
 
@@ -293,8 +314,6 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl):
     Measured through the fake group (benchmarks/results/h100-2026-12-07c-fake-pg-zero.jsonl); the replay
     of the rank's own events (vramfit.memory.zero) is the default answer.
     """
-    from vramfit.memory.distributed import (FP32, ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET,
-                                            ZERO_OVERLAP_COMM, ZERO_REDUCE_BUCKET, _ceil_div)
     from vramfit.memory.rank_step import MOMENTS, RankTerms, single_gpu_grads
     from vramfit.memory.walk import _quant_totals
 
@@ -379,7 +398,6 @@ def persistent_numel(spec) -> int:
 
 
 def _threshold() -> int:
-    from vramfit.memory.distributed import ZERO3_PERSISTENCE_THRESHOLD
 
     return ZERO3_PERSISTENCE_THRESHOLD
 
