@@ -17,3 +17,9 @@ TINY_LLAMA = dict(
     num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, vocab_size=512,
     max_position_embeddings=256, tie_word_embeddings=False,
 )
+# GPT-2 (Conv1D, tied head, learned positions) and GPT-NeoX (partial rotary, parallel residual) as small
+TINY_GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_head=4, n_layer=10,
+                 n_positions=4096, vocab_size=512, activation_function="gelu_new")
+TINY_NEOX = dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_size=64, intermediate_size=256,
+                 num_attention_heads=4, num_hidden_layers=10, vocab_size=512, max_position_embeddings=4096,
+                 rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)

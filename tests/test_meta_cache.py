@@ -10,14 +10,11 @@ import sys
 
 import pytest
 
-from conftest import TINY_LLAMA
+from conftest import TINY_GPT2, TINY_LLAMA, TINY_NEOX
 
 TINY = dict(TINY_LLAMA, num_hidden_layers=2)
-TINY_GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_head=4, n_layer=2,
-                 n_positions=512, vocab_size=512, activation_function="gelu_new")
-TINY_NEOX = dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_size=64, intermediate_size=256,
-                 num_attention_heads=4, num_hidden_layers=2, vocab_size=512, max_position_embeddings=512,
-                 rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+TINY_GPT2 = dict(TINY_GPT2, n_layer=2, n_positions=512)
+TINY_NEOX = dict(TINY_NEOX, num_hidden_layers=2, max_position_embeddings=512)
 
 CASES = [
     (TINY, dict(method="full", precision="bf16-mixed", grad_ckpt=True), dict(after=True)),

@@ -13,14 +13,9 @@ import sys
 
 import pytest
 
-from conftest import TINY_LLAMA
+from conftest import TINY_GPT2, TINY_LLAMA, TINY_NEOX
 
 TINY = dict(TINY_LLAMA, num_hidden_layers=12)
-TINY_GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_head=4, n_layer=10,
-                 n_positions=4096, vocab_size=512, activation_function="gelu_new")
-TINY_NEOX = dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_size=64, intermediate_size=256,
-                 num_attention_heads=4, num_hidden_layers=10, vocab_size=512, max_position_embeddings=4096,
-                 rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
 
 _TEMPLATES = {}
 
