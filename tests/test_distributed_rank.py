@@ -1,6 +1,6 @@
 """One rank's step under DDP / FSDP2 / the launcher's QLoRA, moment by moment (vramfit.memory.rank_step,
 fsdp, distributed) and its replay (vramfit.memory.rank_replay): each mechanism found against the
-fake-process-group runs of 2026-12-07 (benchmarks/results/h100-2026-12-07-fake-pg.md), on the CPU."""
+fake-process-group runs of 2026-12-07 (benchmarks/results/h100-2026-12-07c-fake-pg.md), on the CPU."""
 
 import json
 import math

@@ -15,68 +15,75 @@ from pathlib import Path
 from vramfit.model import cache as live
 
 
-def build_bundled(profiles=None, templates: bool = True) -> int:
+# The profiles whose event templates ship (the allocator replay, `vramfit estimate` and `plan`'s default
+# answer, torch-free in ~1 s once a template exists; a first build takes ~10-60 s): the ones people
+# fine-tune most, at the estimate's default setup, the README's QLoRA command, and the setups the default
+# plan replays on the cards of TEMPLATE_GPUS.  Keyed by the replay's code and the traced libraries'
+# versions: an edit to the replay or another transformers makes them unused until the bundle is rebuilt.
+TEMPLATE_PROFILES = ("llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b-v0.3", "qwen2.5-7b",
+                     "qwen2.5-1.5b")
+TEMPLATE_GPUS = ("12GB", "rtx-4090", "h100")
+TRACE_GPUS = ("h100", "t4")  # the default plan's setups, on a bf16 card and on an fp16 one (fast model)
+
+
+def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
     """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
     the default setups (`vramfit estimate` defaults, the README's QLoRA command, and what the
-    default `vramfit plan` evaluates on a bf16 and on an fp16 card).  With `templates`, the two
-    estimates also leave their event templates (vramfit.memory.template), each checked against the
-    real replay at the default setup, or the reason there is none (~1 min a profile); they are keyed
-    by the replay's code, so an edit to it makes them unused until the bundle is rebuilt."""
-    from vramfit.api import estimate as _estimate
-
-    def estimate(*args, **kwargs):
-        return _estimate(*args, replay=templates, **kwargs)
+    default `vramfit plan` evaluates on a bf16 and on an fp16 card), and with `templates` the event
+    templates of TEMPLATE_PROFILES (see there), each checked against the real replay at the setup it
+    was built for, or the reason there is none.  `jobs` processes share the profiles."""
+    import multiprocessing as mp
 
     dest = live.BUNDLED_ZIP
     build_dir = Path(tempfile.mkdtemp(prefix="vramfit-bundle-"))
-    os.environ["VRAMFIT_CACHE_DIR"] = str(build_dir)
-    live.BUNDLED_ZIP = build_dir / "none.zip"  # computed afresh, not read from the old bundle
+    from vramfit.model.spec import list_profiles
+
+    names = list(profiles or list_profiles())
+    work = [(name, str(build_dir), templates and name in TEMPLATE_PROFILES) for name in names]
+    if jobs > 1:
+        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            for name in pool.imap_unordered(_bundle_profile, work):
+                print(f"bundled {name}", flush=True)
+    else:
+        for item in work:
+            print(f"bundled {_bundle_profile(item)}", flush=True)
+    _pack(build_dir, dest)
+    live.BUNDLED_ZIP = dest
+    return len(names)
+
+
+def _bundle_profile(item) -> str:
+    """One profile's entries into the build directory (a process of its own with `jobs`)."""
+    name, build_dir, templates = item
+    os.environ["VRAMFIT_CACHE_DIR"] = build_dir
+    live.BUNDLED_ZIP = Path(build_dir) / "none.zip"  # computed afresh, not read from the old bundle
     live._specs.clear()
     live._profiles.clear()
     live._templates.clear()
-    from vramfit.model.spec import list_profiles
-
-    n = 0
+    from vramfit.api import estimate
     from vramfit.errors import VramfitError
     from vramfit.planner.search import plan
 
-    for name in profiles or list_profiles():
-        estimate(name, use_calibration=False)
-        try:
-            estimate(name, method="qlora", grad_ckpt=True, use_calibration=False)
-        except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
+    estimate(name, use_calibration=False, replay=templates)
+    try:
+        estimate(name, method="qlora", grad_ckpt=True, use_calibration=False, replay=templates)
+    except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
+        pass
+    for gpu in dict.fromkeys(TRACE_GPUS + (TEMPLATE_GPUS if templates else ())):
+        try:  # the plan's replay (recheck) builds the templates of what it replays
+            plan(name, gpu=gpu, replay=templates)
+        except VramfitError:  # nothing fits: the traces it needed are stored all the same
             pass
-        for gpu in ("h100", "t4"):  # the default plan's setups, on a bf16 card and on an fp16 one
-            try:
-                chosen = plan(name, gpu=gpu).chosen
-            except VramfitError:  # nothing fits: the traces it needed are stored all the same
-                chosen = None
-            if templates and chosen is not None:  # `plan --simulate-allocator` replays the choice
-                _plan_template(name, chosen.setup)
-        # the second LoRA rank anchor of every LoRA/QLoRA trace: any rank is then interpolated
-        # (trace.RANK_ANCHORS), so rank levers and --lora-r need no new trace
-        from vramfit.model.trace import RANK_ANCHORS, activation_profile
+    # the second LoRA rank anchor of every LoRA/QLoRA trace: any rank is then interpolated
+    # (trace.RANK_ANCHORS), so rank levers and --lora-r need no new trace
+    from vramfit.model.trace import RANK_ANCHORS, activation_profile
 
-        for (config_hash, key, needs_input_grad) in list(live._profiles):
-            if key.method != "full" and key.lora_r in RANK_ANCHORS:
-                spec = next(s for s in live._specs.values() if s.config_hash == config_hash)
-                for r in RANK_ANCHORS:
-                    activation_profile(spec, dataclasses.replace(key, lora_r=r), needs_input_grad)
-        n += 1
-    _pack(build_dir, dest)
-    live.BUNDLED_ZIP = dest
-    return n
-
-
-def _plan_template(name: str, setup) -> None:
-    """The event template of a plan's chosen setup, with its gradient accumulation (what the
-    planner's capped replay expands), built and checked at that setup."""
-    from vramfit.memory.replay import setup_template
-    from vramfit.memory.setup import resolve_targets
-    from vramfit.model.spec import load_spec
-
-    spec = load_spec(name)
-    setup_template(spec, setup, resolve_targets(spec, setup), setup.grad_accum, build=True)
+    for (config_hash, key, needs_input_grad) in list(live._profiles):
+        if key.method != "full" and key.lora_r in RANK_ANCHORS:
+            spec = next(s for s in live._specs.values() if s.config_hash == config_hash)
+            for r in RANK_ANCHORS:
+                activation_profile(spec, dataclasses.replace(key, lora_r=r), needs_input_grad)
+    return name
 
 
 def _pack(src: Path, dest: Path) -> None:
@@ -95,5 +102,6 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     names = [a for a in sys.argv[1:] if not a.startswith("--")]
-    n = build_bundled(names or None, templates="--no-templates" not in sys.argv)
+    jobs = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--jobs=")), 1)
+    n = build_bundled(names or None, templates="--no-templates" not in sys.argv, jobs=jobs)
     print(f"bundled cache: {n} profiles -> {live.BUNDLED_ZIP}")

@@ -1,0 +1,91 @@
+"""Issue 19's speed targets, as a new user meets them: `python -m benchmarks.speed.cold_speed [--out FILE]`.
+
+Every command runs in a fresh process with an empty user cache (`VRAMFIT_CACHE_DIR` a new empty
+folder), so what is not in the bundled cache (profiles/cache.zip) is computed there and then:
+- `vramfit estimate` of bundled profiles at setups whose event templates ship (the README's command,
+  the estimate's defaults) and at setups whose do not (another sequence, micro-batch, method, model);
+- `vramfit plan` of bundled profiles on cards whose plans' templates ship and on one whose do not;
+- `vramfit estimate` of a local config.json, the first time and again (same cache).
+Targets (issue 19, item 2): estimate <= 1.5 s at any setup, plan <= 3 s, a local config.json <= 10 s
+the first time and <= 0.5 s after.  Each line: the command, its wall seconds, whether it built an event
+template (the replay's ~10-60 s first build) and its exit code; one JSON line per command to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from vramfit.versions import installed
+
+# (what it shows, the vramfit arguments)
+CASES = [
+    ("README's command (template bundled)", ["estimate", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt"]),
+    ("estimate defaults (template bundled)", ["estimate", "llama-3.2-1b"]),
+    ("estimate defaults (template bundled)", ["estimate", "qwen2.5-7b"]),
+    ("another micro-batch and sequence (not bundled)", ["estimate", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt",
+                                                        "--seq-len", "3000", "--batch-size", "3"]),
+    ("another model (not bundled)", ["estimate", "gemma-2b"]),
+    ("plan (templates bundled)", ["plan", "llama-3.1-8b", "--gpu", "12GB"]),
+    ("plan (templates bundled)", ["plan", "llama-3.1-8b", "--gpu", "rtx-4090"]),
+    ("plan (not bundled)", ["plan", "qwen2.5-3b", "--gpu", "16GB"]),
+]
+
+
+def run(args: list, cache: str) -> dict:
+    env = dict(os.environ, VRAMFIT_CACHE_DIR=cache)
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "vramfit", *args], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    return {"command": "vramfit " + " ".join(args), "seconds": round(wall, 2), "rc": p.returncode,
+            "built_template": "template built for this setup" in p.stdout + p.stderr
+            or "building the allocator replay" in p.stderr,
+            "first_line": (p.stdout.strip().splitlines() or [""])[0][:160]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="substring of the commands to run")
+    a = ap.parse_args(argv)
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "python": platform.python_version(),
+           "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
+    lines = []
+    for what, args in CASES:
+        if a.only and a.only not in " ".join(args):
+            continue
+        with tempfile.TemporaryDirectory() as cache:
+            rec = dict(run(args, cache), what=what, cache="empty", environment=env)
+        lines.append(rec)
+        print(f"{rec['seconds']:7.2f} s  rc {rec['rc']}  template built: {rec['built_template']!s:5}  {rec['command']}",
+              flush=True)
+    if not a.only or "config.json" in a.only:
+        with tempfile.TemporaryDirectory() as d:
+            cfg = Path(d) / "config.json"
+            src = Path(__file__).resolve().parents[2] / "profiles" / "models" / "llama-3.2-3b.json"
+            cfg.write_text(json.dumps({k: v for k, v in json.loads(src.read_text()).items() if not k.startswith("_")}))
+            cache = str(Path(d) / "cache")
+            for n in ("first", "again"):
+                rec = dict(run(["estimate", str(cfg)], cache), what=f"a local config.json, {n}", cache=n,
+                           environment=env)
+                rec["command"] = "vramfit estimate ./config.json"
+                lines.append(rec)
+                print(f"{rec['seconds']:7.2f} s  rc {rec['rc']}  template built: {rec['built_template']!s:5}  "
+                      f"{rec['command']} ({n})", flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            for rec in lines:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
