@@ -23,3 +23,14 @@ TINY_GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64
 TINY_NEOX = dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_size=64, intermediate_size=256,
                  num_attention_heads=4, num_hidden_layers=10, vocab_size=512, max_position_embeddings=4096,
                  rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+
+
+def wide_tiny_spec(tmp_dir, **overrides):
+    """TINY_LLAMA at hidden 128 / intermediate 512 (the per-rank tests' model), loaded from a config.json."""
+    import json
+
+    from vramfit.model.spec import load_spec
+
+    cfg = tmp_dir / "config.json"
+    cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512, **overrides}))
+    return load_spec(str(cfg))

@@ -2,11 +2,10 @@
 fsdp, distributed) and its replay (vramfit.memory.rank_replay): each mechanism found against the
 fake-process-group runs of 2026-12-07 (benchmarks/results/h100-2026-12-07c-fake-pg.md), on the CPU."""
 
-import json
 import math
 
 import pytest
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, wide_tiny_spec
 
 from vramfit.errors import VramfitError
 from vramfit.memory.constants import DEFAULT
@@ -37,17 +36,12 @@ GiB = 1 << 30
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("tiny") / "config.json"
-    cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512}))
-    return load_spec(str(cfg))
+    return wide_tiny_spec(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("tied") / "config.json"
-    cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512,
-                               "tie_word_embeddings": True}))
-    return load_spec(str(cfg))
+    return wide_tiny_spec(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,10 @@
 allocator events (vramfit.memory.fsdp.wrap_events, rank_replay.dropped_ids): each mechanism read from
 DeepSpeed 0.19.8 / torch 2.11 and checked against the fake-process-group runs of 2026-12-07, on the CPU."""
 
-import json
 import math
 
 import pytest
-from conftest import TINY_LLAMA
+from conftest import wide_tiny_spec
 
 from vramfit.memory.distributed import estimate_distributed, get_strategy
 from vramfit.memory.setup import make_setup
@@ -29,10 +28,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("ztied") / "config.json"
-    cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512,
-                               "tie_word_embeddings": True}))
-    return load_spec(str(cfg))
+    return wide_tiny_spec(tmp_path_factory.mktemp("ztied"), tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +149,7 @@ def test_dropped_ids_take_the_gradients_and_the_optimizer_step_not_the_transient
 def test_fsdp2_wrap_leaves_the_shards_and_the_whole_parameters_cached(tmp_path):
     from vramfit.memory.fsdp import wrap_events as fsdp_wrap
 
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512}))
-    spec = load_spec(str(cfg))
+    spec = wide_tiny_spec(tmp_path)
     s = Streams()
     for ev in fsdp_wrap(spec, None, 4, 4, _Ids()):
         s.apply(ev)
@@ -181,9 +175,7 @@ def test_fsdp_reserve_is_replayed_without_the_single_gpus_gradients_and_optimize
     from vramfit.memory.setup import resolve_targets
     from vramfit.memory.walk import trainable_tensors
 
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512}))
-    spec = load_spec(str(cfg))
+    spec = wide_tiny_spec(tmp_path)
     s = make_setup(method="full", precision="bf16-mixed", seq_len=64, micro_batch=2)
     st = get_strategy("fsdp-full")
     run = engine_setup(st, s)
