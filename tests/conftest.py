@@ -1,4 +1,6 @@
 
+import json
+
 import pytest
 
 
@@ -27,10 +29,42 @@ TINY_NEOX = dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hi
 
 def wide_tiny_spec(tmp_dir, **overrides):
     """TINY_LLAMA at hidden 128 / intermediate 512 (the per-rank tests' model), loaded from a config.json."""
-    import json
-
     from vramfit.model.spec import load_spec
 
     cfg = tmp_dir / "config.json"
     cfg.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 512, **overrides}))
     return load_spec(str(cfg))
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    from vramfit.model.spec import load_spec
+
+    return load_spec("llama-3.1-8b")
+
+
+@pytest.fixture(scope="module")
+def llama1b():
+    from vramfit.model.spec import load_spec
+
+    return load_spec("llama-3.2-1b")
+
+
+# the GPU harness's tiny profile (benchmarks/accuracy), trained on the CPU by the harness tests
+HARNESS_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "tie_word_embeddings": True, "_params": 90432,
+}
+
+
+def harness_profiles(tmp_path, monkeypatch):
+    """A profiles folder holding `tiny-llama` (HARNESS_LLAMA), where benchmarks.accuracy.cases looks."""
+    from benchmarks.accuracy import cases
+
+    directory = tmp_path / "models"
+    directory.mkdir()
+    (directory / "tiny-llama.json").write_text(json.dumps(HARNESS_LLAMA))
+    monkeypatch.setenv(cases.PROFILES_ENV, str(directory))
+    return directory

@@ -23,20 +23,9 @@ from vramfit.memory.fsdp import fsdp_shard_numel
 from vramfit.errors import VramfitError
 from vramfit.memory.walk import _grad_totals, optimizer_state_bytes, trainable_tensors
 from vramfit.memory.setup import make_setup, resolve_targets
-from vramfit.model.spec import load_spec
 
 runner = CliRunner()
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def llama8b():
-    return load_spec("llama-3.1-8b")
-
-
-@pytest.fixture(scope="module")
-def llama1b():
-    return load_spec("llama-3.2-1b")
 
 
 def full(precision="bf16-true", **kw):

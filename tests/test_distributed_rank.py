@@ -28,7 +28,6 @@ from vramfit.memory.walk import (
     trainable_tensors,
     weight_bytes,
 )
-from vramfit.model.spec import load_spec
 from vramfit.model.trace import activation_profile
 
 GiB = 1 << 30
@@ -42,16 +41,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory):
     return wide_tiny_spec(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def llama8b():
-    return load_spec("llama-3.1-8b")
-
-
-@pytest.fixture(scope="module")
-def llama1b():
-    return load_spec("llama-3.2-1b")
 
 
 def _single(spec, s, c=DEFAULT):

@@ -21,7 +21,6 @@ from vramfit.memory.zero import (
     step_events,
     wrap_events,
 )
-from vramfit.model.spec import load_spec
 
 MiB = 1 << 20
 
@@ -29,11 +28,6 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory):
     return wide_tiny_spec(tmp_path_factory.mktemp("ztied"), tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def llama1b():
-    return load_spec("llama-3.2-1b")
 
 
 def _tensors(spec, pb=2):

@@ -18,14 +18,10 @@ if importlib.util.find_spec("peft") is None:  # not imported here: it would init
     pytest.skip("needs peft", allow_module_level=True)
 
 from benchmarks.accuracy import cases, grids, harness  # noqa: E402
+from conftest import HARNESS_LLAMA, harness_profiles  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-TINY_LLAMA = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "tie_word_embeddings": True, "_params": 90432,
-}
+TINY_LLAMA = HARNESS_LLAMA
 # embed 256*64 + 2 layers * (q 64*64 + k,v 2*64*32 + o 64*64 + mlp 3*64*128 + 2 norms*64) + norm 64
 TINY_LLAMA_PARAMS = 256 * 64 + 2 * (4096 + 2 * 2048 + 4096 + 3 * 8192 + 128) + 64
 # LoRA r=4 on q (64->64) and v (64->32): A r*in + B out*r per layer
@@ -49,11 +45,7 @@ def cuda_not_initialised_here():
 
 @pytest.fixture
 def tiny_profiles(tmp_path, monkeypatch):
-    directory = tmp_path / "models"
-    directory.mkdir()
-    (directory / "tiny-llama.json").write_text(json.dumps(TINY_LLAMA))
-    monkeypatch.setenv(cases.PROFILES_ENV, str(directory))
-    return directory
+    return harness_profiles(tmp_path, monkeypatch)
 
 
 def tiny_case(**kwargs) -> dict:

@@ -16,24 +16,16 @@ if importlib.util.find_spec("peft") is None:
     pytest.skip("needs peft", allow_module_level=True)
 
 from benchmarks.accuracy import cases, harness  # noqa: E402
+from conftest import harness_profiles  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-TINY_LLAMA = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256,
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
 PHASES = {"load", "setup", "eval", "save", "load_best", "save_model"}
 
 
 @pytest.fixture(autouse=True)
 def spawned_children(monkeypatch, tmp_path):
     monkeypatch.setenv("VRAMFIT_HARNESS_START_METHOD", "spawn")
-    directory = tmp_path / "models"
-    directory.mkdir()
-    (directory / "tiny-llama.json").write_text(json.dumps(TINY_LLAMA))
-    monkeypatch.setenv(cases.PROFILES_ENV, str(directory))
+    harness_profiles(tmp_path, monkeypatch)
 
 
 def _case(**kwargs) -> dict:
