@@ -62,6 +62,13 @@ def calibrated_constants(calibration: dict, spec, base: Constants = DEFAULT) -> 
     return base.with_(**fields)
 
 
+def unused_reserved(rec: dict) -> int:
+    """What a harness run held reserved and unused when it loaded (its CUDA-context probe's segment,
+    torch.empty(1) then freed): transformers' load warm-up subtracts it (training_events(unused_reserved=))."""
+    init = rec.get("after_cuda_init") or {}
+    return max(0, (init.get("reserved_bytes") or 0) - (init.get("allocated_bytes") or 0))
+
+
 def measured(rec: dict) -> dict:
     return {"allocated": rec.get("peak_allocated_bytes"), "reserved": rec.get("peak_reserved_bytes"),
             "device": rec.get("nvml_peak_bytes")}
@@ -286,10 +293,8 @@ def _replay_run_phases(rec: dict) -> dict:
         spec = load_spec(case["model"], overrides=case.get("config_overrides") or None)
         outside = rec.get("phases_outside_steps") or {}
         post = "eval" in outside or "save" in outside
-        init = rec.get("after_cuda_init") or {}  # the harness's probe segment, unused at the load's warm-up
-        unused = max(0, (init.get("reserved_bytes") or 0) - (init.get("allocated_bytes") or 0))
         ev = training_events(spec, s, resolve_targets(spec, s), steps=2 if post else 0, after=post,
-                             eval_batch=case.get("eval_batch"), unused_reserved=unused)
+                             eval_batch=case.get("eval_batch"), unused_reserved=unused_reserved(rec))
         parts = [(ev["events"], ev["marks"])] + ([(ev["after"]["events"], ev["after"]["marks"])] if post else [])
         res = replay_phases(parts, expandable=case.get("allocator") == "expandable")
     except Exception as exc:  # noqa: BLE001 - listed, not hidden

@@ -34,7 +34,7 @@ def _simulate_one(rec: dict) -> dict:
     logging.disable(logging.WARNING)
     import transformers
 
-    from benchmarks.accuracy.report import case_setup, predict
+    from benchmarks.accuracy.report import case_setup, predict, unused_reserved
     from vramfit.memory.events import training_events
     from vramfit.memory.kernels import Unsupported
     from vramfit.memory.allocator import simulate
@@ -55,11 +55,7 @@ def _simulate_one(rec: dict) -> dict:
         out.update(fit_allocated=bd.peak_allocated_bytes, fit_reserved=bd.peak_reserved_bytes,
                    fit_device=bd.device_bytes, context=bd.device_bytes - bd.peak_reserved_bytes)
         t = time.perf_counter()
-        # transformers' load warm-up (QLoRA) subtracts what is reserved and unused when it starts:
-        # the harness's 2 MiB segment from its CUDA-context probe (torch.empty(1), then freed)
-        init = rec.get("after_cuda_init") or {}
-        unused = max(0, (init.get("reserved_bytes") or 0) - (init.get("allocated_bytes") or 0))
-        ev = training_events(spec, s, resolve_targets(spec, s), unused_reserved=unused)
+        ev = training_events(spec, s, resolve_targets(spec, s), unused_reserved=unused_reserved(rec))
         t_gen = time.perf_counter() - t
         t = time.perf_counter()
         # a run under a cap (set_per_process_memory_fraction) is replayed under the same cap, as

@@ -416,6 +416,12 @@ class CachingAllocator:
         return c
 
 
+def empty_cache_at(events: list, marks: dict) -> int:
+    """Index of a replay stream's first ("e",) event: the Trainer's empty_cache after the load (else
+    the `after_load` mark)."""
+    return next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+
+
 def simulate(events, expandable_segments: bool = False, limit_bytes: int | None = None,
              initial_allocated: int = 0) -> dict:
     """events: ("a", id, nbytes) / ("f", id) / ("e",) (empty_cache) tuples.  Returns the peaks, the

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from vramfit.memory.allocator import CachingAllocator
+from vramfit.memory.allocator import CachingAllocator, empty_cache_at
 
 _EVENTS: dict = {}  # (id(spec), setup, targets) -> (spec, events)
 
@@ -118,7 +118,7 @@ def simulate_rank(events: list, marks: dict, wrap: list, later: dict | None = No
     """The caching allocator over `events` with the engine's `wrap` events (("a", id, bytes), ("f", id))
     placed after the Trainer's empty_cache, and the peaks reset there, as a run measures its steps;
     `later`: {mark: events} placed where that mark of `marks` starts."""
-    e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+    e_at = empty_cache_at(events, marks)
     at = {e_at + 1: list(wrap)}
     for mark, evs in (later or {}).items():
         if mark in marks:
@@ -147,7 +147,7 @@ def dropped_ids(events: list, marks: dict, load: bool = False) -> tuple:
     drop, grads, k = set(), {}, 0
     end = marks.get("end", len(events))
     if load:
-        e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+        e_at = empty_cache_at(events, marks)
         drop |= {ev[1] for ev in events[:e_at] if ev[0] == "a"}
     while f"step{k}.forward" in marks and f"step{k}.post_step" in marks:
         b0, b1, post = marks[f"step{k}.backward"], marks[f"step{k}.clip"], marks[f"step{k}.post_step"]
@@ -321,7 +321,7 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
 
     qlora = act.method != run.method
     drop = dropped_ids(events, marks, load=not qlora)[0]
-    e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+    e_at = empty_cache_at(events, marks)
     originals = ()
     if qlora:  # the model loaded on the GPU: what the load left allocated
         live = {}

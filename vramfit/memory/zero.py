@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 
-from vramfit.memory.allocator import CachingAllocator
+from vramfit.memory.allocator import CachingAllocator, empty_cache_at
 
 FP32 = 4
 # DeepSpeed ZeRO sizes, written explicitly into the generated DeepSpeed config (vramfit.run.launch);
@@ -194,7 +194,7 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
     bucket = constants["reduce_bucket"]
     gs = groups(tensors)
     pt = sum(gs)
-    e_at = next((i for i, ev in enumerate(events) if ev[0] == "e"), marks.get("after_load", 0))
+    e_at = empty_cache_at(events, marks)
     at: dict = {}
 
     def put(i, evs):
