@@ -659,3 +659,36 @@ def test_flash_backward_holds_the_recomputed_output_until_it_returns():
     scratch = max(size, key=size.get)
     at = {("a" if e[0] == "a" else "f", e[1]): j for j, e in enumerate(bwd)}
     assert at[("f", scratch)] < at[("f", recomputed_out)]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_accumulation_replay_skips_repeated_micro_batches_exactly(tmp_path, method):
+    """replay._simulate_accumulation skips the micro-batches of an accumulating step once the
+    allocator's state repeats: every figure equals the whole stream's, under no cap and under caps
+    that make it release its cache and retry, or run out."""
+    import json
+
+    from conftest import TINY_LLAMA
+    from vramfit.memory.allocator import simulate
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.events import training_events
+    from vramfit.memory.replay import _simulate_accumulation
+    from vramfit.memory.setup import make_setup
+    from vramfit.model.spec import load_spec
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_LLAMA))
+    spec = load_spec(str(cfg))
+    setup = make_setup(method=method, seq_len=64, micro_batch=2, grad_accum=8)
+    _, targets = estimate_setup(spec, setup)
+    ev = training_events(spec, setup, targets, steps=2, grad_accum=8)
+    skipped = 0
+    for expandable in (False, True):
+        whole = simulate(ev["events"], expandable_segments=expandable)
+        for cap in (None, whole["peak_reserved"] - (1 << 20), whole["peak_reserved"] // 2):
+            want = simulate(ev["events"], expandable_segments=expandable, limit_bytes=cap)
+            got = _simulate_accumulation(ev["events"], ev["marks"], 8, expandable, cap, 0)
+            for key in ("peak_allocated", "peak_reserved", "oom", "oom_at", "num_alloc_retries"):
+                assert got[key] == want[key], (expandable, cap, key)
+            skipped += got["events"] - got["events_replayed"]
+    assert skipped > 0  # the uncapped runs repeat: their skipped micro-batches were not replayed

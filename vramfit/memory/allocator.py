@@ -180,10 +180,20 @@ class CachingAllocator:
     # ------------------------------------------------------------------ public
 
     def malloc(self, nbytes: int) -> Block:
-        size = round_size(nbytes)
+        # the replay's hot path: round_size, get_free_block's plain case and Pool.erase inlined
+        size = kMinBlockSize if nbytes < kMinBlockSize else -(-nbytes // kMinBlockSize) * kMinBlockSize
         small = size <= kSmallSize
         pool = self.pools[small]
-        block = self._get_free_block(pool, size)
+        keys = pool.keys
+        if self.expandable:
+            block = self._get_free_block(pool, size)
+        else:
+            i = bisect_left(keys, (size, -1))
+            block = None
+            if i < len(keys):
+                k = keys[i]
+                block = pool.blocks.pop(k)
+                del keys[i]
         if block is None:
             block = self._alloc_block(pool, size) if self.limit_bytes is None else self._alloc_capped(pool, size)
         # should_split
@@ -195,14 +205,16 @@ class CachingAllocator:
         if split:
             rest = block
             block = Block(rest.addr, size, small, rest.expandable)
-            block.prev = rest.prev
-            if block.prev is not None:
-                block.prev.next = block
+            block.prev = prev = rest.prev
+            if prev is not None:
+                prev.next = block
             block.next = rest
             rest.prev = block
             rest.addr += size
             rest.size -= size
-            pool.insert(rest)
+            k = (rest.size, rest.addr)
+            insort(keys, k)
+            pool.blocks[k] = rest
         block.allocated = True
         block.requested = nbytes
         self.allocated += block.size
@@ -217,9 +229,14 @@ class CachingAllocator:
         self.allocated -= block.size
         self.requested -= block.requested
         pool = self.pools[block.small]
-        for cand in (block.prev, block.next):
-            self._try_merge(block, cand, pool)
-        pool.insert(block)
+        prev, nxt = block.prev, block.next
+        if prev is not None and not prev.allocated:
+            self._try_merge(block, prev, pool)
+        if nxt is not None and not nxt.allocated:
+            self._try_merge(block, nxt, pool)
+        k = (block.size, block.addr)
+        insort(pool.keys, k)
+        pool.blocks[k] = block
 
     def apply(self, ev, live: dict) -> None:
         """One replay event: ("a", id, bytes) allocates into `live`, ("f", id) frees, ("e",) empties the cache."""
@@ -259,6 +276,20 @@ class CachingAllocator:
     def reset_peaks(self) -> None:
         self.peak_allocated = self.allocated
         self.peak_reserved = self.reserved
+
+    def state(self, live: dict) -> tuple:
+        """Everything the allocator's future decisions depend on, without the handles' ids: every
+        block (free, unmapped or live) with its segment neighbours, the totals, where the next
+        segments go.  Two equal states fed equal events (up to ids) make equal decisions."""
+        blocks = [b for pool in self.pools.values() for b in pool.blocks.values()]
+        blocks += [b for pool in self.pools.values() for b in pool.unmapped]
+        blocks += live.values()
+        cells = sorted((b.addr, b.size, b.allocated, b.mapped, b.small, b.expandable, b.requested,
+                        b.prev.addr if b.prev is not None else None, b.next.addr if b.next is not None else None)
+                       for b in blocks)
+        return (tuple(cells), self.allocated, self.reserved, self.requested, self.segments, self._next_addr,
+                self._va.lowest, tuple(self._va.holes),
+                tuple(pool.segment_base for pool in self.pools.values()))
 
     # ------------------------------------------------------------------ internals
 

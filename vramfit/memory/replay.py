@@ -135,6 +135,10 @@ def run_phases(result: dict) -> dict:
 _REPLAY_EVENTS: dict = {}
 _REPLAY_EVENTS_KEPT = 6
 _REPLAY_RESULTS: dict = {}
+# expanded template streams of this process, a few kept (keyed by the template object, which the
+# model cache keeps alive, and the shape)
+_EXPANDED: dict = {}
+_EXPANDED_KEPT = 3
 
 
 def _replay_events(spec, setup: Setup, targets) -> dict:
@@ -160,12 +164,83 @@ def _template_events(spec, setup: Setup, targets) -> dict | None:
     tpl = setup_template(spec, setup, targets, setup.grad_accum, build=False)["template"]
     if tpl is None:
         return None
-    marks = {}
+    # the allocator is not the template's: the plan's replays of one shape under several allocators
+    # and caps share one expansion
+    key = (id(tpl), setup.micro_batch, setup.seq_len, setup.lora_r, spec.num_layers, setup.grad_accum)
+    hit = _EXPANDED.pop(key, None)
+    if hit is None or hit[0] is not tpl:
+        marks = {}
+        try:
+            events = expand(tpl, setup.micro_batch, setup.seq_len, setup.lora_r, spec.num_layers, setup.grad_accum,
+                            marks)
+        except (NoTemplate, KeyError, IndexError, TypeError, ValueError):
+            return None
+        hit = (tpl, {"events": events, "marks": marks})
+    _EXPANDED[key] = hit  # most recently used last
+    while len(_EXPANDED) > _EXPANDED_KEPT:
+        _EXPANDED.pop(next(iter(_EXPANDED)))
+    return hit[1]
+
+
+def _simulate_accumulation(events: list, marks: dict, grad_accum: int, expandable: bool, limit_bytes: int,
+                           initial_allocated: int) -> dict:
+    """`allocator.simulate` over two accumulating steps, skipping the micro-batches whose outcome is
+    known: a step's micro-batches after the first repeat one micro-batch's events (up to ids), so
+    once the allocator's whole state (blocks, segments, live ids; not the peaks) is the same before
+    two consecutive ones, every later one makes the same decisions from the same state, and the run
+    goes on from the last micro-batch (whose leftovers the optimizer frees), peaks as they were,
+    retries and events counted for the skipped ones.  A stream whose micro-batches leave tensors to
+    the next (the live ids differ) never repeats, and is replayed whole."""
+    from vramfit.memory.allocator import CachingAllocator, OutOfMemory
+
+    a = CachingAllocator(expandable, limit_bytes)
+    live: dict = {}
+    A = grad_accum
+    # per step: the start of each accumulating micro-batch (1 .. A-1)
+    steps = []
+    for s in range(2):
+        starts = [marks.get(f"step{s}.micro{k}.forward") for k in range(1, A)]
+        if A > 3 and None not in starts and starts == sorted(starts):
+            steps.append(starts)
+    bounds = sorted((at, s, k) for s, starts in enumerate(steps) for k, at in enumerate(starts, 1) if 2 <= k < A - 1)
+    oom_at, i, n, counted, retries_extra = None, -1, len(events), 0, 0
+    malloc, free, empty_cache = a.malloc, a.free, a.empty_cache
+    previous = {}
     try:
-        events = expand(tpl, setup.micro_batch, setup.seq_len, setup.lora_r, spec.num_layers, setup.grad_accum, marks)
-    except (NoTemplate, KeyError, IndexError, TypeError, ValueError):
-        return None
-    return {"events": events, "marks": marks}
+        if initial_allocated:
+            a.malloc(initial_allocated)
+        pos = 0
+        for at, s, k in bounds + [(n, None, None)]:
+            if at < pos:  # inside a skipped stretch
+                continue
+            i = pos - 1
+            for ev in events[pos:at]:  # CachingAllocator.apply, inlined: the replay's hot loop
+                i += 1
+                kind = ev[0]
+                if kind == "a":
+                    live[ev[1]] = malloc(ev[2])
+                elif kind == "f":
+                    free(live.pop(ev[1]))
+                else:
+                    empty_cache()
+            pos = at
+            if s is None:
+                break
+            state = (a.state(live), frozenset(live), a.num_alloc_retries)
+            before = previous.get(s)
+            previous[s] = state
+            if before is not None and before[0] == state[0] and before[1] == state[1]:
+                last = steps[s][-1]  # the start of the step's last micro-batch: the state there is this one
+                skipped = A - 1 - k
+                retries_extra += skipped * (state[2] - before[2])
+                counted += last - at
+                pos = last
+    except OutOfMemory:
+        oom_at = i
+    return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved,
+            "num_device_alloc": a.num_device_alloc, "allocated": a.allocated, "reserved": a.reserved,
+            "oom": oom_at is not None, "oom_at": oom_at, "num_alloc_retries": a.num_alloc_retries + retries_extra,
+            "events": n, "events_replayed": n - counted}
 
 
 def _quiet(fn):
@@ -199,8 +274,6 @@ def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Cons
         num_alloc_retries, limit_bytes, events, seconds, cached}"""
     import time
 
-    from vramfit.memory.allocator import simulate
-
     c = constants or DEFAULT
     key = (id(spec), setup, tuple(targets), int(limit_bytes), int(initial_allocated), templates)
     hit = _REPLAY_RESULTS.get(key)
@@ -210,8 +283,8 @@ def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Cons
     ev = _template_events(spec, setup, targets) if templates else None
     if ev is None:
         ev = _replay_events(spec, setup, targets)
-    sim = simulate(ev["events"], expandable_segments=setup.allocator == "expandable",
-                   limit_bytes=int(limit_bytes), initial_allocated=int(initial_allocated))
+    sim = _simulate_accumulation(ev["events"], ev["marks"], setup.grad_accum, setup.allocator == "expandable",
+                                 int(limit_bytes), int(initial_allocated))
     phase = None
     if sim["oom"]:
         phase = max(((at, name) for name, at in ev["marks"].items() if at <= max(sim["oom_at"], 0)),
@@ -220,7 +293,7 @@ def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Cons
            "peak_allocated_bytes": sim["peak_allocated"], "peak_reserved_bytes": sim["peak_reserved"],
            "device_bytes": sim["peak_reserved"] + c.cuda_context_bytes + c.kernel_growth_bytes,
            "num_alloc_retries": sim["num_alloc_retries"], "limit_bytes": int(limit_bytes),
-           "events": len(ev["events"]), "seconds": time.perf_counter() - started, "cached": False}
+           "events": sim["events"], "seconds": time.perf_counter() - started, "cached": False}
     _REPLAY_RESULTS[key] = (spec, out)
     return dict(out)
 

@@ -115,6 +115,16 @@ class Setup:
     # an attention mask, and with one it repeats grouped KV heads before SDPA instead of
     # enable_gqa (CUDA's fused kernels take no mask with grouped heads)
     padded: bool = False
+    # the field's memory levers, in their own switches (issue 20):
+    # - liger: `TrainingArguments(use_liger_kernel=True)`: liger-kernel's fused linear cross-entropy (no
+    #   logits), RMSNorm, SwiGLU and RoPE kernels patched into the model;
+    # - packing: trl `SFTConfig(packing=True)` (bfd, padding-free): a micro-batch is `micro_batch` packed
+    #   rows of `seq_len` tokens, flattened into one row of `tokens` with position_ids restarting per example;
+    # - activation_offloading: trl `SFTConfig(activation_offloading=True)`: saved activations go to
+    #   pinned host memory during the forward and come back for the backward.
+    liger: bool = False
+    packing: bool = False
+    activation_offloading: bool = False
     extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -213,8 +223,9 @@ def validate(s: Setup) -> None:
     _choice("attention implementation", s.attn, ATTENTION)
     _choice("allocator", s.allocator, ALLOCATORS)
     _choice("loss", s.loss, LOSSES)
-    if not isinstance(s.padded, bool):
-        raise VramfitError(f"padded must be true or false, got {s.padded!r}")
+    for name in ("padded", "liger", "packing", "activation_offloading"):
+        if not isinstance(getattr(s, name), bool):
+            raise VramfitError(f"{name} must be true or false, got {getattr(s, name)!r}")
     for name in ("seq_len", "micro_batch", "grad_accum"):
         _positive(name.replace("_", "-"), getattr(s, name))
     if s.method != "full":
