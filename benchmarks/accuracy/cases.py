@@ -8,6 +8,13 @@ A training case:
                       (vramfit.memory.setup: bf16-amp = dtype bfloat16 + bf16=True, the guides' recipe)
     loss              only when "fused": trl's fused LM head (add_fused_lm_head, as SFTTrainer); absent:
                       the model's own loss from full logits (cases made before the key keep their ids)
+    liger             only when true: TrainingArguments(use_liger_kernel=True), Trainer applies liger-kernel
+                      to the (PEFT-unwrapped) model: fused linear cross-entropy, RMSNorm, SwiGLU/GEGLU, RoPE
+    packing           only when true: trl's padding-free BFD packing (SFTConfig(packing=True,
+                      packing_strategy="bfd")); `example_len` (with it, default 256) names the seeded
+                      example-length distribution, see `packed_example_lengths`
+    activation_offloading  only when true: trl's activation offloading context around each training
+                      step, as SFTTrainer(activation_offloading=True) does
     optim             a transformers TrainingArguments.optim name
     lora_r, lora_alpha, lora_dropout, target_modules   (None for full fine-tuning)
     seq_len, micro_batch, grad_ckpt, attn, allocator, steps, memory_fraction
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,8 +72,15 @@ def training_case(
     steps: int = 3,
     memory_fraction: float | None = None,
     loss: str = "logits",
+    liger: bool = False,
+    packing: bool = False,
+    example_len: int | None = None,
+    activation_offloading: bool = False,
 ) -> dict:
-    """A complete training case dict; LoRA keys are None for full fine-tuning."""
+    """A complete training case dict; LoRA keys are None for full fine-tuning.
+
+    The levers (`loss="fused"`, `liger`, `packing` with `example_len`, `activation_offloading`) are
+    keys only when on, so the cases made before them keep their ids."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} not in {METHODS}")
     if precision not in PRECISIONS:
@@ -72,7 +88,16 @@ def training_case(
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator {allocator!r} not in {list(ALLOCATORS)}")
     lora = method != "full"
-    extra = {"loss": "fused"} if loss == "fused" else {}
+    extra: dict = {"loss": "fused"} if loss == "fused" else {}
+    if liger:
+        extra["liger"] = True
+    if packing:
+        extra["packing"] = True
+        extra["example_len"] = int(example_len or DEFAULT_EXAMPLE_LEN)
+    elif example_len is not None:
+        raise ValueError("example_len is a packing key: pass packing=True")
+    if activation_offloading:
+        extra["activation_offloading"] = True
     return {**extra,
         "kind": "train",
         "model": model,
@@ -131,7 +156,57 @@ def case_label(case: dict) -> str:
         parts.append(f"cap{case['memory_limit_bytes']}")
     if case.get("loss") == "fused":
         parts.append("fused")
+    if case.get("liger"):
+        parts.append("liger")
+    if case.get("packing"):
+        parts.append(f"packed{case['example_len']}")
+    if case.get("activation_offloading"):
+        parts.append("offload")
     return "/".join(parts)
+
+
+# ---------------------------------------------------------------- packing
+
+DEFAULT_EXAMPLE_LEN = 256
+PACKING_LENGTH_SIGMA = 0.6  # log-normal spread of the example lengths
+
+
+def packed_example_lengths(case: dict) -> list[list[int]]:
+    """The example lengths of every packed row of a `packing` case, in the dataset's (= the
+    training's) order: row r is micro-batch r // micro_batch, position r % micro_batch in it.
+
+    Lengths are drawn, for each row in turn, from a log-normal of mean `example_len` tokens
+    (sigma PACKING_LENGTH_SIGMA, rounded, clamped to [1, seq_len]) by `random.Random` seeded with a
+    string named by the case's seq_len and example_len (stable across Python versions and machines),
+    until the row holds `seq_len` tokens; the last example is TRUNCATED so that every packed row is
+    exactly `seq_len` tokens long (and a micro-batch exactly micro_batch * seq_len). Within a row the
+    lengths are in decreasing order, the order trl's BFD packing (pack_dataset) puts them in.
+
+    The micro-batch the model sees (trl's DataCollatorForLanguageModeling(padding_free=True)) is ONE
+    row of micro_batch * seq_len tokens: its rows concatenated, `position_ids` = concatenation of
+    arange(length) over the examples of those rows in this order; labels = input_ids with -100 where
+    position_ids == 0 (each example's first token).
+    """
+    seq, mean = case["seq_len"], case["example_len"]
+    rows = case["steps"] * case["micro_batch"]
+    mu = math.log(mean) - PACKING_LENGTH_SIGMA ** 2 / 2
+    rng = random.Random(f"vramfit-packing-seq{seq}-len{mean}")
+    out = []
+    for _ in range(rows):
+        lengths, total = [], 0
+        while total < seq:
+            n = max(1, min(seq, round(rng.lognormvariate(mu, PACKING_LENGTH_SIGMA))))
+            n = min(n, seq - total)  # the row's last example is truncated to fill it exactly
+            lengths.append(n)
+            total += n
+        out.append(sorted(lengths, reverse=True))
+    return out
+
+
+def packed_position_ids(case: dict, step: int = 0) -> list[int]:
+    """The flat position_ids of micro-batch `step` (0-based) of a `packing` case."""
+    rows = packed_example_lengths(case)[step * case["micro_batch"]:(step + 1) * case["micro_batch"]]
+    return [p for row in rows for n in row for p in range(n)]
 
 
 def profiles_dir() -> Path:

@@ -9,6 +9,12 @@
              prepare_model_for_kbit_training), float32 weights under bf16, with and without
              checkpointing, LoRA q,v and all-linear up to r64, both losses (the model's own and trl's
              fused head), 7 architectures.
+- `levers` : issue 20's memory levers, each >= 6 cases over >= 3 architectures next to its baseline
+             twin (the same case without the lever; some twins shared between levers): liger-kernel,
+             trl's padding-free BFD packing, trl's activation offloading; 4 steps, bf16-amp; ~6 min on
+             an H100 (see LEVER_SECONDS).
+- `levers_history`: one lever case per lever (llama-3.2-1b) to re-run with torch's
+             memory history.
 
 Large architectures are shrunk with `config_overrides` (fewer layers) where the aim is the shape
 of the model, not its size. Paged optimizers use CUDA managed memory: they appear only in cases
@@ -312,7 +318,112 @@ def recipes() -> list[dict]:
     return out
 
 
-GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes}
+# ---------------------------------------------------------------- issue 20: the levers
+
+SHRUNK = {"mistral-7b-v0.1": {"num_hidden_layers": 8}, "phi-3-mini": {"num_hidden_layers": 8}}
+LEVER_STEPS = 4  # tokens/s from steps 2-4
+
+
+def _lever_base(model: str, method: str, seq: int, batch: int, ckpt: bool, targets="qv",
+                optim: str | None = None) -> dict:
+    """A bf16-amp case (bfloat16 weights, bf16=True): the base a lever is switched on in."""
+    if optim is None:
+        optim = "paged_adamw_8bit" if method == "qlora" else "adamw_torch"
+    lora = {"lora_r": 16, "target_modules": qv(model) if targets == "qv" else targets}
+    return T(model, method, "bf16-amp", optim, seq_len=seq, micro_batch=batch, grad_ckpt=ckpt,
+             config_overrides=SHRUNK.get(model), steps=LEVER_STEPS, **lora)
+
+
+def with_lever(base: dict, lever: str, example_len: int | None = None) -> dict:
+    """`base` with one lever on: what training_case(..., lever) makes (tests check it)."""
+    if lever == "packing":
+        return dict(base, packing=True, example_len=example_len or 256)
+    if lever not in ("liger", "activation_offloading"):
+        raise ValueError(f"no lever {lever!r}")
+    return dict(base, **{lever: True})
+
+
+def lever_pairs() -> dict[str, list[tuple[dict, dict]]]:
+    """(baseline, lever case) per lever; a baseline may serve several levers."""
+    B = _lever_base
+    # liger: long sequences x big vocabularies (llama 128k, qwen2 152k, gemma 256k; mistral's 32k)
+    liger = [
+        B("llama-3.2-1b", "full", 2048, 4, True, optim="adamw_torch_fused"),
+        B("llama-3.2-1b", "lora", 4096, 2, False),
+        B("qwen2.5-0.5b", "full", 4096, 2, True),
+        B("qwen2.5-1.5b", "qlora", 2048, 4, True, targets="all-linear"),
+        B("gemma-2b", "lora", 2048, 2, False),
+        B("gemma-2b", "qlora", 1024, 4, True, targets="all-linear"),
+        B("mistral-7b-v0.1", "lora", 2048, 4, True, targets="all-linear"),
+    ]
+    # packing: 4-8 rows of 512-2048 tokens packed into one row; example lengths 128-512 on average
+    packing = [
+        (B("llama-3.2-1b", "lora", 1024, 8, True), 256),
+        (B("llama-3.2-1b", "full", 512, 8, False), 128),
+        (B("qwen2.5-0.5b", "qlora", 2048, 4, True, targets="all-linear"), 512),
+        (B("qwen2.5-0.5b", "lora", 1024, 4, False, targets="all-linear"), 256),
+        (B("mistral-7b-v0.1", "lora", 2048, 4, True), 256),
+        (B("phi-3-mini", "lora", 1024, 8, True, targets="all-linear"), 256),
+    ]
+    # activation offloading: with and without checkpointing, on bases the other levers measure too
+    offload = [
+        B("llama-3.2-1b", "full", 512, 8, False),
+        B("gemma-2b", "qlora", 1024, 4, True, targets="all-linear"),
+        B("mistral-7b-v0.1", "lora", 2048, 4, True),
+        B("qwen2.5-0.5b", "full", 2048, 2, False),
+        B("gemma-2b", "lora", 2048, 2, False),
+        B("qwen2.5-0.5b", "qlora", 2048, 4, True, targets="all-linear"),
+    ]
+    return {
+        "liger": [(b, with_lever(b, "liger")) for b in liger],
+        "packing": [(b, with_lever(b, "packing", n)) for b, n in packing],
+        "activation_offloading": [(b, with_lever(b, "activation_offloading")) for b in offload],
+    }
+
+
+def levers() -> list[dict]:
+    """Baseline then lever case, the levers interleaved (liger 1, packing 1, offloading 1, liger 2,
+    ...), so a run cut at its time limit leaves every lever with about as many pairs."""
+    pairs = lever_pairs()
+    out = []
+    for k in range(max(len(v) for v in pairs.values())):
+        for lever in ("liger", "packing", "activation_offloading"):
+            if k < len(pairs[lever]):
+                out += list(pairs[lever][k])
+    return out
+
+
+# seconds per case on an H100 (wall, fork to line), from the committed results of like cases
+# (benchmarks/results/h100-2026-12-0[67]-*.jsonl: 4.5-8 s full / LoRA at these sizes, 7-13 s QLoRA,
+# the first use of a QLoRA checkpoint 1.5-5 s more) plus each lever's own cost (liger: triton
+# compiles, cached on disk after the first case; packing: trl + datasets imports and the packing;
+# offloading: pinned-memory allocation and the copies); lever_seconds sums them (a test keeps
+# the grid under 420 s).
+LEVER_SECONDS = {"baseline": 7.0, "baseline_qlora": 10.0, "liger": 12.0, "packing": 9.0,
+                 "activation_offloading": 12.0, "checkpoint": 4.0}
+
+
+def lever_seconds(case_list: list[dict]) -> float:
+    total, checkpoints = 0.0, set()
+    for case in case_list:
+        lever = next((k for k in ("liger", "packing", "activation_offloading") if case.get(k)), None)
+        if lever:
+            total += LEVER_SECONDS[lever] + (3.0 if case["method"] == "qlora" else 0.0)
+        else:
+            total += LEVER_SECONDS["baseline_qlora" if case["method"] == "qlora" else "baseline"]
+        if case["method"] == "qlora":
+            checkpoints.add((case["model"], str(case["config_overrides"])))
+    return total + LEVER_SECONDS["checkpoint"] * len(checkpoints)
+
+
+def lever_history_cases() -> list[dict]:
+    """One lever case per lever (llama-3.2-1b) to re-run with VRAMFIT_MEMORY_HISTORY."""
+    pairs = lever_pairs()
+    return [pairs["liger"][0][1], pairs["packing"][0][1], pairs["activation_offloading"][0][1]]
+
+
+GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes, "levers": levers,
+         "levers_history": lever_history_cases}
 
 
 def get(name: str) -> list[dict]:

@@ -21,10 +21,28 @@ own entry of phases_outside_steps:
     load_best  LoRA / QLoRA: the checkpoint's adapter loaded back (model.load_adapter), as
                load_best_model_at_end does
     save_model trainer.save_model(): vramfit train's final save
+
+The levers (case keys, absent when off; see cases.py):
+    liger      TrainingArguments(use_liger_kernel=True): Trainer applies liger-kernel to the model
+               (through a PeftModel to its base model) when train() starts; the loss stays the model's
+               own (liger's forward fuses lm_head and cross-entropy). `liger_applied` says what it patched.
+    packing    trl's padding-free BFD packing: each packed row built by trl.data_utils.pack_dataset
+               ("bfd") from seeded random-token examples (cases.packed_example_lengths: every row exactly
+               seq_len tokens, the last example of a row truncated), batched by trl's
+               DataCollatorForLanguageModeling(padding_free=True): a micro-batch is ONE row of
+               micro_batch * seq_len tokens with position_ids restarting at each example, labels -100 on
+               each example's first token, cu_seq_lens / max_length / seq_idx as trl makes them, no
+               attention_mask. Rows are taken in order (SequentialSampler), so step k trains rows
+               k*micro_batch .. (k+1)*micro_batch-1. `packing` in the result records step 1's batch.
+    activation_offloading  trl's get_act_offloading_ctx_manager(model=trainer.model), made at the end of
+               the Trainer's __init__ and entered around each Trainer.training_step (forward and
+               backward), as SFTTrainer does. `host_memory` records the pinned host memory
+               (torch.cuda.host_memory_stats) and the process RSS around train().
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -89,8 +107,25 @@ class PhaseRecorder:
         self.steps[-1]["seconds"] = time.perf_counter() - self._t0
 
 
-def make_trainer_class(transformers, recorder: PhaseRecorder, fused: bool = False):
+def make_trainer_class(transformers, recorder: PhaseRecorder, fused: bool = False,
+                       activation_offloading: bool = False, sequential: bool = False):
     class MeasuredTrainer(transformers.Trainer):
+        maybe_activation_offload_context = contextlib.nullcontext()
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if activation_offloading:  # as SFTTrainer.__init__ ends
+                from trl.models import get_act_offloading_ctx_manager
+
+                self.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=self.model)
+
+        def _get_train_sampler(self, *args, **kwargs):
+            if sequential:  # packed rows in the dataset's order: step k's position_ids are known
+                import torch
+
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+            return super()._get_train_sampler(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if fused:  # SFTTrainer's path: per-token log-probs from the fused head, no logits
                 outputs = model(**inputs, fused_lm_head=True)
@@ -108,7 +143,8 @@ def make_trainer_class(transformers, recorder: PhaseRecorder, fused: bool = Fals
             return out
 
         def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
+            with self.maybe_activation_offload_context:  # SFTTrainer.training_step
+                loss = super().training_step(*args, **kwargs)
             recorder.close("clip")
             return loss
 
@@ -120,6 +156,8 @@ def make_callback(transformers, recorder: PhaseRecorder, result: dict):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if not recorder.steps:
                 result["gradient_checkpointing"] = checkpointing_info(model)
+                if args.use_liger_kernel:
+                    result["liger_applied"] = liger_info(model)
             recorder.begin_step()
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -148,6 +186,130 @@ def checkpointing_info(model) -> dict | None:
                     "kwargs": {k: repr(v) if not isinstance(v, (bool, int, float, str, type(None)))
                                else v for k, v in getattr(func, "keywords", {}).items()}}
     return None
+
+
+def liger_info(model) -> dict:
+    """What liger-kernel patched: modules whose forward comes from liger_kernel, by class, and the
+    causal LM's forward (liger's fused linear cross-entropy forward when applied)."""
+    patched: dict[str, int] = {}
+    causal_lm_forward = None
+    for module in model.modules():
+        forward = getattr(module, "forward", None)
+        name = getattr(getattr(forward, "__func__", forward), "__module__", "") or ""
+        if name.startswith("liger_kernel"):
+            patched[type(module).__name__] = patched.get(type(module).__name__, 0) + 1
+        kind = type(module).__name__
+        if causal_lm_forward is None and kind.endswith("ForCausalLM") and not kind.startswith("Peft"):
+            causal_lm_forward = name
+    return {"patched_modules": patched, "causal_lm_forward": causal_lm_forward}
+
+
+def packed_dataset(torch, case: dict, vocab_size: int):
+    """trl's packing of seeded random-token examples (see the module docstring and
+    cases.packed_example_lengths): a Dataset of packed rows (input_ids, labels, seq_lengths, as
+    pack_dataset returns them) in training order."""
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    datasets.disable_progress_bars()
+    generator = torch.Generator().manual_seed(SEED)
+    rows = []
+    for lengths in cases.packed_example_lengths(case):
+        examples = [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+        # one pack_dataset call per row: examples summing to seq_len make exactly one BFD bin
+        packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": examples, "labels": examples}),
+                              case["seq_len"], "bfd")
+        if len(packed) != 1 or list(packed[0]["seq_lengths"]) != lengths:
+            raise RuntimeError(f"trl packed {lengths} into {packed['seq_lengths']}")
+        rows.append(packed[0])
+
+    class PackedRows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    return PackedRows()
+
+
+class RecordingCollator:
+    """trl's padding-free collator; the first batch it makes (step 1's) is described in `record`."""
+
+    def __init__(self, collator, case: dict, record: dict):
+        self.collator, self.case, self.record = collator, case, record
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        if not self.record:
+            position_ids = batch["position_ids"][0]
+            starts = (position_ids == 0).nonzero().flatten().tolist()
+            self.record.update({
+                "strategy": "bfd", "example_len": self.case["example_len"], "padding_free": True,
+                "step1_example_lengths": [list(e["seq_lengths"]) for e in examples],
+                "step1_position_ids_starts": starts,
+                "step1_shape": list(batch["input_ids"].shape),
+                "step1_label_tokens": int((batch["labels"] != -100).sum()),
+                "step1_keys": sorted(batch),
+                "step1_matches_cases": position_ids.tolist() == cases.packed_position_ids(self.case, 0),
+            })
+        return batch
+
+
+def packing_collator(config_dict: dict, case: dict, record: dict):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    pad = config_dict.get("pad_token_id")
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad if isinstance(pad, int) else 0,
+                                               padding_free=True)
+    return RecordingCollator(collator, case, record)
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_memory(torch, cuda: bool) -> dict:
+    """Pinned host memory of torch's caching host allocator (torch.cuda.host_memory_stats, where
+    this torch has it) and the process's resident set (VmRSS, and VmHWM its peak)."""
+    out: dict = {"rss_bytes": _proc_status_bytes("VmRSS"), "rss_peak_bytes": _proc_status_bytes("VmHWM")}
+    if cuda and hasattr(torch.cuda, "host_memory_stats"):
+        try:
+            stats = torch.cuda.host_memory_stats()
+        except Exception as error:  # noqa: BLE001 - recorded, not fatal
+            out["pinned_error"] = repr(error)[:200]
+        else:
+            out["pinned_stats"] = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and (
+                "bytes" in k or k.startswith(("allocations", "allocated.", "segment", "num_host")))}
+            # pinned memory held from CUDA (in use + cached): "reserved_bytes" in torch's first host
+            # statistics (<= 2.10 docs), "allocated_bytes" once they were renamed ("active_bytes" in use)
+            held = "reserved_bytes" if "reserved_bytes.peak" in stats else "allocated_bytes"
+            used = "active_bytes" if held == "allocated_bytes" else "allocated_bytes"
+            out["pinned_schema"] = held
+            out["pinned_peak_bytes"] = stats.get(f"{held}.peak")
+            out["pinned_current_bytes"] = stats.get(f"{held}.current")
+            out["pinned_in_use_peak_bytes"] = stats.get(f"{used}.peak")
+    return out
+
+
+def lever_versions(case: dict) -> dict:
+    from importlib import metadata
+
+    names = ["trl", "datasets"] + (["liger_kernel", "triton"] if case.get("liger") else [])
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def random_tokens_dataset(torch, n: int, seq_len: int, vocab_size: int):
@@ -241,7 +403,18 @@ def training_arguments(transformers, case: dict, output_dir: str, cuda: bool):
         per_device_eval_batch_size=eval_batch(case),
         optim=case["optim"], bf16=bf16, fp16=fp16, gradient_checkpointing=case["grad_ckpt"],
         report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no",
-        dataloader_num_workers=0, disable_tqdm=True, seed=SEED, use_cpu=not cuda)
+        dataloader_num_workers=0, disable_tqdm=True, seed=SEED, use_cpu=not cuda,
+        **lever_arguments(case))
+
+
+def lever_arguments(case: dict) -> dict:
+    """TrainingArguments of the levers, only those switched on (older cases build the same args)."""
+    out = {}
+    if case.get("liger"):
+        out["use_liger_kernel"] = True
+    if case.get("packing"):  # keep seq_lengths for trl's collator (the model never sees it)
+        out["remove_unused_columns"] = False
+    return out
 
 
 def eval_batch(case: dict) -> int:
@@ -331,19 +504,39 @@ def run(case: dict, report=lambda partial: None, checkpoint_dir: str | None = No
         report(dict(result, phase="setup"))
 
         n = case["steps"] * case["micro_batch"]
-        dataset = random_tokens_dataset(torch, n, case["seq_len"], config_dict["vocab_size"])
+        collator = None
+        if case.get("packing"):
+            dataset = packed_dataset(torch, case, config_dict["vocab_size"])
+            result["packing"] = {}
+            collator = packing_collator(config_dict, case, result["packing"])
+        else:
+            dataset = random_tokens_dataset(torch, n, case["seq_len"], config_dict["vocab_size"])
+        if any(case.get(k) for k in ("liger", "packing", "activation_offloading")):
+            result["lever_versions"] = lever_versions(case)
         eval_dataset = None
         if "eval" in (case.get("after") or []):
             rows = case.get("eval_rows") or 2 * eval_batch(case)
             eval_dataset = random_tokens_dataset(torch, rows, case["seq_len"], config_dict["vocab_size"])
         with tempfile.TemporaryDirectory() as out_dir:
             args = training_arguments(transformers, case, out_dir, recorder.cuda)
-            trainer = make_trainer_class(transformers, recorder, fused=case.get("loss") == "fused")(
+            trainer_class = make_trainer_class(
+                transformers, recorder, fused=case.get("loss") == "fused",
+                activation_offloading=bool(case.get("activation_offloading")),
+                sequential=bool(case.get("packing")))
+            trainer = trainer_class(
                 model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                callbacks=[make_callback(transformers, recorder, result)])
+                data_collator=collator, callbacks=[make_callback(transformers, recorder, result)])
+            if recorder.cuda and hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+                torch.cuda.reset_peak_host_memory_stats()
+            result["host_memory"] = {"before_train": host_memory(torch, recorder.cuda)}
             t = time.perf_counter()
             trainer.train()
             result["train_seconds"] = time.perf_counter() - t
+            result["host_memory"]["after_train"] = after = host_memory(torch, recorder.cuda)
+            result["host_pinned_peak_bytes"] = after.get("pinned_peak_bytes")
+            before_rss = result["host_memory"]["before_train"]["rss_bytes"]
+            if after["rss_peak_bytes"] is not None and before_rss is not None:
+                result["host_rss_growth_bytes"] = after["rss_peak_bytes"] - before_rss
             if case.get("after"):
                 after_steps(trainer, case, recorder, out_dir, result)
         if not case.get("after"):
