@@ -317,6 +317,24 @@ def test_converters_give_the_kwargs_and_the_real_objects(seven_b, tmp_path):
     assert p.bnb_config().load_in_4bit
 
 
+def test_a_plan_with_levers_builds_the_real_sft_config_with_their_switches(small, tmp_path):
+    p = plan(small, "80GiB", packing=True, tokens_per_batch=4096, seq_len=1024, liger=True,
+             activation_offloading=True)
+    s = p.setup
+    assert (s.packing, s.micro_batch, s.liger, s.activation_offloading) == (True, 4, True, True)
+    kw = p.to_sft_config_kwargs()
+    assert {k: kw[k] for k in ("packing", "packing_strategy", "padding_free", "max_length", "activation_offloading",
+                               "use_liger_kernel")} == {"packing": True, "packing_strategy": "bfd",
+                                                        "padding_free": True, "max_length": 1024,
+                                                        "activation_offloading": True, "use_liger_kernel": True}
+    assert "packing" not in p.to_training_arguments_kwargs()  # TrainingArguments has no packing
+    cfg = p.sft_config(str(tmp_path), report_to=[], use_cpu=True, bf16=False)
+    assert cfg.packing and cfg.padding_free and cfg.packing_strategy == "bfd" and cfg.use_liger_kernel
+    assert cfg.activation_offloading and cfg.max_length == 1024 and cfg.per_device_train_batch_size == 4
+    plain = plan(small, "80GiB", seq_len=1024)
+    assert not {"use_liger_kernel", "packing", "activation_offloading"} & set(plain.to_sft_config_kwargs())
+
+
 def test_full_fine_tuning_plan_has_no_lora_or_bnb_config(small):
     p = plan(small, "80GiB", method="full")
     assert p.to_lora_config_kwargs() is None and p.to_bnb_config_kwargs() is None and p.lora_config() is None

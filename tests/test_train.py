@@ -453,3 +453,86 @@ def test_random_init_dir_is_written_once_kept_and_refused_for_another_config_or_
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(VramfitError, match="not empty and holds no checkpoint"):
         _random_checkpoint(source, 7, tmp_path / "run-d", shared=tmp_path / "junk")
+
+
+# --------------------------------------------------------------------------- the memory levers (issue 20)
+
+
+def test_packing_trains_end_to_end_on_packed_padding_free_rows(workdir, model_dir, alpaca):
+    """--packing --tokens-per-batch: trl packs the rows (bfd) into rows of --max-seq-len tokens, the collator
+    flattens a micro-batch into one padding-free row, and the run is predicted at those tokens."""
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            seen["args"] = (args.packing, args.packing_strategy, args.padding_free, args.max_length,
+                            args.per_device_train_batch_size)
+            seen["columns"] = train_dataloader.dataset.column_names
+            seen["rows"] = len(train_dataloader.dataset)
+            seen["padding_free"] = train_dataloader.collate_fn.padding_free
+
+    out = workdir / "packed-run"
+    opts = RunOptions(out_dir=str(out), max_steps=3, max_seq_len=128, live=False)
+    rep = train(model_dir, alpaca, opts, dict(LORA, micro_batch=None, packing=True, tokens_per_batch=256),
+                callbacks=[Look()])
+    assert rep["status"] == "completed" and all(math.isfinite(x["loss"]) for x in rep["losses"])
+    s = rep["setup"]
+    assert (s["packing"], s["seq_len"], s["micro_batch"], s["padded"]) == (True, 128, 2, False)
+    assert seen["args"] == (True, "bfd", True, 128, 2) and seen["padding_free"]
+    assert "seq_lengths" in seen["columns"] and seen["rows"] < rep["data"]["train_rows"]  # examples share rows
+    assert rep["predicted"]["tokens_per_micro_batch"] == 256
+    started = next(x for x in timeline(out) if x.get("message") == "setup")
+    assert started["predicted"]["tokens_per_micro_batch"] == 256
+
+
+def test_liger_and_activation_offloading_reach_the_sft_config_and_are_refused_on_cpu(tmp_path, model_dir, alpaca):
+    from trl import SFTConfig
+
+    from vramfit.run.predict import runtime_problem
+    from vramfit.run.train import sft_config
+
+    s = make_setup(**LORA, seq_len=64, liger=True, activation_offloading=True)
+    c = sft_config(s, RunOptions(max_seq_len=64), tmp_path / "c", 3, False, False, False)
+    assert isinstance(c, SFTConfig) and c.use_liger_kernel and c.activation_offloading and not c.packing
+    plain = sft_config(make_setup(**LORA, seq_len=64), RunOptions(max_seq_len=64), tmp_path / "p", 3, False, False, False)
+    assert not plain.use_liger_kernel and not plain.activation_offloading
+    assert "CUDA" in runtime_problem(s.with_(activation_offloading=False), cuda=False)
+    assert "CUDA" in runtime_problem(s.with_(liger=False), cuda=False)
+    for flag in ("--liger", "--activation-offloading"):
+        out = tmp_path / flag.strip("-")
+        r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(out), *LORA_ARGS, flag])
+        assert r.exit_code == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_short_rows_make_packing_the_default_only_where_the_planner_chooses(tiny_spec):
+    from vramfit.run.train import packing_for
+
+    assert packing_for({"method": "lora"}, rows_median=40, pack_len=128)  # the planner chooses, short rows
+    assert not packing_for({"method": "lora"}, rows_median=80, pack_len=128)
+    assert not packing_for(dict(LORA), rows_median=40, pack_len=128)  # the user's complete setup
+    assert packing_for(dict(LORA), rows_median=400, pack_len=128) is False
+    assert packing_for({**LORA, "packing": True}, rows_median=400, pack_len=128)
+    assert not packing_for({"method": "lora", "packing": False}, rows_median=40, pack_len=128)
+    s, plan = choose_setup(tiny_spec, {"method": "lora", "packing": True, "tokens_per_batch": 512}, seq_len=128,
+                           gpu="24GiB", effective_batch=8, padded=True, rows_median=40)
+    assert (s.packing, s.padded, s.micro_batch, s.grad_accum) == (True, False, 4, 2)
+    assert plan.setup == s and any("packing" in n and "median (40 tokens)" in n for n in plan.notes)
+    with pytest.raises(VramfitError, match="add --packing"):
+        choose_setup(tiny_spec, {**LORA, "micro_batch": None, "tokens_per_batch": 256}, seq_len=128)
+
+
+def test_when_the_planner_chooses_short_rows_are_packed_by_default(workdir, model_dir, alpaca):
+    """Rows of median ~40 tokens under --max-seq-len 128: the run packs (rows of 128 tokens) unless told not to."""
+    out = workdir / "default-packed"
+    args = ["--method", "lora", "--precision", "32-true", "--optim", "adamw_torch", "--max-steps", "1",
+            "--max-seq-len", "128", "--gpu", "24GiB", "--effective-batch", "4", "--val-split", "0"]
+    r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(out), *args])
+    assert r.exit_code == 0, r.output
+    s = report(out)["setup"]
+    assert (s["packing"], s["seq_len"], s["padded"]) == (True, 128, False)
+    assert "packing (trl, bfd, padding-free): rows of 128 tokens" in " ".join(r.output.split())
+    r = runner.invoke(app, ["train", model_dir, alpaca, "--out", str(workdir / "not-packed"), *args, "--no-packing"])
+    assert r.exit_code == 0, r.output
+    s = report(workdir / "not-packed")["setup"]
+    assert not s["packing"] and s["seq_len"] < 128 and s["padded"]

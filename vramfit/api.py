@@ -16,14 +16,21 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
              lora_r: int | None = None, lora_alpha: int | None = None, lora_dropout: float | None = None,
              target_modules: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
              grad_ckpt: bool = False, attn: str = "sdpa", allocator: str = "default", loss: str = "logits",
-             padded: bool = False, trust_remote_code: bool = False, constants: Constants | None = None,
-             use_calibration: bool = True, simulate_allocator: bool = False, replay: bool | None = None,
-             eval_batch: int | None = None) -> Estimate:
+             padded: bool = False, liger: bool = False, packing: bool = False, activation_offloading: bool = False,
+             tokens_per_batch: int | None = None, trust_remote_code: bool = False,
+             constants: Constants | None = None, use_calibration: bool = True, simulate_allocator: bool = False,
+             replay: bool | None = None, eval_batch: int | None = None) -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
 
     `padded`: the batches are padded to their longest row, as real data of varying lengths is, so
     an attention mask reaches SDPA; on models with grouped KV heads transformers then repeats the
     KV heads, which the backward keeps at full head count.
+
+    The memory levers, in their own switches (vramfit.planner.levers): `liger`
+    (TrainingArguments(use_liger_kernel=True); only on the model types liger-kernel patches), `packing`
+    (trl SFTConfig(packing=True), bfd, padding-free: `micro_batch` packed rows of `seq_len` tokens,
+    flattened into one), `activation_offloading` (SFTConfig(activation_offloading=True)).
+    `tokens_per_batch` (with packing): the micro-batch in tokens, a multiple of `seq_len`.
 
     The three peaks are the allocator replay's (two Trainer steps' allocations and frees through a
     model of torch's caching allocator, `vramfit.memory.allocator`), expanded from the setup's event
@@ -34,12 +41,17 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     The replay runs the whole run: load, the steps, an evaluation at `eval_batch` sequences
     (per_device_eval_batch_size; default the micro-batch, as vramfit train) and a checkpoint save."""
     from vramfit.model.spec import load_spec
+    from vramfit.planner.levers import check_levers, micro_batch_for_tokens
 
+    micro_batch = micro_batch_for_tokens(tokens_per_batch, seq_len, packing,
+                                         None if tokens_per_batch is not None and micro_batch == 1 else micro_batch)
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
                        lora_dropout=lora_dropout, target_modules=target_modules, seq_len=seq_len,
                        micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator, loss=loss,
-                       padded=padded)
+                       padded=padded, liger=liger, packing=packing, activation_offloading=activation_offloading)
+    check_levers(None, packing=packing, padded=padded)
     spec = load_spec(model, trust_remote_code=trust_remote_code)
+    check_levers(spec, liger=liger)
     calibration = None
     if constants is None and use_calibration:
         from vramfit.planner.calibration import load_local_constants
@@ -60,7 +72,15 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,
                     peak_reserved_bytes=bd.peak_reserved_bytes, device_bytes=bd.device_bytes,
                     peak_phase=bd.peak_phase, breakdown=bd.components, phases=bd.phases, notes=bd.notes,
-                    calibration=calibration)
+                    calibration=calibration, **_host(bd))
+
+
+def _host(bd) -> dict:
+    """Pinned host memory (activation offloading's copies), where this memory model reports it."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(Estimate)}
+    return {"host_bytes": getattr(bd, "host_bytes", 0)} if "host_bytes" in fields else {}
 
 
 def plan(model, gpu="auto", **options):

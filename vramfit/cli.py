@@ -45,6 +45,16 @@ AMP_OPTION = typer.Option(None, help="TrainingArguments autocast: none | bf16 (b
                           "(with --dtype, instead of --precision)")
 
 
+# the memory levers (vramfit.planner.levers), in their own switches
+LIGER_HELP = "TrainingArguments(use_liger_kernel=True): liger-kernel's RMSNorm, SwiGLU and RoPE kernels (CUDA)"
+PACKING_HELP = ("trl SFTConfig(packing=True), bfd, padding-free: a micro-batch is --micro-batch rows of --seq-len "
+                "tokens filled with whole examples, flattened into one")
+OFFLOAD_HELP = "trl SFTConfig(activation_offloading=True): saved activations in pinned host memory (CUDA)"
+TOKENS_HELP = ("with --packing: tokens per micro-batch, a multiple of --seq-len (the micro-batch is N / seq_len "
+               "packed rows)")
+SEARCHED = " (default: searched: {})"  # parentheses: rich takes [default: ...] for markup and drops it
+
+
 def _fail(exc: Exception) -> None:
     typer.echo(f"vramfit: error: {exc}", err=True)
     raise typer.Exit(code=2)
@@ -88,6 +98,10 @@ def estimate(
     padded: bool = typer.Option(False, "--padded", help="batches padded to their longest row, as real data of "
                                 "varying lengths is: an attention mask reaches SDPA, and grouped KV heads are "
                                 "repeated (what vramfit train predicts with when its rows differ in length)"),
+    liger: bool = typer.Option(False, "--liger", help=LIGER_HELP),
+    packing: bool = typer.Option(False, "--packing", help=PACKING_HELP),
+    activation_offloading: bool = typer.Option(False, "--activation-offloading", help=OFFLOAD_HELP),
+    tokens_per_batch: Optional[int] = typer.Option(None, "--tokens-per-batch", help=TOKENS_HELP),
     simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="accepted, does nothing: the "
                                             "allocator replay is the default answer"),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="sequences per evaluation batch "
@@ -108,6 +122,8 @@ def estimate(
     precision = _precision(precision, dtype, amp)
 
     if gpus is not None or strategy is not None:
+        _no_levers_on_gpus(liger=liger, packing=packing, activation_offloading=activation_offloading,
+                           tokens_per_batch=tokens_per_batch)
         return _estimate_gpus(model, gpus or 1, strategy or "ddp", as_json, trust_remote_code,
                               {"method": method.value, "precision": precision, "optim": optim, "lora_r": lora_r,
                                "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
@@ -117,7 +133,8 @@ def estimate(
         est = run_estimate(model, method=method.value, precision=precision, optim=optim, lora_r=lora_r,
                            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                            seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, attn=attn.value,
-                           allocator=allocator.value, loss=loss.value, padded=padded,
+                           allocator=allocator.value, loss=loss.value, padded=padded, liger=liger, packing=packing,
+                           activation_offloading=activation_offloading, tokens_per_batch=tokens_per_batch,
                            trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator,
                            replay=False if fast else None, eval_batch=eval_batch_size)
     except VramfitError as exc:
@@ -133,6 +150,14 @@ def estimate(
     console.print(estimate_table(est))
     for line in estimate_summary(est):
         console.print(line, highlight=False)
+
+
+def _no_levers_on_gpus(**given) -> None:
+    """The memory levers are single-GPU setup axes for now: with --gpus / --strategy, an error."""
+    on = ["--" + k.replace("_", "-") for k, v in given.items() if v]
+    if on:
+        _fail(VramfitError(f"{', '.join(on)}: the memory levers are not modelled on several GPUs yet; drop "
+                           f"--gpus/--strategy, or the lever"))
 
 
 def _estimate_gpus(model, gpus, strategy, as_json, trust_remote_code, options) -> None:
@@ -199,6 +224,17 @@ def plan(
     padded: bool = typer.Option(False, "--padded", help="batches padded to their longest row, as real data of "
                                 "varying lengths is: an attention mask reaches SDPA, and grouped KV heads are "
                                 "repeated (what vramfit train predicts with when its rows differ in length)"),
+    liger: Optional[bool] = typer.Option(None, "--liger/--no-liger", help=LIGER_HELP + SEARCHED.format(
+        "tried when nothing fits without it, on the model types liger-kernel patches")),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help=PACKING_HELP + SEARCHED.format(
+        "on where --rows-median is under half of --seq-len, on and off with --rows-median, else off")),
+    activation_offloading: Optional[bool] = typer.Option(
+        None, "--activation-offloading/--no-activation-offloading",
+        help=OFFLOAD_HELP + SEARCHED.format("tried when nothing fits without it")),
+    tokens_per_batch: Optional[int] = typer.Option(None, "--tokens-per-batch", help=TOKENS_HELP),
+    rows_median: Optional[int] = typer.Option(None, "--rows-median", help="the data's median row length in tokens "
+                                              "(as vramfit train measures it): short rows make packing the "
+                                              "default, and unpacked batches padded"),
     find_gpu: bool = typer.Option(False, "--find-gpu", help="the smallest bundled GPU that fits, and the best setup on each"),
     gpus: str | None = typer.Option(None, help="several GPUs: 4x24GB, 2xh100-sxm, auto (every probed GPU) or N; "
                                        "the strategies (DDP, FSDP, DeepSpeed ZeRO) become candidates"),
@@ -220,10 +256,14 @@ def plan(
                         lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, precision=precision,
                         optim=optim, grad_ckpt=grad_ckpt)
     if gpus is not None or strategy is not None:
+        _no_levers_on_gpus(liger=liger, packing=packing, activation_offloading=activation_offloading,
+                           tokens_per_batch=tokens_per_batch, rows_median=rows_median)
         return _plan_gpus(model, gpus, strategy, gpu, find_gpu, headroom, prefer.value, as_json, trust_remote_code,
                           restrictions)
     restrictions["loss"] = loss.value
     restrictions["padded"] = padded
+    restrictions.update(liger=liger, packing=packing, activation_offloading=activation_offloading,
+                        tokens_per_batch=tokens_per_batch, rows_median=rows_median)
     try:
         if find_gpu:
             if gpu is not None:
@@ -379,7 +419,16 @@ def train(
     micro_batch: Optional[int] = typer.Option(None, help="sequences per micro-batch"),
     grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
-    seq_len: Optional[int] = typer.Option(None, help="sequence length for the prediction [default: from the data]"),
+    seq_len: Optional[int] = typer.Option(None, help="sequence length for the prediction (default: from the data; "
+                                          "with packing, --max-seq-len: the packed row's length)"),
+    liger: Optional[bool] = typer.Option(None, "--liger/--no-liger", help=LIGER_HELP + " (default: off, or the "
+                                         "planner's when it chooses)"),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help=PACKING_HELP + " (default: on when "
+                                           "the planner chooses and the rows' median is under half of --max-seq-len)"),
+    activation_offloading: Optional[bool] = typer.Option(
+        None, "--activation-offloading/--no-activation-offloading", help=OFFLOAD_HELP + " (default: off, or the "
+        "planner's when it chooses)"),
+    tokens_per_batch: Optional[int] = typer.Option(None, "--tokens-per-batch", help=TOKENS_HELP),
     attn: Attn = typer.Option(Attn.sdpa, help="attention implementation"),
     allocator: Optional[Allocator] = typer.Option(None, help="torch caching allocator: default or expandable "
                                                   "(segments) [default: as PYTORCH_CUDA_ALLOC_CONF sets "
@@ -451,9 +500,15 @@ def train(
     setup_options = dict(method=method.value if method else None, precision=precision, optim=optim, lora_r=lora_r,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                          micro_batch=micro_batch, grad_accum=grad_accum, grad_ckpt=grad_ckpt, seq_len=seq_len,
-                         attn=attn.value, allocator=allocator.value if allocator else None)
+                         attn=attn.value, allocator=allocator.value if allocator else None, liger=liger,
+                         packing=packing, activation_offloading=activation_offloading,
+                         tokens_per_batch=tokens_per_batch)
     try:
         if gpus is not None or strategy is not None or cpu:
+            _no_levers_on_gpus(liger=liger, packing=packing, activation_offloading=activation_offloading,
+                               tokens_per_batch=tokens_per_batch)
+            setup_options = {k: v for k, v in setup_options.items()
+                             if k not in ("liger", "packing", "activation_offloading", "tokens_per_batch")}
             from vramfit.run.launch import launch
 
             if gpus is None:

@@ -39,6 +39,7 @@ def estimate_table(est):
     title += " · checkpointing" if s.grad_ckpt else ""
     title += " · fused loss (trl)" if s.loss == "fused" else ""
     title += " · padded batches" if getattr(s, "padded", False) else ""
+    title += "".join(f" · {w}" for w in lever_words(s))
     table = Table(title=title, title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -73,6 +74,9 @@ def estimate_summary(est) -> list[str]:
     if est.setup.method == "qlora":
         lines.append(f"base model with 4-bit weights counted packed (as model.num_parameters() shows): {est.params_packed:,}")
     lines.append(peak_phase_line(est))
+    if getattr(est, "host_bytes", 0):
+        lines.append(f"pinned host memory (activation offloading's copies of saved activations, outside the GPU "
+                     f"figures): {fmt_bytes(est.host_bytes)}")
     lines += list(est.notes)
     lines.append(f"calibration: {est.calibration or 'none (constants measured on an H200, driver 580, CUDA 13, torch 2.11)'}")
     return lines
@@ -103,6 +107,18 @@ def method_label(s) -> str:
     return f"{METHOD_NAMES[s.method]} r={s.lora_r}"
 
 
+def lever_words(s, short: bool = False) -> list:
+    """The memory levers a setup turns on, in words."""
+    out = []
+    if getattr(s, "liger", False):
+        out.append("liger" if short else "Liger's kernels")
+    if getattr(s, "packing", False):
+        out.append("packed" if short else f"packed ({s.tokens:,} tokens per micro-batch)")
+    if getattr(s, "activation_offloading", False):
+        out.append("offload" if short else "activation offloading")
+    return out
+
+
 def setup_label(s, short: bool = False) -> str:
     """'QLoRA r=16 · bf16-true · paged_adamw_8bit · checkpointing · micro-batch 2 x 8'."""
     parts = [method_label(s).replace("full fine-tuning", "full") if short else method_label(s), s.precision, s.optim]
@@ -114,6 +130,7 @@ def setup_label(s, short: bool = False) -> str:
         parts.append("fused-loss" if short else "trl fused loss")
     if getattr(s, "padded", False):
         parts.append("padded" if short else "padded batches")
+    parts += lever_words(s, short)
     parts.append(f"{s.micro_batch}x{s.grad_accum}" if short else f"micro-batch {s.micro_batch} x {s.grad_accum}")
     return (" " if short else " · ").join(parts)
 
@@ -131,6 +148,12 @@ def plan_verdict(p) -> str:
         how.append("expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
     how.append("trl's fused loss (SFTTrainer, as vramfit train runs)" if s.loss == "fused"
                else "full-logits loss (transformers Trainer)")
+    if s.liger:
+        how.append("Liger's kernels (use_liger_kernel=True)")
+    if s.packing:
+        how.append(f"packing (bfd, padding-free: {s.tokens:,} tokens per micro-batch)")
+    if s.activation_offloading:
+        how.append("activation offloading")
     return (f"[bold]{p.model}[/] fits on [bold]{p.device.name}[/] with {', '.join(how)}: "
             f"{fmt_bytes(c.device_bytes)} of {fmt_bytes(p.usable_bytes)} usable, {fmt_rate(c.tokens_per_s)}")
 
@@ -150,19 +173,23 @@ def plan_candidates_table(p, limit: int = 8):
     if p.replay:
         title += " (device GiB: the chosen one's from the allocator replay, the others the fast model's)"
     table = Table(title=title, title_justify="left")
-    for col, just in (("method", "left"), ("precision", "left"), ("optimizer", "left"), ("ckpt", "left"),
-                      ("micro x accum", "right"), ("device GiB", "right"), ("left GiB", "right"), ("tokens/s", "right")):
+    with_levers = any(lever_words(c.setup) for c in p.candidates)
+    cols = [("method", "left"), ("precision", "left"), ("optimizer", "left"), ("ckpt", "left")]
+    cols += [("levers", "left")] if with_levers else []
+    cols += [("micro x accum", "right"), ("device GiB", "right"), ("left GiB", "right"), ("tokens/s", "right")]
+    for col, just in cols:
         table.add_column(col, justify=just)
     seen = set()
     for c in p.candidates:
         s = c.setup
-        family = (s.method, s.precision, s.grad_ckpt)
+        family = (s.method, s.precision, s.grad_ckpt, s.liger, s.packing, s.activation_offloading)
         if family in seen:
             continue
         seen.add(family)
+        levers = [", ".join(lever_words(s, short=True)) or "-"] if with_levers else []
         table.add_row(method_label(s), s.precision, s.optim + (" (expandable)" if s.allocator == "expandable" else ""),
-                      "yes" if s.grad_ckpt else "no", f"{s.micro_batch} x {s.grad_accum}", gib(c.device_bytes),
-                      gib(p.budget_bytes - c.device_bytes), f"{c.tokens_per_s:,.0f}",
+                      "yes" if s.grad_ckpt else "no", *levers, f"{s.micro_batch} x {s.grad_accum}",
+                      gib(c.device_bytes), gib(p.budget_bytes - c.device_bytes), f"{c.tokens_per_s:,.0f}",
                       style="bold" if c is p.chosen else None)
         if len(seen) >= limit:
             break
@@ -180,7 +207,9 @@ def plan_rejection_lines(p, limit: int = 6) -> list[str]:
 
 LEVER_LABELS = {"grad_ckpt": "checkpointing", "micro_batch": "micro-batch", "optim": "optimizer",
                 "precision": "precision", "method": "method", "lora_r": "LoRA rank", "seq_len": "seq_len",
-                "allocator": "allocator"}
+                "allocator": "allocator", "liger": "Liger's kernels", "packing": "packing",
+                "activation_offloading": "activation offloading"}
+MEMORY_LEVERS = ("liger", "packing", "activation_offloading")
 
 
 def _lever_change(l, chosen) -> str:
@@ -195,6 +224,8 @@ def _lever_change(l, chosen) -> str:
         return f"LoRA r={s.lora_r} -> r={c.lora_r}"
     if l.knob == "allocator":
         return "expandable segments " + ("on" if c.allocator == "expandable" else "off")
+    if l.knob in MEMORY_LEVERS:
+        return ("with " if getattr(c, l.knob) else "without ") + LEVER_LABELS[l.knob]
     return f"{LEVER_LABELS[l.knob]} {getattr(s, l.knob)} -> {getattr(c, l.knob)}"
 
 
@@ -221,14 +252,47 @@ def plan_extra_lines(p) -> list[str]:
                      f"micro-batch is {p.largest_micro_batch}" + (" (the fast model's bounds)" if p.replay else ""))
     kw = p.to_training_arguments_kwargs()
     lines.append("TrainingArguments/SFTConfig: " + ", ".join(f"{k}={v!r}" for k, v in kw.items()))
+    trl_only = {k: v for k, v in p.to_sft_config_kwargs().items() if k not in kw}
+    if s.packing or s.activation_offloading:
+        lines.append("SFTConfig (trl) also: " + ", ".join(f"{k}={v!r}" for k, v in trl_only.items()))
     if p.to_lora_config_kwargs():
         lines.append("LoraConfig: " + ", ".join(f"{k}={v!r}" for k, v in p.to_lora_config_kwargs().items()))
     if p.to_bnb_config_kwargs():
         lines.append("BitsAndBytesConfig: " + ", ".join(f"{k}={v!r}" for k, v in p.to_bnb_config_kwargs().items()))
     lines.append(f"from_pretrained: dtype={s.param_dtype}, attn_implementation={s.attn}")
     lines += list(p.notes)
+    lines += plan_memory_lever_lines(p)
     lines.append(f"tokens/s: cost model {p.cost_source}; the order of setups is more reliable than the numbers")
     return lines
+
+
+def plan_memory_lever_lines(p) -> list[str]:
+    """One line per memory lever of the chosen setup: 'with Liger's kernels (use_liger_kernel=True):
+    3.10 GiB less, 1.20x tokens/s (measured ...)' (the fast model's memory, the measured speed)."""
+    speeds, switches = p.lever_speeds(), p.lever_switches()
+    out = []
+    for l in p.levers:
+        if l.knob not in MEMORY_LEVERS:
+            continue
+        on = getattr(l.candidate.setup, l.knob)
+        d = l.delta_bytes
+        mem = "the same memory" if abs(d) < (1 << 20) else f"{gib(abs(d))} GiB {'less' if d < 0 else 'more'}"
+        sp = speeds[l.knob]
+        loss = l.candidate.setup.loss
+        speed = (f"{l.speedup:.2f}x tokens/s ({LEVER_LABELS[l.knob]} measured {sp.ratio_for(loss):.2f}x: "
+                 f"{sp.evidence()})" if sp.measured_for(loss) else sp.text(loss))
+        if l.knob == "packing" and p.space.rows_median is not None and p.space.rows_median < p.space.seq_len:
+            speed += (f"; unpacked, tokens/s counts the padding too (rows of median {p.space.rows_median:,} tokens "
+                      f"padded to the longest of their batch)")
+        fits = "" if l.candidate.fits else "; does not fit"
+        if l.candidate.host_bytes:
+            fits += f"; {gib(l.candidate.host_bytes)} GiB pinned host memory"
+        switch = f" ({switches[l.knob]})" if on else ""
+        out.append(f"{'with' if on else 'without'} {LEVER_LABELS[l.knob]}{switch}: {mem}, {speed}{fits}")
+    if out:
+        out.insert(0, "memory levers of the chosen setup (the fast model's memory; tokens/s factors from "
+                      "benchmarks/results, 1.00x where not measured):")
+    return ["  " + x if i else x for i, x in enumerate(out)]
 
 
 def nothing_fits_line(p, longest_seq: int | None = None) -> str:
@@ -340,6 +404,15 @@ def data_report_lines(d) -> list[str]:
     capped = " (capped by --max-seq-len)" if d.seq_len < (n.max if d.seq_len_basis == "max" else n.p99) else ""
     lines.append(f"sequence length for the memory prediction: {d.seq_len:,} tokens = {basis}{capped}")
     return lines
+
+
+def packing_line(s, d) -> str:
+    """How a packed run fills its micro-batches, from the data's token lengths."""
+    n = d.lengths
+    per_row = s.seq_len / max(n.mean, 1.0)
+    return (f"packing (trl, bfd, padding-free): rows of {s.seq_len:,} tokens, ~{per_row:,.1f} examples each "
+            f"(mean {n.mean:,.1f} tokens, median {n.p50:,}); a micro-batch is {s.micro_batch} rows = "
+            f"{s.tokens:,} tokens flattened into one")
 
 
 def prediction_line(setup, predicted: dict, budget_bytes: int | None) -> str:

@@ -361,6 +361,9 @@ def plain_script(spec: dict) -> None:
     from trl import SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()
+    if cuda and spec.get("memory_limit_bytes"):  # an enforced budget (benchmarks/speed/lever_proof.py)
+        torch.cuda.set_per_process_memory_fraction(
+            spec["memory_limit_bytes"] / torch.cuda.get_device_properties(0).total_memory, 0)
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

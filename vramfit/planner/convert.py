@@ -23,7 +23,17 @@ def training_arguments_kwargs(s: Setup) -> dict:
           "fp16": s.autocast_dtype == "float16", "optim": s.optim}
     if s.grad_ckpt:
         kw["gradient_checkpointing_kwargs"] = dict(CHECKPOINTING_KWARGS)
+    if s.liger:  # liger-kernel's RMSNorm / SwiGLU / RoPE (trl keeps its own fused loss: see planner/levers.py)
+        kw["use_liger_kernel"] = True
     return kw
+
+
+def sft_config_kwargs(s: Setup) -> dict:
+    """trl `SFTConfig` kwargs: `training_arguments_kwargs`, the sequence length, and the trl-only levers
+    (packing: bfd, padding-free, rows of seq_len; activation offloading)."""
+    from vramfit.planner.levers import sft_lever_kwargs
+
+    return {**training_arguments_kwargs(s), "max_length": s.seq_len, **sft_lever_kwargs(s)}
 
 
 def rename_checkpointing(kw: dict, args_class) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from vramfit.errors import VramfitError
 from vramfit.memory.setup import DTYPE_BYTES, OPTIMIZERS, Setup, resolve_targets
+from vramfit.planner.levers import speed_factor
 
 
 # Memory traffic of one optimizer step relative to one fused pass over params, grads and states.
@@ -206,7 +207,8 @@ def seconds_per_token(spec, s: Setup, device, targets: tuple = (), cost: CostMod
     bw = device.bandwidth_bytes_per_s * cost.bandwidth_efficiency
     step = s.grad_accum * micro + optimizer_step_bytes(spec, s, targets) / bw
     step += 2 * paging_bytes / cost.host_link_bytes_per_s
-    return step / (s.tokens * s.grad_accum)
+    # the memory levers' measured tokens/s factors (vramfit.planner.levers: 1.0 where not measured)
+    return step / (s.tokens * s.grad_accum) / speed_factor(s)
 
 
 def fit_cost_model(samples, base: CostModel = DEFAULT_COST) -> CostModel:

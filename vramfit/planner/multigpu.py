@@ -368,7 +368,8 @@ def plan_gpus(model, gpus="auto", *, strategy: str | None = None, headroom=DEFAU
                            f"{effective_batch}")
     space = make_space(spec, gset.device, method=method, seq_len=seq_len, effective_batch=effective_batch,
                        micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
-                       precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn)
+                       precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn,
+                       liger=False, packing=False, activation_offloading=False)  # levers: one GPU only, for now
     if host_budget_bytes is None and gset.source == "probe":  # offload must fit this machine's RAM
         host_budget_bytes = host_available_bytes()
     result = search_gpus(spec, gset, space, strategies, headroom, prefer, constants, cost, host_budget_bytes,

@@ -223,4 +223,6 @@ def with_replay_peaks(cand, rows: list):
 
 def _text(s) -> str:
     return (f"{s.method} {s.precision} {s.optim} {s.micro_batch}x{s.grad_accum}"
-            + (" ckpt" if s.grad_ckpt else "") + (" expandable" if s.allocator == "expandable" else ""))
+            + (" ckpt" if s.grad_ckpt else "") + (" expandable" if s.allocator == "expandable" else "")
+            + (" liger" if s.liger else "") + (" packed" if s.packing else "")
+            + (" offload" if s.activation_offloading else ""))

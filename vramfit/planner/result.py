@@ -13,9 +13,11 @@ from vramfit.planner.convert import (
     lora_config_kwargs,
     model_kwargs,
     rename_checkpointing,
+    sft_config_kwargs,
     training_arguments_kwargs,
 )
 from vramfit.planner.cost import DEFAULT_COST
+from vramfit.planner import levers as _levers
 from vramfit.planner.space import Space
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Candidate:
     # does not fit in the usable memory next to device_bytes, so pages to host at every step
     paged_bytes: int = 0
     paging_bytes: int = 0
+    # pinned host memory beside the GPU's (activation offloading's copies), where the memory model says
+    host_bytes: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -42,7 +46,7 @@ class Candidate:
         return {**setup_json(self.setup), "device_bytes": self.device_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "peak_reserved_bytes": self.peak_reserved_bytes,
                 "tokens_per_s": round(self.tokens_per_s, 1), "fits": self.fits, "exact": self.exact,
-                "paged_bytes": self.paged_bytes, "paging_bytes": self.paging_bytes}
+                "paged_bytes": self.paged_bytes, "paging_bytes": self.paging_bytes, "host_bytes": self.host_bytes}
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,9 @@ class Rejection:
 class Lever:
     """One knob of the chosen setup turned: what it would need and how fast it would run."""
 
-    knob: str  # grad_ckpt | micro_batch | optim | precision | method | lora_r | seq_len | allocator
+    # grad_ckpt | micro_batch | optim | precision | method | lora_r | seq_len | allocator, and the memory
+    # levers liger | packing | activation_offloading (vramfit.planner.levers)
+    knob: str
     candidate: Candidate
     delta_bytes: int  # candidate's device bytes minus the chosen one's
     speedup: float  # candidate's tokens/s over the chosen one's
@@ -103,6 +109,15 @@ class Plan:
     def usable_bytes(self) -> int:
         return self.budget_bytes - self.headroom_bytes
 
+    # the memory levers' measured speed factors and switches, for the report (which imports no planner)
+    @staticmethod
+    def lever_speeds() -> dict:
+        return _levers.lever_speeds()
+
+    @staticmethod
+    def lever_switches() -> dict:
+        return dict(_levers.LEVER_SWITCHES)
+
     @property
     def setup(self) -> Setup:
         return self._chosen().setup
@@ -119,7 +134,9 @@ class Plan:
         return training_arguments_kwargs(self.setup)
 
     def to_sft_config_kwargs(self) -> dict:
-        return {**training_arguments_kwargs(self.setup), "max_length": self.setup.seq_len}
+        """trl `SFTConfig` kwargs: TrainingArguments' plus max_length and the trl-only levers (packing,
+        activation offloading)."""
+        return sft_config_kwargs(self.setup)
 
     def to_lora_config_kwargs(self) -> dict | None:
         return lora_config_kwargs(self.setup)
@@ -181,6 +198,11 @@ class Plan:
             "closest": self.closest.to_json(),
             "longest_seq_len": self.longest_seq_len, "largest_micro_batch": self.largest_micro_batch,
             "training_arguments": training_arguments_kwargs(chosen.setup) if chosen else None,
+            "sft_config": sft_config_kwargs(chosen.setup) if chosen else None,
+            "lever_speeds": {k: {"ratio": v.ratio_for(chosen.setup.loss if chosen else None),
+                                 "measured": v.measured_for(chosen.setup.loss if chosen else None),
+                                 "text": v.text(chosen.setup.loss if chosen else None)}
+                             for k, v in _levers.lever_speeds().items()},
             "lora_config": lora_config_kwargs(chosen.setup) if chosen else None,
             "bnb_config": bnb_config_kwargs(chosen.setup) if chosen else None,
             "model_kwargs": model_kwargs(chosen.setup) if chosen else None,

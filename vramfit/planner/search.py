@@ -57,7 +57,8 @@ class Evaluator:
         return Candidate(setup=s, device_bytes=bd.device_bytes, peak_allocated_bytes=bd.peak_allocated_bytes,
                          peak_reserved_bytes=bd.peak_reserved_bytes,
                          seconds_per_token=seconds_per_token(self.spec, s, device, targets, self.cost, paging),
-                         fits=bd.device_bytes <= usable_bytes, paged_bytes=paged, paging_bytes=paging)
+                         fits=bd.device_bytes <= usable_bytes, paged_bytes=paged, paging_bytes=paging,
+                         host_bytes=getattr(bd, "host_bytes", 0))
 
     def candidates(self, setups, device, usable_bytes: int, exhaustive: bool = False) -> list:
         """Candidates of `setups` (micro-batches ascending within a setup, as Space yields them).
@@ -65,7 +66,8 @@ class Evaluator:
         miss: dict = {}  # setup without its micro-batch -> the first candidate that misses
         out = []
         for s in setups:
-            family = (s.method, s.precision, s.optim, s.grad_ckpt, s.allocator, s.lora_r, s.seq_len)
+            family = (s.method, s.precision, s.optim, s.grad_ckpt, s.allocator, s.lora_r, s.seq_len, s.liger,
+                      s.packing, s.activation_offloading, s.padded)
             first = miss.get(family)
             if first is not None and not exhaustive:
                 targets = self.memory(first.setup)[1]
@@ -85,7 +87,9 @@ OPTIM_DEVIATION = {"adamw_torch_fused": 0, "adamw_torch": 0, "paged_adamw_32bit"
 
 
 def _plainness(s: Setup) -> int:
-    return OPTIM_DEVIATION.get(s.optim, 3) + int(s.allocator != "default")
+    """Deviations from the plain recipe: a tie in speed goes to fewer (Liger's kernels and activation
+    offloading are each one: patched kernels, host traffic)."""
+    return OPTIM_DEVIATION.get(s.optim, 3) + int(s.allocator != "default") + int(s.liger) + int(s.activation_offloading)
 
 
 def _rank_key(prefer: str):
@@ -134,6 +138,10 @@ def search(spec, device, space: Space, headroom=DEFAULT_HEADROOM, prefer: str = 
                            f"{fmt_bytes(usable)}) is smaller than the CUDA context alone ({fmt_bytes(context)})")
     ev = evaluator or Evaluator(spec, constants, cost or DEFAULT_COST)
     cands = ev.candidates(space.setups(device.bf16), device, usable, exhaustive)
+    lever_note = None
+    if space.when_nothing_fits and not any(x.fits for x in cands):
+        extra, lever_note = _lever_stage(ev, space, cands, device, usable, exhaustive)
+        cands += extra
     fitting = tuple(sorted((x for x in cands if x.fits), key=_rank_key(prefer)))
     chosen = fitting[0] if fitting else None
     closest = min((x for x in cands if x.exact), key=lambda x: (x.device_bytes, x.seconds_per_token))
@@ -148,7 +156,28 @@ def search(spec, device, space: Space, headroom=DEFAULT_HEADROOM, prefer: str = 
                 headroom=str(headroom), prefer=prefer, space=space, chosen=chosen, candidates=fitting,
                 rejections=rejections, levers=levers, closest=closest, longest_seq_len=longest,
                 largest_micro_batch=largest, searched=len(cands), evaluated=sum(c.exact for c in cands),
-                notes=_notes(spec, device, space, chosen), cost_source=ev.cost.source)
+                notes=((lever_note,) if lever_note else ()) + _notes(spec, device, space, chosen),
+                cost_source=ev.cost.source)
+
+
+def _lever_stage(ev: Evaluator, space: Space, cands: list, device, usable: int, exhaustive: bool) -> tuple:
+    """Nothing fits without the levers the search holds back (Liger's kernels, activation offloading):
+    the setups with them on -> (candidates, a note).  A lever the memory model finds no smaller at the
+    closest setup cannot make anything fit, and is not searched."""
+    from vramfit.planner.levers import LEVER_NAMES
+
+    closest = min((x for x in cands if x.exact), key=lambda x: x.device_bytes)
+    useful = tuple(k for k in space.when_nothing_fits
+                   if ev.memory(closest.setup.with_(**{k: True}))[0].device_bytes < closest.device_bytes)
+    if not useful:
+        return [], None
+    wider = replace(space, when_nothing_fits=useful).with_levers()
+    extra = [s for s in wider.setups(device.bf16) if any(getattr(s, k) for k in useful)]
+    got = ev.candidates(extra, device, usable, exhaustive)
+    names = " and ".join(LEVER_NAMES[k] for k in useful)
+    fits = any(x.fits for x in got)
+    return got, (f"nothing fits without {names}: the search tried them" + ("" if fits else ", and nothing fits "
+                                                                                         "with them either"))
 
 
 def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", prefer: str = "speed",
@@ -156,6 +185,8 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
          lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
          precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
          allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False,
+         liger: bool | None = None, packing: bool | None = None, activation_offloading: bool | None = None,
+         tokens_per_batch: int | None = None, rows_median: int | None = None,
          constants=None, cost: CostModel | None = None, trust_remote_code: bool = False,
          simulate_allocator: bool | None = None, replay: bool | None = None) -> Plan:
     """The best setup of MODEL that fits GPU.  MODEL: profile, config.json, directory, hub id or a
@@ -167,14 +198,20 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
     allocator (vramfit/planner/recheck.py), and the chosen setup's figures are the replay's.  A
     setup's first replay builds its event template (~20-60 s once, cached).  `replay=False` (or
     VRAMFIT_REPLAY=0, or the CLI's --fast) keeps the fast model's answer; `simulate_allocator` is
-    the old name of `replay`.  `Plan.replay` says what was checked and what changed."""
+    the old name of `replay`.  `Plan.replay` says what was checked and what changed.
+
+    The memory levers (`liger`, `packing`, `activation_offloading`: vramfit.planner.levers): True or
+    False fixes one, None (the default) lets the search weigh it (see `make_space`); `tokens_per_batch`
+    fixes a packed micro-batch in tokens; `rows_median`: the data's median row length, in tokens."""
     spec, device, constants = _resolve(model, gpu, constants, trust_remote_code)
     _check_choice("prefer", prefer, ("speed", "memory"))
     _check_choice("method", method, ("auto", "full", "lora", "qlora"))
     space = make_space(spec, device, method=method, seq_len=seq_len, effective_batch=effective_batch,
                        micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
                        precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn,
-                       loss=loss, padded=padded)
+                       loss=loss, padded=padded, liger=liger, packing=packing,
+                       activation_offloading=activation_offloading, tokens_per_batch=tokens_per_batch,
+                       rows_median=rows_median)
     ev = Evaluator(spec, constants, cost or DEFAULT_COST)
     result = search(spec, device, space, headroom, prefer, constants, cost, evaluator=ev)
     if result.chosen is None:
@@ -281,12 +318,29 @@ def _levers(ev: Evaluator, chosen: Candidate, device, usable: int, space: Space)
     if s.seq_len > 1:
         variants.append(("seq_len", s.with_(seq_len=s.seq_len // 2)))
     variants.append(("allocator", s.with_(allocator="default" if s.allocator == "expandable" else "expandable")))
+    variants += lever_variants(ev.spec, s, space)
     out = []
     for knob, v in variants:
         c = ev.candidate(v, device, usable)
         out.append(Lever(knob=knob, candidate=c, delta_bytes=c.device_bytes - chosen.device_bytes,
                          speedup=chosen.seconds_per_token / c.seconds_per_token))
     return tuple(sorted(out, key=lambda l: -abs(l.delta_bytes)))
+
+
+def lever_variants(spec, s: Setup, space: Space) -> list:
+    """The chosen setup with each memory lever turned: (knob, setup).  Liger's kernels only on the model
+    types liger-kernel patches; packing off means padded batches where the data's rows are shorter."""
+    from vramfit.planner.levers import liger_supported
+
+    out = []
+    if s.liger or liger_supported(spec.model_type):
+        out.append(("liger", s.with_(liger=not s.liger)))
+    if s.packing:
+        out.append(("packing", s.with_(packing=False, padded=space.padded, extras={})))
+    else:
+        out.append(("packing", s.with_(packing=True, padded=False, extras=space._extras(True))))
+    out.append(("activation_offloading", s.with_(activation_offloading=not s.activation_offloading)))
+    return out
 
 
 def _notes(spec, device, space: Space, chosen: Candidate | None) -> tuple:
@@ -309,6 +363,7 @@ def _notes(spec, device, space: Space, chosen: Candidate | None) -> tuple:
         notes.append("set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts (less fragmentation)")
     if OPTIMIZERS[s.optim].needs_bnb:
         notes.append(f"{s.optim} needs bitsandbytes")
+    notes += lever_notes(spec, s, space)
     if chosen.paged_bytes:
         from vramfit.report import fmt_bytes
 
@@ -320,6 +375,34 @@ def _notes(spec, device, space: Space, chosen: Candidate | None) -> tuple:
             notes.append(f"paged optimizer states: {fmt_bytes(chosen.paged_bytes)} in CUDA managed memory, outside "
                          "the device figure; they fit beside the rest, so nothing pages")
     return tuple(notes)
+
+
+def lever_notes(spec, s: Setup, space: Space) -> list:
+    """What a chosen setup's levers mean in practice."""
+    from vramfit.planner.levers import PACKING_SHORT_ROWS
+
+    notes = []
+    if s.packing:
+        why = (f"the rows' median ({space.rows_median:,} tokens) is under {PACKING_SHORT_ROWS:.0%} of seq_len "
+               f"{s.seq_len:,}, so packing is the default: " if space.rows_median is not None
+               and space.rows_median < PACKING_SHORT_ROWS * s.seq_len else "")
+        notes.append(f"packing: {why}a micro-batch is {s.micro_batch} rows of {s.seq_len:,} tokens filled with whole "
+                     f"examples (best-fit decreasing) and flattened into one row of {s.tokens:,} tokens "
+                     f"(--tokens-per-batch {s.tokens})")
+        if s.attn != "flash_attention_2" and s.micro_batch > 1:
+            notes.append(f"packing with {s.attn}: transformers masks the flattened row block-diagonally and the "
+                         f"kernel attends over all {s.tokens:,} tokens; --attn flash_attention_2 attends per example")
+    elif space.rows_median is not None and space.rows_median < s.seq_len:
+        notes.append(f"rows of median {space.rows_median:,} tokens: unpacked batches are padded to their longest "
+                     "row (predicted so)")
+    if s.liger:
+        notes.append("Liger's kernels: needs the liger-kernel package (triton, CUDA); under trl's SFTTrainer its "
+                     "fused linear cross-entropy is off (trl's own fused loss scores the tokens): its RMSNorm, "
+                     "SwiGLU and RoPE kernels remain")
+    if s.activation_offloading:
+        notes.append("activation offloading: saved activations live in pinned host memory between the forward "
+                     "and the backward (SFTTrainer only; CUDA)")
+    return notes
 
 
 # --------------------------------------------------------------------------- inverse questions

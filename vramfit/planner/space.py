@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from vramfit.errors import VramfitError
 from vramfit.memory.setup import Setup, make_setup, resolve_targets
+from vramfit.planner.levers import check_levers, liger_supported, micro_batch_for_tokens, packing_by_default
 
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 2048
@@ -58,7 +59,14 @@ class Space:
     target_modules: str = DEFAULT_TARGET_MODULES
     attn: str = "sdpa"
     loss: str = "fused"
-    padded: bool = False
+    padded: bool = False  # of the unpacked setups (packed micro-batches are never padded)
+    # the memory levers (vramfit.planner.levers): the values each takes in the search
+    liger: tuple = (False,)
+    packing: tuple = (False,)
+    activation_offloading: tuple = (False,)
+    # levers the search adds only when nothing fits without them (their setups need new event templates)
+    when_nothing_fits: tuple = ()
+    rows_median: int | None = None  # the data's median row length in tokens, where known
 
     def setups(self, bf16: bool) -> list:
         """Every combination, micro-batches being the divisors of the effective batch."""
@@ -69,14 +77,28 @@ class Space:
         for method in self.methods:
             lora = {} if method == "full" else dict(lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                                                      target_modules=self.target_modules)
-            for precision, optim, ckpt, alloc, mb in itertools.product(
+            for precision, optim, ckpt, alloc, pack, liger, offload, mb in itertools.product(
                     axis(self.precision, precisions_for(method, bf16)), axis(self.optim, OPTIMS),
                     axis(self.grad_ckpt, (False, True)), axis(self.allocator, ALLOCATOR_CHOICES),
+                    self.packing, self.liger, self.activation_offloading,
                     axis(self.micro_batch, divisors(self.effective_batch))):
                 out.append(Setup(method=method, precision=precision, optim=optim, seq_len=self.seq_len,
                                  micro_batch=mb, grad_accum=self.effective_batch // mb, grad_ckpt=ckpt,
-                                 allocator=alloc, attn=self.attn, loss=self.loss, padded=self.padded, **lora))
+                                 allocator=alloc, attn=self.attn, loss=self.loss,
+                                 padded=self.padded and not pack, liger=liger, packing=pack,
+                                 activation_offloading=offload, extras=self._extras(pack), **lora))
         return out
+
+    def _extras(self, packing: bool) -> dict:
+        """Packed setups carry the data's example length (the memory model's `example_len`: the examples
+        a packed row holds), where the rows are known."""
+        return {"example_len": self.rows_median} if packing and self.rows_median else {}
+
+    def with_levers(self) -> "Space":
+        """This space with the `when_nothing_fits` levers searched on and off."""
+        from dataclasses import replace
+
+        return replace(self, **{k: (False, True) for k in self.when_nothing_fits}, when_nothing_fits=())
 
 
 # Setups within 1% of each other in predicted speed are a tie (the cost model is not that
@@ -88,8 +110,20 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
                effective_batch: int = DEFAULT_EFFECTIVE_BATCH, micro_batch: int | None = None,
                lora_r: int | None = None, lora_alpha: int | None = None, target_modules: str | None = None,
                precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
-               allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False) -> Space:
-    """Validate the user's restrictions against the model and the GPU -> Space."""
+               allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False,
+               liger: bool | None = None, packing: bool | None = None, activation_offloading: bool | None = None,
+               tokens_per_batch: int | None = None, rows_median: int | None = None) -> Space:
+    """Validate the user's restrictions against the model and the GPU -> Space.
+
+    The levers: True or False fixes one; None lets the planner weigh it: packing is searched where the
+    data's rows are known (`rows_median`, tokens) and is the default where they are short (median below
+    half of seq_len); Liger's kernels (on the model types liger-kernel patches) and activation offloading
+    are tried when nothing fits without them (they need event templates of their own), and every lever
+    is shown among the chosen setup's levers either way."""
+    axes = lever_axes(spec, seq_len, padded, liger, packing, activation_offloading, rows_median)
+    micro_batch = micro_batch_for_tokens(tokens_per_batch, seq_len, axes["packing"] == (True,), micro_batch)
+    if rows_median is not None and rows_median < seq_len:
+        padded = True  # rows shorter than seq_len: unpacked batches are padded to their longest
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
     if method == "auto" and spec.has_fused_experts:  # QLoRA of fused MoE experts is not modelled
         methods = ("full", "lora")
@@ -116,5 +150,30 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
     return Space(seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch, methods=methods,
                  precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator,
                  lora_r=lora_r or DEFAULT_LORA_R, lora_alpha=lora_alpha,
-                 target_modules=target_modules or DEFAULT_TARGET_MODULES, attn=attn, loss=loss, padded=padded)
+                 target_modules=target_modules or DEFAULT_TARGET_MODULES, attn=attn, loss=loss, padded=padded,
+                 rows_median=rows_median, **axes)
+
+
+def lever_axes(spec, seq_len: int, padded: bool, liger: bool | None, packing: bool | None,
+               activation_offloading: bool | None, rows_median: int | None) -> dict:
+    """The lever fields of a Space: each one's values in the search, and the levers tried only when
+    nothing fits without them."""
+    check_levers(spec, liger=liger, packing=packing, activation_offloading=activation_offloading, padded=padded)
+    if rows_median is not None and (isinstance(rows_median, bool) or not isinstance(rows_median, int)
+                                    or rows_median <= 0):
+        raise VramfitError(f"--rows-median must be a positive number of tokens, got {rows_median!r}")
+    if packing is None:
+        if padded and rows_median is None:
+            packing = False  # --padded: the user's batches are padded, not packed
+        elif packing_by_default(rows_median, seq_len):
+            packing = True
+    axes = {"packing": (packing,) if packing is not None else ((False, True) if rows_median else (False,)),
+            "liger": (bool(liger),), "activation_offloading": (bool(activation_offloading),)}
+    later = []
+    if liger is None and liger_supported(spec.model_type):
+        later.append("liger")
+    if activation_offloading is None:
+        later.append("activation_offloading")
+    axes["when_nothing_fits"] = tuple(later)
+    return axes
 

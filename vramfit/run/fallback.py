@@ -127,6 +127,7 @@ def setup_flags(s: Setup) -> str:
         flags.append(f"--lora-r {s.lora_r}")
     flags += [f"--precision {s.precision}", f"--optim {s.optim}", f"--micro-batch {s.micro_batch}",
               f"--grad-accum {s.grad_accum}", "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
+    flags += ["--" + k.replace("_", "-") for k in ("liger", "packing", "activation_offloading") if getattr(s, k, False)]
     return " ".join(flags)
 
 

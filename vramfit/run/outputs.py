@@ -41,7 +41,8 @@ def _check_out_dir(out: Path, resume: bool) -> dict | None:
 
 def _setup_json(s: Setup) -> dict:
     d = asdict(s)
-    d.pop("extras", None)
+    if not d.get("extras"):  # kept where it says something: packing's example length, for --resume
+        d.pop("extras", None)
     return d
 
 

@@ -39,7 +39,10 @@ def predicted_peaks(predicted) -> dict | None:
     if predicted is None:
         return None
     get = predicted.get if isinstance(predicted, dict) else lambda k: getattr(predicted, k, None)
-    return {k: get(k) for k in PEAK_KEYS}
+    out = {k: get(k) for k in PEAK_KEYS}
+    if get("tokens_per_micro_batch") is not None:  # what the peaks were predicted at (packed: N tokens)
+        out["tokens_per_micro_batch"] = get("tokens_per_micro_batch")
+    return out
 
 
 def torch_figures(stats: dict) -> dict:

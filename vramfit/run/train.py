@@ -17,6 +17,7 @@ A recipe, read top to bottom in `train()`:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 import time
@@ -133,15 +134,48 @@ def planner_restrictions(given: dict, effective_batch: int | None, gpus: int = 1
     return kw
 
 
+LEVER_OPTIONS = ("liger", "packing", "activation_offloading")
+
+
+def packing_for(options: dict, rows_median: int | None, pack_len: int) -> bool:
+    """Whether the run packs: --packing / --no-packing, else on where the planner chooses the setup and
+    the rows are short (median under half of the packed row's length, `pack_len`)."""
+    from vramfit.planner.levers import packing_by_default
+
+    if options.get("packing") is not None:
+        return bool(options["packing"])
+    given = {k for k, v in options.items() if v is not None}
+    if options.get("tokens_per_batch") is not None:
+        given.add("micro_batch")
+    complete = all(k in given for k in SETUP_FIELDS)
+    return not complete and packing_by_default(rows_median, pack_len)
+
+
 def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, headroom: str = "5%",
-                 effective_batch: int | None = None, padded: bool = False):
+                 effective_batch: int | None = None, padded: bool = False, rows_median: int | None = None):
     """The setup the run uses -> (Setup, Plan or None).  All of SETUP_FIELDS given: the user's,
-    validated.  Any missing: `vramfit.planner.search.plan` chooses them, the given ones fixed."""
+    validated.  Any missing: `vramfit.planner.search.plan` chooses them, the given ones fixed.
+
+    The memory levers (options liger, packing, activation_offloading; None: not given): with a complete
+    setup, off unless given; for the planner, given ones fixed and the rest weighed by it.  With packing
+    `seq_len` is the packed row's length, `tokens_per_batch` the micro-batch in tokens, and nothing is
+    padded; `rows_median` (the data's, tokens) is what the plan's packing note explains itself with."""
+    from vramfit.planner.levers import check_levers, micro_batch_for_tokens
+
     given = {k: v for k, v in options.items() if v is not None}
+    tokens = given.pop("tokens_per_batch", None)
     given.setdefault("seq_len", seq_len)
     given.setdefault("loss", trainer_loss())
     given.setdefault("allocator", env_allocator())  # what this process's torch will really use
+    if given.get("packing"):
+        padded = False  # packed rows are flattened into one: no padding, no attention mask
     given.setdefault("padded", padded)  # rows of different lengths: batches padded, an attention mask
+    check_levers(spec, liger=given.get("liger"), packing=given.get("packing"), padded=given["padded"])
+    if tokens is not None:
+        given["micro_batch"] = micro_batch_for_tokens(tokens, given["seq_len"], given.get("packing"),
+                                                      given.get("micro_batch"))
+    if given.get("packing") and rows_median:  # the memory model's packed example length: the data's
+        given["extras"] = {"example_len": int(rows_median)}
     if all(k in given for k in SETUP_FIELDS):
         return make_setup(**given), None
     try:
@@ -149,8 +183,13 @@ def choose_setup(spec, options: dict, seq_len: int, gpu: str | None = None, head
     except ImportError:
         missing = ", ".join("--" + k.replace("_", "-") for k in SETUP_FIELDS if k not in given)
         raise VramfitError(f"give {missing}: the planner that would choose them is not installed") from None
+    given.pop("extras", None)  # the plan's packed setups carry rows_median themselves
+    levers = {k: given.get(k) for k in LEVER_OPTIONS}
+    if levers["packing"] is None:
+        levers["packing"] = False  # the run decided (packing_for): the planner does not search it again
     p = plan(spec, gpu or "auto", headroom=headroom, method=given.get("method", "auto"), seq_len=given["seq_len"],
-             loss=given["loss"], padded=given["padded"], **planner_restrictions(given, effective_batch))
+             loss=given["loss"], padded=given["padded"], rows_median=rows_median if levers["packing"] else None,
+             **levers, **planner_restrictions(given, effective_batch))
     s = p.setup
     if s.method != "full" and "lora_dropout" in given:
         s = s.with_(lora_dropout=given["lora_dropout"])
@@ -191,16 +230,20 @@ def sft_config(s: Setup, opts: RunOptions, output_dir: Path, max_steps: int, has
                assistant_only: bool):
     from trl import SFTConfig
 
+    from vramfit.planner.levers import sft_lever_kwargs
+
     sched = schedule(opts, max_steps, has_eval)
     kw = rename_checkpointing(training_arguments_kwargs(s), SFTConfig)  # what `vramfit plan` prints
     kw.update(output_dir=str(output_dir), max_steps=max_steps, per_device_eval_batch_size=s.micro_batch,
               learning_rate=opts.learning_rate or DEFAULT_LR[s.method], warmup_steps=opts.warmup,
-              max_length=opts.max_seq_len, packing=False, assistant_only_loss=assistant_only,
+              max_length=opts.max_seq_len, packing=False, activation_offloading=False,
+              assistant_only_loss=assistant_only,
               logging_steps=opts.logging_steps, save_strategy="steps" if sched["save_steps"] else "no",
               save_total_limit=opts.save_total_limit, report_to=[], seed=opts.seed, dataloader_num_workers=0,
               disable_tqdm=True, use_cpu=not cuda, include_num_input_tokens_seen="non_padding")
     if sched["save_steps"]:
         kw["save_steps"] = sched["save_steps"]
+    kw.update(sft_lever_kwargs(s))  # packing (bfd, padding-free, rows of seq_len), activation offloading
     kw.update(sampling_kwargs(opts.sampling, SFTConfig))
     if has_eval:
         kw.update(eval_strategy="steps", eval_steps=sched["eval_steps"], load_best_model_at_end=True,
@@ -251,7 +294,9 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
           callbacks=(), console=None) -> dict:
     """Fine-tune MODEL on DATA; returns the run report (also written to OUT/run_report.json).
     setup_options: method, precision, optim, lora_r, lora_alpha, lora_dropout, target_modules,
-    micro_batch, grad_accum, grad_ckpt, seq_len, attn (None: the planner chooses)."""
+    micro_batch, grad_accum, grad_ckpt, seq_len, attn (None: the planner chooses), and the memory levers
+    liger, packing, activation_offloading, tokens_per_batch (vramfit.planner.levers; packing: None packs
+    where the planner chooses and the rows' median is under half of --max-seq-len, the packed row's length)."""
     import torch
     from rich.console import Console
 
@@ -280,10 +325,21 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
         s = Setup(**saved["setup"])
         say("resuming with the saved setup: " + report.setup_label(s))
     else:
-        s, plan = choose_setup(source.spec, setup_options or {}, d.seq_len, gpu, opts.headroom, opts.effective_batch,
-                               padded=data_is_padded(d))
+        options = dict(setup_options or {})
+        if not cuda:  # Liger's kernels (triton) and activation offloading need CUDA: not weighed here
+            options.update({k: False for k in ("liger", "activation_offloading") if options.get(k) is None})
+        if options.get("liger") is None and importlib.util.find_spec("liger_kernel") is None:
+            options["liger"] = False  # the planner may only choose what this machine can run
+        pack_len = options.get("seq_len") or opts.max_seq_len
+        packing = packing_for(options, d.lengths.p50, pack_len)
+        if packing:
+            options.update(packing=True, seq_len=pack_len)
+        s, plan = choose_setup(source.spec, options, d.seq_len, gpu, opts.headroom, opts.effective_batch,
+                               padded=data_is_padded(d) and not packing, rows_median=d.lengths.p50)
         if plan is not None:
             console.print(report.plan_verdict(plan), highlight=False)
+        if s.packing:
+            say(report.packing_line(s, d))
     problem = runtime_problem(s, cuda)
     if problem:
         raise VramfitError(problem)
@@ -291,7 +347,7 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     seq_lens = None
     if opts.simulate_allocator is None:
         opts = replace(opts, simulate_allocator=cuda)  # the run report says what was done
-    if opts.simulate_allocator:  # the data's own padded batch lengths, replayed through the allocator model
+    if opts.simulate_allocator and not s.packing:  # the data's own padded batch lengths, replayed
         seq_lens = batch_lengths(d.row_lengths, s.micro_batch, s.seq_len, SIMULATED_STEPS, opts.seed)
     predicted = predict(source.spec, s, constants, seq_lens)  # 5
     for note in predicted.pop("notes", []):
