@@ -52,6 +52,12 @@ class CostModel:
     adapter_overhead_s: float = 7.4e-6  # fitted
     # FlashAttention-2's backward runs 5 matmuls to the forward's 2 (Dao 2023).
     attention_backward_factor: float = 2.5
+    # Packed rows under SDPA (trl's padding-free packing): transformers gives the one flattened row a
+    # block-diagonal causal mask, and SDPA's masked kernel computes the whole (tokens x tokens) square,
+    # at this many times flash attention's cost per FLOP.  Fitted on the 6 packing twins of the H100
+    # levers grid (benchmarks/results/h100-2026-12-07d-levers.jsonl): predicted packed / unpacked
+    # tokens/s within 0.08 of the measured ratio on average (0.18 with one flat factor for packing).
+    masked_attention_cost: float = 1.5
     # fp32 matmuls without TF32 run at ~1/8 (T4, V100) to ~1/15 (A100, H100) of the fp16 peak.
     fp32_matmul_fraction: float = 1 / 12
     # Effective bytes per 4-bit weight per dequantization (forward, backward, recompute).  The ideal
@@ -114,7 +120,8 @@ def attention_flops_per_token(spec, seq_len: int) -> float:
 def train_flops_per_token(spec, s: Setup, targets: tuple, cost: CostModel = DEFAULT_COST) -> tuple[float, float]:
     """Matmul FLOPs of one training token: (at the compute dtype, in fp32).
 
-    N matmul parameters, A attention forward FLOPs, a adapter parameters, H = vocab x hidden:
+    N matmul parameters, A attention forward FLOPs (packed rows: the masked square of the flattened
+    micro-batch under SDPA, the examples under flash attention), a adapter parameters, H = vocab x hidden:
     full:  forward 2N + A, backward 4N (input and weight gradients) + 2.5 A
     LoRA:  forward 2N + A + 2a, backward 2N (input gradients: the base is frozen) + 2.5 A + 4a
     checkpointing: one more forward of the decoder layers (not of the LM head).
@@ -124,6 +131,10 @@ def train_flops_per_token(spec, s: Setup, targets: tuple, cost: CostModel = DEFA
     n = matmul_params(spec)
     head = 2.0 * spec.vocab_size * spec.hidden_size
     attn = attention_flops_per_token(spec, s.seq_len)
+    if s.packing and s.attn == "flash_attention_2":  # varlen: each example attends within itself
+        attn = attention_flops_per_token(spec, min(s.seq_len, int(s.extras.get("example_len") or s.seq_len)))
+    elif s.packing:  # the flattened row's whole masked square (2 x tokens: no causal half skipped)
+        attn = attention_flops_per_token(spec, 2 * s.tokens) * cost.masked_attention_cost
     layers_fwd = 2.0 * n - head + attn
     main = 2.0 * n + attn * (1 + cost.attention_backward_factor) + (layers_fwd if s.grad_ckpt else 0.0)
     fp32 = 0.0

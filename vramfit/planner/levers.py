@@ -221,7 +221,9 @@ def speed_factor(s) -> float:
     table = lever_speeds()
     f = 1.0
     for lever in LEVERS:
-        if getattr(s, lever):
+        # packing's cost is modelled, not a factor (cost.train_flops_per_token: the packed row's masked
+        # attention square); its measured ratio stays in the table, the model's check
+        if getattr(s, lever) and lever != "packing":
             f *= table[lever].ratio_for(s.loss)
     return f
 
