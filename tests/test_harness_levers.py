@@ -101,6 +101,10 @@ def test_liger_sets_use_liger_kernel_and_nothing_else(tmp_path):
     assert liger.remove_unused_columns is plain.remove_unused_columns is True
     packed = train_case.training_arguments(transformers, tiny_case(packing=True), str(tmp_path), cuda=False)
     assert packed.remove_unused_columns is False  # trl's collator needs seq_lengths
+    # under trl's fused head, as SFTTrainer: liger's layer kernels only, not its fused cross-entropy
+    fused = train_case.training_arguments(transformers, dict(tiny_case(liger=True), loss="fused"), str(tmp_path),
+                                          cuda=False)
+    assert fused.liger_kernel_config == {"fused_linear_cross_entropy": False} and not liger.liger_kernel_config
 
 
 @pytest.mark.skipif(not CUDA or importlib.util.find_spec("liger_kernel") is None,

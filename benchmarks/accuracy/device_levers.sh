@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20's levers on a lent GPU machine (the device tool's `run`), in ONE call of at most 600 s:
 #   bash benchmarks/accuracy/device_levers.sh                    # carry: [".whl"]
+#   GRID=levers_fused HISTORY_MIN_S=9999 bash benchmarks/accuracy/device_levers.sh   # another grid, no histories
 # .whl comes from ../shared/device/wheels.sh: the default set (bitsandbytes, trl, datasets, dill,
 # multiprocess) plus `../shared/device/wheels.sh liger-kernel==0.8.5` (pure Python; triton comes
 # with the image's torch).
@@ -28,7 +29,7 @@ cat "$OUT/gpu.txt" "$OUT/pip.txt"
 
 budget=$(( $(left) - 10 ))
 echo "levers: ${budget} s cap" | tee -a "$OUT/levers.log"
-timeout "$budget" python3 -m benchmarks.accuracy.harness --grid levers --out "$OUT/levers.jsonl" \
+timeout "$budget" python3 -m benchmarks.accuracy.harness --grid "${GRID:-levers}" --out "$OUT/levers.jsonl" \
   --skip-done --timeout "$CASE_TIMEOUT_S" 2>&1 | tee -a "$OUT/levers.log"
 echo "levers: $(( $(date +%s) - START )) s since start" | tee -a "$OUT/levers.log"
 

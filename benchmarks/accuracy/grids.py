@@ -381,6 +381,28 @@ def lever_pairs() -> dict[str, list[tuple[dict, dict]]]:
     }
 
 
+def levers_fused() -> list[dict]:
+    """The levers as `vramfit train` runs them, under trl's fused LM head (SFTTrainer's loss): Liger's
+    layer kernels (trl turns liger's fused cross-entropy off), packing and offloading, each next to
+    its baseline twin."""
+    B = _lever_base
+    pairs = [
+        (B("llama-3.2-1b", "lora", 4096, 2, False), "liger"),
+        (B("qwen2.5-0.5b", "full", 4096, 2, True), "liger"),
+        (B("gemma-2b", "lora", 2048, 2, False), "liger"),
+        (B("mistral-7b-v0.1", "lora", 2048, 4, True, targets="all-linear"), "liger"),
+        (B("llama-3.2-1b", "lora", 2048, 2, False), "packing"),
+        (B("qwen2.5-0.5b", "lora", 1024, 4, False, targets="all-linear"), "packing"),
+        (B("mistral-7b-v0.1", "lora", 2048, 2, True), "packing"),
+        (B("qwen2.5-0.5b", "full", 2048, 2, False), "activation_offloading"),
+    ]
+    out = []
+    for base, lever in pairs:
+        base = dict(base, loss="fused")
+        out += [base, with_lever(base, lever, 150 if lever == "packing" else None)]
+    return out
+
+
 def levers() -> list[dict]:
     """Baseline then lever case, the levers interleaved (liger 1, packing 1, offloading 1, liger 2,
     ...), so a run cut at its time limit leaves every lever with about as many pairs."""
@@ -422,7 +444,7 @@ def lever_history_cases() -> list[dict]:
     return [pairs["liger"][0][1], pairs["packing"][0][1], pairs["activation_offloading"][0][1]]
 
 
-GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes, "levers": levers,
+GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes, "levers": levers, "levers_fused": levers_fused,
          "levers_history": lever_history_cases}
 
 

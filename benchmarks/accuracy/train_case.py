@@ -25,7 +25,9 @@ own entry of phases_outside_steps:
 The levers (case keys, absent when off; see cases.py):
     liger      TrainingArguments(use_liger_kernel=True): Trainer applies liger-kernel to the model
                (through a PeftModel to its base model) when train() starts; the loss stays the model's
-               own (liger's forward fuses lm_head and cross-entropy). `liger_applied` says what it patched.
+               own (liger's forward fuses lm_head and cross-entropy); with `loss: fused` as trl's
+               SFTTrainer runs it: liger_kernel_config={"fused_linear_cross_entropy": False}, liger's
+               layer kernels under trl's fused head. `liger_applied` says what it patched.
     packing    trl's padding-free BFD packing: each packed row built by trl.data_utils.pack_dataset
                ("bfd") from seeded random-token examples (cases.packed_example_lengths: every row exactly
                seq_len tokens, the last example of a row truncated), batched by trl's
@@ -412,6 +414,8 @@ def lever_arguments(case: dict) -> dict:
     out = {}
     if case.get("liger"):
         out["use_liger_kernel"] = True
+        if case.get("loss") == "fused":  # as trl's SFTTrainer: liger's layer kernels only, trl's fused head the loss
+            out["liger_kernel_config"] = {"fused_linear_cross_entropy": False}
     if case.get("packing"):  # keep seq_lengths for trl's collator (the model never sees it)
         out["remove_unused_columns"] = False
     return out
