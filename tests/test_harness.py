@@ -49,10 +49,10 @@ def tiny_profiles(tmp_path, monkeypatch):
 
 
 def tiny_case(**kwargs) -> dict:
+    """A tiny-llama full fine-tuning case (the harness profiles'), `kwargs` changed."""
     base = dict(model="tiny-llama", method="full", precision="32-true", optim="adamw_torch",
                 seq_len=32, micro_batch=2, steps=2)
-    base.update(kwargs)
-    return cases.training_case(**base)
+    return cases.training_case(**{**base, **kwargs})
 
 
 def test_case_id_is_stable_and_ignores_key_order_and_id():

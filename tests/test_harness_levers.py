@@ -18,6 +18,7 @@ if importlib.util.find_spec("peft") is None:  # not imported here: it would init
 
 from benchmarks.accuracy import cases, grids, harness, train_case  # noqa: E402
 from conftest import harness_profiles  # noqa: E402
+from test_harness import tiny_case as harness_tiny_case  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 LEVERS = ("liger", "packing", "activation_offloading")
@@ -34,10 +35,7 @@ def tiny_profiles(tmp_path, monkeypatch):
 
 
 def tiny_case(**kwargs) -> dict:
-    base = dict(model="tiny-llama", method="full", precision="32-true", optim="adamw_torch",
-                seq_len=64, micro_batch=3, steps=2)
-    base.update(kwargs)
-    return cases.training_case(**base)
+    return harness_tiny_case(**{"seq_len": 64, "micro_batch": 3, **kwargs})
 
 
 def test_lever_keys_are_absent_when_off_so_old_ids_stay():

@@ -302,16 +302,9 @@ def host_memory(torch, cuda: bool) -> dict:
 
 
 def lever_versions(case: dict) -> dict:
-    from importlib import metadata
+    from vramfit.versions import installed
 
-    names = ["trl", "datasets"] + (["liger_kernel", "triton"] if case.get("liger") else [])
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return installed("trl", "datasets", *(("liger_kernel", "triton") if case.get("liger") else ()))
 
 
 def random_tokens_dataset(torch, n: int, seq_len: int, vocab_size: int):
