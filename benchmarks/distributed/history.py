@@ -12,6 +12,7 @@ process (`torch.cuda.memory._record_memory_history`) and write, per case and ran
 VRAMFIT_MEMORY_HISTORY_STACKS=none records no Python frames.
 
     python -m benchmarks.distributed.history DIR/CASE.events.json.gz     # a summary of one history
+    python -m benchmarks.distributed.history --streams DIR/CASE.events.json.gz   # and each stream's pool
 """
 
 from __future__ import annotations
@@ -166,6 +167,99 @@ def summary(data: dict, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def stream_peaks(data: dict, begin: str = "step2_begin", end: str = "step2_end") -> dict:
+    """Per CUDA stream between two marks: {"allocated": (peak, {stream: bytes}), "reserved": (peak, {stream:
+    reserved bytes})} at the allocated and the reserved peak; the default stream is the one numbered 0."""
+    marks = dict((k, v) for k, v in data.get("marks", []))
+    t0, t1 = marks.get(begin, 0), marks.get(end, 1 << 62)
+    live, segs, alloc, res = {}, {}, {}, {}
+    pa, pr = (0, {}), (0, {})
+    for code, addr, size, stream, _, t in data["events"]:
+        if code == "a":
+            live[addr] = (size, stream)
+            alloc[stream] = alloc.get(stream, 0) + size
+        elif code == "f" and addr in live:
+            size, stream = live.pop(addr)
+            alloc[stream] -= size
+        elif code == "S":
+            segs[addr] = (size, stream)
+            res[stream] = res.get(stream, 0) + size
+        elif code == "s" and addr in segs:
+            size, stream = segs.pop(addr)
+            res[stream] -= size
+        if t0 <= t <= t1:
+            if sum(alloc.values()) > pa[0]:
+                pa = (sum(alloc.values()), dict(alloc))
+            if sum(res.values()) > pr[0]:
+                pr = (sum(res.values()), dict(res))
+    return {"allocated": pa, "reserved": pr}
+
+
+def stream_summary(data: dict, begin: str = "step2_begin", end: str = "step2_end", top: int = 12) -> str:
+    """Per CUDA stream, between the marks `begin` and `end` (one trained step): what is allocated and reserved
+    at the reserved peak and at the allocated peak, and the segments each stream's pool holds at the reserved
+    peak, by the frame of the allocation that created the segment (count, MiB, MiB in use then).  A freed
+    block serves only its own stream: this is where a per-rank replay's pools are read off (issue 21)."""
+    import bisect
+
+    marks = dict((k, v) for k, v in data.get("marks", []))
+    t0, t1 = marks.get(begin, 0), marks.get(end, 1 << 62)
+    live, segs, alloc, res = {}, {}, {}, {}
+    peak_a = peak_r = (0, -1, None)
+    for i, (code, addr, size, stream, fid, t) in enumerate(data["events"]):
+        if code == "a":
+            live[addr] = (size, stream, fid)
+            alloc[stream] = alloc.get(stream, 0) + size
+        elif code == "f" and addr in live:
+            size, stream, _ = live.pop(addr)
+            alloc[stream] -= size
+        elif code == "S":
+            segs[addr] = (size, stream, fid)
+            res[stream] = res.get(stream, 0) + size
+        elif code == "s" and addr in segs:
+            size, stream, _ = segs.pop(addr)
+            res[stream] -= size
+        if t0 <= t <= t1:
+            if sum(alloc.values()) > peak_a[0]:
+                peak_a = (sum(alloc.values()), i, (dict(alloc), dict(res)))
+            if sum(res.values()) > peak_r[0]:
+                peak_r = (sum(res.values()), i, (dict(alloc), dict(res), dict(live), dict(segs)))
+    if peak_r[2] is None:
+        return f"{data.get('name')}: nothing between {begin} and {end}"
+    mib = lambda d: {s: round(b / MiB, 1) for s, b in d.items()}  # noqa: E731
+    lines = [f"{data.get('name')} [{begin} .. {end}]",
+             f"  allocated peak {peak_a[0] / MiB:.1f} MiB at entry {peak_a[1]}: allocated by stream "
+             f"{mib(peak_a[2][0])}, reserved {mib(peak_a[2][1])}",
+             f"  reserved peak {peak_r[0] / MiB:.1f} MiB at entry {peak_r[1]}: allocated by stream "
+             f"{mib(peak_r[2][0])}, reserved {mib(peak_r[2][1])}"]
+    live_r, segs_r = peak_r[2][2], peak_r[2][3]
+    starts = sorted(segs_r)
+    used = {}
+    for addr, (size, _, _) in live_r.items():
+        k = bisect.bisect_right(starts, addr) - 1
+        if k >= 0 and addr < starts[k] + segs_r[starts[k]][0]:
+            used[starts[k]] = used.get(starts[k], 0) + size
+    for stream in sorted({v[1] for v in segs_r.values()}):
+        by = {}
+        for addr, (size, st, fid) in segs_r.items():
+            if st != stream:
+                continue
+            key = data["frames"][fid] if fid >= 0 else "?"
+            n, b, u = by.get(key, (0, 0, 0))
+            by[key] = (n + 1, b + size, u + used.get(addr, 0))
+        lines.append(f"  stream {stream}: {sum(v[1] for v in by.values()) / MiB:.1f} MiB in "
+                     f"{sum(v[0] for v in by.values())} segments")
+        for key, (n, b, u) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"    {b / MiB:9.1f} MiB {n:4d} segs, {u / MiB:9.1f} in use  {key[:160]}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(summary(load(p)))
+    args = sys.argv[1:]
+    streams = "--streams" in args
+    for p in (a for a in args if a != "--streams"):
+        data = load(p)
+        print(summary(data))
+        if streams:
+            for k in (1, 2):
+                print(stream_summary(data, f"step{k}_begin", f"step{k}_end"))

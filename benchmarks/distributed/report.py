@@ -137,7 +137,7 @@ def _before_predicted(mod, c: dict, strategy: str) -> dict:
     return per_gpu
 
 
-def fake_rows(records: list, before=None, fitted: bool = True) -> list:
+def fake_rows(records: list, before=None, fitted: bool = True, baseline: dict | None = None) -> list:
     out = []
     for rec in records:
         if rec.get("status") != "ok" or rec.get("peak_allocated_bytes") is None:
@@ -149,7 +149,10 @@ def fake_rows(records: list, before=None, fitted: bool = True) -> list:
                "wrapper": (rec.get("engine") or {}).get("wrapper"),
                "measured": {k: rec.get(k) for k, _ in KEYS}, "predicted": {k: per_gpu[k] for k, _ in KEYS},
                "error": errors(rec, per_gpu), "gpu": (rec.get("environment") or {}).get("gpu_name"),
-               "environment": rec.get("environment") or {}}
+               "environment": rec.get("environment") or {}, "source": rec.get("_source", "")}
+        base = (baseline or {}).get((Path(row["source"]).name, rec["name"], c["rank"]))
+        if base is not None:
+            row["error_baseline"] = errors(rec, base)
         if fitted:
             row["error_fitted"] = errors(rec, fake_predicted(c, strategy, replay=False))
         if before is not None:
@@ -235,8 +238,9 @@ def fake_per_strategy(rs: list) -> str:
 
 def fake_before_after(rs: list) -> str:
     """Per strategy (as run): median / max |error| before, with the fitted per-rank walk, with the replay."""
-    fields = [f for f in ("error_before", "error_fitted", "error") if any(f in r for r in rs)]
-    label = {"error_before": "before", "error_fitted": "fitted walk", "error": "replay (default)"}
+    fields = [f for f in ("error_before", "error_fitted", "error_baseline", "error") if any(f in r for r in rs)]
+    label = {"error_before": "before", "error_fitted": "fitted walk", "error_baseline": "replay before",
+             "error": "replay (default)"}
     cols = [f"{k} {label[f]}" for k in ("allocated", "reserved", "device") for f in fields]
     head = "| strategy | runs | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (2 + 3 * len(fields))]
@@ -250,8 +254,78 @@ def fake_before_after(rs: list) -> str:
                 s = stats(g, key, f)
                 cells.append(f"{100 * s['median']:.1f} / {100 * s['p90']:.1f} / {100 * s['max']:.1f}%" if s else "-")
         lines.append(f"| {st} | {len(g)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\n(median / p90 / max |error|; before: the model of the revision given, built "
-                               "before QLoRA under FSDP, bf16-amp and the last ranks were measured)")
+    notes = {"error_before": "before: the model of the revision given (--before)",
+             "error_baseline": "replay before: the earlier predictions given (--baseline)"}
+    extra = "; ".join(notes[f] for f in fields if f in notes)
+    return "\n".join(lines) + f"\n\n(median / p90 / max |error|{'; ' + extra if extra else ''})"
+
+
+def fake_baseline_after(rs: list, baseline_path: str) -> str:
+    """Per strategy (as run) and over all: the replay's statistics before (`--baseline`'s predictions) and now,
+    median / p90 / max |error| and the runs under-predicted by more than 2%."""
+    lines = ["| strategy | runs | " + " | ".join(f"{label} before | {label} now" for _, label in KEYS) + " |",
+             "|" + "---|" * (2 + 2 * len(KEYS))]
+    by = {"all": rs}
+    for r in rs:
+        by.setdefault(r["ran_as"], []).append(r)
+    for st, g in by.items():
+        cells = []
+        for key, _ in KEYS:
+            cells += [_cell(stats(g, key, "error_baseline")), _cell(stats(g, key))]
+        lines.append(f"| {st} | {len(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n(median / p90 / max |error| (runs under-predicted by more than 2%); before: "
+                               f"{baseline_path})")
+
+
+def fake_histories(rs: list, directory: str) -> str:
+    """The runs' CUDA memory histories (benchmarks.distributed.history), where DIR has one: per step, the
+    reserved peak by stream (the default stream, then the others by size) and the allocated peak by stream."""
+    from benchmarks.distributed import history
+
+    lines = ["| case | step | reserved peak MiB: default + other streams | allocated peak MiB: default + other "
+             "streams |", "|---|---|---|---|"]
+    fmt = lambda d: " + ".join(f"{b / (1 << 20):.0f}" for _, b in  # noqa: E731
+                               sorted(d.items(), key=lambda kv: (kv[0] != 0, -kv[1])) if b)
+    for r in sorted(rs, key=lambda r: r["name"]):
+        path = Path(directory) / f"{r['name']}.events.json.gz"
+        if not path.is_file():
+            continue
+        data = history.load(str(path))
+        steps = sorted({k.split("_")[0] for k, _ in data.get("marks", []) if k.startswith("step")})
+        for st in steps:
+            p = history.stream_peaks(data, f"{st}_begin", f"{st}_end")
+            (ra, ba), (rr, br) = p["allocated"], p["reserved"]
+            lines.append(f"| {r['name']} | {st[4:]} | {rr / (1 << 20):.0f} = {fmt(br)} | {ra / (1 << 20):.0f} = "
+                         f"{fmt(ba)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def fake_per_source(rs: list) -> str:
+    """Per source JSONL: the targets' statistics."""
+    lines = ["| source | runs | allocated | reserved | device |", "|---|---|---|---|---|"]
+    by = {}
+    for r in rs:
+        by.setdefault(Path(r["source"]).name, []).append(r)
+    for src, g in by.items():
+        lines.append(f"| {src} | {len(g)} | " + " | ".join(_cell(stats(g, k)) for k, _ in KEYS) + " |")
+    return "\n".join(lines)
+
+
+def write_predictions(rs: list, path: str) -> None:
+    """The current predictions, one line per run (what `--baseline` reads back)."""
+    with open(path, "w") as f:
+        for r in rs:
+            f.write(json.dumps({"source": Path(r["source"]).name, "name": r["name"], "rank": r["rank"],
+                                "predicted": r["predicted"]}) + "\n")
+
+
+def read_baseline(path: str) -> dict:
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            x = json.loads(line)
+            out[(x["source"], x["name"], x["rank"])] = x["predicted"]
+    return out
 
 
 def fake_environment(rs: list) -> str:
@@ -274,9 +348,18 @@ def _here() -> str:
     return ", ".join(f"{k} {v}" for k, v in installed("torch", "transformers", "peft", "trl").items())
 
 
-def fake_report(records: list, paths: list, before_rev: str | None = None) -> str:
+def fake_report(records: list, paths: list, before_rev: str | None = None, baseline: str | None = None,
+                apart: tuple = (), predictions_out: str | None = None, baseline_label: str | None = None,
+                histories: str | None = None) -> str:
     before = before_model(before_rev) if before_rev else None
-    every = fake_rows(records, before)
+    every = fake_rows(records, before, baseline=read_baseline(baseline) if baseline else None)
+    if predictions_out:
+        write_predictions(every, predictions_out)
+    apart_names = {Path(p).name for p in apart}
+    kept = [r for r in every if Path(r["source"]).name in apart_names]
+    every = [r for r in every if Path(r["source"]).name not in apart_names]
+    records = [r for r in records if Path(r.get("_source", "")).name not in apart_names]
+    paths = [p for p in paths if Path(p).name not in apart_names]
     moved = [r for r in every if r["ran_as"] != r["case"]["strategy"]]
     rs = [r for r in every if r["ran_as"] == r["case"]["strategy"]]
     other = [f"- {r.get('name')}: {r.get('status')}" + (f" ({str(r.get('error', ''))[:200]})" if r.get("error") else "")
@@ -299,12 +382,26 @@ def fake_report(records: list, paths: list, before_rev: str | None = None) -> st
                 + "\n".join(f"- {r['name']}: accelerate set up {r['wrapper']} (its launch environment had no "
                             f"ACCELERATE_USE_DEEPSPEED); predicted as {r['ran_as']}" for r in moved)
                 + "\n\n" + fake_table(moved))
+    again = ""
+    if kept:
+        again = (f"## Measured again with CUDA memory histories (outside the statistics above)\n\n{len(kept)} runs of "
+                 f"{', '.join(sorted(apart_names))}: repeats of cases above, each with torch's memory history "
+                 f"(benchmarks.distributed.history)\n\n" + fake_summary(kept) + "\n\n" + fake_per_strategy(kept)
+                 + ("\n\n" + fake_baseline_after(kept, baseline_label or baseline) if baseline else "")
+                 + "\n\n" + fake_table(kept))
+        hist = fake_histories(kept, histories) if histories else ""
+        if hist:
+            again += ("\n\nThe histories, per CUDA stream (a freed block serves only its own stream; the default "
+                      "stream first):\n\n" + hist)
     return "\n\n".join(x for x in (
         header, "## All runs", fake_summary(rs) if rs else "no measured run",
         "## Per strategy" if rs else "", fake_per_strategy(rs) if rs else "",
+        "## Per source" if rs else "", fake_per_source(rs) if rs else "",
+        "## The replay before and after" if rs and baseline else "",
+        fake_baseline_after(rs, baseline_label or baseline) if rs and baseline else "",
         "## Before and after, per strategy" if rs else "", fake_before_after(rs) if rs else "",
         "## Per strategy, N and method", fake_by_strategy(rs) if rs else "",
-        "## Runs", fake_table(rs) if rs else "", zero,
+        "## Runs", fake_table(rs) if rs else "", zero, again,
         "## Not measured\n\n" + "\n".join(other) if other else "") if x)
 
 
@@ -313,10 +410,23 @@ def main(argv=None) -> int:
     ap.add_argument("jsonl", nargs="+", help="a proof's JSONL, or the fake-group harness's (several: one report)")
     ap.add_argument("--md", default=None, help="also write the tables to this markdown file")
     ap.add_argument("--before", default=None, help="fake-group lines: git revision of the model to compare with")
+    ap.add_argument("--baseline", default=None,
+                    help="fake-group lines: an earlier model's predictions of the same runs (--predictions-out's "
+                         "JSONL) for a before / after table of the replay")
+    ap.add_argument("--predictions-out", default=None, help="fake-group lines: write the predictions to this JSONL")
+    ap.add_argument("--baseline-label", default=None, help="what --baseline's predictions are, for the report")
+    ap.add_argument("--histories", default=None,
+                    help="fake-group lines: a directory of CUDA memory histories (<case>.events.json.gz) of the "
+                         "--apart runs: their per-stream peaks")
+    ap.add_argument("--apart", action="append", default=[],
+                    help="fake-group lines: a JSONL among the inputs whose runs are reported apart, outside the "
+                         "statistics (repeats, e.g. the runs measured again with memory histories)")
     args = ap.parse_args(argv)
-    records = [json.loads(x) for p in args.jsonl for x in Path(p).read_text().splitlines() if x.strip()]
+    records = [dict(json.loads(x), _source=p) for p in args.jsonl for x in Path(p).read_text().splitlines()
+               if x.strip()]
     if records and all("ranks" not in r for r in records):  # the fake-group harness
-        text = fake_report(records, args.jsonl, args.before)
+        text = fake_report(records, args.jsonl, args.before, args.baseline, tuple(args.apart), args.predictions_out,
+                           args.baseline_label, args.histories)
         print(text)
         if args.md:
             Path(args.md).write_text(text + "\n")

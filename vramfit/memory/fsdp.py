@@ -21,6 +21,10 @@ torch 2.11's FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, _f
   is the reduce-scatter output (reduce-scatter stream), cast to the parameter dtype when they differ.
 - a unit's post-backward hook sits on its forward inputs that require grad: for a unit whose inputs
   are token ids (the tied tail, the embedding) it runs in the root's final callback, at the end.
+- the other streams' pools are replayed through the caching allocator (`stream_pools`): under mixed
+  precision each unit's float32 shards are cast into one bf16 all-gather input on the all-gather stream,
+  and each reduce-scatter output (bf16) is cast to the float32 sharded gradient on the reduce-scatter
+  stream (the h100-2026-12-07d fsdp-full histories: 746 and 1368 MiB on those streams, llama-3.2-1b N = 4).
 QLoRA: vramfit launches it with FSDP1 (peft's FSDP-QLoRA recipe: flat parameters of bf16 storage, one per
 decoder layer and per LoRA module, the root's never resharded after the forward, BACKWARD_PRE
 prefetch; torch/distributed/fsdp/_runtime_utils.py): one unit gathered at a time in the forward,
@@ -165,8 +169,9 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
              "backward_end": int(g_s_layers + tail_state + last_u) if tied else int(g_s_layers + tail_s + emb_u),
              "optimizer": sharded_all}
     # other streams' pools (CUDACachingAllocator: a freed block serves only its own stream): the
-    # flat all-gather outputs (copy-in stream: two at once in the forward), the sharded gradients
-    # (reduce-scatter stream: freed by zero_grad, cached for the next step)
+    # flat all-gather outputs and, under mixed precision, each unit's all-gather input (copy-in stream:
+    # two outputs at once in the forward), the reduce-scatter outputs and the sharded gradients
+    # (reduce-scatter stream: freed by zero_grad, cached for the next step) -- replayed (`stream_pools`)
     flat_in_use = {"forward_layer": U, "forward_loss": U if tied else U_tail,
                    "backward_head": U if (full_shard and s.loss != "fused") else 0,
                    "backward_top": U if full_shard else 0, "backward_bottom": U_emb if full_shard else 0}
@@ -174,14 +179,121 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
         flat_in_use = {}
     rs_in_use = {"backward_top": tail_s, "backward_bottom": g_s_layers * (L - 1) / L + tail_s,
                  "backward_end": g_s_layers + tail_s, "optimizer": sharded_all}
-    pools = {"fsdp_all_gather_stream": (int(max(U_tail, U_emb) + U), {k: int(v) for k, v in flat_in_use.items()}),
-             "fsdp_reduce_scatter_stream": (int(sharded_all), {k: int(v) for k, v in rs_in_use.items()})}
-    if fsdp1:
-        pools = {}
+    pools = {}
+    if not fsdp1:
+        # per unit: elements gathered, those cast for the all-gather (stored in another dtype than the
+        # gather's: accelerate's float32 upcast under MixedPrecisionPolicy(param_dtype=bf16)), trainable ones
+        base_store = store if full else pb
+        cast_base = mp and base_store != gb
+        unit = {"layer": (u["layer"], t_layer, adapters / L), "tail": (u["tail"], t_tail, 0),
+                "embedding": (u["embedding"], t_emb, 0)}
+        spec_units = {}
+        for name, (elems, trained, adapter) in unit.items():
+            flat = elems * gb + adapter * ab
+            cast_in = ((elems if cast_base else 0) * gb + (adapter * ab if mp else 0)) / n
+            rs_out = trained * grad_u / n
+            rs_keep = trained * grad_s / n if grad_s != grad_u else 0
+            spec_units[name] = (int(flat), int(cast_in), int(rs_out), int(rs_keep))
+        res = stream_pools(spec_units, L, tied, full_shard, emb_in_backward, expandable=s.allocator == "expandable")
+        pools = {"fsdp_all_gather_stream": (res["all_gather"], {k: int(v) for k, v in flat_in_use.items()}),
+                 "fsdp_reduce_scatter_stream": (res["reduce_scatter"], {k: int(v) for k, v in rs_in_use.items()})}
     return RankTerms(weights=tuple((k, int(v)) for k, v in w.items()), optimizer=_ceil_div(O, n),
                      optimizer_temp=_ceil_div(temp, n), grads=grads,
                      held={k: {a: int(b) for a, b in v.items() if b} for k, v in held.items()}, pools=pools,
                      device_extra=nccl, no_weight_copies=mp)
+
+
+def stream_events(units: dict, L: int, tied: bool, full_shard: bool, emb_in_backward: bool) -> dict:
+    """One step of FSDP2's other CUDA streams, as allocator events ("a", id, bytes) / ("f", id) per stream.
+    `units`: name ("layer", "tail", "embedding") -> (flat all-gather output bytes, all-gather input bytes
+    (0 where nothing is cast), reduce-scatter output bytes, sharded gradient cast bytes (0: none)).
+    torch 2.11 (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py), as the h100-2026-12-07d
+    histories show it (fsdp-full n4 llama-3.2-1b, bf16-mixed):
+    - all-gather stream: per unit, under mixed precision its shards cast into one flat input
+      (`_get_param_all_gather_inputs`' foreach copy, only for parameters stored in another dtype), the
+      flat output (`foreach_all_gather`), the input freed once copied in; in the forward the previous
+      unit's output is freed after this one's all-gather (its copy-out done), the last at the root's
+      post-forward; in the backward each resharded unit is gathered again and its output freed after
+      its copy-out, before the next one's.  The forward's order: the tied tail first (the embedding is
+      in it), or the embedding, the layers, the untied tail; the backward's: the layers from the top,
+      the embedding last (when it takes part in the backward).
+    - reduce-scatter stream: per unit's post-backward (the untied tail's after the final norm's
+      backward, the layers from the top, the tied tail's or the embedding's at the end) the
+      reduce-scatter output in the reduce dtype, cast to the parameter's dtype where it differs
+      (`_to_dtype_if_needed`, the output then freed); the sharded gradients held to zero_grad."""
+    ids = iter(range(1, 1 << 30))
+    ag, rs, keep = [], [], []
+
+    def gather(name, free_prev=None):
+        flat, cast_in = units[name][:2]
+        i, o = next(ids), next(ids)
+        out = [("a", i, cast_in)] if cast_in else []
+        out.append(("a", o, flat))
+        if cast_in:
+            out.append(("f", i))
+        if free_prev is not None:
+            out.append(("f", free_prev))
+        return out, o
+
+    prev = None
+    fwd = (["tail"] if tied else (["embedding"] if units["embedding"][0] else [])) + ["layer"] * L
+    fwd += [] if tied else (["tail"] if units["tail"][0] else [])
+    for name in fwd:
+        evs, prev_new = gather(name, prev)
+        ag += evs
+        prev = prev_new
+    if prev is not None:
+        ag.append(("f", prev))
+    if full_shard:
+        for name in ["layer"] * L + (["embedding"] if (not tied and emb_in_backward and units["embedding"][0]) else []):
+            evs, o = gather(name)
+            ag += evs + [("f", o)]
+    order = ([] if tied else ["tail"]) + ["layer"] * L + (["tail"] if tied else ["embedding"])
+    for name in order:
+        _, _, out_b, cast_b = units[name]
+        if not out_b:
+            continue
+        o = next(ids)
+        rs.append(("a", o, out_b))
+        if cast_b:
+            c_ = next(ids)
+            rs += [("a", c_, cast_b), ("f", o)]
+            keep.append(c_)
+        else:
+            keep.append(o)
+    rs += [("f", k) for k in keep]  # zero_grad(set_to_none) after the optimizer step
+    return {"all_gather": ag, "reduce_scatter": rs}
+
+
+def stream_pools(units: dict, L: int, tied: bool, full_shard: bool, emb_in_backward: bool, steps: int = 2,
+                 expandable: bool = False) -> dict:
+    """Each other stream's reserved bytes after `steps` steps (`stream_events`), through the caching allocator:
+    its own segments (a block is rounded, a 1-10 MiB request takes a 20 MiB segment, a freed block is reused
+    only by requests of its own stream).  Cached: the planner's walk asks for the same units again and again."""
+    key = (tuple(sorted(units.items())), L, tied, full_shard, emb_in_backward, steps, expandable)
+    hit = _POOLS.get(key)
+    if hit is None:
+        hit = _POOLS[key] = _stream_pools(units, L, tied, full_shard, emb_in_backward, steps, expandable)
+    return dict(hit)
+
+
+_POOLS: dict = {}
+
+
+def _stream_pools(units, L, tied, full_shard, emb_in_backward, steps, expandable) -> dict:
+    from vramfit.memory.allocator import CachingAllocator
+
+    out = {}
+    for name, evs in stream_events(units, L, tied, full_shard, emb_in_backward).items():
+        a, live = CachingAllocator(expandable), {}
+        for step in range(steps):
+            for ev in evs:
+                if ev[0] == "a":
+                    live[(step, ev[1])] = a.malloc(ev[2])
+                else:
+                    a.free(live.pop((step, ev[1])))
+        out[name] = a.peak_reserved
+    return out
 
 
 def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), qlora: bool = False,

@@ -22,7 +22,9 @@ peft's fp32 casts of their inputs replayed in bf16, `bf16_adapter_inputs`).  Wha
   moment plus the reserve of the rank's own default stream (`_engine_gap_replay`: what wrapping left --
   the shards and the cached blocks of the whole parameters they replaced, kept: the Trainer empties the
   cache before it wraps -- then the activations without the single GPU's gradients and optimizer step,
-  whose fragmentation the rank does not have), plus the other CUDA streams' pools.
+  whose fragmentation the rank does not have), plus the other CUDA streams' pools (vramfit.memory.fsdp:
+  the all-gather and reduce-scatter streams' own allocator replays).  FSDP2 under mixed precision is traced
+  with bf16 weights under autocast (`fsdp_trace_setup`): every parameter is gathered in bf16.
 Torch-free at import; the replay itself needs torch (the meta device) and is cached per process.
 """
 
@@ -234,6 +236,21 @@ def bf16_adapter_inputs(events: list, marks: dict, spec, act, targets) -> list:
             for i, ev in enumerate(events)]
 
 
+def fsdp_trace_setup(st, run, act):
+    """The setup whose step the replay traces for the rank.  FSDP2 under accelerate's mixed precision (float32
+    weights, bf16 autocast: MixedPrecisionPolicy(param_dtype=bf16)) gathers every parameter in bf16 -- the
+    norms' weights and the embedding's too -- so the rank computes as bf16 weights under autocast do
+    (bf16-amp): the embedding's output, the residual stream and the RMSNorms' weight products are bf16
+    where one GPU's float32 weights leave them float32, and autocast casts no weight (cached_cast returns
+    a bf16 tensor as it is).  The h100-2026-12-07d fsdp-full n4 nockpt history (llama-3.2-1b bf16-mixed):
+    what is live at the loss's backward is 6.35 GiB of activations and loss, the float32 trace's 6.92 GiB.
+    The shards, gradients and optimizer states stay the engine's (`shard_terms`, `_engine_gap_replay`)."""
+    if st.engine != "fsdp" or act.method != run.method or act.param_dtype != "float32" or not act.autocast_dtype:
+        return act
+    amp = {"bfloat16": "bf16-amp", "float16": "16-amp"}.get(act.autocast_dtype)
+    return act.with_(precision=amp) if amp else act
+
+
 def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     """`est` (a DistEstimate from the walk) with its peaks from the replay; the breakdown notes how."""
     from vramfit.memory.constants import DEFAULT
@@ -245,7 +262,7 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     st = get_strategy(strategy) if isinstance(strategy, str) else strategy
     run = engine_setup(st, s)
     targets = resolve_targets(spec, run)
-    act = activation_setup(st, run, gpus)
+    act = fsdp_trace_setup(st, run, activation_setup(st, run, gpus))
     try:
         ev = rank_events(spec, act, targets)
     except Unsupported as exc:
@@ -332,7 +349,8 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
                 live.pop(ev[1], None)
         originals = tuple(live.items())
     full = act.method == "full"
-    elem = 4 if (act.param_dtype == "float32" or (full and act.autocast_dtype)) else 2
+    # the engine's storage (run: float32 where the traced setup is fsdp_trace_setup's bf16-amp)
+    elem = 4 if (run.param_dtype == "float32" or (full and run.autocast_dtype)) else 2
     adapters = () if full else tuple((shape, 4) for _, _, _, shape in tensors)
     ids = _Ids()
     wrap = wrap_events(spec, act, gpus, elem, ids, originals, qlora, adapters)

@@ -15,11 +15,14 @@ decay and no-decay groups, each flattened and partitioned apart), P all, N ranks
   empty_cache) the group flattened into one bf16 buffer (the parameters become views of it, their own
   tensors freed), the rank's fp32 master partition (a bf16 clone cast to fp32), then
   initialize_optimizer_states' fp32 zeros of each partition, freed at once (a cached block the step's
-  fp32 gradient reuses).  ZeRO-3: every parameter moved whole and partitioned (parameters under
-  stage3_param_persistence_threshold elements stay whole), the trainable partitions copied into one flat
-  buffer, the fp32 master partition, initialize_optimizer_states' fp32 gradient buffer (freed), the ipg
-  bucket (reduce_bucket_size elements, allocated at wrap and held for good, LoRA too) and the bf16
-  gradient partitions' flat buffer (held for good).
+  fp32 gradient reuses).  ZeRO-3: the whole module moved first, then every parameter partitioned, each
+  partition carved from the blocks the whole ones freed (parameters under stage3_param_persistence_threshold
+  elements stay whole); the trainable partitions moved off, the cache emptied and one flat buffer filled
+  (defragment): the frozen partitions keep module.to's segments; the fp32 master partition,
+  initialize_optimizer_states' fp32 gradient buffer (freed), the ipg bucket (reduce_bucket_size elements,
+  allocated at wrap and held for good, LoRA too), the bf16 gradient partitions' flat buffer (held for good),
+  then every trainable parameter gathered once on the default stream and released (its largest block
+  cached there).
 - the backward, ZeRO-1/2: at the first gradient hook setup_buckets allocates the ipg bucket twice
   (overlap_comm's double buffer), reduce_bucket_size elements each, whatever the model's size; every
   gradient is copied into it and its own tensor freed; at the first bucket flush (reduce_ipg_grads on the
@@ -29,12 +32,16 @@ decay and no-decay groups, each flattened and partitioned apart), P all, N ranks
   block from the LM head's backward to the end, and the embedding's own beside it at the end).
 - ZeRO-3 with frozen weights under checkpointing (LoRA): every frozen weight gathered by the end of the
   backward (the recompute's gathers are released with the outermost backward module).
-- ZeRO-3's gathered parameters: on the all-gather stream (a single-parameter module, every Linear,
-  gathers into a buffer allocated there); once the first step has traced the module order, the
-  coordinator keeps what it will reuse within stage3_max_reuse_distance and prefetches up to
-  stage3_max_live_parameters: held here as min(P, max_live + prefetch bucket) elements from the forward
-  to the step's release (the fake-group runs of 2026-12-07: ~2.1 GB on llama-3.2-1b, N = 4 and 8, full
-  and LoRA; not derived element by element).
+- ZeRO-3's gathered parameters, on the all-gather stream (`gather_blocks`): in the first step, the trace
+  being recorded, each module's own parameters one buffer each, released after the module; once the
+  trace is complete the coordinator keeps what it will reuse within stage3_max_reuse_distance and
+  prefetches up to stage3_max_live_parameters, each fetch coalesced into one flat buffer (a decoder
+  layer's weights): held here as min(P, max_live + prefetch bucket) elements from the forward to the
+  step's release (the fake-group runs of 2026-12-07: ~2.1 GB on llama-3.2-1b, N = 4 and 8, full and LoRA;
+  not derived element by element), in buffers the first step's per-parameter blocks cannot serve, a
+  fetch unflattened at its wait into per-parameter blocks (the 2026-12-07d histories).  The fused loss
+  reads lm_head.weight outside the module hooks: in the first step DeepSpeed gathers it synchronously on
+  the default stream.
 - the step: per group, the bf16 partition flattened and cast to an fp32 gradient (Pt/N x 4), the bf16
   gradients freed; at the first step AdamW's two fp32 states; foreach AdamW's sqrt temporary; the fp32
   gradient freed.
@@ -126,6 +133,8 @@ def wrap_events(spec, tensors, stage: int, n: int, pb: int, full: bool, ids, buc
     frozen = [] if full else [(math.prod(sh), tuple(sh)) for sh, count, _ in spec.param_shapes for _ in range(count)]
     train = [(num, tuple(shape)) for num, _, _, shape in tensors]
     gs = groups(tensors)
+    if stage == 3 and not full:
+        frozen = [(num, ()) for num in module_order(spec)] or frozen
     if stage < 3:
         for num, _ in frozen:
             out.append(("a", ids(), num * pb))
@@ -144,25 +153,53 @@ def wrap_events(spec, tensors, stage: int, n: int, pb: int, full: bool, ids, buc
         zeros = [ids() for _ in gs]
         out += [("a", z, math.ceil(g / n) * 4) for z, g in zip(zeros, gs)] + [("f", z) for z in zeros]
         return out
+    # the engine moves the whole module to the GPU (engine.py, _configure_distributed_model: module.to),
+    # then partitions parameter by parameter: each partition carved from the blocks the whole parameters
+    # before it freed (parameters under stage3_param_persistence_threshold stay whole)
+    wholes = [(ids(), num, (num, shape) in train) for num, shape in frozen + train]
+    out += [("a", w, num * pb) for w, num, _ in wholes]
     parts = []
-    for num, shape in frozen + train:
-        whole = ids()
-        out.append(("a", whole, num * pb))
+    for w, num, trains in wholes:
         if num < persistence:  # kept whole on every rank
             continue
         p = ids()
-        out += [("a", p, math.ceil(num / n) * pb), ("f", whole)]
-        if (num, shape) in train:
+        out += [("a", p, math.ceil(num / n) * pb), ("f", w)]
+        if trains:
             parts.append(p)
+    # _create_fp16_partitions_with_defragmentation (runtime/zero/utils.py, defragment): the trainable
+    # partitions moved off the GPU, the cache emptied, one flat buffer allocated and filled; the frozen
+    # partitions stay where they were carved, keeping their segments (the h100-2026-12-07d ZeRO-3 LoRA
+    # history: 984 MiB in 23 segments of module.to with 543 MiB of partitions in them after wrapping)
     part = sum(math.ceil(g / n) for g in gs)
-    out.append(("a", ids(), part * pb))  # _create_fp16_partitions_with_defragmentation: one flat buffer
-    out += [("f", p) for p in parts]
+    out += [("f", p) for p in parts] + [("e",)]
+    out.append(("a", ids(), part * pb))
     out += [("a", ids(), math.ceil(g / n) * 4) for g in gs]  # fp32 master partitions
     buf = ids()
     out += [("a", buf, max(math.ceil(g / n) for g in gs) * 4), ("f", buf)]  # initialize_optimizer_states
     out.append(("a", ids(), bucket * pb))  # the ipg bucket, held
     out.append(("a", ids(), part * pb))  # grad_partitions_flat_buffer, held
+    # then every trainable parameter is gathered once, one by one, on the default stream and released at
+    # once (partition_parameters.py `_all_gather` -> `_allgather_params_sequential`): the largest one's block
+    # stays cached there (the h100-2026-12-07d ZeRO-3 full histories: a 502 MiB default-stream segment,
+    # unused, after wrapping llama-3.2-1b; LoRA's: only its adapters' 0.1 MiB blocks)
+    for num, _ in sorted(train, reverse=True):
+        if num >= persistence:
+            g = ids()
+            out += [("a", g, num * pb), ("f", g)]
     return out
+
+
+def module_order(spec) -> list:
+    """Elements of the model's weights in module order (the embedding, each decoder layer's Linears as
+    `spec.linears` lists them, an untied LM head last; the norms, under the persistence threshold, left
+    out), or [] where those do not add up to the model's parameters."""
+    roles = spec.params_by_role
+    lins = [lin for lin in spec.linears if not lin.name.endswith("lm_head")]
+    head = roles.get("lm_head", 0) if not spec.tied_embeddings else 0
+    out = [roles["embeddings"]] if roles.get("embeddings") else []
+    out += [lin.numel for lin in lins] + ([head] if head else [])
+    small = roles.get("norms", 0)
+    return out if abs(sum(out) + small - spec.params_total) <= 0.01 * spec.params_total else []
 
 
 def step_events(gs: list, n: int, pb: int, first: bool, ids, free_before: list) -> list:
@@ -217,18 +254,39 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
         grads = grads_by_step.get(k, [])
         g0 = min(i for i, _ in grads) if grads else b1
         free_at_end = []
+        if stage == 3 and k == 0 and act.loss == "fused" and grads:
+            # trl's fused loss reads lm_head.weight itself, outside the module's hooks: in the first step (the
+            # trace not yet recorded) DeepSpeed's parameter access gathers it synchronously on the default
+            # stream (ZeROOrderedDict.__getitem__ -> param.all_gather), released after the loss (the
+            # h100-2026-12-07d ZeRO-3 fused histories: a 501 MiB default-stream block in step 1 only)
+            head_w = spec.vocab_size * spec.hidden_size
+            if head_w >= constants["persistence"] and marks.get(f"step{k}.backward") is not None:
+                x = ids()
+                put(marks[f"step{k}.backward"], [("a", x, head_w * pb), ("f", x)])
         if stage == 3:
-            gathered = ids()
-            put(f0, [("a", gathered, int(live_elems * pb), ALLGATHER)])
-            free_at_end.append(gathered)
-            frozen = spec.params_total - live_elems
-            if not full and act.grad_ckpt and grads and frozen > 0:
+            first, coalesced, rests = gather_blocks(spec, tensors, full, live_elems, constants["persistence"])
+            held, rest = (first, rests[0]) if k == 0 else (coalesced, rests[1])
+            blocks = [ids() for _ in held]
+            put(f0, [("a", b, int(e * pb), ALLGATHER) for b, e in zip(blocks, held)])
+            unflat = layer_weights(spec, constants["persistence"]) if k > 0 and len(held) > 2 else []
+            if unflat and abs(sum(unflat) - held[1]) <= 0.01 * held[1]:
+                # a coalesced fetch is unflattened at its wait (AllGatherCoalescedHandle.wait): each parameter
+                # copied into a buffer of its own on the all-gather stream, then the flat one freed -- one
+                # decoder layer's per-parameter blocks beside the flat ones (the h100-2026-12-07d ZeRO-3
+                # histories: 96-116 MiB of new 20 and 32 MiB segments in the second step, none for LoRA, whose
+                # first step had gathered every weight one by one already)
+                own = [ids() for _ in unflat]
+                put(f0, [("a", b, int(e * pb), ALLGATHER) for b, e in zip(own, unflat)] + [("f", blocks[1])])
+                blocks = blocks[:1] + blocks[2:] + own
+            free_at_end += blocks
+            if not full and act.grad_ckpt and grads and rest:
                 # a checkpointed layer's recompute gathers its frozen weights for the backward module that
                 # is running (partitioned_param_coordinator: update_recompute_parameters), released when
-                # that module's backward ends: the outermost one's, at the end: every frozen weight by then
-                rest = ids()
-                put(max(i for i, _ in grads), [("a", rest, int(frozen * pb), ALLGATHER)])
-                free_at_end.append(rest)
+                # that module's backward ends: the outermost one's, at the end: every frozen weight by then,
+                # each parameter in its own buffer
+                more = [ids() for _ in rest]
+                put(max(i for i, _ in grads), [("a", b, int(e * pb), ALLGATHER) for b, e in zip(more, rest)])
+                free_at_end += more
         else:
             ipg = [ids(), ids()]
             put(g0, [("a", i, bucket * pb) for i in ipg])
@@ -269,6 +327,54 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
     steps.append((s.peak_allocated, s.peak_reserved))
     return {"peak_allocated": s.peak_allocated, "peak_reserved": s.peak_reserved, "steps": steps, "wrapped": wrapped,
             "pools": {name: s.alloc[x].peak_reserved for name, x in (("reduce", REDUCE), ("allgather", ALLGATHER))}}
+
+
+def gather_blocks(spec, tensors, full: bool, live_elems: int, persistence: int) -> tuple:
+    """ZeRO-3's gathered parameters on its all-gather stream, in elements: (the first step's blocks, a later
+    step's, (the first step's, a later step's) per-parameter blocks that a checkpointed LoRA's recompute adds
+    by the end of the backward: every weight not held already).
+    The first step records the module trace (partitioned_param_coordinator: the trace is incomplete), so each
+    module fetches only its own parameters as it runs, one buffer per parameter (partition_parameters.py,
+    `_all_gather_sequential`), released after the module: at most the largest parameter (the embedding, a
+    module of its own, or a tied LM head) beside one decoder-layer weight.  From the second step the trace
+    is complete and the coordinator prefetches up to stage3_max_live_parameters, each fetch coalesced into
+    one flat buffer per dtype (`_all_gather_dtype`): a decoder layer's weights in one buffer, the largest
+    parameter alone -- buffers of sizes the first step's per-parameter blocks cannot serve, so the stream's
+    pool holds both (the h100-2026-12-07d ZeRO-3 histories, llama-3.2-1b: 536 MiB of per-parameter segments
+    after the first step, then twelve 116 MiB and one 52 MiB flat segments, a decoder layer each; ZeRO-3 LoRA
+    with checkpointing: every weight gathered one by one by the end of the first step, 2360 MiB in 66
+    segments, then the same flat ones: 3804 MiB on that stream).  A later step holds `live_elems` in all."""
+    frozen = [] if full else [math.prod(sh) for sh, count, _ in spec.param_shapes for _ in range(count)]
+    params = sorted((e for e in frozen + [num for num, _, _, _ in tensors] if e >= persistence), reverse=True)
+    if not params:
+        return [], [], ([], [])
+    big = params[0]
+    first = [big] + params[1:2]
+    roles = spec.params_by_role
+    per_layer = max(1, (spec.params_total - roles.get("embeddings", 0) - roles.get("lm_head", 0))
+                    // max(spec.num_layers, 1))
+    left = max(0, live_elems - big)
+    coalesced = [big] + [per_layer] * int(left // per_layer) + ([left % per_layer] if left % per_layer else [])
+    beyond = max(0, sum(params) - live_elems)  # what the recompute gathers beyond the held ones
+    rest, acc = [], 0
+    for e in params[1:]:
+        if acc >= beyond:
+            break
+        rest.append(min(e, beyond - acc))
+        acc += rest[-1]
+    if full:  # no frozen weight for a recompute to gather
+        return first, coalesced, ([], [])
+    return first, coalesced, (params[len(first):], rest)
+
+
+def layer_weights(spec, persistence: int) -> list:
+    """Elements of one decoder layer's gathered weights in module order (those at or over the persistence
+    threshold), [] where the model's Linears do not tell them."""
+    lins = [lin.numel for lin in spec.linears if not lin.name.endswith("lm_head")]
+    L = max(spec.num_layers, 1)
+    if not lins or len(lins) % L:
+        return []
+    return [e for e in lins[:len(lins) // L] if e >= persistence]
 
 
 def bucket_flushes(grads: list, pt: int, bucket: int, end: int) -> list:
