@@ -29,10 +29,16 @@ class Estimate:
     phases: dict
     notes: tuple
     calibration: str | None = None  # where the constants came from when not the defaults
+    # pinned host memory besides the GPU's (activation offloading's copies of saved activations), bytes
+    host_bytes: int = 0
 
     def to_json(self) -> dict:
         s = asdict(self.setup)
         s.pop("extras", None)
+        if self.setup.packing:  # packing's average example length (Setup.extras, vramfit.memory.levers)
+            from vramfit.memory.levers import example_len
+
+            s["example_len"] = example_len(self.setup)
         s["dtype"], s["amp"] = self.setup.dtype, self.setup.amp
         s["lora_alpha"] = self.setup.lora_alpha if self.setup.method != "full" else None
         if self.setup.method == "full":
@@ -57,6 +63,7 @@ class Estimate:
             "lora_target_count": len(self.target_modules),
             "notes": list(self.notes),
             "calibration": self.calibration,
+            "host_bytes": self.host_bytes,
         }
 
 

@@ -201,12 +201,25 @@ def _recorder_class():
     return Recorder
 
 
+def _step_batch(B: int, S: int, lever=None) -> tuple:
+    """A micro-batch on the GPU: (input_ids, attention_mask, labels, more model kwargs); a packed one
+    (vramfit.memory.levers) where the setup packs."""
+    import torch
+
+    if lever is not None and lever.packed:
+        return lever.batch(B, S)
+    ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+    mask = torch.ones((B, S), dtype=torch.long, device="meta")
+    labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+    return ids, mask, labels, {}
+
+
 # --------------------------------------------------------------------------- after the steps
 
 EVAL_BATCHES = 2  # the second finds the first's blocks cached; the Trainer's loss container grows by one
 
 
-def _record_eval(rec, model, key, ac_dtype, B: int, S: int, fused_loss: bool, marks: dict) -> None:
+def _record_eval(rec, model, key, ac_dtype, B: int, S: int, fused_loss: bool, marks: dict, lever=None) -> None:
     """Trainer.evaluate as vramfit train runs it (trl's SFTTrainer, no compute_metrics, so
     prediction_loss_only): model.eval() (no dropout, no checkpointing), per eval micro-batch of B rows
     padded to S: the batch on the GPU, the forward with labels under no_grad and the Trainer's
@@ -223,17 +236,15 @@ def _record_eval(rec, model, key, ac_dtype, B: int, S: int, fused_loss: bool, ma
     try:
         for k in range(EVAL_BATCHES):
             marks[f"eval{k}"] = len(rec.events)
-            ids = torch.zeros((B, S), dtype=torch.long, device="meta")
-            mask = torch.ones((B, S), dtype=torch.long, device="meta")
-            labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+            ids, mask, labels, more = _step_batch(B, S, lever)
             rec.backward = False
             with torch.no_grad():
                 ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
                 with ac:
                     extra = {"fused_lm_head": True} if fused_loss else {}
-                    if key.attn == "eager":
+                    if key.attn == "eager" and mask is not None:
                         extra["attention_mask"] = mask
-                    out = model(input_ids=ids, labels=labels, **extra)
+                    out = model(input_ids=ids, labels=labels, **extra, **more)
                 if ac_dtype is not None:
                     out = _outputs_to_fp32(out)
                 loss = out.loss.detach()
@@ -243,7 +254,7 @@ def _record_eval(rec, model, key, ac_dtype, B: int, S: int, fused_loss: bool, ma
                 rep = loss.repeat(B)
                 del loss
                 losses = rep if losses is None else torch.cat((losses, rep))
-                del rep, ids, mask, labels
+                del rep, ids, mask, labels, more
         del losses  # all_losses.get_arrays(): to the host
     finally:
         model.train()
@@ -270,7 +281,8 @@ def _own_ids(events: list, first_id: int) -> tuple:
     return out, foreign
 
 
-def _record_after(rec, model, setup, key, ac_dtype, eval_batch: int, fresh: bool, quantized: int) -> dict:
+def _record_after(rec, model, setup, key, ac_dtype, eval_batch: int, fresh: bool, quantized: int,
+                  lever=None) -> dict:
     """The rest of the run after the training steps, into `rec.events` (a fresh list): evaluation, then a
     checkpoint save.  `fresh`: no step ran; first make the model as the steps leave it, silently."""
     import torch
@@ -286,7 +298,7 @@ def _record_after(rec, model, setup, key, ac_dtype, eval_batch: int, fresh: bool
                 m.bias.data = bias.data.to(torch.bfloat16)
         rec.events = silent
     marks = {}
-    _record_eval(rec, model, key, ac_dtype, eval_batch, setup.seq_len, setup.loss == "fused", marks)
+    _record_eval(rec, model, key, ac_dtype, eval_batch, setup.seq_len, setup.loss == "fused", marks, lever)
     _save_checkpoint(rec, model, quantized, marks)
     marks["end"] = len(rec.events)
     events, foreign = _own_ids(rec.events, first_id)
@@ -421,27 +433,33 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
         B, S = setup.micro_batch, setup.seq_len
         params = [p for p in model.parameters() if p.requires_grad]
         kernels = _trl_fused_kernels(ac_dtype) if fused_loss else contextlib.nullcontext()
-        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), trace._quiet(), kernels:
+        lever = None
+        if setup.liger or setup.packing or setup.activation_offloading:  # the levers (vramfit.memory.levers)
+            from vramfit.memory.levers import Levers
+
+            lever = Levers(rec, model, setup, ac_dtype)
+        with rec, trace._patched_sdpa(key.attn != "eager", ac_dtype, key.kv_repeated), trace._quiet(), kernels, \
+                (lever if lever is not None else contextlib.nullcontext()):
             accum = max(1, grad_accum)
             for step in range(len(seq_lens) if seq_lens else steps):
                 S = seq_lens[step] if seq_lens else setup.seq_len
                 for micro in range(accum):
                     at = f"step{step}" if micro == 0 else f"step{step}.micro{micro}"
                     marks[f"{at}.forward"] = len(rec.events)
-                    ids = torch.zeros((B, S), dtype=torch.long, device="meta")
+                    if lever is not None:  # trl's training_step: activation offloading's context
+                        lever.step_begin()
                     # the batch's attention_mask, moved to the GPU with it; all ones, so with sdpa the
                     # model (given none) builds the same causal attention; eager joins it to the causal
                     # mask as a (B, 1, S, S) bool (H100 memory history of smollm2-135m eager), so it
                     # gets it
-                    mask = torch.ones((B, S), dtype=torch.long, device="meta")
-                    labels = torch.zeros((B, S), dtype=torch.long, device="meta")
+                    ids, mask, labels, more = _step_batch(B, S, lever)
                     rec.backward = False
                     ac = trace._autocast_mode(ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
                     with ac:
                         extra = {"fused_lm_head": True} if fused_loss else {}
-                        if key.attn == "eager":  # the padding mask joins the causal one: a (B, 1, S, S) bool
+                        if key.attn == "eager" and mask is not None:  # the padding mask joins the causal one
                             extra["attention_mask"] = mask
-                        out = model(input_ids=ids, labels=labels, **extra)
+                        out = model(input_ids=ids, labels=labels, **extra, **more)
                     if ac_dtype is not None:
                         out = _outputs_to_fp32(out)
                     loss = out.loss if accum == 1 else out.loss / accum  # the Trainer's scaling
@@ -449,8 +467,10 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                     marks[f"{at}.backward"] = len(rec.events)
                     rec.backward = True
                     loss.backward()
-                    del loss, ids, mask, labels
+                    del loss, ids, mask, labels, more
                     rec.backward = False
+                    if lever is not None:
+                        lever.step_end()
                 marks[f"step{step}.clip"] = len(rec.events)
                 _clip_grad_norm(params, 1.0)
                 marks[f"step{step}.optimizer"] = len(rec.events)
@@ -460,7 +480,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
                     p.grad = None
             if after:
                 train, rec.events = rec.events, []
-                post = _record_after(rec, model, setup, key, ac_dtype, eval_batch or B, steps == 0, quantized_count)
+                post = _record_after(rec, model, setup, key, ac_dtype, eval_batch or B, steps == 0, quantized_count,
+                                     lever)
                 rec.events = train
         marks["end"] = len(rec.events)
     finally:
@@ -468,7 +489,8 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
             import torch.optim.optimizer as opt_mod
 
             opt_mod._get_fused_kernels_supported_devices = orig_fused
+    host = {"host": lever.host()} if lever is not None else {}  # activation offloading's pinned host memory
     if after:
         train = list(rec.events)  # what dies later is not the run's
-        return {"events": _sum_in_place(train, rec.sums, marks), "marks": marks, "after": post}
-    return {"events": _sum_in_place(rec.events, rec.sums, marks), "marks": marks}
+        return {"events": _sum_in_place(train, rec.sums, marks), "marks": marks, "after": post, **host}
+    return {"events": _sum_in_place(rec.events, rec.sums, marks), "marks": marks, **host}

@@ -32,6 +32,7 @@ def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants
                                              "the fitted one",))
     parts = [(ev["events"], ev["marks"])] + ([(ev["after"]["events"], ev["after"]["marks"])] if after else [])
     sim = replay_phases(parts, expandable=setup.allocator == "expandable")
+    bd = with_host(bd, ev.get("host"))
     steps = f"{len(seq_lens)} steps of the data's padded batch lengths" if seq_lens else "2 steps"
     rest = ", evaluation and a checkpoint save" if after else ""
     note = (f"reserved and device peaks from the allocator simulation: {sum(len(e) for e, _ in parts):,} "
@@ -144,7 +145,7 @@ _EXPANDED_KEPT = 3
 def _replay_events(spec, setup: Setup, targets) -> dict:
     from vramfit.memory.events import training_events
 
-    key = (id(spec), setup, tuple(targets))
+    key = (id(spec), setup, tuple(targets)) + _extras(setup)
     hit = _REPLAY_EVENTS.pop(key, None)
     if hit is None:
         # two optimizer steps (each with its accumulation's micro-batches): reserved is flat from
@@ -154,6 +155,15 @@ def _replay_events(spec, setup: Setup, targets) -> dict:
     while len(_REPLAY_EVENTS) > _REPLAY_EVENTS_KEPT:
         _REPLAY_EVENTS.pop(next(iter(_REPLAY_EVENTS)))
     return hit[1]
+
+
+def _extras(setup: Setup) -> tuple:
+    """What of a setup's extras (not in its equality) its replay depends on: packing's example length."""
+    if not setup.packing:
+        return ()
+    from vramfit.memory.levers import cache_part
+
+    return cache_part(setup)
 
 
 def _template_events(spec, setup: Setup, targets) -> dict | None:
@@ -275,7 +285,7 @@ def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Cons
     import time
 
     c = constants or DEFAULT
-    key = (id(spec), setup, tuple(targets), int(limit_bytes), int(initial_allocated), templates)
+    key = (id(spec), setup, tuple(targets), int(limit_bytes), int(initial_allocated), templates) + _extras(setup)
     hit = _REPLAY_RESULTS.get(key)
     if hit is not None and hit[0] is spec:
         return dict(hit[1], cached=True)
@@ -337,6 +347,10 @@ def template_key(spec, setup: Setup, grad_accum: int = 1) -> str:
     discrete = (setup.method, setup.precision, setup.optim, setup.attn, setup.loss, setup.padded, setup.grad_ckpt,
                 setup.targets if setup.method != "full" else "", setup.method != "full" and setup.lora_dropout > 0,
                 setup.double_quant, setup.quant_type)
+    if setup.liger or setup.packing or setup.activation_offloading:  # a lever-free key is as it was
+        from vramfit.memory.levers import key_part
+
+        discrete += key_part(setup)
     versions = installed("torch", "transformers", "peft", "trl", "accelerate")
     reg = regime(regime_info(spec, setup), setup.micro_batch, setup.seq_len, grad_accum,
                  setup.lora_r if setup.method != "full" else 0)
@@ -352,6 +366,9 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     from vramfit.memory.template import NoTemplate
     from vramfit.model import cache
 
+    if setup.activation_offloading:
+        return {"template": None, "note": "no event template for activation offloading (its host copies are "
+                                          "recorded on the meta device only)"}
     key = template_key(spec, setup, grad_accum)
     entry = cache.load_template(key)
     if entry is not None:
@@ -535,6 +552,17 @@ def post_stream(spec, setup: Setup, targets, eval_batch: int | None = None, buil
 
     res = training_events(spec, s, targets, steps=0, after=True)
     return {"events": res["after"]["events"], "marks": res["after"]["marks"], "source": "recorded"}
+
+
+def with_host(bd: Breakdown, host: dict | None) -> Breakdown:
+    """`bd` with activation offloading's pinned host memory (training_events' "host"), where it offloads."""
+    if not host:
+        return bd
+    gib = 2 ** 30
+    note = (f"activation offloading: {host['pinned_bytes'] / gib:.2f} GiB of pinned host memory (torch's caching "
+            f"host allocator; live copies at most {host['peak_live_bytes'] / gib:.2f} GiB, "
+            f"{host['offloaded_bytes'] / gib:.2f} GiB copied to the host over the replayed steps)")
+    return replace(bd, host_bytes=int(host["pinned_bytes"]), notes=bd.notes + (note,))
 
 
 def with_phases(bd: Breakdown, result: dict, c: Constants, note: str) -> Breakdown:

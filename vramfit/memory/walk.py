@@ -32,6 +32,9 @@ class Breakdown:
     params_trainable: int
     params_packed: int  # the base model's raw element count, 4-bit weights as packed uint8 (half)
     notes: tuple = field(default=())
+    # pinned host memory the run holds besides the GPU's (activation offloading's copies): not in any
+    # of the GPU figures above
+    host_bytes: int = 0
 
 
 # --------------------------------------------------------------------------- parameters
@@ -225,6 +228,8 @@ class HeadTerms:
 def head_terms(spec, s: Setup, profile) -> HeadTerms:
     T, V, H = s.tokens, spec.vocab_size, spec.hidden_size
     logprobs = T * V * FP32  # saved by log_softmax: inside the traced outside-layers bytes
+    if s.loss != "fused" and liger_applies(spec, s):
+        return _liger_head_terms(spec, s, profile, logprobs)
     if s.loss != "fused":
         fwd, bwd = loss_transients(spec, s)
         return HeadTerms(0, logprobs, fwd, bwd, T * V * logits_dtype_bytes(s), logprobs)
@@ -251,6 +256,54 @@ def head_terms(spec, s: Setup, profile) -> HeadTerms:
     grad_w = (V * H * FP32 + (V * H * wb if wb != FP32 else 0)) if trainable else 0
     bwd = T * H * FP32 + (T * H * hb if hb != FP32 else 0) + grad_w + tile + copies + T * FP32
     return HeadTerms(delta, saved, fwd, bwd, 0, max(tile, V * H * FP32 if trainable else 0))
+
+
+def liger_applies(spec, s: Setup) -> bool:
+    """liger-kernel patches this model (vramfit.planner.levers.LIGER_MODEL_TYPES, liger-kernel 0.8.5)."""
+    if not s.liger:
+        return False
+    from vramfit.planner.levers import liger_supported
+
+    return liger_supported(spec.model_type)
+
+
+def _liger_head_terms(spec, s: Setup, profile, logprobs: int) -> HeadTerms:
+    """liger's fused linear cross-entropy (the model's own loss under use_liger_kernel, liger-kernel
+    0.8.5 `fused_linear_cross_entropy_forward`, vramfit.memory.levers): no logits; in the forward,
+    chunks of `chunk` tokens x vocabulary logits (one buffer, mm out=) turned into their gradient in
+    place, the input's gradient (tokens x hidden, kept for the backward, where it is scaled in place)
+    and, when the head trains, its weight's gradient (kept too)."""
+    T, V, H = s.tokens, spec.vocab_size, spec.hidden_size
+    hb = profile.residual_dtype_bytes
+    cb = DTYPE_BYTES[s.autocast_dtype] if s.autocast_dtype else hb
+    wb = FP32 if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]
+    inc = -(-V // H)
+    chunk = min(T, 1 << max(0, (-(-T // inc) - 1).bit_length()))
+    grad_w = V * H * wb if s.method == "full" else 0
+    saved = T * H * hb + grad_w
+    delta = saved - logprobs - (T * H * hb if s.method == "full" else 0)
+    if s.autocast_dtype:  # no autocast copy of the head's weight kept
+        delta -= min(max(0, int(profile.outside.const)), V * H * cb)
+    casts = (V * H * cb if wb != cb else 0) + (chunk * H * cb if hb != cb else 0)  # mixed precision's per-chunk casts
+    fwd = chunk * V * cb + casts + 2 * T * FP32
+    return HeadTerms(delta, saved, fwd, 0, 0, chunk * V * cb + casts)
+
+
+def packed_mask_terms(spec, s: Setup) -> tuple[int, int]:
+    """(bytes per layer, bytes for the forward) of packing's block-diagonal mask under sdpa
+    (vramfit.memory.levers): each layer's SDPA call makes the (T x T) bool mask additive in the
+    query's dtype for the memory-efficient kernel, which keeps it for the backward; the bool mask
+    itself lives through the forward.  (0, 0) without packing, for eager attention (traced) or a
+    micro-batch of one example."""
+    if not s.packing or s.attn in ("eager", "flash_attention_2"):  # eager's mask is traced; FA2 takes none
+        return 0, 0
+    from vramfit.memory.levers import packed_sequences
+
+    if packed_sequences(s) == 1:
+        return 0, 0
+    T = s.tokens
+    qb = DTYPE_BYTES[s.compute_dtype]
+    return T * T * qb, T * T
 
 
 # --------------------------------------------------------------------------- the step
@@ -295,13 +348,26 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     if s.method == "qlora":  # dequantize_4bit(W) in bf16 for the input gradient of each 4-bit layer
         layer_transient += _quant_totals(spec, c, s.double_quant)[2] * 2
 
+    mask_layer, mask_fwd = packed_mask_terms(spec, s)
+    if mask_layer and not s.grad_ckpt:
+        layer_saved = [b + mask_layer for b in layer_saved]
+    elif mask_layer:  # recomputed per layer in the backward; the bool mask is a checkpointed input
+        layer_transient += mask_layer
     if s.grad_ckpt:
         kept_per_layer = int(profile.layer_input_lin * T)
-        kept_shared = int(profile.shared_input_lin * T)
+        kept_shared = int(profile.shared_input_lin * T) + mask_fwd
         A_fwd = outside_saved + kept_per_layer * n_layers + kept_shared
     else:
         A_fwd = outside_saved + sum(layer_saved)
 
+    host = 0
+    if s.activation_offloading:
+        # trl's activation offloading (vramfit.memory.levers), roughly: the saved tensors go to pinned host
+        # memory; the GPU keeps the last few of the forward and, in the backward, two layers' worth
+        host = _pow2(A_fwd)
+        l_top = max(layer_saved, default=0) if not s.grad_ckpt else int(profile.layer_input_lin * T)
+        A_fwd = min(A_fwd, 2 * l_top + (logprobs if s.loss != "fused" else 0))
+        layer_saved = [min(b, l_top) for b in layer_saved]
     G_layers = G - G_out
     g_layer = G_layers / max(n_layers, 1)
 
@@ -310,7 +376,8 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     # checkpointing they are saved for backward anyway (inside layer_saved), with it they are not
     weight_copies = sum(r.const for r in profile.layers) if s.grad_ckpt and not drop else 0
     layer_fwd = int(c.layer_backward_factor * max_tensor) if s.grad_ckpt else 0  # one layer, unsaved
-    forward = persist + A_fwd + weight_copies + max(fwd_loss, layer_fwd) + extra.get("forward", 0)
+    forward = persist + A_fwd + weight_copies + max(fwd_loss, layer_fwd) + extra.get("forward", 0) \
+        + (mask_fwd if not s.grad_ckpt else 0)
     # Backward, walked from the loss down to the first layer; every term is linear in the layer
     # index, so the two ends bound the walk.
     at_loss = persist + A_fwd + bwd_loss
@@ -385,4 +452,8 @@ def breakdown(spec, s: Setup, targets, profile, c: Constants = DEFAULT, sharding
     return Breakdown(components=comps, phases=phases, peak_phase=peak_phase,
                      peak_allocated_bytes=int(peak_alloc), peak_reserved_bytes=int(peak_reserved),
                      device_bytes=int(device), params_total=total, params_trainable=trainable,
-                     params_packed=packed, notes=tuple(notes))
+                     params_packed=packed, notes=tuple(notes), host_bytes=int(host))
+
+
+def _pow2(n: int) -> int:
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
