@@ -40,7 +40,10 @@ def case_setup(case: dict) -> Setup:
               lora_dropout=case.get("lora_dropout") if case.get("lora_dropout") is not None else 0.05,
               target_modules=targets, seq_len=case["seq_len"], micro_batch=case["micro_batch"],
               grad_ckpt=bool(case.get("grad_ckpt")), attn=case.get("attn", "sdpa"),
-              allocator=case.get("allocator", "default"), loss=case.get("loss", "logits"))
+              allocator=case.get("allocator", "default"), loss=case.get("loss", "logits"),
+              liger=bool(case.get("liger")), packing=bool(case.get("packing")),
+              activation_offloading=bool(case.get("activation_offloading")),
+              extras={"example_len": case["example_len"]} if case.get("packing") else {})
     validate(s)
     return s
 

@@ -81,6 +81,27 @@ ATTENTION = ("sdpa", "flash_attention_2", "eager")
 #   logits are materialised, upcast to fp32 and log-softmaxed;
 # - "fused": trl's SFTTrainer (`trl.trainer.utils.add_fused_lm_head`, trl >= 1.x) scores tokens in
 #   4,096 x 32,768 tiles and never materialises the logits (what `vramfit train` runs).
+# The model types liger-kernel patches: the keys of liger_kernel.transformers.monkey_patch.
+# MODEL_TYPE_TO_APPLY_LIGER_FN in liger-kernel 0.8.5 (what transformers' use_liger_kernel calls:
+# `_apply_liger_kernel_to_instance` looks the model's config.model_type up there and patches nothing
+# for any other type).  A static list, so vramfit needs no liger-kernel (nor triton) to plan with it.
+LIGER_VERSION = "0.8.5"
+LIGER_MODEL_TYPES = frozenset((
+    "deepseek_v2", "deepseek_v3", "deepseek_v4", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "gemma4", "gemma4_text", "glm4", "glm4v", "glm4v_moe", "gpt_oss", "granite",
+    "hunyuan_v1_dense", "hunyuan_v1_moe", "internvl", "llama", "llama4", "llama4_text", "llava", "ministral",
+    "mistral", "mixtral", "mllama", "mllama_text_model", "muse_glimmer", "nemotron", "olmo2", "olmo3",
+    "paligemma", "phi3", "pixtral", "qwen2", "qwen2_5_vl", "qwen2_5_vl_text", "qwen2_vl", "qwen2_vl_text",
+    "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next",
+    "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_vl_text", "smollm3", "smolvlm",
+))
+
+
+
+def liger_supported(model_type: str | None) -> bool:
+    return model_type in LIGER_MODEL_TYPES
+
+
 LOSSES = ("logits", "fused")
 ALLOCATORS = ("default", "expandable")
 DEFAULT_LORA_TARGETS = {"lora": "q_proj,v_proj", "qlora": "all-linear"}

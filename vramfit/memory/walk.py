@@ -259,12 +259,10 @@ def head_terms(spec, s: Setup, profile) -> HeadTerms:
 
 
 def liger_applies(spec, s: Setup) -> bool:
-    """liger-kernel patches this model (vramfit.planner.levers.LIGER_MODEL_TYPES, liger-kernel 0.8.5)."""
-    if not s.liger:
-        return False
-    from vramfit.planner.levers import liger_supported
+    """liger-kernel patches this model (vramfit.memory.setup.LIGER_MODEL_TYPES, liger-kernel 0.8.5)."""
+    from vramfit.memory.setup import liger_supported
 
-    return liger_supported(spec.model_type)
+    return s.liger and liger_supported(spec.model_type)
 
 
 def _liger_head_terms(spec, s: Setup, profile, logprobs: int) -> HeadTerms:

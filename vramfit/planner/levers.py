@@ -33,20 +33,7 @@ from vramfit.model.spec import PROFILES_DIR
 
 LEVERS = ("liger", "packing", "activation_offloading")
 
-# The model types liger-kernel patches: the keys of liger_kernel.transformers.monkey_patch.
-# MODEL_TYPE_TO_APPLY_LIGER_FN in liger-kernel 0.8.5 (what transformers' use_liger_kernel calls:
-# `_apply_liger_kernel_to_instance` looks the model's config.model_type up there and patches nothing
-# for any other type).  A static list, so vramfit needs no liger-kernel (nor triton) to plan with it.
-LIGER_VERSION = "0.8.5"
-LIGER_MODEL_TYPES = frozenset((
-    "deepseek_v2", "deepseek_v3", "deepseek_v4", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3",
-    "gemma3_text", "gemma4", "gemma4_text", "glm4", "glm4v", "glm4v_moe", "gpt_oss", "granite",
-    "hunyuan_v1_dense", "hunyuan_v1_moe", "internvl", "llama", "llama4", "llama4_text", "llava", "ministral",
-    "mistral", "mixtral", "mllama", "mllama_text_model", "muse_glimmer", "nemotron", "olmo2", "olmo3",
-    "paligemma", "phi3", "pixtral", "qwen2", "qwen2_5_vl", "qwen2_5_vl_text", "qwen2_vl", "qwen2_vl_text",
-    "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next",
-    "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_vl_text", "smollm3", "smolvlm",
-))
+from vramfit.memory.setup import LIGER_MODEL_TYPES, LIGER_VERSION, liger_supported  # noqa: E402,F401
 
 # Words for people, one per lever: the plan's lines and labels.
 LEVER_NAMES = {"liger": "Liger's kernels", "packing": "packing", "activation_offloading": "activation offloading"}
@@ -62,10 +49,6 @@ SPEED_FILE = PROFILES_DIR / "lever_speed.json"
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def liger_supported(model_type: str | None) -> bool:
-    return model_type in LIGER_MODEL_TYPES
 
 
 def liger_problem(spec) -> str | None:
