@@ -135,6 +135,8 @@ def rows(records, constants: Constants = DEFAULT, calibration: dict | None = Non
                "gpu": rec.get("environment", {}).get("gpu_name", "?"),
                "arch": spec.model_type, "model": case["model"], "predicted_phase": bd.peak_phase,
                "dtype_amp": _dtype_amp(case["precision"]),
+               "lever": "+".join(k for k in ("liger", "packing", "activation_offloading") if case.get(k)) or "none",
+               "loss": case.get("loss", "logits"),
                "gpu_total": rec.get("environment", {}).get("gpu_total_bytes"),
                "memory_fraction": case.get("memory_fraction")}
         meas = measured(rec)
@@ -199,6 +201,10 @@ def markdown(rs) -> str:
     groups += [(f"method={m}", [r for r in rs if r["method"] == m]) for m in ("full", "lora", "qlora")]
     groups += [(f"(dtype, amp)={d}", [r for r in rs if r["dtype_amp"] == d]) for d in sorted({r["dtype_amp"] for r in rs})]
     groups += [(f"arch={a}", [r for r in rs if r["arch"] == a]) for a in sorted({r["arch"] for r in rs})]
+    if len({r.get("lever", "none") for r in rs}) > 1:  # issue 20's memory levers, each beside its baselines
+        groups += [(f"lever={v}", [r for r in rs if r.get("lever") == v]) for v in sorted({r["lever"] for r in rs})]
+        groups += [(f"lever={v}, loss={l}", [r for r in rs if (r.get("lever"), r.get("loss")) == (v, l)])
+                   for v in sorted({r["lever"] for r in rs}) for l in ("logits", "fused")]
     for name, g in groups:
         for label, _ in PEAKS:
             s = summarize(g, label)
