@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 
 
@@ -14,3 +15,20 @@ def installed(*names: str) -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest(*rels: str) -> str:
+    """16 hex digits of sha256 over vramfit's own source files `rels` (paths below the package, in
+    order; a missing one counts by its name): what a cached result computed by that code is keyed by."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for rel in rels:
+        try:
+            h.update((root / rel).read_bytes())
+        except OSError:
+            h.update(rel.encode())
+    return h.hexdigest()[:16]

@@ -73,20 +73,9 @@ def packed_sequences(setup) -> int:
 
 
 def _digest() -> str:
-    import hashlib
-    from pathlib import Path
+    from vramfit.versions import source_digest
 
-    global _DIGEST
-    if _DIGEST is None:
-        root = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
-        for rel in _LEVER_SOURCES:
-            h.update((root / rel).read_bytes())
-        _DIGEST = h.hexdigest()[:16]
-    return _DIGEST
-
-
-_DIGEST = None
+    return source_digest(*_LEVER_SOURCES)
 
 
 def cache_part(setup) -> tuple:

@@ -318,23 +318,9 @@ _REPLAY_SOURCES = ("memory/events.py", "memory/kernels.py", "memory/template.py"
 
 
 def _code_digest() -> str:
-    import hashlib
-    from pathlib import Path
+    from vramfit.versions import source_digest
 
-    global _CODE
-    if _CODE is None:
-        root = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
-        for rel in _REPLAY_SOURCES:
-            try:
-                h.update((root / rel).read_bytes())
-            except OSError:
-                h.update(rel.encode())
-        _CODE = h.hexdigest()[:16]
-    return _CODE
-
-
-_CODE = None
+    return source_digest(*_REPLAY_SOURCES)
 
 
 def template_key(spec, setup: Setup, grad_accum: int = 1) -> str:
