@@ -294,23 +294,29 @@ class CachingAllocator:
     # ------------------------------------------------------------------ internals
 
     def _get_free_block(self, pool: _Pool, size: int):
-        i = pool.lower_bound(size)
-        if i >= len(pool.keys):
+        keys, blocks = pool.keys, pool.blocks
+        i = bisect_left(keys, (size, -1))
+        n = len(keys)
+        if i >= n:
             return None
-        b = pool.blocks[pool.keys[i]]
+        b = blocks[keys[i]]
         if b.expandable and self.expandable:
             # best fit by the size a block can expand to (its unmapped neighbour included)
-            def exp_size(x):
-                return x.size + (x.next.size if x.next is not None and not x.next.mapped else 0)
+            nx = b.next
+            size_b = b.size + (nx.size if nx is not None and not nx.mapped else 0)
             j = i + 1
-            while b.expandable and j < len(pool.keys):
-                nb = pool.blocks[pool.keys[j]]
-                if exp_size(nb) < exp_size(b):
-                    b = nb
-                    j += 1
-                else:
+            while j < n:
+                nb = blocks[keys[j]]
+                nx = nb.next
+                size_nb = nb.size + (nx.size if nx is not None and not nx.mapped else 0)
+                if size_nb >= size_b:
                     break
-        pool.erase(b)
+                b, size_b, i = nb, size_nb, j
+                if not b.expandable:
+                    break
+                j += 1
+        del keys[i]  # Pool.erase, at the index already found
+        del blocks[(b.size, b.addr)]
         return b
 
     def _alloc_capped(self, pool: _Pool, size: int) -> Block:
