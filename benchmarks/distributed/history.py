@@ -172,27 +172,24 @@ def stream_peaks(data: dict, begin: str = "step2_begin", end: str = "step2_end")
     reserved bytes})} at the allocated and the reserved peak; the default stream is the one numbered 0."""
     marks = dict((k, v) for k, v in data.get("marks", []))
     t0, t1 = marks.get(begin, 0), marks.get(end, 1 << 62)
-    live, segs, alloc, res = {}, {}, {}, {}
-    pa, pr = (0, {}), (0, {})
+    books = {"allocated": ({}, {}), "reserved": ({}, {})}  # (address -> (size, stream), stream -> bytes)
+    kind = {"a": ("allocated", 1), "f": ("allocated", -1), "S": ("reserved", 1), "s": ("reserved", -1)}
+    peaks = {"allocated": (0, {}), "reserved": (0, {})}
     for code, addr, size, stream, _, t in data["events"]:
-        if code == "a":
-            live[addr] = (size, stream)
-            alloc[stream] = alloc.get(stream, 0) + size
-        elif code == "f" and addr in live:
-            size, stream = live.pop(addr)
-            alloc[stream] -= size
-        elif code == "S":
-            segs[addr] = (size, stream)
-            res[stream] = res.get(stream, 0) + size
-        elif code == "s" and addr in segs:
-            size, stream = segs.pop(addr)
-            res[stream] -= size
-        if t0 <= t <= t1:
-            if sum(alloc.values()) > pa[0]:
-                pa = (sum(alloc.values()), dict(alloc))
-            if sum(res.values()) > pr[0]:
-                pr = (sum(res.values()), dict(res))
-    return {"allocated": pa, "reserved": pr}
+        if code in kind:
+            name, sign = kind[code]
+            live, total = books[name]
+            if sign > 0:
+                live[addr] = (size, stream)
+                total[stream] = total.get(stream, 0) + size
+            elif addr in live:
+                size, stream = live.pop(addr)
+                total[stream] -= size
+        if t0 <= t <= t1:  # both peaks at every event of the window (one may be flat all through it)
+            for name, (_, total) in books.items():
+                if sum(total.values()) > peaks[name][0]:
+                    peaks[name] = (sum(total.values()), dict(total))
+    return peaks
 
 
 def stream_summary(data: dict, begin: str = "step2_begin", end: str = "step2_end", top: int = 12) -> str:
