@@ -92,6 +92,10 @@ def test_offload_moves_master_weights_states_and_fp32_grads_to_the_host(llama8b)
     on = shard_terms(llama8b, s, (), get_strategy("zero2"), 2)
     off = shard_terms(llama8b, s, (), get_strategy("zero2-offload"), 2)
     assert off.optimizer == 0 and off.grads["optimizer"] == 0
+    # stage 3 too: the fp32 gradient partition is on the host at the step, not also on the GPU
+    z3_off = shard_terms(llama8b, s, (), get_strategy("zero3-offload"), 2)
+    assert z3_off.grads["optimizer"] == 0 and dict(z3_off.host_named)["fp32_gradient_partition"] > 0
+    assert shard_terms(llama8b, s, (), get_strategy("zero3"), 2).grads["optimizer"] > 0
     assert dict(off.host_named)["optimizer_master_and_states"] == on.optimizer
     assert off.host_bytes == on.optimizer + math.ceil(4 * llama8b.params_total / 2)
     est = estimate_distributed(llama8b, s, "zero2-offload", 2)

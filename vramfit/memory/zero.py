@@ -474,7 +474,7 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl):
     held = {k: {"zero_ipg_buckets": ipg} for k in ("backward_top", "backward_bottom", "backward_end")}
     if st.zero_stage == 3:
         held = {k: {"zero_ipg_bucket": ipg, "zero3_gradient_partitions": g_part} for k in MOMENTS}
-        grads, grads_step = tied, fp32_part
+        grads = tied  # the partitions are held above; the step's fp32 partition as for stage 2 (or on the host)
         # gathered parameters once the first step traced the module order: the coordinator keeps what it
         # reuses within stage3_max_reuse_distance and prefetches up to stage3_max_live_parameters; held as
         # min(all, max_live + prefetch bucket) elements (vramfit.memory.zero; fitted to the fake-group runs)
