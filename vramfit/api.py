@@ -72,15 +72,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,
                     peak_reserved_bytes=bd.peak_reserved_bytes, device_bytes=bd.device_bytes,
                     peak_phase=bd.peak_phase, breakdown=bd.components, phases=bd.phases, notes=bd.notes,
-                    calibration=calibration, **_host(bd))
-
-
-def _host(bd) -> dict:
-    """Pinned host memory (activation offloading's copies), where this memory model reports it."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(Estimate)}
-    return {"host_bytes": getattr(bd, "host_bytes", 0)} if "host_bytes" in fields else {}
+                    calibration=calibration, host_bytes=bd.host_bytes)
 
 
 def plan(model, gpu="auto", **options):

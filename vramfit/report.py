@@ -74,7 +74,7 @@ def estimate_summary(est) -> list[str]:
     if est.setup.method == "qlora":
         lines.append(f"base model with 4-bit weights counted packed (as model.num_parameters() shows): {est.params_packed:,}")
     lines.append(peak_phase_line(est))
-    if getattr(est, "host_bytes", 0):
+    if est.host_bytes:
         lines.append(f"pinned host memory (activation offloading's copies of saved activations, outside the GPU "
                      f"figures): {fmt_bytes(est.host_bytes)}")
     lines += list(est.notes)
@@ -110,11 +110,11 @@ def method_label(s) -> str:
 def lever_words(s, short: bool = False) -> list:
     """The memory levers a setup turns on, in words."""
     out = []
-    if getattr(s, "liger", False):
+    if s.liger:
         out.append("liger" if short else "Liger's kernels")
-    if getattr(s, "packing", False):
+    if s.packing:
         out.append("packed" if short else f"packed ({s.tokens:,} tokens per micro-batch)")
-    if getattr(s, "activation_offloading", False):
+    if s.activation_offloading:
         out.append("offload" if short else "activation offloading")
     return out
 

@@ -24,14 +24,17 @@ import json
 import sys
 from pathlib import Path
 
+from vramfit.planner.levers import SPEED_FILE
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GLOB = "benchmarks/results/*levers*.jsonl"
 
 
 def build(files: list) -> dict:
-    from vramfit.planner.levers import derive_lever_speeds, lever_twins, read_jsonl
+    from benchmarks.jsonl import records
+    from vramfit.planner.levers import derive_lever_speeds, lever_twins
 
-    rows = read_jsonl(files)
+    rows = [r for f in files for r in records(f)]
     names = ", ".join(Path(f).name for f in files)
     levers = derive_lever_speeds(rows, source=names)
     gpus = sorted({(twin.get("environment") or {}).get("gpu_name") or "?" for _, _, twin in lever_twins(rows)})
@@ -46,7 +49,7 @@ def build(files: list) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", help=f"harness JSON lines [default: {DEFAULT_GLOB}]")
-    ap.add_argument("--out", default=str(REPO / "profiles" / "lever_speed.json"))
+    ap.add_argument("--out", default=str(SPEED_FILE))
     ap.add_argument("--check", action="store_true", help="print, write nothing")
     args = ap.parse_args(argv)
     # torch's memory history slows a run: its files (levers-history) are no speed measurement

@@ -55,12 +55,6 @@ def clear() -> None:
         stats[k] = 0
 
 
-def hit_rate() -> float:
-    """Hits over the ops the cache was asked about (direct ones included)."""
-    n = sum(stats.values())
-    return stats["hits"] / n if n else 0.0
-
-
 def _init() -> None:
     global _TENSORS, _SEQS, _TORCH_TYPES, _strided, _excluded
     import torch

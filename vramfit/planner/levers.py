@@ -284,15 +284,3 @@ def derive_lever_speeds(rows, source: str = "") -> dict:
                       "source": source}
     return out
 
-
-def read_jsonl(paths) -> list:
-    rows = []
-    for p in paths:
-        for line in Path(p).read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-    return rows

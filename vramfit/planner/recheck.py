@@ -222,7 +222,8 @@ def with_replay_peaks(cand, rows: list):
 
 
 def _text(s) -> str:
+    from vramfit.report import lever_words
+
     return (f"{s.method} {s.precision} {s.optim} {s.micro_batch}x{s.grad_accum}"
             + (" ckpt" if s.grad_ckpt else "") + (" expandable" if s.allocator == "expandable" else "")
-            + (" liger" if s.liger else "") + (" packed" if s.packing else "")
-            + (" offload" if s.activation_offloading else ""))
+            + "".join(" " + w for w in lever_words(s, short=True)))

@@ -58,7 +58,7 @@ class Evaluator:
                          peak_reserved_bytes=bd.peak_reserved_bytes,
                          seconds_per_token=seconds_per_token(self.spec, s, device, targets, self.cost, paging),
                          fits=bd.device_bytes <= usable_bytes, paged_bytes=paged, paging_bytes=paging,
-                         host_bytes=getattr(bd, "host_bytes", 0))
+                         host_bytes=bd.host_bytes)
 
     def candidates(self, setups, device, usable_bytes: int, exhaustive: bool = False) -> list:
         """Candidates of `setups` (micro-batches ascending within a setup, as Space yields them).
@@ -379,13 +379,13 @@ def _notes(spec, device, space: Space, chosen: Candidate | None) -> tuple:
 
 def lever_notes(spec, s: Setup, space: Space) -> list:
     """What a chosen setup's levers mean in practice."""
-    from vramfit.planner.levers import PACKING_SHORT_ROWS
+    from vramfit.planner.levers import PACKING_SHORT_ROWS, packing_by_default
 
     notes = []
     if s.packing:
         why = (f"the rows' median ({space.rows_median:,} tokens) is under {PACKING_SHORT_ROWS:.0%} of seq_len "
-               f"{s.seq_len:,}, so packing is the default: " if space.rows_median is not None
-               and space.rows_median < PACKING_SHORT_ROWS * s.seq_len else "")
+               f"{s.seq_len:,}, so packing is the default: " if packing_by_default(space.rows_median, s.seq_len)
+               else "")
         notes.append(f"packing: {why}a micro-batch is {s.micro_batch} rows of {s.seq_len:,} tokens filled with whole "
                      f"examples (best-fit decreasing) and flattened into one row of {s.tokens:,} tokens "
                      f"(--tokens-per-batch {s.tokens})")

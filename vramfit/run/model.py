@@ -199,10 +199,9 @@ RANDOM_INIT_MARK = "vramfit_random_init.json"
 
 def _random_init_mark(source: ModelSource, seed: int) -> dict:
     """What a random checkpoint was drawn from: the model's config (its hash), the seed, the dtype."""
-    import hashlib
+    from vramfit.model.spec import config_hash
 
-    digest = hashlib.sha256(json.dumps(source.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"model": source.name, "config_sha256": digest, "seed": seed, "dtype": "bfloat16"}
+    return {"model": source.name, "config_sha256": config_hash(source.config), "seed": seed, "dtype": "bfloat16"}
 
 
 def _read_mark(target: Path) -> dict | None:

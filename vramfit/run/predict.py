@@ -45,9 +45,9 @@ def runtime_problem(s: Setup, cuda: bool) -> str | None:
             return f"optimizer {s.optim} needs bitsandbytes on a CUDA GPU; on CPU use adamw_torch"
         if s.precision.startswith("16"):
             return f"precision {s.precision} (fp16) needs a CUDA GPU; on CPU use 32-true, bf16-true or bf16-mixed"
-        if getattr(s, "liger", False):
+        if s.liger:
             return "--liger: liger-kernel's kernels are triton kernels and need a CUDA GPU; on CPU drop --liger"
-        if getattr(s, "activation_offloading", False):
+        if s.activation_offloading:
             return ("--activation-offloading moves activations from a CUDA GPU to host memory: on CPU there is "
                     "nothing to offload; drop it")
     else:
@@ -57,7 +57,7 @@ def runtime_problem(s: Setup, cuda: bool) -> str | None:
             return "this GPU has no bf16: use --precision 16-mixed, 16-true or 32-true"
     if (s.method == "qlora" or s.optimizer.needs_bnb) and importlib.util.find_spec("bitsandbytes") is None:
         return "QLoRA and the 8-bit/paged optimizers need bitsandbytes: pip install bitsandbytes"
-    if getattr(s, "liger", False) and importlib.util.find_spec("liger_kernel") is None:
+    if s.liger and importlib.util.find_spec("liger_kernel") is None:
         return "--liger needs liger-kernel: pip install liger-kernel"
     if s.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         return "--attn flash_attention_2 needs the flash-attn package"
@@ -81,10 +81,10 @@ def predict(spec, s: Setup, constants=None, seq_lens=None) -> dict:
         bd = simulated_breakdown(spec, s, targets, bd, constants or DEFAULT, seq_lens=list(seq_lens))
     out = {"peak_allocated_bytes": bd.peak_allocated_bytes, "peak_reserved_bytes": bd.peak_reserved_bytes,
            "device_bytes": bd.device_bytes, "peak_phase": bd.peak_phase, "breakdown": dict(bd.components),
-           "tokens_per_micro_batch": s.tokens, "host_bytes": getattr(bd, "host_bytes", 0)}
+           "tokens_per_micro_batch": s.tokens, "host_bytes": bd.host_bytes}
     if seq_lens:
         out["notes"] = list(bd.notes[-1:])
-    elif getattr(s, "packing", False):
+    elif s.packing:
         out["notes"] = [f"packed: every micro-batch predicted at its full {s.tokens:,} tokens ({s.micro_batch} rows "
                         f"of {s.seq_len:,}, flattened into one)"]
     return out

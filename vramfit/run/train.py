@@ -335,7 +335,7 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
         if packing:
             options.update(packing=True, seq_len=pack_len)
         s, plan = choose_setup(source.spec, options, d.seq_len, gpu, opts.headroom, opts.effective_batch,
-                               padded=data_is_padded(d) and not packing, rows_median=d.lengths.p50)
+                               padded=data_is_padded(d), rows_median=d.lengths.p50)
         if plan is not None:
             console.print(report.plan_verdict(plan), highlight=False)
         if s.packing:
