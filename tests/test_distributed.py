@@ -12,14 +12,9 @@ from tiny_lm import alpaca_rows, make_model_dir, write_jsonl
 from typer.testing import CliRunner
 
 from vramfit.cli import app
-from vramfit.memory.distributed import (
-    NCCL_DEVICE_BYTES,
-    ZERO_REDUCE_BUCKET,
-    estimate_distributed,
-    get_strategy,
-    shard_terms,
-)
+from vramfit.memory.distributed import NCCL_DEVICE_BYTES, estimate_distributed, get_strategy, shard_terms
 from vramfit.memory.fsdp import fsdp_shard_numel
+from vramfit.memory.zero import ZERO_REDUCE_BUCKET
 from vramfit.errors import VramfitError
 from vramfit.memory.walk import _grad_totals, optimizer_state_bytes, trainable_tensors
 from vramfit.memory.setup import make_setup, resolve_targets

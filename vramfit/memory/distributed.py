@@ -55,10 +55,7 @@ DDP_BUCKET_CAP_BYTES = 25 * MiB
 # proof (benchmarks/distributed) measures device - reserved per rank.
 NCCL_DEVICE_BYTES = 544 * MiB
 NCCL_DEVICE_BYTES_LARGER_GROUPS = 688 * MiB
-# DeepSpeed ZeRO sizes: vramfit.memory.zero (re-exported here for the launcher)
-from vramfit.memory.zero import (ZERO3_MAX_LIVE_PARAMETERS, ZERO3_MAX_REUSE_DISTANCE,  # noqa: E402,F401
-                                 ZERO3_PERSISTENCE_THRESHOLD, ZERO3_PREFETCH_BUCKET, ZERO_ALLGATHER_BUCKET,
-                                 ZERO_OVERLAP_COMM, ZERO_REDUCE_BUCKET)
+# DeepSpeed ZeRO's sizes: vramfit.memory.zero
 
 # Host-to-device link when a profile names none (offload traffic): PCIe 4.0 x16 per direction.
 DEFAULT_HOST_LINK_BYTES_PER_S = 31_500_000_000
@@ -146,15 +143,6 @@ def _ceil_div(a: float, n: int) -> int:
     return math.ceil(a / n)
 
 
-def _elements(spec) -> dict:
-    """Element counts the strategies need: per decoder layer, outside the layers, largest tensor."""
-    roles = spec.params_by_role
-    outside = roles.get("embeddings", 0) + roles.get("lm_head", 0) + spec.hidden_size  # + the final norm
-    n = max(spec.num_layers, 1)
-    layer = max(0, spec.params_total - outside) / n
-    return {"layer": layer, "outside": spec.params_total - layer * n, "total": spec.params_total}
-
-
 def launched_qlora(strategy: Strategy, gpus: int) -> bool:
     """QLoRA as `vramfit train --gpus N` loads it on every rank (vramfit.run.launch._rank_model):
     4-bit weights stored as bf16 (bnb_4bit_quant_storage), the rest loaded in bf16, and no
@@ -239,7 +227,7 @@ def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) 
                           O, temp, nccl if gpus > 1 else 0, packed, constants)
     from vramfit.memory.zero import zero_terms
 
-    return zero_terms(spec, run, strategy, gpus, c, tensors, G_out, _elements(spec), nccl)
+    return zero_terms(spec, run, strategy, gpus, c, tensors, G_out, nccl)
 
 
 def _compute_bytes(s: Setup) -> int:

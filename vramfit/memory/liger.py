@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-H100_SMS = 132
+from vramfit.memory.cuda_reduce import H100_SMS
 H100_CAPABILITY = (9, 0)
 TRITON_IMPL = "nvidia-triton"  # liger's op registry's choice on an H100 (its CUDA-DSL extras not installed)
 

@@ -310,14 +310,11 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
 
 def _zero_rank(spec, act, targets, st, gpus: int, events: list, marks: dict) -> tuple:
     """DeepSpeed ZeRO: the allocator replay of the rank's own events (vramfit.memory.zero)."""
-    from vramfit.memory import distributed as d
     from vramfit.memory.walk import trainable_tensors
     from vramfit.memory.zero import zero_replay
 
     drop, grads = dropped_ids(events, marks, load=True)
-    consts = {"reduce_bucket": d.ZERO_REDUCE_BUCKET, "max_live": d.ZERO3_MAX_LIVE_PARAMETERS,
-              "prefetch": d.ZERO3_PREFETCH_BUCKET, "persistence": d.ZERO3_PERSISTENCE_THRESHOLD}
-    sim = zero_replay(spec, act, trainable_tensors(spec, act, targets), st, gpus, events, marks, drop, grads, consts)
+    sim = zero_replay(spec, act, trainable_tensors(spec, act, targets), st, gpus, events, marks, drop, grads)
     pools = ", ".join(f"{k} stream {v:,} B" for k, v in sim["pools"].items() if v)
     note = (f"peaks from the allocator replay of the rank's steps under ZeRO-{st.zero_stage} (the engine's "
             f"buffers placed as DeepSpeed allocates them, one allocator per CUDA stream{': ' + pools if pools else ''})")

@@ -219,8 +219,8 @@ def step_events(gs: list, n: int, pb: int, first: bool, ids, free_before: list) 
     return out
 
 
-def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropped: set, grads_by_step: dict,
-                constants: dict) -> dict:
+def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropped: set,
+                grads_by_step: dict) -> dict:
     """Peaks of the rank's steps: the single-GPU events without `dropped` ids (the load, the gradients and
     the optimizer step), the engine's allocations inserted (see the module's docstring).
     `grads_by_step`: step -> [(event index, bytes)] of its gradients in birth order."""
@@ -228,7 +228,7 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
     pb = 2 if act.compute_dtype != "float32" else 4
     full = act.method == "full"
     stage = st.zero_stage
-    bucket = constants["reduce_bucket"]
+    bucket = ZERO_REDUCE_BUCKET
     gs = groups(tensors)
     pt = sum(gs)
     e_at = empty_cache_at(events, marks)
@@ -237,10 +237,10 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
     def put(i, evs):
         at.setdefault(i, []).extend(evs)
 
-    put(e_at + 1, wrap_events(spec, tensors, stage, n, pb, full, ids, bucket, constants["persistence"]))
+    put(e_at + 1, wrap_events(spec, tensors, stage, n, pb, full, ids, bucket, ZERO3_PERSISTENCE_THRESHOLD))
     tied = full and bool(spec.tied_embeddings)
     vh = spec.vocab_size * spec.hidden_size * pb
-    live_elems = min(spec.params_total + (0 if full else pt), constants["max_live"] + constants["prefetch"])
+    live_elems = min(spec.params_total + (0 if full else pt), ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET)
     if tied:  # the tied weight's hook fires last, once autograd has added the embedding's gradient to it
         vocab_blocks = {spec.vocab_size * spec.hidden_size * b for b in (2, 4)}
         grads_by_step = {j: [g for g in gr if g[1] not in vocab_blocks] + [g for g in gr if g[1] in vocab_blocks]
@@ -260,15 +260,15 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
             # stream (ZeROOrderedDict.__getitem__ -> param.all_gather), released after the loss (the
             # h100-2026-12-07d ZeRO-3 fused histories: a 501 MiB default-stream block in step 1 only)
             head_w = spec.vocab_size * spec.hidden_size
-            if head_w >= constants["persistence"] and marks.get(f"step{k}.backward") is not None:
+            if head_w >= ZERO3_PERSISTENCE_THRESHOLD and marks.get(f"step{k}.backward") is not None:
                 x = ids()
                 put(marks[f"step{k}.backward"], [("a", x, head_w * pb), ("f", x)])
         if stage == 3:
-            first, coalesced, rests = gather_blocks(spec, tensors, full, live_elems, constants["persistence"])
+            first, coalesced, rests = gather_blocks(spec, tensors, full, live_elems, ZERO3_PERSISTENCE_THRESHOLD)
             held, rest = (first, rests[0]) if k == 0 else (coalesced, rests[1])
             blocks = [ids() for _ in held]
             put(f0, [("a", b, int(e * pb), ALLGATHER) for b, e in zip(blocks, held)])
-            unflat = layer_weights(spec, constants["persistence"]) if k > 0 and len(held) > 2 else []
+            unflat = layer_weights(spec, ZERO3_PERSISTENCE_THRESHOLD) if k > 0 and len(held) > 2 else []
             if unflat and abs(sum(unflat) - held[1]) <= 0.01 * held[1]:
                 # a coalesced fetch is unflattened at its wait (AllGatherCoalescedHandle.wait): each parameter
                 # copied into a buffer of its own on the all-gather stream, then the flat one freed -- one
@@ -398,7 +398,7 @@ def bucket_flushes(grads: list, pt: int, bucket: int, end: int) -> list:
 # --------------------------------------------------------------------------- the fitted walk's terms
 
 
-def zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl):
+def zero_terms(spec, s, st, n, c, tensors, G_out, nccl):
     """DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py, 0.19.8) as accelerate starts
     it with bf16 enabled: the engine casts the module to bf16 (adapters too), keeps an fp32 master copy
     of its partition of the trainable parameters inside the optimizer, and AdamW's two fp32 states
@@ -431,14 +431,13 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl):
     if s.method == "qlora":
         q_numel, q_bytes, _ = _quant_totals(spec, c, s.double_quant)
         base = q_bytes + (P - q_numel) * pb
-        packed = (q_numel + 1) // 2
-        constants = q_bytes - packed
+        constants = q_bytes - (q_numel + 1) // 2  # the absmax constants beside the packed 4-bit weights
     else:
-        q_numel, base, packed, constants = 0, P * pb, 0, 0
+        base, constants = P * pb, 0
     adapters = pt * pb if s.method != "full" else 0
     w, host = {}, {}
     if st.zero_stage < 3:
-        w["weights_" + ("bfloat16" if pb == 2 else "float32")] = base - (constants if s.method == "qlora" else 0)
+        w["weights_" + ("bfloat16" if pb == 2 else "float32")] = base - constants
         if constants:
             w["weights_4bit_quant_constants"] = constants
         if adapters:
@@ -500,12 +499,7 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, el, nccl):
 def persistent_numel(spec) -> int:
     """Elements of parameters below stage3_param_persistence_threshold: kept whole on every rank."""
     return sum(count * math.prod(shape) for shape, count, _ in spec.param_shapes
-               if math.prod(shape) < _threshold())
-
-
-def _threshold() -> int:
-
-    return ZERO3_PERSISTENCE_THRESHOLD
+               if math.prod(shape) < ZERO3_PERSISTENCE_THRESHOLD)
 
 
 def _index_at(grads: list, frac: float, end: int) -> int:

@@ -24,15 +24,15 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vramfit.memory.distributed import (
+from vramfit.memory.distributed import check_combination, get_strategy
+from vramfit.memory.zero import (
     ZERO3_MAX_LIVE_PARAMETERS,
     ZERO3_MAX_REUSE_DISTANCE,
     ZERO3_PERSISTENCE_THRESHOLD,
     ZERO3_PREFETCH_BUCKET,
     ZERO_ALLGATHER_BUCKET,
+    ZERO_OVERLAP_COMM,
     ZERO_REDUCE_BUCKET,
-    check_combination,
-    get_strategy,
 )
 from vramfit.errors import VramfitError
 
@@ -94,9 +94,9 @@ def mixed_precision(s) -> str:
 
 def deepspeed_config(strategy: str) -> dict:
     """The DeepSpeed JSON: batch sizes, clipping and bf16 left "auto" for the Trainer to fill, the
-    ZeRO sizes written out (the values vramfit.memory.distributed models)."""
+    ZeRO sizes written out (the values vramfit.memory.zero models)."""
     st = get_strategy(strategy)
-    zero = {"stage": st.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+    zero = {"stage": st.zero_stage, "overlap_comm": ZERO_OVERLAP_COMM, "contiguous_gradients": True,
             "reduce_bucket_size": ZERO_REDUCE_BUCKET, "allgather_bucket_size": ZERO_ALLGATHER_BUCKET}
     if st.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=ZERO3_PREFETCH_BUCKET,
