@@ -47,10 +47,29 @@ from __future__ import annotations
 import contextlib
 
 EXAMPLE_LEN = 256  # average packed example length (tokens) where Setup.extras gives none
-OFFLOAD_ADDRESSES = True  # trl's storage keys by the allocator model's addresses (see _OffloadEmulation)
 MEM_EFF_ALIGN = 8  # SDPA's preprocess_mask: the bias's strides (but the last) multiples of this, else padded
 LSE_ALIGN = 32  # its log-sum-exp rows are padded to this (kAlignLSE)
 _LEVER_SOURCES = ("memory/levers.py", "memory/liger.py", "memory/offload.py")
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """The library logger `name` at ERROR for the block (a lever's own set-up chatter is not the user's)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def single_sequence(setup) -> bool:
+    """The packed micro-batch is one sequence to the model: one example (transformers finds no packed
+    sequences), or flash_attention_2 (its varlen kernel attends per example): no block-diagonal mask."""
+    return packed_sequences(setup) == 1 or setup.attn == "flash_attention_2"
 
 
 def any_lever(setup) -> bool:
@@ -93,7 +112,7 @@ def key_part(setup) -> tuple:
         return ()
     from vramfit.versions import installed
 
-    single = setup.packing and (packed_sequences(setup) == 1 or setup.attn == "flash_attention_2")
+    single = setup.packing and single_sequence(setup)
     return (("levers", setup.liger, setup.packing, setup.activation_offloading,
              example_len(setup) if setup.packing else 0, single,
              installed("liger-kernel") if setup.liger else {}, _digest()),)
@@ -127,10 +146,9 @@ class Levers:
             if self.setup.activation_offloading:
                 from vramfit.memory.offload import Addresses, make_offloading
 
-                addresses = None
-                if OFFLOAD_ADDRESSES:
-                    addresses = Addresses(self.rec, self.setup.allocator == "expandable")
-                    addresses.events = self.rec.events
+                # trl keys storages by address: the allocator model's (see offload._OffloadEmulation)
+                addresses = Addresses(self.rec, self.setup.allocator == "expandable")
+                addresses.events = self.rec.events
                 self.offload = make_offloading(self.model, self.rec, self.pinned, addresses)
         except BaseException:
             self._stack.close()
@@ -197,7 +215,7 @@ def _packing(setup, autocast_dtype=None):
 
     # one example: transformers finds no packed sequences (no mask: flash attention); flash_attention_2
     # attends per example from cu_seq_lens and builds no mask either (vramfit replays it as sdpa's flash)
-    single = packed_sequences(setup) == 1 or setup.attn == "flash_attention_2"
+    single = single_sequence(setup)
 
     def find_packed_sequence_indices(position_ids):
         first_dummy_value = position_ids[:, :1] - 1

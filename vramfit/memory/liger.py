@@ -8,6 +8,7 @@ import contextlib
 import sys
 
 from vramfit.memory.cuda_reduce import H100_SMS
+from vramfit.memory.levers import quiet_logger
 H100_CAPABILITY = (9, 0)
 TRITON_IMPL = "nvidia-triton"  # liger's op registry's choice on an H100 (its CUDA-DSL extras not installed)
 
@@ -118,26 +119,20 @@ def import_liger():
         stub = _triton_stub()
         sys.meta_path.insert(0, stub)
     try:
-        import logging
         import warnings
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_logger("liger_kernel"):
             warnings.simplefilter("ignore")
-            level = logging.getLogger("liger_kernel").level
-            logging.getLogger("liger_kernel").setLevel(logging.ERROR)
-            try:
-                from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-                # the op registry imports its implementations on first use: import them all now, under
-                # the stand-in (those needing CUDA-only packages fail and are skipped, as on a GPU without them)
-                from liger_kernel.backends import registry
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+            # the op registry imports its implementations on first use: import them all now, under
+            # the stand-in (those needing CUDA-only packages fail and are skipped, as on a GPU without them)
+            from liger_kernel.backends import registry
 
-                for op in list(getattr(registry, "_DISCOVERY_MAP", {})):
-                    try:
-                        registry._discover(op)
-                    except Exception:  # noqa: BLE001
-                        pass
-            finally:
-                logging.getLogger("liger_kernel").setLevel(level)
+            for op in list(getattr(registry, "_DISCOVERY_MAP", {})):
+                try:
+                    registry._discover(op)
+                except Exception:  # noqa: BLE001
+                    pass
     finally:
         if stub is not None:
             sys.meta_path.remove(stub)
@@ -290,14 +285,8 @@ def liger(model, setup, autocast_dtype):
         swapped.append((liger_dispatch, "resolve_impl", resolve))
         liger_dispatch.resolve_impl = resolve_impl
         config = {} if setup.loss != "fused" else {"fused_linear_cross_entropy": False}
-        import logging
-
-        level = logging.getLogger("liger_kernel").level
-        logging.getLogger("liger_kernel").setLevel(logging.ERROR)
-        try:
+        with quiet_logger("liger_kernel"):
             apply(model=base, **config)
-        finally:
-            logging.getLogger("liger_kernel").setLevel(level)
         yield
     finally:
         for cap, props in patched_torch:

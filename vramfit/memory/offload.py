@@ -267,17 +267,15 @@ def make_offloading(model, rec, pinned, addresses=None):
     """trl's get_act_offloading_ctx_manager(model) (its output-head no-op hooks for real) around
     `_OffloadEmulation`."""
     import functools
-    import logging
-
     from trl.models import activation_offloading as ao
+
+    from vramfit.memory.levers import quiet_logger
 
     cls = _offload_class()
     orig = ao.OffloadActivations
     ao.OffloadActivations = functools.partial(cls, pinned=pinned, rec=rec, addresses=addresses)
-    level = logging.getLogger(ao.__name__).level
-    logging.getLogger(ao.__name__).setLevel(logging.ERROR)
     try:
-        return ao.get_act_offloading_ctx_manager(model=model, warn_if_no_head=False)
+        with quiet_logger(ao.__name__):
+            return ao.get_act_offloading_ctx_manager(model=model, warn_if_no_head=False)
     finally:
         ao.OffloadActivations = orig
-        logging.getLogger(ao.__name__).setLevel(level)

@@ -293,11 +293,9 @@ def packed_mask_terms(spec, s: Setup) -> tuple[int, int]:
     query's dtype for the memory-efficient kernel, which keeps it for the backward; the bool mask
     itself lives through the forward.  (0, 0) without packing, for eager attention (traced) or a
     micro-batch of one example."""
-    if not s.packing or s.attn in ("eager", "flash_attention_2"):  # eager's mask is traced; FA2 takes none
-        return 0, 0
-    from vramfit.memory.levers import packed_sequences
+    from vramfit.memory.levers import single_sequence
 
-    if packed_sequences(s) == 1:
+    if not s.packing or s.attn == "eager" or single_sequence(s):  # eager's mask is traced
         return 0, 0
     T = s.tokens
     qb = DTYPE_BYTES[s.compute_dtype]
