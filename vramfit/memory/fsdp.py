@@ -49,14 +49,15 @@ def _ceil_div(a: float, n: int) -> int:
     return math.ceil(a / n)
 
 
+def shard_numel(shape, gpus: int) -> int:
+    """Elements of one rank's shard of a parameter: FSDP2 shards on dim 0 (torch.chunk), each rank's
+    chunk padded to ceil(dim0 / N) rows (torch/distributed/fsdp/_fully_shard/_fsdp_param.py)."""
+    return math.ceil(shape[0] / gpus) * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+
+
 def fsdp_shard_numel(spec, gpus: int) -> int:
-    """Elements of one rank's shards: FSDP2 shards every parameter on dim 0 (torch.chunk), each
-    rank's chunk padded to ceil(dim0 / N) rows (torch/distributed/fsdp/_fully_shard/_fsdp_param.py)."""
-    total = 0
-    for shape, count, _ in spec.param_shapes:
-        rest = math.prod(shape[1:]) if len(shape) > 1 else 1
-        total += count * math.ceil(shape[0] / gpus) * rest
-    return total
+    """Elements of one rank's shards of every parameter (`shard_numel`)."""
+    return sum(count * shard_numel(shape, gpus) for shape, count, _ in spec.param_shapes)
 
 
 def units(spec) -> dict:
@@ -331,6 +332,5 @@ def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), ql
         wholes = [ids() for _ in unit]
         out += [("a", w, math.prod(sh) * nb) for w, (sh, nb) in zip(wholes, unit)]
         for w, (shape, nbytes) in zip(wholes, unit):
-            rest = math.prod(shape[1:]) if len(shape) > 1 else 1
-            out += [("a", ids(), math.ceil(shape[0] / n) * rest * nbytes), ("f", w)]
+            out += [("a", ids(), shard_numel(shape, n) * nbytes), ("f", w)]
     return out

@@ -30,7 +30,6 @@ Torch-free at import; the replay itself needs torch (the meta device) and is cac
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from vramfit.memory.allocator import CachingAllocator, empty_cache_at
@@ -369,7 +368,9 @@ def _shard_sizes(spec, tensors, n: int, nbytes: int, full: bool) -> list:
     """Bytes of each trainable parameter's FSDP shard (its padded dim-0 chunk), one AdamW state each."""
     shapes = ([tuple(sh) for sh, count, _ in spec.param_shapes for _ in range(count)] if full
               else [tuple(shape) for _, _, _, shape in tensors])
-    return [math.ceil(sh[0] / n) * (math.prod(sh[1:]) if len(sh) > 1 else 1) * nbytes for sh in shapes]
+    from vramfit.memory.fsdp import shard_numel
+
+    return [shard_numel(sh, n) * nbytes for sh in shapes]
 
 
 def tied_embedding_grad(spec, st, tensors) -> int:
