@@ -11,7 +11,7 @@ import typer
 
 from vramfit.run.data import FORMATS
 from vramfit.errors import VramfitError
-from vramfit.memory.setup import ALLOCATORS, ATTENTION, LOSSES, METHODS
+from vramfit.memory.setup import ALLOCATORS, ATTENTION, LEVERS, LOSSES, METHODS
 
 
 def _choices(name: str, *values: str):
@@ -508,7 +508,7 @@ def train(
             _no_levers_on_gpus(liger=liger, packing=packing, activation_offloading=activation_offloading,
                                tokens_per_batch=tokens_per_batch)
             setup_options = {k: v for k, v in setup_options.items()
-                             if k not in ("liger", "packing", "activation_offloading", "tokens_per_batch")}
+                             if k not in (*LEVERS, "tokens_per_batch")}
             from vramfit.run.launch import launch
 
             if gpus is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vramfit.memory.setup import LEVERS
+
 GiB = 1 << 30
 
 COMPONENT_LABELS = {
@@ -209,7 +211,6 @@ LEVER_LABELS = {"grad_ckpt": "checkpointing", "micro_batch": "micro-batch", "opt
                 "precision": "precision", "method": "method", "lora_r": "LoRA rank", "seq_len": "seq_len",
                 "allocator": "allocator", "liger": "Liger's kernels", "packing": "packing",
                 "activation_offloading": "activation offloading"}
-MEMORY_LEVERS = ("liger", "packing", "activation_offloading")
 
 
 def _lever_change(l, chosen) -> str:
@@ -224,7 +225,7 @@ def _lever_change(l, chosen) -> str:
         return f"LoRA r={s.lora_r} -> r={c.lora_r}"
     if l.knob == "allocator":
         return "expandable segments " + ("on" if c.allocator == "expandable" else "off")
-    if l.knob in MEMORY_LEVERS:
+    if l.knob in LEVERS:
         return ("with " if getattr(c, l.knob) else "without ") + LEVER_LABELS[l.knob]
     return f"{LEVER_LABELS[l.knob]} {getattr(s, l.knob)} -> {getattr(c, l.knob)}"
 
@@ -272,7 +273,7 @@ def plan_memory_lever_lines(p) -> list[str]:
     speeds, switches = p.lever_speeds(), p.lever_switches()
     out = []
     for l in p.levers:
-        if l.knob not in MEMORY_LEVERS:
+        if l.knob not in LEVERS:
             continue
         on = getattr(l.candidate.setup, l.knob)
         d = l.delta_bytes

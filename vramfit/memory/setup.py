@@ -102,6 +102,7 @@ def liger_supported(model_type: str | None) -> bool:
     return model_type in LIGER_MODEL_TYPES
 
 
+LEVERS = ("liger", "packing", "activation_offloading")  # the Setup fields of the field's memory levers (issue 20)
 LOSSES = ("logits", "fused")
 ALLOCATORS = ("default", "expandable")
 DEFAULT_LORA_TARGETS = {"lora": "q_proj,v_proj", "qlora": "all-linear"}
@@ -244,7 +245,7 @@ def validate(s: Setup) -> None:
     _choice("attention implementation", s.attn, ATTENTION)
     _choice("allocator", s.allocator, ALLOCATORS)
     _choice("loss", s.loss, LOSSES)
-    for name in ("padded", "liger", "packing", "activation_offloading"):
+    for name in ("padded", *LEVERS):
         if not isinstance(getattr(s, name), bool):
             raise VramfitError(f"{name} must be true or false, got {getattr(s, name)!r}")
     for name in ("seq_len", "micro_batch", "grad_accum"):

@@ -31,9 +31,8 @@ from pathlib import Path
 from vramfit.errors import VramfitError
 from vramfit.model.spec import PROFILES_DIR
 
-LEVERS = ("liger", "packing", "activation_offloading")
 
-from vramfit.memory.setup import LIGER_MODEL_TYPES, LIGER_VERSION, liger_supported  # noqa: E402,F401
+from vramfit.memory.setup import LEVERS, LIGER_MODEL_TYPES, LIGER_VERSION, liger_supported  # noqa: E402,F401
 
 # Words for people, one per lever: the plan's lines and labels.
 LEVER_NAMES = {"liger": "Liger's kernels", "packing": "packing", "activation_offloading": "activation offloading"}

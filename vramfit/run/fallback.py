@@ -8,7 +8,7 @@ import gc
 import re
 
 from vramfit.errors import VramfitError
-from vramfit.memory.setup import Setup, validate
+from vramfit.memory.setup import LEVERS, Setup, validate
 from vramfit.run.predict import predict, runtime_problem
 
 
@@ -127,7 +127,7 @@ def setup_flags(s: Setup) -> str:
         flags.append(f"--lora-r {s.lora_r}")
     flags += [f"--precision {s.precision}", f"--optim {s.optim}", f"--micro-batch {s.micro_batch}",
               f"--grad-accum {s.grad_accum}", "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
-    flags += ["--" + k.replace("_", "-") for k in ("liger", "packing", "activation_offloading") if getattr(s, k, False)]
+    flags += ["--" + k.replace("_", "-") for k in LEVERS if getattr(s, k)]
     return " ".join(flags)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vramfit.errors import VramfitError
-from vramfit.memory.setup import Setup, make_setup
+from vramfit.memory.setup import LEVERS, Setup, make_setup
 from vramfit.planner.convert import lora_config, rename_checkpointing, training_arguments_kwargs
 from vramfit.run import data as vdata
 from vramfit.run.callbacks import _callback_classes, ctrl_c
@@ -134,7 +134,7 @@ def planner_restrictions(given: dict, effective_batch: int | None, gpus: int = 1
     return kw
 
 
-LEVER_OPTIONS = ("liger", "packing", "activation_offloading")
+LEVER_OPTIONS = LEVERS
 
 
 def packing_for(options: dict, rows_median: int | None, pack_len: int) -> bool:
