@@ -52,20 +52,6 @@ LSE_ALIGN = 32  # its log-sum-exp rows are padded to this (kAlignLSE)
 _LEVER_SOURCES = ("memory/levers.py", "memory/liger.py", "memory/offload.py")
 
 
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    """The library logger `name` at ERROR for the block (a lever's own set-up chatter is not the user's)."""
-    import logging
-
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def single_sequence(setup) -> bool:
     """The packed micro-batch is one sequence to the model: one example (transformers finds no packed
     sequences), or flash_attention_2 (its varlen kernel attends per example): no block-diagonal mask."""

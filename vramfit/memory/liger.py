@@ -8,7 +8,6 @@ import contextlib
 import sys
 
 from vramfit.memory.cuda_reduce import H100_SMS
-from vramfit.memory.levers import quiet_logger
 H100_CAPABILITY = (9, 0)
 TRITON_IMPL = "nvidia-triton"  # liger's op registry's choice on an H100 (its CUDA-DSL extras not installed)
 
@@ -99,6 +98,20 @@ def _triton_stub():
             pass
 
     return _Finder()
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """The library logger `name` at ERROR for the block (a lever's own set-up chatter is not the user's)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def import_liger():

@@ -269,7 +269,7 @@ def make_offloading(model, rec, pinned, addresses=None):
     import functools
     from trl.models import activation_offloading as ao
 
-    from vramfit.memory.levers import quiet_logger
+    from vramfit.memory.liger import quiet_logger
 
     cls = _offload_class()
     orig = ao.OffloadActivations
