@@ -17,10 +17,18 @@ bitsandbytes' absmax (4 x ceil(numel / 256)) and CUDA reductions' staging buffer
 (`regime`), part of the template's key: micro-batch 1, QLoRA's fused 4-bit kernel (B x S <= 512
 rows), a sliding-window mask, trl's fused-loss tiles, gradient accumulation, a bitsandbytes
 optimizer's size thresholds crossed by the LoRA matrices.  Gradient accumulation: the template of
-two micro-batches repeats the second one grad_accum - 1 times.
+two micro-batches repeats the second one grad_accum - 1 times.  Fused-loss tiles: one token tile
+(its buffer is N x chunk) is a regime of its own; from two tiles on, where the tile loops allocate
+nothing per tile (the hidden states and the LM head already in the compute dtype: `regime_info`'s
+"tiles_general", decided without torch), one template ("2+") covers every tile count: its buffer
+is then 4096 x chunk and the per-token sizes polynomials in B and S, the tiles only views (the
+builder fits at 2 and 3 tiles and checks at 4 and 5); elsewhere (casts per tile, e.g. fp32 weights
+under autocast, QLoRA's fp32 head, a LayerNorm's fp32 output under autocast) each tile count is a
+regime of its own.
 
-Format (JSON): {"format", "lb", "m", "r0", "regime", "exprs": [expr], "runs": [run, ...],
-"sibling": {run: {tag: run}}}; an expr is an int, or [p, d, l] (coefficients of MONOMIALS as
+Format (JSON): {"format", "lb", "m", "r0", "regime" (`regime`'s list; its tile component 0 without
+the fused loss, the tile count, or "2+"), "exprs": [expr], "runs": [run, ...], "sibling": {run:
+{tag: run}}, "build": {traces, seconds}}; an expr is an int, or [p, d, l] (coefficients of MONOMIALS as
 "num/den" strings at r0, per unit of r - r0, and the change per layer); an event is ["a", size]
 (size: an expr's index; ["n", k, numel, chunk]: 4 k ceil(numel / chunk); ["r", reduction]),
 ["f", run, ordinal, layer offset, micro-batch: 0 outside the accumulating ones, 1 the same, 2 the
@@ -34,11 +42,16 @@ from fractions import Fraction
 
 from vramfit.memory.cuda_reduce import reduce_buffers
 
-FORMAT = 1
+FORMAT = 2  # 2: the fused loss's tile regime "2+" (TILES_GENERAL)
 MONOMIALS = ("1", "B", "S", "BS", "SS", "BSS", "R", "BR")
 FOREACH_CHUNK = 65536  # multi_tensor_apply's kChunkSize (kernels._foreach_norm)
 TOKEN_TILE = 4096  # trl's fused loss: tokens per projection tile
 GEMM_4BIT_CUSTOM_MAX_M = 512  # kernels: gemm_4bit's fused kernel up to this many rows
+TILES_GENERAL = "2+"  # the regime's tile component of a template serving every tile count >= 2
+# model types whose final norm is an RMSNorm returning the residual stream's dtype under autocast (their
+# configs have rms_norm_eps, where written): the fused loss's hidden states need no cast per tile
+RMS_NORM_TYPES = frozenset(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                            "gemma2", "phi3", "smollm3"))
 
 
 class NoTemplate(Exception):
@@ -53,19 +66,49 @@ def monomials(B: int, S: int) -> tuple:
 def regime(info: dict, B: int, S: int, grad_accum: int = 1, r: int = 0) -> list:
     """What changes the stream's shape, not only its sizes: [micro-batch 1, QLoRA's fused 4-bit
     kernel (B x S <= 512 rows), a sliding-window mask (transformers makes one from S >= window),
-    trl's fused-loss token tiles, gradient accumulation (its micro-batches after the first repeat),
+    trl's fused-loss token tiles (TILES_GENERAL for every count >= 2 where `info["tiles_general"]`),
+    gradient accumulation (its micro-batches after the first repeat),
     how many LoRA matrices (r x features) reach each size threshold of a bitsandbytes optimizer
     (8-bit states from 4096 elements, paged ones outside torch's allocator from 1e5)]."""
     window = info.get("window")
-    tiles = -(-(B * (S - 1)) // TOKEN_TILE) if info.get("fused") else 0
+    tiles = token_tiles(B, S) if info.get("fused") else 0
+    if tiles >= 2 and info.get("tiles_general"):
+        tiles = TILES_GENERAL
     thresholds, dims = info.get("rank_thresholds") or ([], [])
     return [B == 1, bool(info.get("qlora")) and B * S <= GEMM_4BIT_CUSTOM_MAX_M,
             bool(window) and S >= window, tiles, grad_accum > 1,
             [sum(1 for f in dims if r * f >= t) for t in thresholds]]
 
 
-def regime_info(spec, setup) -> dict:
-    """What of the model and the setup the regime depends on."""
+def token_tiles(B: int, S: int) -> int:
+    """trl's fused loss: token tiles of the B x (S - 1) scored tokens."""
+    return -(-(B * (S - 1)) // TOKEN_TILE)
+
+
+def tiles_general(spec, setup) -> bool:
+    """Whether trl's fused-loss tile loops allocate nothing per tile, so that one template serves every
+    tile count >= 2: `hidden[tile].to(compute_dtype)` and `weight[chunk].to(compute_dtype)` are views
+    when the final hidden states and the LM head are already in the compute dtype (the autocast dtype,
+    or without autocast the hidden states').  The weights are in the setup's dtype except QLoRA's
+    after prepare_model_for_kbit_training (Setup.kbit_upcast: its LM head and norms in fp32); without
+    autocast the final norm returns that dtype; under autocast an RMSNorm returns the residual
+    stream's (the weights') dtype while torch's layer_norm autocasts to fp32.  A wrong True costs a
+    failed build (template_build checks the template at tile counts it was not fitted on, and
+    replay.setup_template then builds the tile count's own), never a wrong template."""
+    from vramfit.memory.setup import PRECISIONS
+
+    if setup.loss != "fused" or getattr(setup, "kbit_upcast", setup.method == "qlora"):
+        return False
+    dtype, amp = PRECISIONS[setup.precision]
+    if amp is None:
+        return True
+    cfg = spec.config
+    return amp == dtype and ("rms_norm_eps" in cfg or cfg.get("model_type") in RMS_NORM_TYPES)
+
+
+def regime_info(spec, setup, exact_tiles: bool = False) -> dict:
+    """What of the model and the setup the regime depends on; `exact_tiles`: the fused loss's tile
+    count in the regime even where `tiles_general` (one template for every count >= 2)."""
     from vramfit.memory.setup import resolve_targets
 
     cfg = spec.config
@@ -80,6 +123,7 @@ def regime_info(spec, setup) -> dict:
         targets = set(resolve_targets(spec, setup))
         dims = sorted({d for lin in spec.linears if lin.name in targets for d in (lin.in_features, lin.out_features)})
     return {"qlora": setup.method == "qlora", "fused": setup.loss == "fused",
+            "tiles_general": not exact_tiles and tiles_general(spec, setup),
             "window": window if isinstance(window, int) else None, "rank_thresholds": [thresholds, dims]}
 
 
@@ -128,6 +172,9 @@ def expand(tpl: dict, B: int, S: int, r: int, L: int, grad_accum: int = 1, marks
         raise NoTemplate(f"{L} layers: fewer than the template's {lb}")
     if (grad_accum > 1) != bool(tpl["regime"][4]):
         raise NoTemplate("gradient accumulation is another template's")
+    t = tpl["regime"][3]
+    if t and (token_tiles(B, S) < 2 if t == TILES_GENERAL else token_tiles(B, S) != t):
+        raise NoTemplate(f"{token_tiles(B, S)} token tiles of the fused loss are another template's")
     ev = Evaluator(tpl, B, S, r, L)
     sizes = {}
     A = grad_accum

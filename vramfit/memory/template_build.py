@@ -1,7 +1,8 @@
 """Build an event template (vramfit.memory.template) for one discrete setup: record
 `training_events` on the model shrunk to LB, LB + 1 and LB + 2 decoder layers at a grid of
 (micro-batch, sequence, rank) points with every event tagged by its decoder layer, fit each size
-exactly, and check the result against traces it was not fitted on.  Torch is imported inside.
+exactly, and check the result against traces it was not fitted on (in the fused loss's regime of
+every tile count >= 2, fitted at 2 and 3 token tiles, checked at 4 and 5).  Torch is imported inside.
 
 Tags (build time only; the recorder of `training_events` is subclassed, nothing else changes):
 - forward: a forward pre-hook on each decoder layer sets it, its forward hook restores the one
@@ -21,7 +22,8 @@ import sys
 import time
 from fractions import Fraction
 
-from vramfit.memory.template import FORMAT, MONOMIALS, NoTemplate, expand, monomials, regime, regime_info
+from vramfit.memory.template import (FORMAT, MONOMIALS, TILES_GENERAL, NoTemplate, expand, monomials, regime,
+                                     regime_info)
 from vramfit.memory.template_record import record, shrunk_spec
 
 LB, M = 6, 3  # layers traced; the representative middle layer (its runs repeat)
@@ -157,8 +159,11 @@ def _evaluate(coefs, B, S) -> Fraction:
 
 
 def _s_values(info, reg, B, count) -> list:
-    """`count` sequence lengths at micro-batch B in regime `reg`, spread, not multiples of 128."""
-    from vramfit.memory.template import GEMM_4BIT_CUSTOM_MAX_M, TOKEN_TILE
+    """`count` sequence lengths at micro-batch B in regime `reg`, spread, not multiples of 128.  In the
+    fused loss's general tile regime (TILES_GENERAL) they span 2 and 3 token tiles, the first two at
+    different counts (a tile loop that allocates per tile changes the stream's shape there, found at
+    the second trace); the checks add 4 and 5 tiles (`_tile_point`)."""
+    from vramfit.memory.template import GEMM_4BIT_CUSTOM_MAX_M, TILES_GENERAL, TOKEN_TILE
 
     lo, hi = 200, 1700
     if reg[1]:
@@ -171,7 +176,14 @@ def _s_values(info, reg, B, count) -> list:
             hi = max(hi, lo + 1500)
         else:
             hi = min(hi, info["window"] - 1)
-    if reg[3]:
+    if reg[3] == TILES_GENERAL:  # 2 and 3 tiles, on the window's side of the regime
+        lo, hi = max(TOKEN_TILE // B + 2, 9), TOKEN_TILE * 3 // B + 1
+        if info["window"] and reg[2]:
+            lo = max(lo, info["window"])
+            hi = max(hi, lo + 1500)
+        elif info["window"]:
+            hi = min(hi, info["window"] - 1)
+    elif reg[3]:
         t = reg[3]
         tlo, thi = TOKEN_TILE * (t - 1) // B + 2, TOKEN_TILE * t // B + 1
         lo, hi = max(lo if t == 1 else 0, tlo, 9), min(thi, hi if t == 1 else thi)
@@ -186,8 +198,24 @@ def _s_values(info, reg, B, count) -> list:
                     out.append(cand)
                     break
         if len(out) == count and (B != 1 and count < 4 or _independent(out[:4])):
+            if reg[3] == TILES_GENERAL and count >= 4:
+                out[1], out[3] = out[3], out[1]  # 2 tiles, then 3
             return out
     raise NoTemplate(f"too few independent sequence lengths in regime {reg} at micro-batch {B}")
+
+
+def _tile_point(info, reg, tiles: int, batches) -> tuple:
+    """(micro-batch, sequence length) of the first of `batches` with a length in regime `reg` at
+    `tiles` token tiles of the fused loss (the general tile regime's checks)."""
+    from vramfit.memory.template import TOKEN_TILE, token_tiles
+
+    for b in batches:
+        tlo, thi = TOKEN_TILE * (tiles - 1) // b + 2, TOKEN_TILE * tiles // b + 1
+        mid = (tlo + thi) // 2
+        for cand in sorted(range(tlo, thi + 1), key=lambda c: abs(c - mid)):
+            if cand % 128 and token_tiles(b, cand) == tiles and regime(info, b, cand)[:4] == reg[:4]:
+                return b, cand
+    raise NoTemplate(f"no sequence length at {tiles} token tiles in regime {reg}")
 
 
 def _ranks(info, reg, r: int) -> tuple:
@@ -212,14 +240,17 @@ def _independent(svals) -> bool:
     return True
 
 
-def build(spec, setup, B: int, S: int, grad_accum: int = 1, verbose: bool = False) -> dict:
+def build(spec, setup, B: int, S: int, grad_accum: int = 1, verbose: bool = False,
+          exact_tiles: bool = False) -> dict:
     """The template of `setup` (its discrete fields) in the regime of (B, S, grad_accum), checked on
     the shrunk model; raises NoTemplate where the machinery does not cover it.  Traced with 2
-    micro-batches where grad_accum > 1 (checked with 3)."""
+    micro-batches where grad_accum > 1 (checked with 3).  With `exact_tiles`, the fused loss's tile
+    count is the regime's even where `regime_info` says one template serves every count >= 2
+    (TILES_GENERAL: fitted at 2 and 3 tiles, checked at 4 and 5)."""
     t0 = time.perf_counter()
     if spec.num_layers < LB + 2:
         raise NoTemplate(f"{spec.num_layers} layers: the replay itself is as fast")
-    info = regime_info(spec, setup)
+    info = regime_info(spec, setup, exact_tiles)
     lora = setup.method != "full"
     reg = regime(info, B, S, grad_accum, setup.lora_r if lora else 0)
     A = 2 if grad_accum > 1 else 1
@@ -285,6 +316,10 @@ def build(spec, setup, B: int, S: int, grad_accum: int = 1, verbose: bool = Fals
     tpl = _assemble(skel0, sib0, base, slope, per_layer, r0, reg)
     # checks on points nothing was fitted on: LB layers at (B2, S, R2); LB + 2 layers
     checks = [(B2, svals[B2][4], R2 if lora else r0, LB), (Bs[-1], svals[Bs[-1]][4], R1 if lora else r0, LB + 2)]
+    if reg[3] == TILES_GENERAL:  # at token tile counts it was not fitted on (2 and 3): 4 and 5
+        more = [] if b1 else [2, 3, 4, 6, 8, 12, 16]  # where a sliding window leaves no length at B2's
+        checks[0] = (*_tile_point(info, reg, 4, [B2] + more), *checks[0][2:])
+        checks[1] = (*_tile_point(info, reg, 5, [Bs[-1]] + more), *checks[1][2:])
     for b, s, r, layers in checks:
         st = dataclasses.replace(setup, micro_batch=b, seq_len=s, lora_r=r)
         a = 3 if grad_accum > 1 else 1
