@@ -164,7 +164,7 @@ def test_when_nothing_fits_without_a_lever_the_search_tries_it(monkeypatch, llam
     assert p.chosen.setup.liger
     assert any(n.startswith("nothing fits without Liger's kernels") and "the search tried them" in n for n in p.notes)
     with pytest.raises(VramfitError, match="nothing fits"):
-        plan(llama1b, gpu, replay=False, liger=False)
+        plan(llama1b, gpu, replay=False, liger=False, kbit_prep=True)
 
 
 # --------------------------------------------------------------------------- speed factors

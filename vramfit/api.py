@@ -19,7 +19,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
              padded: bool = False, liger: bool = False, packing: bool = False, activation_offloading: bool = False,
              tokens_per_batch: int | None = None, trust_remote_code: bool = False,
              constants: Constants | None = None, use_calibration: bool = True, simulate_allocator: bool = False,
-             replay: bool | None = None, eval_batch: int | None = None) -> Estimate:
+             replay: bool | None = None, eval_batch: int | None = None, kbit_prep: bool = True) -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
 
     `padded`: the batches are padded to their longest row, as real data of varying lengths is, so
@@ -31,6 +31,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     (trl SFTConfig(packing=True), bfd, padding-free: `micro_batch` packed rows of `seq_len` tokens,
     flattened into one), `activation_offloading` (SFTConfig(activation_offloading=True)).
     `tokens_per_batch` (with packing): the micro-batch in tokens, a multiple of `seq_len`.
+    `kbit_prep` (QLoRA): peft's prepare_model_for_kbit_training after loading (the standard recipe);
+    False: trl's and Unsloth's way, the non-quantized weights left in bf16 (`Setup.kbit_prep`).
 
     The three peaks are the allocator replay's (two Trainer steps' allocations and frees through a
     model of torch's caching allocator, `vramfit.memory.allocator`), expanded from the setup's event
@@ -48,7 +50,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     setup = make_setup(method=method, precision=precision, optim=optim, lora_r=lora_r, lora_alpha=lora_alpha,
                        lora_dropout=lora_dropout, target_modules=target_modules, seq_len=seq_len,
                        micro_batch=micro_batch, grad_ckpt=grad_ckpt, attn=attn, allocator=allocator, loss=loss,
-                       padded=padded, liger=liger, packing=packing, activation_offloading=activation_offloading)
+                       padded=padded, liger=liger, packing=packing, activation_offloading=activation_offloading,
+                       kbit_prep=kbit_prep)
     check_levers(None, packing=packing, padded=padded)
     spec = load_spec(model, trust_remote_code=trust_remote_code)
     check_levers(spec, liger=liger)

@@ -50,6 +50,8 @@ LIGER_HELP = "TrainingArguments(use_liger_kernel=True): liger-kernel's RMSNorm, 
 PACKING_HELP = ("trl SFTConfig(packing=True), bfd, padding-free: a micro-batch is --micro-batch rows of --seq-len "
                 "tokens filled with whole examples, flattened into one")
 OFFLOAD_HELP = "trl SFTConfig(activation_offloading=True): saved activations in pinned host memory (CUDA)"
+KBIT_HELP = ("QLoRA: peft's prepare_model_for_kbit_training after loading (the standard recipe: embeddings, "
+             "norms and LM head cast to fp32); --no-kbit-prep keeps them bf16 as trl's SFTTrainer and Unsloth do")
 TOKENS_HELP = ("with --packing: tokens per micro-batch, a multiple of --seq-len (the micro-batch is N / seq_len "
                "packed rows)")
 SEARCHED = " (default: searched: {})"  # parentheses: rich takes [default: ...] for markup and drops it
@@ -102,6 +104,7 @@ def estimate(
     packing: bool = typer.Option(False, "--packing", help=PACKING_HELP),
     activation_offloading: bool = typer.Option(False, "--activation-offloading", help=OFFLOAD_HELP),
     tokens_per_batch: Optional[int] = typer.Option(None, "--tokens-per-batch", help=TOKENS_HELP),
+    kbit_prep: bool = typer.Option(True, "--kbit-prep/--no-kbit-prep", help=KBIT_HELP),
     simulate_allocator: bool = typer.Option(False, "--simulate-allocator", help="accepted, does nothing: the "
                                             "allocator replay is the default answer"),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="sequences per evaluation batch "
@@ -136,7 +139,7 @@ def estimate(
                            allocator=allocator.value, loss=loss.value, padded=padded, liger=liger, packing=packing,
                            activation_offloading=activation_offloading, tokens_per_batch=tokens_per_batch,
                            trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator,
-                           replay=False if fast else None, eval_batch=eval_batch_size)
+                           replay=False if fast else None, eval_batch=eval_batch_size, kbit_prep=kbit_prep)
     except VramfitError as exc:
         _fail(exc)
     if as_json:
@@ -232,6 +235,8 @@ def plan(
         None, "--activation-offloading/--no-activation-offloading",
         help=OFFLOAD_HELP + SEARCHED.format("tried when nothing fits without it")),
     tokens_per_batch: Optional[int] = typer.Option(None, "--tokens-per-batch", help=TOKENS_HELP),
+    kbit_prep: Optional[bool] = typer.Option(None, "--kbit-prep/--no-kbit-prep", help=KBIT_HELP + SEARCHED.format(
+        "with it; without it tried for QLoRA when nothing fits")),
     rows_median: Optional[int] = typer.Option(None, "--rows-median", help="the data's median row length in tokens "
                                               "(as vramfit train measures it): short rows make packing the "
                                               "default, and unpacked batches padded"),
@@ -263,7 +268,7 @@ def plan(
     restrictions["loss"] = loss.value
     restrictions["padded"] = padded
     restrictions.update(liger=liger, packing=packing, activation_offloading=activation_offloading,
-                        tokens_per_batch=tokens_per_batch, rows_median=rows_median)
+                        tokens_per_batch=tokens_per_batch, rows_median=rows_median, kbit_prep=kbit_prep)
     try:
         if find_gpu:
             if gpu is not None:
@@ -429,6 +434,8 @@ def train(
         None, "--activation-offloading/--no-activation-offloading", help=OFFLOAD_HELP + " (default: off, or the "
         "planner's when it chooses)"),
     tokens_per_batch: Optional[int] = typer.Option(None, "--tokens-per-batch", help=TOKENS_HELP),
+    kbit_prep: Optional[bool] = typer.Option(None, "--kbit-prep/--no-kbit-prep", help=KBIT_HELP + " (default: "
+                                             "with it, or the planner's when it chooses)"),
     attn: Attn = typer.Option(Attn.sdpa, help="attention implementation"),
     allocator: Optional[Allocator] = typer.Option(None, help="torch caching allocator: default or expandable "
                                                   "(segments) [default: as PYTORCH_CUDA_ALLOC_CONF sets "
@@ -502,13 +509,13 @@ def train(
                          micro_batch=micro_batch, grad_accum=grad_accum, grad_ckpt=grad_ckpt, seq_len=seq_len,
                          attn=attn.value, allocator=allocator.value if allocator else None, liger=liger,
                          packing=packing, activation_offloading=activation_offloading,
-                         tokens_per_batch=tokens_per_batch)
+                         tokens_per_batch=tokens_per_batch, kbit_prep=kbit_prep)
     try:
         if gpus is not None or strategy is not None or cpu:
             _no_levers_on_gpus(liger=liger, packing=packing, activation_offloading=activation_offloading,
                                tokens_per_batch=tokens_per_batch)
             setup_options = {k: v for k, v in setup_options.items()
-                             if k not in (*LEVERS, "tokens_per_batch")}
+                             if k not in (*LEVERS, "tokens_per_batch", "kbit_prep")}
             from vramfit.run.launch import launch
 
             if gpus is None:

@@ -12,7 +12,8 @@ COMPONENT_LABELS = {
     "weights_float16": "weights (fp16)",
     "weights_4bit": "weights (4-bit NF4 + absmax)",
     "weights_fp32_unquantized": "weights not quantized (fp32)",
-    "lora_adapters": "LoRA adapters (fp32)",
+    "weights_16bit_unquantized": "weights not quantized (16-bit)",
+    "lora_adapters": "LoRA adapters",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
     "optimizer_states_paged": "optimizer states (paged, managed memory)",
@@ -118,6 +119,8 @@ def lever_words(s, short: bool = False) -> list:
         out.append("packed" if short else f"packed ({s.tokens:,} tokens per micro-batch)")
     if s.activation_offloading:
         out.append("offload" if short else "activation offloading")
+    if s.method == "qlora" and not s.kbit_prep:
+        out.append("no-kbit-prep" if short else "no prepare_model_for_kbit_training")
     return out
 
 
@@ -210,7 +213,8 @@ def plan_rejection_lines(p, limit: int = 6) -> list[str]:
 LEVER_LABELS = {"grad_ckpt": "checkpointing", "micro_batch": "micro-batch", "optim": "optimizer",
                 "precision": "precision", "method": "method", "lora_r": "LoRA rank", "seq_len": "seq_len",
                 "allocator": "allocator", "liger": "Liger's kernels", "packing": "packing",
-                "activation_offloading": "activation offloading"}
+                "activation_offloading": "activation offloading",
+                "kbit_prep": "prepare_model_for_kbit_training"}
 
 
 def _lever_change(l, chosen) -> str:
@@ -225,7 +229,7 @@ def _lever_change(l, chosen) -> str:
         return f"LoRA r={s.lora_r} -> r={c.lora_r}"
     if l.knob == "allocator":
         return "expandable segments " + ("on" if c.allocator == "expandable" else "off")
-    if l.knob in LEVERS:
+    if l.knob in LEVERS or l.knob == "kbit_prep":
         return ("with " if getattr(c, l.knob) else "without ") + LEVER_LABELS[l.knob]
     return f"{LEVER_LABELS[l.knob]} {getattr(s, l.knob)} -> {getattr(c, l.knob)}"
 
@@ -532,6 +536,13 @@ def run_summary_lines(rep: dict) -> list[str]:
         lines[0] += f", best eval_loss {rep['best_eval_loss']:.4f}"
     for f in rep.get("fallbacks", []):
         lines.append(fallback_line(f))
+    t = rep.get("throughput")
+    if t:
+        line = f"training steps: {t['tokens_per_s']:,.0f} tokens/s over {t['steps']} steps (the first and evaluation/saving left out)"
+        if t.get("mfu") is not None:
+            line += (f", model FLOPs utilization {100 * t['mfu']:.1f}% ({t['model_flops_per_token'] / 1e9:,.1f} GFLOP a "
+                     f"token of the {t['gpu_profile']}'s {t['peak_flops'] / 1e12:,.0f} dense TFLOP/s)")
+        lines.append(line)
     for key, label in (("adapter", "adapter"), ("model", "model"), ("checkpoint", "checkpoint"),
                        ("report", "run report"), ("timeline", "memory timeline"), ("plot", "memory plot")):
         if rep["outputs"].get(key):

@@ -76,6 +76,7 @@ def training_case(
     packing: bool = False,
     example_len: int | None = None,
     activation_offloading: bool = False,
+    kbit_prep: bool = True,
 ) -> dict:
     """A complete training case dict; LoRA keys are None for full fine-tuning.
 
@@ -98,6 +99,8 @@ def training_case(
         raise ValueError("example_len is a packing key: pass packing=True")
     if activation_offloading:
         extra["activation_offloading"] = True
+    if not kbit_prep:  # QLoRA without prepare_model_for_kbit_training (trl's and Unsloth's loading)
+        extra["kbit_prep"] = False
     return {**extra,
         "kind": "train",
         "model": model,

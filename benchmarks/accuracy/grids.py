@@ -438,6 +438,18 @@ def lever_seconds(case_list: list[dict]) -> float:
     return total + LEVER_SECONDS["checkpoint"] * len(checkpoints)
 
 
+def qlora_trl() -> list[dict]:
+    """QLoRA as trl's SFTTrainer runs it (2026-12-07): the recipes' QLoRA cases under trl's fused head, re-run
+    now that the harness casts the adapters to bf16 as SFTTrainer does, each beside its twin without
+    prepare_model_for_kbit_training (the non-quantized weights left bf16: trl's own QLoRA path, Unsloth's)."""
+    out = []
+    for case in recipes():
+        if case["method"] == "qlora" and case.get("loss") == "fused":
+            out.append(case)
+            out.append({**case, "kbit_prep": False})
+    return out
+
+
 def lever_history_cases() -> list[dict]:
     """One lever case per lever (llama-3.2-1b) to re-run with VRAMFIT_MEMORY_HISTORY."""
     pairs = lever_pairs()
@@ -445,7 +457,7 @@ def lever_history_cases() -> list[dict]:
 
 
 GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes, "levers": levers, "levers_fused": levers_fused,
-         "levers_history": lever_history_cases}
+         "levers_history": lever_history_cases, "qlora_trl": qlora_trl}
 
 
 def get(name: str) -> list[dict]:

@@ -43,6 +43,9 @@ def case_setup(case: dict) -> Setup:
               allocator=case.get("allocator", "default"), loss=case.get("loss", "logits"),
               liger=bool(case.get("liger")), packing=bool(case.get("packing")),
               activation_offloading=bool(case.get("activation_offloading")),
+              # QLoRA under trl's fused head: the harness casts the adapters to bf16 as SFTTrainer does
+              # since 2026-12-07 (its cases say so); the runs before kept peft's fp32 adapters
+              trl_adapter_cast=bool(case.get("trl_adapter_cast")), kbit_prep=case.get("kbit_prep", True),
               extras={"example_len": case["example_len"]} if case.get("packing") else {})
     validate(s)
     return s

@@ -344,8 +344,9 @@ def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
             checkpoint_dir, quantization_config=quant, dtype=dtype,
             attn_implementation=case["attn"], device_map={"": 0})
         model.config.use_cache = False
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=case["grad_ckpt"])
+        if case.get("kbit_prep", True):
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=case["grad_ckpt"])
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(SEED)
@@ -369,6 +370,12 @@ def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
                                lora_dropout=case["lora_dropout"],
                                target_modules=targets, task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, lora)
+        if case["method"] == "qlora" and case.get("loss") == "fused":  # SFTTrainer: the adapters to bf16
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+        if case["method"] == "qlora" and not case.get("kbit_prep", True) and case["grad_ckpt"]:
+            model.enable_input_require_grads()  # SFTTrainer, with a peft model and checkpointing
     return model
 
 

@@ -492,6 +492,16 @@ def environment() -> dict:
 # --------------------------------------------------------------------------- one run
 
 
+# --gpu-warmup-s: bf16 GEMMs on the GPU for argv[1] seconds (clocks and the driver's state as a warm run's)
+GPU_WARMUP = ("import sys, time, torch\n"
+              "x = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)\n"
+              "t = time.time()\n"
+              "while time.time() - t < float(sys.argv[1]):\n"
+              "    for _ in range(20):\n"
+              "        y = x @ x\n"
+              "    torch.cuda.synchronize()\n")
+
+
 def run_child(cmd: list, log: Path, timeout: float, env: dict | None = None) -> tuple[int | str, float]:
     t0 = time.perf_counter()
     with log.open("w") as f:
@@ -753,6 +763,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="pairs per model, order alternating")
     ap.add_argument("--budget-s", type=float, default=560.0, help="wall budget of the whole command (seconds)")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU, a few steps: the pipeline's check")
+    ap.add_argument("--gpu-warmup-s", type=float, default=0.0,
+                    help="before the pairs, a process of bf16 GEMMs for this long: a fresh machine's first training "
+                         "process ran 16-30%% slower than the later ones (2026-12-07), whichever side it was")
     ap.add_argument("--tracker-bench", action="store_true", help="only time the tracker's reading (old vs new)")
     ap.add_argument("--no-tracker-bench", action="store_true", help="skip the tracker bench after the runs")
     a = ap.parse_args(argv)
@@ -785,6 +798,11 @@ def main(argv=None) -> int:
     say(f"environment: {env.get('nvidia_smi')}; {env.get('versions')}")
     recipe = CPU_RECIPE if a.tiny else GPU_RECIPE
     failed = False
+    if a.gpu_warmup_s > 0:
+        rc, wall = run_child([sys.executable, "-c", GPU_WARMUP, str(a.gpu_warmup_s)], out / "gpu_warmup.log",
+                             a.gpu_warmup_s + 60)
+        append(result, {"kind": "gpu_warmup", "rc": rc, "wall_s": round(wall, 1), "seconds": a.gpu_warmup_s})
+        say(f"GPU warm-up: rc {rc} in {wall:.0f} s")
     for model in models:
         m = TINY if model == "tiny" else MODELS[model]
         inputs = build_inputs(out / "inputs", model, m, model == "tiny")

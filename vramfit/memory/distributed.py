@@ -164,10 +164,8 @@ def activation_setup(strategy: Strategy, s: Setup, gpus: int = 2) -> Setup:
 
 
 def trl_casts_adapters(s: Setup) -> bool:
-    """trl's SFTTrainer (loss "fused", what vramfit train runs) casts a quantized model's trainable
-    parameters to bf16 (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights are
-    converted to bf16"): the adapters, their gradients and AdamW's states are bf16."""
-    return s.method == "qlora" and s.loss == "fused"
+    """trl's SFTTrainer casts a quantized model's adapters to bf16 (`Setup.adapter_dtype`)."""
+    return s.adapter_dtype == "bfloat16"
 
 
 def _launched_qlora_weights(spec, s: Setup, targets, c) -> dict:

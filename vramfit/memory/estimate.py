@@ -79,7 +79,9 @@ def trace_key(spec, setup: Setup, targets):
                     lora_dropout=setup.method != "full" and setup.lora_dropout > 0,
                     target_modules=tuple(targets),
                     kv_repeated=bool(setup.padded and setup.micro_batch > 1 and setup.attn != "eager"
-                                     and spec.has_grouped_kv))
+                                     and spec.has_grouped_kv),
+                    kbit_prep=setup.kbit_upcast or setup.method != "qlora",
+                    adapter_dtype=None if setup.adapter_dtype == "float32" else setup.adapter_dtype)
 
 
 def estimate_setup(spec, setup: Setup, constants: Constants | None = None) -> tuple[Breakdown, tuple]:

@@ -347,7 +347,7 @@ def training_events(spec, setup, targets=(), steps: int = 3, seq_lens=None, grad
         base_model = model.get_base_model()
         quantized = {id(m.weight): None for m in base_model.modules() if type(m).__name__ == "_Meta4bitLinear"}
         quantized_count = len(quantized)
-        _qlora_load(rec, model, base_model, quantized, unused_reserved)
+        _qlora_load(rec, model, base_model, quantized, unused_reserved, key.kbit_prep)
         base_fwd, lora_fwd = _qlora_linear_forward(rec, torch.bfloat16)  # bnb_4bit_compute_dtype
         for m in base_model.modules():
             base = getattr(m, "base_layer", None)

@@ -178,12 +178,14 @@ def _qlora_linear_forward(rec, compute_dtype):
     return base_forward, forward
 
 
-def _qlora_load(rec, model, base_model, quantized: dict, unused_reserved: int = 0) -> None:
+def _qlora_load(rec, model, base_model, quantized: dict, unused_reserved: int = 0, kbit_prep: bool = True) -> None:
     """from_pretrained(quantization_config=nf4 + double quant, dtype=bf16, device_map GPU) of a
     bf16 checkpoint, then prepare_model_for_kbit_training: checkpoint tensors one at a time in
     natural key order (transformers loads synchronously when it quantizes on the fly), each on the
-    GPU in bf16, the quantized ones quantized and their bf16 copy freed; buffers; then every
-    non-quantized param cast to fp32 (new storage, old freed) and torch.cuda.empty_cache()."""
+    GPU in bf16, the quantized ones quantized and their bf16 copy freed; buffers; then (`kbit_prep`)
+    every non-quantized param cast to fp32 (new storage, old freed) and torch.cuda.empty_cache().
+    peft's adapters follow, in fp32; where the meta model holds them in bf16 (trl's SFTTrainer,
+    trace.TraceKey.adapter_dtype) each is then cast: the bf16 copy made, the fp32 one freed."""
     from transformers.core_model_loading import dot_natural_key
 
     named = {}
@@ -220,14 +222,27 @@ def _qlora_load(rec, model, base_model, quantized: dict, unused_reserved: int = 
             if st._cdata not in rec.live:
                 rec.live[st._cdata] = rec.alloc(st.nbytes())
     for p in base_model.parameters():  # prepare_model_for_kbit_training
-        if id(p) in bf16_ids:
+        if id(p) not in bf16_ids:
+            continue
+        if kbit_prep:
             new = rec.alloc(p.untyped_storage().nbytes())  # already fp32 in the meta model
             rec.free(bf16_ids.pop(id(p)))
-            rec.live[p.untyped_storage()._cdata] = new
-    rec.events.append(("e",))
-    for n, p in model.named_parameters():  # peft: adapters built on the CPU, moved to the GPU
+        else:
+            new = bf16_ids.pop(id(p))
+        rec.live[p.untyped_storage()._cdata] = new
+    if kbit_prep:
+        rec.events.append(("e",))
+    cast = {id(p) for n, p in model.named_parameters() if "lora_" in n and p.element_size() < 4 and p.requires_grad}
+    for n, p in model.named_parameters():  # peft: adapters built on the CPU, moved to the GPU (fp32)
         if "lora_" in n:
-            rec.live[p.untyped_storage()._cdata] = rec.alloc(p.untyped_storage().nbytes())
+            rec.live[p.untyped_storage()._cdata] = rec.alloc(p.numel() * 4 if id(p) in cast else
+                                                             p.untyped_storage().nbytes())
+    for n, p in model.named_parameters():  # trl's SFTTrainer: param.data = param.data.to(torch.bfloat16)
+        if id(p) in cast:
+            st = p.untyped_storage()
+            old = rec.live[st._cdata]
+            rec.live[st._cdata] = rec.alloc(st.nbytes())
+            rec.free(old)
 
 
 @contextlib.contextmanager

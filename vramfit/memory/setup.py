@@ -132,6 +132,15 @@ class Setup:
     allocator: str = "default"
     double_quant: bool = True
     quant_type: str = "nf4"
+    # QLoRA: peft's prepare_model_for_kbit_training after loading (the standard recipe: it casts the
+    # non-quantized weights -- embeddings, norms, LM head -- to fp32, and with them the residual stream);
+    # False: the 4-bit model as loaded, all else in the load dtype (what trl's SFTTrainer does with a
+    # quantized model and a peft_config, and what Unsloth does)
+    kbit_prep: bool = True
+    # QLoRA under trl's SFTTrainer (loss "fused"): trl casts the adapters to bf16 (`adapter_dtype`).  False
+    # only to replay runs that did not (the accuracy harness's Trainer with trl's fused head, before
+    # 2026-12-07); no option sets it
+    trl_adapter_cast: bool = True
     loss: str = "logits"
     # batches padded to their longest row (real data of varying lengths): transformers then passes
     # an attention mask, and with one it repeats grouped KV heads before SDPA instead of
@@ -170,6 +179,20 @@ class Setup:
     @property
     def compute_dtype(self) -> str:
         return self.autocast_dtype or self.param_dtype
+
+    @property
+    def kbit_upcast(self) -> bool:
+        """QLoRA's non-quantized weights in fp32 (prepare_model_for_kbit_training ran)."""
+        return self.method == "qlora" and self.kbit_prep
+
+    @property
+    def adapter_dtype(self) -> str:
+        """The LoRA adapters' dtype: peft upcasts them to fp32 (autocast_adapter_dtype=True); trl's
+        SFTTrainer (the fused loss, what vramfit train runs) casts a quantized model's trainable
+        parameters back to bf16 (trl/trainer/sft_trainer.py: "When using QLoRA, the PEFT adapter
+        weights are converted to bf16"), and with them their gradients and the optimizer's states."""
+        cast = self.method == "qlora" and self.loss == "fused" and self.trl_adapter_cast
+        return "bfloat16" if cast else "float32"
 
     @property
     def tokens(self) -> int:
@@ -229,6 +252,8 @@ def make_setup(method: str = "lora", precision: str | None = None, lora_r: int |
             raise VramfitError(f"{', '.join(given)} only apply to --method lora/qlora, not to full fine-tuning")
     if precision is None:
         precision = "bf16-amp"
+    if kwargs.get("kbit_prep") is False and method != "qlora":
+        raise VramfitError("--no-kbit-prep (no prepare_model_for_kbit_training) only applies to --method qlora")
     setup = Setup(method=method, precision=precision,
                   lora_r=16 if lora_r is None else lora_r,
                   lora_alpha=lora_alpha,
@@ -245,7 +270,7 @@ def validate(s: Setup) -> None:
     _choice("attention implementation", s.attn, ATTENTION)
     _choice("allocator", s.allocator, ALLOCATORS)
     _choice("loss", s.loss, LOSSES)
-    for name in ("padded", *LEVERS):
+    for name in ("padded", "kbit_prep", "trl_adapter_cast", *LEVERS):
         if not isinstance(getattr(s, name), bool):
             raise VramfitError(f"{name} must be true or false, got {getattr(s, name)!r}")
     for name in ("seq_len", "micro_batch", "grad_accum"):

@@ -78,14 +78,15 @@ def weight_bytes(spec, s: Setup, targets, c: Constants = DEFAULT) -> dict:
     if s.method == "qlora":
         q_numel, q_bytes, _ = _quant_totals(spec, c, s.double_quant)
         # prepare_model_for_kbit_training casts every non-quantized parameter (embeddings, norms,
-        # LM head, biases) to fp32.
+        # LM head, biases) to fp32; without it they stay as loaded (16-bit).
         out["weights_4bit"] = q_bytes
-        out["weights_fp32_unquantized"] = (spec.params_total - q_numel) * FP32
+        ub = _unquantized_bytes(s)
+        out[f"weights_{'fp32' if ub == FP32 else '16bit'}_unquantized"] = (spec.params_total - q_numel) * ub
     else:
         out[f"weights_{s.param_dtype}"] = spec.params_total * pbytes
     if s.method != "full":
-        # peft's autocast_adapter_dtype=True keeps adapters in fp32 over bf16/fp16 bases.
-        out["lora_adapters"] = _lora_total(spec, tuple(targets), s.lora_r) * FP32
+        # peft's autocast_adapter_dtype=True keeps adapters in fp32 over bf16/fp16 bases (trl casts QLoRA's back)
+        out["lora_adapters"] = _lora_total(spec, tuple(targets), s.lora_r) * DTYPE_BYTES[s.adapter_dtype]
     return out
 
 
@@ -107,13 +108,18 @@ def _as_tensors(tensors) -> tuple:
     return tensors if isinstance(tensors, tuple) else tuple(tensors)
 
 
+def _unquantized_bytes(s: Setup) -> int:
+    """Bytes per element of QLoRA's non-quantized weights: fp32 after prepare_model_for_kbit_training."""
+    return FP32 if s.kbit_upcast else 2
+
+
 def trainable_tensors(spec, s: Setup, targets) -> tuple:
     """[(numel, dtype_bytes, role, shape)] of the parameters the optimizer sees."""
-    return _trainable_tensors(spec, s.method, s.param_dtype, tuple(targets), s.lora_r)
+    return _trainable_tensors(spec, s.method, s.param_dtype, tuple(targets), s.lora_r, DTYPE_BYTES[s.adapter_dtype])
 
 
 @functools.lru_cache(maxsize=4096)
-def _trainable_tensors(spec, method: str, param_dtype: str, targets: tuple, lora_r: int) -> tuple:
+def _trainable_tensors(spec, method: str, param_dtype: str, targets: tuple, lora_r: int, ab: int = FP32) -> tuple:
     if method == "full":
         pb = DTYPE_BYTES[param_dtype]
         out = []
@@ -125,8 +131,8 @@ def _trainable_tensors(spec, method: str, param_dtype: str, targets: tuple, lora
     out = []
     for t in targets:
         l = by_name[t]
-        out.append((lora_r * l.in_features, FP32, "lora", (lora_r, l.in_features)))
-        out.append((l.out_features * lora_r, FP32, "lora", (l.out_features, lora_r)))
+        out.append((lora_r * l.in_features, ab, "lora", (lora_r, l.in_features)))
+        out.append((l.out_features * lora_r, ab, "lora", (l.out_features, lora_r)))
     return _Tensors(out)
 
 
@@ -189,7 +195,7 @@ def _grad_totals(tensors: tuple) -> tuple[int, int]:
 def logits_dtype_bytes(s: Setup) -> int:
     if s.autocast_dtype:
         return DTYPE_BYTES[s.autocast_dtype]
-    if s.method == "qlora":  # LM head and final norm were cast to fp32
+    if s.kbit_upcast:  # LM head and final norm were cast to fp32
         return FP32
     return DTYPE_BYTES[s.param_dtype]
 
@@ -240,7 +246,7 @@ def head_terms(spec, s: Setup, profile) -> HeadTerms:
     # weight when it trains), cast back to their dtypes on return, and the tile again.
     hb = profile.residual_dtype_bytes  # the final norm's output dtype
     cb = DTYPE_BYTES[s.autocast_dtype] if s.autocast_dtype else hb
-    wb = FP32 if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]  # prepare_model_for_kbit_training: fp32 head
+    wb = _unquantized_bytes(s) if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]  # prepare_model_for_kbit_training: fp32 head
     trainable = s.method == "full"
     rows, cols = min(T, TRL_TOKEN_CHUNK), min(V, TRL_VOCAB_CHUNK)
     tile = rows * TRL_VOCAB_CHUNK * cb  # allocated at the full chunk width, whatever the vocabulary
@@ -274,7 +280,7 @@ def _liger_head_terms(spec, s: Setup, profile, logprobs: int) -> HeadTerms:
     T, V, H = s.tokens, spec.vocab_size, spec.hidden_size
     hb = profile.residual_dtype_bytes
     cb = DTYPE_BYTES[s.autocast_dtype] if s.autocast_dtype else hb
-    wb = FP32 if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]
+    wb = _unquantized_bytes(s) if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]
     inc = -(-V // H)
     chunk = min(T, 1 << max(0, (-(-T // inc) - 1).bit_length()))
     grad_w = V * H * wb if s.method == "full" else 0

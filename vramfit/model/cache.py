@@ -108,8 +108,9 @@ def _key_fields(key) -> dict:
     """The trace key as digested: fields added later are left out at their default, so the
     profiles cached (and bundled) before them keep their names."""
     fields = dataclasses.asdict(key)
-    if not fields.get("kv_repeated"):
-        fields.pop("kv_repeated", None)
+    for name, default in (("kv_repeated", False), ("kbit_prep", True), ("adapter_dtype", None)):
+        if fields.get(name, default) == default:
+            fields.pop(name, None)
     return fields
 
 

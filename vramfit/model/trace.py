@@ -54,6 +54,8 @@ class TraceKey:
     # an attention mask reaches SDPA (padded batches of more than one row) on a model with grouped
     # KV heads: transformers repeats the KV heads (saved for backward at full head count)
     kv_repeated: bool = False
+    kbit_prep: bool = True  # QLoRA: prepare_model_for_kbit_training's fp32 casts (Setup.kbit_prep)
+    adapter_dtype: str | None = None  # None: peft's fp32 adapters; else trl's cast (Setup.adapter_dtype)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def _prepare_model(config, key: TraceKey, spec, conv1d_4bit: bool = False):
                 model.set_submodule(name, new)
         quantized = {id(m.weight) for m in model.modules() if isinstance(m, cls)}
         for p in model.parameters():  # prepare_model_for_kbit_training: non-quantized params to fp32
-            if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in quantized:
+            if key.kbit_prep and p.dtype in (torch.float16, torch.bfloat16) and id(p) not in quantized:
                 p.data = p.data.to(torch.float32)
     import logging
 
@@ -159,6 +161,10 @@ def _prepare_model(config, key: TraceKey, spec, conv1d_4bit: bool = False):
                       target_modules=list(key.target_modules), task_type="CAUSAL_LM")
     with _quiet():
         model = get_peft_model(model, lcfg)
+    if key.adapter_dtype:  # trl's SFTTrainer on a quantized model
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(getattr(torch, key.adapter_dtype))
     model.train()
     return model
 

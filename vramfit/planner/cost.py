@@ -148,12 +148,24 @@ def train_flops_per_token(spec, s: Setup, targets: tuple, cost: CostModel = DEFA
             main += adapters
         else:
             fp32 += adapters
-        if s.method == "qlora" and not s.autocast_dtype:
+        if s.kbit_upcast and not s.autocast_dtype:
             main -= 2 * head  # forward and input gradient of the head
             fp32 += 2 * head
     if s.compute_dtype == "float32":
         main, fp32 = 0.0, main + fp32
     return main, fp32
+
+
+def model_flops_per_token(spec, s: Setup, targets: tuple) -> float:
+    """The FLOPs a training token needs by the model's arithmetic (what MFU divides by the peak): the
+    matmuls of `train_flops_per_token` without checkpointing's recompute and with causal attention over
+    the sequence (packed rows: over the examples, not the masked square SDPA computes).  Full
+    fine-tuning ~6 N per token, LoRA ~4 N (no weight gradients of the frozen base), plus attention."""
+    plain = s.with_(grad_ckpt=False, packing=False)
+    if s.packing:
+        plain = plain.with_(seq_len=min(s.seq_len, int(s.extras.get("example_len") or s.seq_len)))
+    main, fp32 = train_flops_per_token(spec, plain, targets)
+    return main + fp32
 
 
 def micro_step_traffic_bytes(spec, s: Setup, cost: CostModel = DEFAULT_COST) -> tuple[float, float]:

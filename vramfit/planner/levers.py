@@ -35,7 +35,8 @@ from vramfit.model.spec import PROFILES_DIR
 from vramfit.memory.setup import LEVERS, LIGER_MODEL_TYPES, LIGER_VERSION, liger_supported  # noqa: E402,F401
 
 # Words for people, one per lever: the plan's lines and labels.
-LEVER_NAMES = {"liger": "Liger's kernels", "packing": "packing", "activation_offloading": "activation offloading"}
+LEVER_NAMES = {"liger": "Liger's kernels", "packing": "packing", "activation_offloading": "activation offloading",
+               "kbit_prep": "QLoRA without prepare_model_for_kbit_training"}
 LEVER_SWITCHES = {"liger": "TrainingArguments(use_liger_kernel=True)",
                   "packing": "SFTConfig(packing=True, packing_strategy='bfd', padding_free=True)",
                   "activation_offloading": "SFTConfig(activation_offloading=True)"}

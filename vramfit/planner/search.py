@@ -67,7 +67,7 @@ class Evaluator:
         out = []
         for s in setups:
             family = (s.method, s.precision, s.optim, s.grad_ckpt, s.allocator, s.lora_r, s.seq_len, s.liger,
-                      s.packing, s.activation_offloading, s.padded)
+                      s.packing, s.activation_offloading, s.padded, s.kbit_prep)
             first = miss.get(family)
             if first is not None and not exhaustive:
                 targets = self.memory(first.setup)[1]
@@ -165,14 +165,15 @@ def _lever_stage(ev: Evaluator, space: Space, cands: list, device, usable: int, 
     the setups with them on -> (candidates, a note).  A lever the memory model finds no smaller at the
     closest setup cannot make anything fit, and is not searched."""
     from vramfit.planner.levers import LEVER_NAMES
+    from vramfit.planner.space import LEVER_ON
 
     closest = min((x for x in cands if x.exact), key=lambda x: x.device_bytes)
     useful = tuple(k for k in space.when_nothing_fits
-                   if ev.memory(closest.setup.with_(**{k: True}))[0].device_bytes < closest.device_bytes)
+                   if ev.memory(closest.setup.with_(**{k: LEVER_ON[k]}))[0].device_bytes < closest.device_bytes)
     if not useful:
         return [], None
     wider = replace(space, when_nothing_fits=useful).with_levers()
-    extra = [s for s in wider.setups(device.bf16) if any(getattr(s, k) for k in useful)]
+    extra = [s for s in wider.setups(device.bf16) if any(getattr(s, k) == LEVER_ON[k] for k in useful)]
     got = ev.candidates(extra, device, usable, exhaustive)
     names = " and ".join(LEVER_NAMES[k] for k in useful)
     fits = any(x.fits for x in got)
@@ -186,6 +187,7 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
          precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
          allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False,
          liger: bool | None = None, packing: bool | None = None, activation_offloading: bool | None = None,
+         kbit_prep: bool | None = None,
          tokens_per_batch: int | None = None, rows_median: int | None = None,
          constants=None, cost: CostModel | None = None, trust_remote_code: bool = False,
          simulate_allocator: bool | None = None, replay: bool | None = None) -> Plan:
@@ -211,7 +213,7 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
                        precision=precision, optim=optim, grad_ckpt=grad_ckpt, allocator=allocator, attn=attn,
                        loss=loss, padded=padded, liger=liger, packing=packing,
                        activation_offloading=activation_offloading, tokens_per_batch=tokens_per_batch,
-                       rows_median=rows_median)
+                       rows_median=rows_median, kbit_prep=kbit_prep)
     ev = Evaluator(spec, constants, cost or DEFAULT_COST)
     result = search(spec, device, space, headroom, prefer, constants, cost, evaluator=ev)
     if result.chosen is None:
@@ -340,6 +342,8 @@ def lever_variants(spec, s: Setup, space: Space) -> list:
     else:
         out.append(("packing", s.with_(packing=True, padded=False, extras=space._extras(True))))
     out.append(("activation_offloading", s.with_(activation_offloading=not s.activation_offloading)))
+    if s.method == "qlora":
+        out.append(("kbit_prep", s.with_(kbit_prep=not s.kbit_prep)))
     return out
 
 
@@ -353,9 +357,13 @@ def _notes(spec, device, space: Space, chosen: Candidate | None) -> tuple:
     if chosen is None:
         return tuple(notes)
     s = chosen.setup
-    if s.method == "qlora":
+    if s.method == "qlora" and s.kbit_prep:
         notes.append("QLoRA: load with the BitsAndBytesConfig below, then peft.prepare_model_for_kbit_training"
                      "(model, use_gradient_checkpointing=...) before get_peft_model, as the memory model assumes")
+    elif s.method == "qlora":
+        notes.append("QLoRA without prepare_model_for_kbit_training: load with the BitsAndBytesConfig below and "
+                     "hand the 4-bit model and the LoraConfig to trl's SFTTrainer as loaded (embeddings, norms and "
+                     "LM head stay bf16, as trl and Unsloth do), as the memory model assumes")
     if s.method == "full" and s.precision in ("bf16-true", "16-true", "bf16-amp"):
         notes.append("pure bf16 weights and optimizer states (torchtune's default); --precision bf16-mixed keeps "
                      "fp32 master weights at more memory")

@@ -9,6 +9,11 @@ from vramfit.errors import VramfitError
 from vramfit.memory.setup import Setup, make_setup, resolve_targets
 from vramfit.planner.levers import check_levers, liger_supported, micro_batch_for_tokens, packing_by_default
 
+# The value of each lever's Setup field that turns the lever on (less memory), and the plain recipe's.
+# kbit_prep: QLoRA without prepare_model_for_kbit_training (its fp32 casts) is the lever.
+LEVER_ON = {"liger": True, "packing": True, "activation_offloading": True, "kbit_prep": False}
+LEVER_OFF = {k: not v for k, v in LEVER_ON.items()}
+
 DEFAULT_EFFECTIVE_BATCH = 16
 DEFAULT_SEQ_LEN = 2048
 # 5% of the budget: larger than the memory model's typical error on the accuracy grid and than
@@ -64,6 +69,7 @@ class Space:
     liger: tuple = (False,)
     packing: tuple = (False,)
     activation_offloading: tuple = (False,)
+    kbit_prep: tuple = (True,)  # QLoRA's prepare_model_for_kbit_training (False: the 4-bit model as loaded)
     # levers the search adds only when nothing fits without them (their setups need new event templates)
     when_nothing_fits: tuple = ()
     rows_median: int | None = None  # the data's median row length in tokens, where known
@@ -77,16 +83,18 @@ class Space:
         for method in self.methods:
             lora = {} if method == "full" else dict(lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                                                      target_modules=self.target_modules)
-            for precision, optim, ckpt, alloc, pack, liger, offload, mb in itertools.product(
+            for precision, optim, ckpt, alloc, pack, liger, offload, prep, mb in itertools.product(
                     axis(self.precision, precisions_for(method, bf16)), axis(self.optim, OPTIMS),
                     axis(self.grad_ckpt, (False, True)), axis(self.allocator, ALLOCATOR_CHOICES),
                     self.packing, self.liger, self.activation_offloading,
+                    self.kbit_prep if method == "qlora" else (True,),
                     axis(self.micro_batch, divisors(self.effective_batch))):
                 out.append(Setup(method=method, precision=precision, optim=optim, seq_len=self.seq_len,
                                  micro_batch=mb, grad_accum=self.effective_batch // mb, grad_ckpt=ckpt,
                                  allocator=alloc, attn=self.attn, loss=self.loss,
                                  padded=self.padded and not pack, liger=liger, packing=pack,
-                                 activation_offloading=offload, extras=self._extras(pack), **lora))
+                                 activation_offloading=offload, kbit_prep=prep, extras=self._extras(pack),
+                                 **lora))
         return out
 
     def _extras(self, packing: bool) -> dict:
@@ -98,7 +106,8 @@ class Space:
         """This space with the `when_nothing_fits` levers searched on and off."""
         from dataclasses import replace
 
-        return replace(self, **{k: (False, True) for k in self.when_nothing_fits}, when_nothing_fits=())
+        return replace(self, **{k: (LEVER_OFF[k], LEVER_ON[k]) for k in self.when_nothing_fits},
+                       when_nothing_fits=())
 
 
 # Setups within 1% of each other in predicted speed are a tie (the cost model is not that
@@ -112,7 +121,8 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
                precision: str | None = None, optim: str | None = None, grad_ckpt: bool | None = None,
                allocator: str | None = None, attn: str = "sdpa", loss: str = "fused", padded: bool = False,
                liger: bool | None = None, packing: bool | None = None, activation_offloading: bool | None = None,
-               tokens_per_batch: int | None = None, rows_median: int | None = None) -> Space:
+               tokens_per_batch: int | None = None, rows_median: int | None = None,
+               kbit_prep: bool | None = None) -> Space:
     """Validate the user's restrictions against the model and the GPU -> Space.
 
     The levers: True or False fixes one; None lets the planner weigh it: packing is searched where the
@@ -120,7 +130,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
     half of seq_len); Liger's kernels (on the model types liger-kernel patches) and activation offloading
     are tried when nothing fits without them (they need event templates of their own), and every lever
     is shown among the chosen setup's levers either way."""
-    axes = lever_axes(spec, seq_len, padded, liger, packing, activation_offloading, rows_median)
+    axes = lever_axes(spec, seq_len, padded, liger, packing, activation_offloading, rows_median, kbit_prep)
     micro_batch = micro_batch_for_tokens(tokens_per_batch, seq_len, axes["packing"] == (True,), micro_batch)
     if rows_median is not None and rows_median < seq_len:
         padded = True  # rows shorter than seq_len: unpacked batches are padded to their longest
@@ -145,6 +155,8 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
     if precision and precision.startswith("bf16") and not device.bf16:
         raise VramfitError(f"the {device.name} has no bf16 (compute capability {device.compute_capability}); "
                            f"use --precision 16-amp, 16-mixed, 16-true or 32-true")
+    if kbit_prep is False and "qlora" not in methods:
+        raise VramfitError("--no-kbit-prep (no prepare_model_for_kbit_training) only applies to QLoRA")
     if micro_batch is not None and effective_batch % micro_batch:
         raise VramfitError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
     return Space(seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch, methods=methods,
@@ -155,7 +167,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
 
 
 def lever_axes(spec, seq_len: int, padded: bool, liger: bool | None, packing: bool | None,
-               activation_offloading: bool | None, rows_median: int | None) -> dict:
+               activation_offloading: bool | None, rows_median: int | None, kbit_prep: bool | None = None) -> dict:
     """The lever fields of a Space: each one's values in the search, and the levers tried only when
     nothing fits without them."""
     check_levers(spec, liger=liger, packing=packing, activation_offloading=activation_offloading, padded=padded)
@@ -168,12 +180,15 @@ def lever_axes(spec, seq_len: int, padded: bool, liger: bool | None, packing: bo
         elif packing_by_default(rows_median, seq_len):
             packing = True
     axes = {"packing": (packing,) if packing is not None else ((False, True) if rows_median else (False,)),
-            "liger": (bool(liger),), "activation_offloading": (bool(activation_offloading),)}
+            "liger": (bool(liger),), "activation_offloading": (bool(activation_offloading),),
+            "kbit_prep": (kbit_prep is not False,)}
     later = []
     if liger is None and liger_supported(spec.model_type):
         later.append("liger")
     if activation_offloading is None:
         later.append("activation_offloading")
+    if kbit_prep is None:
+        later.append("kbit_prep")
     axes["when_nothing_fits"] = tuple(later)
     return axes
 

@@ -35,6 +35,11 @@ def _callback_classes():
             self.loss = self.eval_loss = None
             self.t0 = time.perf_counter()
             self.tokens0 = None
+            # the training steps' own clock (MFU): from the second step on, each step's wall between its
+            # on_step_begin and on_step_end and its real tokens; evaluation and saving fall outside
+            self.step_begin = None
+            self.steps = self.step_tokens = 0
+            self.step_seconds = 0.0
 
         def status(self, state):
             from vramfit.report import train_status
@@ -54,7 +59,15 @@ def _callback_classes():
                 self.live = Live(console=self.console, refresh_per_second=2, transient=False)
                 self.live.start()
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_begin = (time.perf_counter(), state.num_input_tokens_seen)
+
         def on_step_end(self, args, state, control, **kwargs):
+            if self.step_begin is not None and state.global_step >= 2:
+                t, tokens = self.step_begin
+                self.steps += 1
+                self.step_seconds += time.perf_counter() - t
+                self.step_tokens += state.num_input_tokens_seen - tokens
             if self.live is not None:
                 from vramfit.report import train_live
 
@@ -72,6 +85,10 @@ def _callback_classes():
 
         def on_train_end(self, args, state, control, **kwargs):
             self.close()
+
+        def clock(self) -> dict:
+            """{"steps", "seconds", "tokens"} of the timed steps (the second on)."""
+            return {"steps": self.steps, "seconds": round(self.step_seconds, 4), "tokens": self.step_tokens}
 
         def close(self):
             if self.live is not None:

@@ -128,6 +128,8 @@ def setup_flags(s: Setup) -> str:
     flags += [f"--precision {s.precision}", f"--optim {s.optim}", f"--micro-batch {s.micro_batch}",
               f"--grad-accum {s.grad_accum}", "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
     flags += ["--" + k.replace("_", "-") for k in LEVERS if getattr(s, k)]
+    if s.method == "qlora" and not s.kbit_prep:
+        flags.append("--no-kbit-prep")
     return " ".join(flags)
 
 

@@ -120,7 +120,7 @@ def build_model(source: ModelSource, s: Setup, cuda: bool, seed: int, base_path:
         if source.path:
             _name_base(model, source.path)  # the adapter's base: the original, not a full checkpoint
     model.config.use_cache = False
-    if s.method == "qlora":
+    if s.method == "qlora" and s.kbit_prep:
         from peft import prepare_model_for_kbit_training
 
         with loading_phase("preparing the 4-bit model for training (prepare_model_for_kbit_training)"):

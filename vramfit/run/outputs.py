@@ -82,3 +82,39 @@ def _run_report(status, source, opts, d, s, plan, predicted, runner, max_steps, 
         "best_eval_loss": min((e["eval_loss"] for e in evals), default=None),
         "options": asdict(opts), "cuda": cuda, "outputs": outputs, "versions": versions(),
     }
+
+
+def throughput(spec, s: Setup, attempts: list, cuda: bool) -> dict | None:
+    """The training steps' tokens/s (the step clock of each attempt: the second step on, evaluation and
+    saving outside) and, on a GPU with a bundled profile, the model FLOPs utilization: tokens/s x
+    `planner.cost.model_flops_per_token` over the card's dense peak at the compute dtype."""
+    clocks = [a.get("step_clock") or {} for a in attempts]
+    steps = sum(c.get("steps", 0) for c in clocks)
+    seconds = sum(c.get("seconds", 0.0) for c in clocks)
+    tokens = sum(c.get("tokens", 0) for c in clocks)
+    if not steps or seconds <= 0 or tokens <= 0:
+        return None
+    out = {"steps": steps, "seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+    if not cuda:
+        return out
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.planner.cost import model_flops_per_token
+    from vramfit.planner.gpu import profile_for_name
+
+    try:
+        import torch
+
+        name = torch.cuda.get_device_name()
+        prof = profile_for_name(name, torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - no name, no profile: tokens/s only
+        return out
+    if prof is None:
+        return out
+    peak = (prof.bf16_tflops if s.compute_dtype == "bfloat16" else prof.fp16_tflops if s.compute_dtype == "float16"
+            else 0.0) * 1e12
+    if peak <= 0:
+        return out
+    flops = model_flops_per_token(spec, s, resolve_targets(spec, s))
+    out.update(gpu=name, gpu_profile=prof.key, peak_flops=peak, model_flops_per_token=round(flops),
+               mfu=round(tokens / seconds * flops / peak, 4))
+    return out

@@ -46,6 +46,7 @@ from vramfit.run.outputs import (
     _last_checkpoint,
     _run_report,
     _setup_json,
+    throughput,
     _write_json,
 )
 from vramfit.run.predict import (
@@ -134,7 +135,7 @@ def planner_restrictions(given: dict, effective_batch: int | None, gpus: int = 1
     return kw
 
 
-LEVER_OPTIONS = LEVERS
+LEVER_OPTIONS = (*LEVERS, "kbit_prep")  # the planner weighs kbit_prep (QLoRA) as a lever too
 
 
 def packing_for(options: dict, rows_median: int | None, pack_len: int) -> bool:
@@ -397,6 +398,7 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     outputs["checkpoint"] = _last_checkpoint(out, s)
     rep = _run_report(status, source, opts, d, s, plan, predicted, runner, max_steps, outputs, loss_note, cuda)
     rep["enforced_budget"] = enforced
+    rep["throughput"] = throughput(source.spec, s, runner.attempts, cuda)
     _write_json(out / REPORT_NAME, rep)
     console.print(report.memory_summary_table(rep["measured"]))
     for line in report.run_summary_lines(rep):
@@ -498,7 +500,7 @@ class _Runner:
             self.attempts.append({
                 "setup": _setup_json(s), "predicted": self.predicted, "measured": self.tracker.attempt_peaks(),
                 "outcome": "out of memory" if oom else "finished" if done else "aborted",
-                "last_step": run["step_offset"] + self.trainer.state.global_step,
+                "last_step": run["step_offset"] + self.trainer.state.global_step, "step_clock": live.clock(),
                 "losses": [{"step": h["step"] + run["step_offset"], "loss": h["loss"]} for h in history if "loss" in h],
                 "eval_losses": [{"step": h["step"] + run["step_offset"], "eval_loss": h["eval_loss"]}
                                 for h in history if "eval_loss" in h]})
