@@ -23,6 +23,11 @@ from vramfit.model import cache as live
 TEMPLATE_PROFILES = ("llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b-v0.3", "qwen2.5-7b",
                      "qwen2.5-1.5b")
 TEMPLATE_GPUS = ("12GB", "rtx-4090", "h100")
+# more of the estimate's setups whose templates ship (with the defaults' and the plans'): a template covers
+# every sequence length and rank of its discrete setup, and a micro-batch of 2 or more every larger one
+# (trl's fused loss: every tile count from 2 where its tiles allocate nothing)
+TEMPLATE_ESTIMATES = ({"micro_batch": 4}, {"grad_ckpt": True}, {"loss": "fused"}, {"loss": "fused", "micro_batch": 4},
+                      {"method": "qlora", "grad_ckpt": True, "micro_batch": 4})
 TRACE_GPUS = ("h100", "t4")  # the default plan's setups, on a bf16 card and on an fp16 one (fast model)
 
 
@@ -69,6 +74,11 @@ def _bundle_profile(item) -> str:
         estimate(name, method="qlora", grad_ckpt=True, use_calibration=False, replay=templates)
     except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
         pass
+    for kw in TEMPLATE_ESTIMATES if templates else ():
+        try:
+            estimate(name, use_calibration=False, replay=True, **kw)
+        except VramfitError:
+            pass
     for gpu in dict.fromkeys(TRACE_GPUS + (TEMPLATE_GPUS if templates else ())):
         try:  # the plan's replay (recheck) builds the templates of what it replays
             plan(name, gpu=gpu, replay=templates)
