@@ -315,23 +315,3 @@ def test_the_tied_embeddings_gradient_is_in_the_replayed_end_window_once(tiny, t
     lora = make_setup(method="lora", precision="bf16-true", seq_len=128, micro_batch=2)
     lora_tensors = trainable_tensors(tiny_tied, lora, resolve_targets(tiny_tied, lora))
     assert tied_embedding_grad(tiny_tied, fsdp, lora_tensors) == 0
-
-
-def test_launched_qlora_under_autocast_replays_peft_s_adapter_input_casts_in_bf16(tiny):
-    """peft casts an nn.Linear adapter's input to lora_A's dtype (fp32 in the trace) even under autocast; the
-    run's 4-bit layers skip the cast under autocast and trl's adapters are bf16: the step's fp32 tokens x
-    in_features blocks are bf16 there -- only for widths that are not the hidden size (RMSNorm's upcast)."""
-    from vramfit.memory.rank_replay import bf16_adapter_inputs
-
-    s = make_setup(method="qlora", precision="bf16-amp", seq_len=128, micro_batch=2, loss="fused")
-    act = activation_setup(get_strategy("ddp"), s, 4)
-    targets = resolve_targets(tiny, s)
-    T, H, wide = act.tokens, tiny.hidden_size, tiny.config["intermediate_size"]
-    assert act.method == "lora" and wide != H
-    events = [("a", 1, T * wide * 4), ("a", 2, T * wide * 4), ("a", 3, T * H * 4), ("f", 2),
-              ("a", 4, T * wide * 2)]
-    out = bf16_adapter_inputs(events, {"after_load": 1}, tiny, act, targets)
-    assert out == [("a", 1, T * wide * 4), ("a", 2, T * wide * 2), ("a", 3, T * H * 4), ("f", 2),
-                   ("a", 4, T * wide * 2)]
-    # LoRA on q_proj / v_proj only: no adapter input is wider than the hidden size, nothing changes
-    assert bf16_adapter_inputs(events, {"after_load": 1}, tiny, act, ("model.layers.0.self_attn.q_proj",)) == events

@@ -155,7 +155,9 @@ def activation_setup(strategy: Strategy, s: Setup, gpus: int = 2) -> Setup:
     QLoRA through the launcher (`launched_qlora`): the activations of LoRA over the same targets on
     bf16 weights -- the residual stream, the norms and the LM head stay bf16 (prepare_model_for_kbit_
     training's fp32 casts are what make the single-GPU QLoRA trace differ from LoRA's) -- with the 4-bit
-    layers' weights and their dequantization buffer added by the rank's terms."""
+    layers' weights and their dequantization buffer added by the rank's terms.  The fitted walk's view; the
+    replay (`vramfit estimate --gpus N`'s default) traces the QLoRA itself, without prepare_model_for_kbit_
+    training (vramfit.memory.rank_replay.launched_trace_setup)."""
     run = engine_setup(strategy, s)
     if run.method == "qlora" and launched_qlora(strategy, gpus):
         precision = {"bfloat16": "bf16-amp", "float16": "16-amp"}.get(run.autocast_dtype or "", "bf16-true")
@@ -195,9 +197,15 @@ def shard_terms(spec, s: Setup, targets, strategy: Strategy, gpus: int, c=None) 
     tensors = trainable_tensors(spec, run, targets)
     if trl_casts_adapters(run) and qlora:
         tensors = tuple((num, 2, role, shape) for num, _, role, shape in tensors)
-    if strategy.engine == "fsdp" and run.method == "full" and run.autocast_dtype:
-        # accelerate's fsdp2_prepare_model upcasts trainable parameters to fp32 under mixed precision
+    if strategy.engine == "fsdp" and run.autocast_dtype:
+        # accelerate upcasts trainable parameters to fp32 under mixed precision: fsdp2_prepare_model (full
+        # fine-tuning; peft's LoRA adapters are fp32 already) and, for the launcher's QLoRA (FSDP1), prepare_model
+        # each trainable flat parameter -- trl's bf16 adapters back to fp32 (the h100-2026-12-07d history of
+        # llama-3.2-1b QLoRA fsdp-full N = 4 fused: 224 adapter shards of 10.75 MiB together allocated in
+        # accelerator.prepare_model, and AdamW's two states as many, fp32; bf16 would be 5.4 MiB)
         tensors = tuple((num, FP32, role, shape) for num, _, role, shape in tensors)
+        if qlora and "lora_adapters" in weights:
+            weights = dict(weights, lora_adapters=sum(num for num, _, _, _ in tensors) * FP32)
     G, G_out = _grad_totals(tensors)
     O = optimizer_state_bytes(tensors, run, c)
     temp = optimizer_step_temp_bytes(tensors, run, spec)

@@ -3,11 +3,12 @@
 vramfit.memory.distributed).
 
 The replay records the rank's step on the meta device (vramfit.memory.events; the activation setup of
-vramfit.memory.distributed: QLoRA through the launcher as LoRA over bf16 weights, the load's allocations
-of its 4-bit layers' weights replayed at their NF4 size, and under autocast with trl's bf16 adapters
-peft's fp32 casts of their inputs replayed in bf16, `bf16_adapter_inputs`).  What the engine changes:
+vramfit.memory.distributed, except QLoRA through the launcher, traced as itself: `launched_trace_setup`, its
+4-bit layers without prepare_model_for_kbit_training and its adapters in the run's dtype).  What the engine
+changes:
 - DDP: allocations of its own, replayed as such, so allocated and reserved are the replay's -- its
-  constructor's broadcast buffers, its gradient buckets from wrapping to the end (torch/csrc/distributed/
+  constructor's broadcast of the module states, bucket by bucket as broadcast_coalesced flattens them
+  (`ddp_broadcast_states`), its gradient buckets from wrapping to the end (torch/csrc/distributed/
   c10d/reducer.cpp, initialize_buckets), rebuilt once at the second step.
 - DeepSpeed ZeRO: the rank's own events, replayed (vramfit.memory.zero): the single-GPU events without
   the load, the gradients and the optimizer step (`dropped_ids`), DeepSpeed's allocations placed where it
@@ -205,34 +206,83 @@ def ddp_broadcast(nbytes: int, bucket: int = 250 << 20, in_flight: int = 2) -> l
     return out + [("f", x) for x in live]
 
 
-def _qlora_load(events: list, marks: dict, spec, c, double_quant: bool) -> list:
-    """The load's allocations of the 4-bit layers' bf16 weights, at their NF4 size (packed + absmax)."""
-    from vramfit.memory.walk import _nf4_bytes
+def module_states(spec, s, targets) -> list:
+    """DDP's module states in `named_parameters` order, as (dtype, bytes): the embedding, each decoder layer's
+    linears (weight, bias, then the adapters of a targeted one), the rest of the layer (its norms), the final
+    norm and an untied LM head.  Launched QLoRA (`s.method == "qlora"`): the 4-bit weights stored as bf16
+    (bnb_4bit_quant_storage), numel / 2 bytes; their quantization constants are no parameters."""
+    from vramfit.memory.setup import DTYPE_BYTES
 
-    nf4 = {}
-    for lin in spec.quantizable_linears():
-        nf4.setdefault(lin.numel * 2, _nf4_bytes(lin.numel, c, double_quant))
-    end = marks.get("after_load", 0)
-    return [("a", ev[1], nf4.get(ev[2], ev[2])) if (i < end and ev[0] == "a") else ev for i, ev in enumerate(events)]
+    pdt = "bfloat16" if s.method == "qlora" else s.param_dtype
+    pb, ab = DTYPE_BYTES[pdt], DTYPE_BYTES[s.adapter_dtype]
+    quantized = {lin.name for lin in spec.quantizable_linears()} if s.method == "qlora" else set()
+    targeted = set(targets) if s.method != "full" else set()
+    roles = spec.params_by_role
+    emb, head = roles.get("embeddings", 0), roles.get("lm_head", 0)
+    per_layer = {}
+    for lin in spec.linears:
+        parts = lin.name.split(".")
+        k = next((int(x) for x in parts if x.isdigit()), None)
+        per_layer.setdefault(k, []).append(lin)
+    out = [(pdt, emb * pb)] if emb else []
+    linear_numel = 0
+    for k in sorted(x for x in per_layer if x is not None):
+        for lin in per_layer[k]:
+            w = lin.in_features * lin.out_features
+            linear_numel += w + (lin.out_features if lin.bias else 0)
+            out.append((pdt, (w + 1) // 2 if lin.name in quantized else w * pb))
+            if lin.bias:
+                out.append((pdt, lin.out_features * pb))
+            if lin.name in targeted:
+                out += [(s.adapter_dtype, s.lora_r * lin.in_features * ab),
+                        (s.adapter_dtype, lin.out_features * s.lora_r * ab)]
+        out.append((pdt, -1))  # the layer's other parameters (norms): sized once every linear is counted
+    other = max(0, spec.params_total - emb - head - spec.hidden_size - linear_numel) * pb
+    marks = [i for i, (_, b) in enumerate(out) if b == -1]
+    for i in marks:
+        out[i] = (pdt, int(other / max(len(marks), 1)))
+    out.append((pdt, spec.hidden_size * pb))
+    if head and not spec.tied_embeddings:
+        out.append((pdt, head * pb))
+    return [x for x in out if x[1] > 0]
 
 
-def bf16_adapter_inputs(events: list, marks: dict, spec, act, targets) -> list:
-    """The launched QLoRA under autocast with trl's bf16 adapters, from the traced LoRA with fp32 adapters.
-    The trace's adapters sit on nn.Linear, where peft casts every adapter input to lora_A's dtype whatever
-    autocast does (peft/tuners/lora/layer.py, Linear.forward: `x = self._cast_input_dtype(x, lora_A.weight.dtype)`):
-    an fp32 copy of the input, its fp32 dropout, and in the backward their fp32 gradients (autocast's
-    ToCopyBackward of lora_A's bf16 input gradient, the dropout's backward).  The run's 4-bit layers skip
-    that cast under autocast (peft/tuners/lora/bnb.py, Linear4bit.forward: `requires_conversion = not
-    torch.is_autocast_enabled()`), and trl's bf16 adapters would need none: those tensors are bf16 there.
-    Replayed as such for the targets whose input width differs from the hidden size (an fp32 tokens x
-    hidden tensor is also every RMSNorm's upcast): the step's fp32 tokens x in_features blocks become bf16."""
-    T = act.tokens
-    by_name = {lin.name: lin for lin in spec.linears}
-    widths = {by_name[t].in_features for t in targets if t in by_name} - {spec.hidden_size}
-    fp32 = {T * w * 4: T * w * 2 for w in widths}
-    start = marks.get("after_load", 0)
-    return [("a", ev[1], fp32.get(ev[2], ev[2])) if (i >= start and ev[0] == "a") else ev
-            for i, ev in enumerate(events)]
+def broadcast_buckets(states, bucket: int = 250 << 20) -> list:
+    """broadcast_coalesced's buckets (torch/csrc/distributed/c10d/comm.cpp, reducer.cpp's
+    compute_bucket_assignment_by_size with one limit): the states grouped per dtype, a group closed once it
+    reaches `bucket` bytes (a tensor larger than the limit closes it with whatever it joined), the groups in
+    the order of their first tensor.  -> [(bytes, tensors)]."""
+    open_, done = {}, []
+    for i, (key, nbytes) in enumerate(states):
+        acc = open_.setdefault(key, [i, 0, 0])
+        acc[1] += nbytes
+        acc[2] += 1
+        if acc[1] >= bucket:
+            done.append(tuple(open_.pop(key)))
+    done += [tuple(v) for v in open_.values()]
+    return [(size, count) for _, size, count in sorted(done)]
+
+
+def ddp_broadcast_states(states, bucket: int = 250 << 20, in_flight: int = 2) -> list:
+    """DDP's constructor's broadcast of the module states (`_sync_module_states`) as allocator events, bucket by
+    bucket (`broadcast_buckets`): each bucket of several tensors flattened into one new tensor (at::cat; a bucket
+    of one tensor is a view of it, nothing allocated), at most `in_flight` of them alive, each freed when its
+    copy back is done.  The fake-group runs of llama-3.1-8b[8 layers] LoRA: the last bucket holds the untied LM
+    head (1002 MiB) with what the last layer left, so the wrap's allocated peak is 1,530 MiB over the loaded
+    5,339 MiB (measured 6,869 MiB) and its freed blocks are still cached when training begins (7,536 MiB
+    reserved measured and replayed; uniform 250 MiB buckets: 5,872)."""
+    out, live = [], []
+    for i, (size, count) in enumerate(broadcast_buckets(states, bucket)):
+        if len(live) >= in_flight:
+            x = live.pop(0)
+            if x is not None:
+                out.append(("f", x))
+        if count > 1 and size:
+            out.append(("a", -10**6 - i, size))
+            live.append(-10**6 - i)
+        else:
+            live.append(None)
+    return out + [("f", x) for x in live if x is not None]
 
 
 def fsdp_trace_setup(st, run, act):
@@ -250,10 +300,25 @@ def fsdp_trace_setup(st, run, act):
     return act.with_(precision=amp) if amp else act
 
 
+def launched_trace_setup(st, run, gpus: int):
+    """The setup whose step the replay traces for the launcher's QLoRA (`distributed.launched_qlora`): the
+    QLoRA itself as `vramfit train --gpus N` loads it -- 4-bit layers (bitsandbytes' Linear4bit forward and
+    backward, their dequantized weights, peft's clone of the base output), no prepare_model_for_kbit_training
+    (16-bit embeddings, norms and LM head: `kbit_prep=False`) and the adapters in the run's dtype (trl's bf16
+    cast under the fused loss, `Setup.adapter_dtype`).  None where the run is not the launcher's QLoRA.
+    The fake-group runs (h100-2026-12-07, 12 DDP QLoRA runs): this trace replayed with DDP's buckets gives
+    every allocated peak within 0.2% (the LoRA-over-bf16 trace with its fp32 adapter casts: up to +7.9%)."""
+    from vramfit.memory.distributed import launched_qlora
+
+    if run.method == "qlora" and launched_qlora(st, gpus):
+        return run.with_(kbit_prep=False)
+    return None
+
+
 def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     """`est` (a DistEstimate from the walk) with its peaks from the replay; the breakdown notes how."""
     from vramfit.memory.constants import DEFAULT
-    from vramfit.memory.distributed import activation_setup, engine_setup, get_strategy, shard_terms, trl_casts_adapters
+    from vramfit.memory.distributed import activation_setup, engine_setup, get_strategy, shard_terms
     from vramfit.memory.kernels import Unsupported
     from vramfit.memory.setup import resolve_targets
 
@@ -261,20 +326,17 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     st = get_strategy(strategy) if isinstance(strategy, str) else strategy
     run = engine_setup(st, s)
     targets = resolve_targets(spec, run)
-    act = fsdp_trace_setup(st, run, activation_setup(st, run, gpus))
+    launched = launched_trace_setup(st, run, gpus)
+    act = launched or fsdp_trace_setup(st, run, activation_setup(st, run, gpus))
     try:
         ev = rank_events(spec, act, targets)
     except Unsupported as exc:
         bd = est.breakdown
         return replace(est, breakdown=replace(bd, notes=bd.notes + (f"the replay does not cover {exc}: fitted peaks",)))
     events, marks = ev["events"], ev["marks"]
-    if act.method != run.method:
-        events = _qlora_load(events, marks, spec, c, run.double_quant)
-        if trl_casts_adapters(run) and act.autocast_dtype:
-            events = bf16_adapter_inputs(events, marks, spec, act, targets)
     bd = est.breakdown
     outside = c.cuda_context_bytes + c.kernel_growth_bytes + bd.components.get("nccl_buffers", 0)
-    if st.engine == "ddp" and not (act.method != run.method and trl_casts_adapters(run)):
+    if st.engine == "ddp":
         from vramfit.memory.walk import trainable_tensors
 
         terms = shard_terms(spec, run, targets, st, gpus, c)
@@ -282,13 +344,13 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
         tensors = trainable_tensors(spec, act, targets)
         sizes = ddp_buckets(tensors)
         scale = G / max(sum(sizes), 1)  # the terms' dtype (trl's bf16 adapters) over the traced one's
-        W = sum(b for _, b in terms.weights)
         buckets = [("a", -1 - i, int(b * scale)) for i, b in enumerate(sizes)]
         # the Reducer rebuilds its buckets once, in the order the first backward made the gradients ready,
         # at the next forward (DistributedDataParallel._pre_forward -> reducer._rebuild_buckets): the old
         # ones freed (buckets_.clear()), then the new ones allocated; their sizes are the same buckets here
         rebuilt = [("f", -1 - i) for i in range(len(sizes))] + buckets
-        sim = simulate_rank(events, marks, ddp_broadcast(W) + buckets, {"step1.forward": rebuilt},
+        sim = simulate_rank(events, marks, ddp_broadcast_states(module_states(spec, act, targets)) + buckets,
+                            {"step1.forward": rebuilt},
                             act.allocator == "expandable")
         peak, reserved = sim["peak_allocated"], sim["peak_reserved"]
         note = (f"peaks from the allocator replay of the rank's two steps with DDP's {len(buckets)} gradient buckets "
@@ -332,7 +394,7 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
     from vramfit.memory.fsdp import wrap_events
     from vramfit.memory.zero import _Ids
 
-    qlora = act.method != run.method
+    qlora = run.method == "qlora"  # the launcher's (FSDP1), traced as itself or as LoRA over bf16
     drop = dropped_ids(events, marks, load=not qlora)[0]
     e_at = empty_cache_at(events, marks)
     originals = ()
