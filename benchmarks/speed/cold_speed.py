@@ -7,7 +7,12 @@ folder), so what is not in the bundled cache (profiles/cache.zip) is computed th
 - `vramfit plan` of bundled profiles on cards whose plans' templates ship and on one whose do not;
 - `vramfit estimate` of a local config.json, the first time and again (same cache).
 Targets (issue 19, item 2): estimate <= 1.5 s at any setup, plan <= 3 s, a local config.json <= 10 s
-the first time and <= 0.5 s after.  Each line: the command, its wall seconds, whether it built an event
+the first time and <= 0.5 s after.
+
+`--sample N --seed K`: instead, N setups drawn at random (seeded) over the profiles whose templates ship
+(`vramfit.bundle.TEMPLATE_PROFILES`) and the axes a user varies (method, precision, optimizer,
+checkpointing, micro-batch, sequence, rank, loss), each timed the same way: how much of "any setup"
+the bundle answers within the target, and what the rest costs.  Each line: the command, its wall seconds, whether it built an event
 template (the replay's ~10-60 s first build) and its exit code; one JSON line per command to --out.
 """
 
@@ -51,16 +56,44 @@ def run(args: list, cache: str) -> dict:
             "first_line": (p.stdout.strip().splitlines() or [""])[0][:160]}
 
 
+SAMPLE_AXES = {
+    "method": ("lora", "qlora", "full"), "precision": ("bf16-amp", "bf16-true", "bf16-mixed"),
+    "optim": ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"), "grad_ckpt": (False, True),
+    "batch": (1, 2, 4, 8), "seq": (512, 1024, 2048, 4096), "lora_r": (8, 16, 64), "loss": ("logits", "fused"),
+}
+
+
+def sampled_cases(n: int, seed: int) -> list:
+    """N random setups (seeded) of the template profiles over SAMPLE_AXES."""
+    import random
+
+    from vramfit.bundle import TEMPLATE_PROFILES
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        pick = {k: rng.choice(v) for k, v in SAMPLE_AXES.items()}
+        args = ["estimate", rng.choice(TEMPLATE_PROFILES), "--method", pick["method"], "--precision",
+                pick["precision"], "--optim", pick["optim"], "--seq-len", str(pick["seq"]), "--batch-size",
+                str(pick["batch"]), "--loss", pick["loss"], "--grad-ckpt" if pick["grad_ckpt"] else "--no-grad-ckpt"]
+        if pick["method"] != "full":
+            args += ["--lora-r", str(pick["lora_r"])]
+        out.append(("a random setup", args))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="substring of the commands to run")
+    ap.add_argument("--sample", type=int, default=0, help="N random setups instead of the fixed cases")
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
            "cpus": os.cpu_count(), "python": platform.python_version(),
            "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
     lines = []
-    for what, args in CASES:
+    for what, args in (sampled_cases(a.sample, a.seed) if a.sample else CASES):
         if a.only and a.only not in " ".join(args):
             continue
         with tempfile.TemporaryDirectory() as cache:
@@ -68,7 +101,11 @@ def main(argv=None) -> None:
         lines.append(rec)
         print(f"{rec['seconds']:7.2f} s  rc {rec['rc']}  template built: {rec['built_template']!s:5}  {rec['command']}",
               flush=True)
-    if not a.only or "config.json" in a.only:
+    if a.sample:
+        secs = sorted(r["seconds"] for r in lines)
+        within = sum(1 for x in secs if x <= 1.5)
+        print(f"{within} of {len(secs)} within 1.5 s; median {secs[len(secs) // 2]:.2f} s, max {secs[-1]:.2f} s")
+    if (not a.only or "config.json" in a.only) and not a.sample:
         with tempfile.TemporaryDirectory() as d:
             cfg = Path(d) / "config.json"
             src = Path(__file__).resolve().parents[2] / "profiles" / "models" / "llama-3.2-3b.json"
