@@ -159,6 +159,8 @@ def case_label(case: dict) -> str:
         parts.append(f"cap{case['memory_limit_bytes']}")
     if case.get("loss") == "fused":
         parts.append("fused")
+    if case.get("kbit_prep") is False:
+        parts.append("no-kbit-prep")
     if case.get("liger"):
         parts.append("liger")
     if case.get("packing"):

@@ -359,7 +359,12 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     if enforced:
         say(f"budget enforced: torch's allocator is capped at {report.fmt_bytes(enforced['allocator_cap_bytes'])} "
             f"({enforced['fraction']:.4f} of this GPU) to emulate --gpu {enforced['gpu']}")
-    if opts.fit_check and budget is not None and predicted["device_bytes"] > budget and not saved:
+    over = budget is not None and predicted["device_bytes"] > budget
+    if over and plan is not None and plan.replay is not None:  # the planner replayed it under the budget's cap
+        say(f"note: the planner's allocator replay under the budget's cap fits this setup; the prediction above "
+            f"(uncapped{', the fast model' if not seq_lens else ''}) is over it")
+        over = False
+    if opts.fit_check and over and not saved:
         raise VramfitError(f"{report.setup_label(s)} is predicted to need {report.fmt_bytes(predicted['device_bytes'])}"
                            f" but {report.fmt_bytes(budget)} is usable: leave out some of --method/--micro-batch/"
                            f"--grad-ckpt/... to let the planner choose, or see `vramfit plan {model}`")
