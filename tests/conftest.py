@@ -12,6 +12,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # the fitted estimate unless a test asks for the replay (replay=True): a template build per setup
     # would take the suite from minutes to an hour (tests/test_template.py covers the replay)
     monkeypatch.setenv("VRAMFIT_REPLAY", "0")
+    # templates built before answering, never by a detached process (tests/test_template_bg.py tries that)
+    monkeypatch.setenv("VRAMFIT_TEMPLATE_BUILD", "now")
 
 
 TINY_LLAMA = dict(

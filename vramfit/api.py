@@ -19,7 +19,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
              padded: bool = False, liger: bool = False, packing: bool = False, activation_offloading: bool = False,
              tokens_per_batch: int | None = None, trust_remote_code: bool = False,
              constants: Constants | None = None, use_calibration: bool = True, simulate_allocator: bool = False,
-             replay: bool | None = None, eval_batch: int | None = None, kbit_prep: bool = True) -> Estimate:
+             replay: bool | None = None, eval_batch: int | None = None, kbit_prep: bool = True,
+             template_build: str = "now") -> Estimate:
     """Predict the memory of one fine-tuning step of MODEL (profile, config.json, dir or hub id).
 
     `padded`: the batches are padded to their longest row, as real data of varying lengths is, so
@@ -41,7 +42,10 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
     `replay=False` (or VRAMFIT_REPLAY=0) gives the fitted analytic estimate instead (the planner's
     pruning bound).  `simulate_allocator` is accepted and does nothing: the replay is the default.
     The replay runs the whole run: load, the steps, an evaluation at `eval_batch` sequences
-    (per_device_eval_batch_size; default the micro-batch, as vramfit train) and a checkpoint save."""
+    (per_device_eval_batch_size; default the micro-batch, as vramfit train) and a checkpoint save.
+    `template_build`: where the setup's template is not cached, "now" builds it before answering,
+    "background" answers from the real replay and builds it in a detached process (`vramfit estimate`),
+    "off" never builds (VRAMFIT_TEMPLATE_BUILD overrides; vramfit.memory.template_bg)."""
     from vramfit.model.spec import load_spec
     from vramfit.planner.levers import check_levers, micro_batch_for_tokens
 
@@ -69,7 +73,8 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
 
         replay = simulate_allocator or os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
     if replay:
-        bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT, eval_batch=eval_batch)
+        bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT, eval_batch=eval_batch,
+                                template_build=template_build)
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

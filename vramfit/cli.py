@@ -139,7 +139,8 @@ def estimate(
                            allocator=allocator.value, loss=loss.value, padded=padded, liger=liger, packing=packing,
                            activation_offloading=activation_offloading, tokens_per_batch=tokens_per_batch,
                            trust_remote_code=trust_remote_code, simulate_allocator=simulate_allocator,
-                           replay=False if fast else None, eval_batch=eval_batch_size, kbit_prep=kbit_prep)
+                           replay=False if fast else None, eval_batch=eval_batch_size, kbit_prep=kbit_prep,
+                           template_build="background")
     except VramfitError as exc:
         _fail(exc)
     if as_json:
