@@ -101,6 +101,8 @@ def training_case(
         extra["activation_offloading"] = True
     if not kbit_prep:  # QLoRA without prepare_model_for_kbit_training (trl's and Unsloth's loading)
         extra["kbit_prep"] = False
+    if method == "qlora" and loss == "fused":  # train_case casts the adapters to bf16 as SFTTrainer does
+        extra["trl_adapter_cast"] = True
     return {**extra,
         "kind": "train",
         "model": model,

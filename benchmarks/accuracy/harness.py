@@ -238,8 +238,6 @@ class CheckpointCache:
 def run_case(case: dict, grid: str, timeout_s: float, log_dir: Path,
              checkpoints: CheckpointCache) -> dict:
     log_path = str(log_dir / f"{case['id']}.log")
-    if case.get("method") == "qlora" and case.get("loss") == "fused":
-        case = {**case, "trl_adapter_cast": True}  # train_case casts the adapters as SFTTrainer does
     line = {"id": case["id"], "label": cases.case_label(case), "grid": grid}
     kind = case.get("kind", "train")
     if kind == "train" and case["method"] == "qlora":

@@ -370,7 +370,7 @@ def build_model(case: dict, config_dict: dict, checkpoint_dir: str | None):
                                lora_dropout=case["lora_dropout"],
                                target_modules=targets, task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, lora)
-        if case["method"] == "qlora" and case.get("loss") == "fused":  # SFTTrainer: the adapters to bf16
+        if case.get("trl_adapter_cast"):  # QLoRA under trl's loss: SFTTrainer casts the adapters to bf16
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
