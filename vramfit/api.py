@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from vramfit.memory.constants import DEFAULT, Constants
 from vramfit.memory.estimate import Estimate, estimate_setup
-from vramfit.memory.replay import replayed_breakdown
+from vramfit.memory.template_bg import replayed_breakdown
 from vramfit.memory.setup import make_setup
 
 
@@ -74,7 +74,7 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
         replay = simulate_allocator or os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
     if replay:
         bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT, eval_batch=eval_batch,
-                                template_build=template_build)
+                                template_build=template_build)  # vramfit.memory.template_bg's
     return Estimate(model=spec.name, architecture=spec.architecture, setup=setup, target_modules=targets,
                     params_total=bd.params_total, params_trainable=bd.params_trainable,
                     params_packed=bd.params_packed, peak_allocated_bytes=bd.peak_allocated_bytes,

@@ -585,14 +585,10 @@ def with_phases(bd: Breakdown, result: dict, c: Constants, note: str) -> Breakdo
 
 @_quiet
 def replayed_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants,
-                       eval_batch: int | None = None, template_build: str = "now") -> Breakdown:
-    """`bd` with the whole run's peaks replayed through the allocator model (load, two steps, evaluation, a
-    checkpoint save): from the setup's event templates where they exist or can be built (`template_build`:
-    vramfit.memory.template_bg), else from the real replay (`simulated_breakdown`), saying so."""
-    from vramfit.memory.template_bg import replay_now
-    now = replay_now(spec, setup, targets, bd, c, eval_batch, template_build)
-    if now is not None:
-        return now
+                       eval_batch: int | None = None) -> Breakdown:
+    """`bd` with the whole run's peaks replayed through the allocator model (load, two steps, evaluation,
+    a checkpoint save): from the setup's event templates where they exist or can be built, else from the
+    real replay (`simulated_breakdown`), saying so."""
     sim, note = template_replay(spec, setup, targets, eval_batch=eval_batch)
     if sim is None:
         out = simulated_breakdown(spec, setup, targets, bd, c, eval_batch=eval_batch)

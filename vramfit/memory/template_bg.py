@@ -83,6 +83,14 @@ def replay_now(spec, setup, targets, bd, c, eval_batch: int | None = None, asked
     return replace(out, notes=out.notes + (note,))
 
 
+def replayed_breakdown(spec, setup, targets, bd, c, eval_batch: int | None = None, template_build: str = "now"):
+    """`vramfit.memory.replay.replayed_breakdown` with the template build of `template_build` (`mode`)."""
+    from vramfit.memory import replay
+
+    now = replay_now(spec, setup, targets, bd, c, eval_batch, template_build)
+    return now if now is not None else replay.replayed_breakdown(spec, setup, targets, bd, c, eval_batch=eval_batch)
+
+
 def build_job(path: str) -> None:
     """The detached process: both templates built and cached (exact or with the reason why not), the
     marker removed."""
