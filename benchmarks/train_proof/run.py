@@ -138,6 +138,8 @@ GPU_RUNS = [
     ("8b-lora-mfu-liger", LONG_MODEL, [*MFU_ARGS, "--liger"], 150),
     ("8b-qlora-12gb", LONG_MODEL, ["--gpu", "12GiB", "--enforce-budget", *LONG_STEPS], 300),
     ("8b-qlora-8gb", LONG_MODEL, ["--gpu", "8GiB", "--enforce-budget", *LONG_STEPS], 240),
+    # the whole 8 GiB (no headroom): the planner's QLoRA without kbit prep trained here on 2026-12-07 (7.71 GiB)
+    ("8b-qlora-8gb-h0", LONG_MODEL, ["--gpu", "8GiB", "--enforce-budget", "--headroom", "0%", *LONG_STEPS], 240),
     ("8b-qlora-8gb-forced", LONG_MODEL,
      ["--gpu", "8GiB", "--enforce-budget", "--no-fit-check", "--method", "qlora", "--precision", "bf16-amp", "--optim",
       "paged_adamw_8bit", "--micro-batch", "1", "--grad-accum", "4", "--grad-ckpt", *LONG_STEPS], 180),
