@@ -22,7 +22,7 @@ from vramfit.model import cache as live
 # versions: an edit to the replay or another transformers makes them unused until the bundle is rebuilt.
 TEMPLATE_PROFILES = ("llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b-v0.3", "qwen2.5-7b",
                      "qwen2.5-1.5b")
-TEMPLATE_GPUS = ("12GB", "rtx-4090", "h100")
+TEMPLATE_GPUS = ("12GB", "16GB", "rtx-4090", "h100")
 # more of the estimate's setups whose templates ship (with the defaults' and the plans'): a template covers
 # every sequence length and rank of its discrete setup, and a micro-batch of 2 or more every larger one
 # (trl's fused loss: every tile count from 2 where its tiles allocate nothing)
