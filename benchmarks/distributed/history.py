@@ -204,18 +204,13 @@ def stream_summary(data: dict, begin: str = "step2_begin", end: str = "step2_end
     live, segs, alloc, res = {}, {}, {}, {}
     peak_a = peak_r = (0, -1, None)
     for i, (code, addr, size, stream, fid, t) in enumerate(data["events"]):
-        if code == "a":
-            live[addr] = (size, stream, fid)
-            alloc[stream] = alloc.get(stream, 0) + size
-        elif code == "f" and addr in live:
-            size, stream, _ = live.pop(addr)
-            alloc[stream] -= size
-        elif code == "S":
-            segs[addr] = (size, stream, fid)
-            res[stream] = res.get(stream, 0) + size
-        elif code == "s" and addr in segs:
-            size, stream, _ = segs.pop(addr)
-            res[stream] -= size
+        book, totals = (live, alloc) if code in ("a", "f") else (segs, res)  # blocks, or segments
+        if code in ("a", "S"):
+            book[addr] = (size, stream, fid)
+            totals[stream] = totals.get(stream, 0) + size
+        elif code in ("f", "s") and addr in book:
+            size, stream, _ = book.pop(addr)
+            totals[stream] -= size
         if t0 <= t <= t1:
             if sum(alloc.values()) > peak_a[0]:
                 peak_a = (sum(alloc.values()), i, (dict(alloc), dict(res)))

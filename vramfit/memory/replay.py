@@ -334,7 +334,7 @@ def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = Fa
     discrete = (setup.method, setup.precision, setup.optim, setup.attn, setup.loss, setup.padded, setup.grad_ckpt,
                 setup.targets if setup.method != "full" else "", setup.method != "full" and setup.lora_dropout > 0,
                 setup.double_quant, setup.quant_type)
-    if setup.method == "qlora" and not getattr(setup, "kbit_prep", True):  # a key with it is as it was
+    if setup.method == "qlora" and not setup.kbit_prep:  # a key with it is as it was
         discrete += ("no-kbit-prep",)
     if setup.liger or setup.packing or setup.activation_offloading:  # a lever-free key is as it was
         from vramfit.memory.levers import key_part

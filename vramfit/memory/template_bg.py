@@ -47,7 +47,7 @@ def spawn(spec, setup, eval_batch: int | None = None) -> bool:
         if marker.exists() and time.time() - marker.stat().st_mtime < STALE_S:
             return False
         marker.write_text(str(os.getpid()))
-        job = {"name": spec.name, "config": spec.config, "setup": {k: v for k, v in asdict(setup).items()},
+        job = {"name": spec.name, "config": spec.config, "setup": asdict(setup),
                "eval_batch": eval_batch, "marker": str(marker)}
         fd, path = tempfile.mkstemp(prefix="vramfit-template-", suffix=".json")
         with os.fdopen(fd, "w") as f:

@@ -113,6 +113,11 @@ def _unquantized_bytes(s: Setup) -> int:
     return FP32 if s.kbit_upcast else 2
 
 
+def _head_weight_bytes(s: Setup) -> int:
+    """Bytes per element of the LM head's weight (QLoRA's: as prepare_model_for_kbit_training left it)."""
+    return _unquantized_bytes(s) if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]
+
+
 def trainable_tensors(spec, s: Setup, targets) -> tuple:
     """[(numel, dtype_bytes, role, shape)] of the parameters the optimizer sees."""
     return _trainable_tensors(spec, s.method, s.param_dtype, tuple(targets), s.lora_r, DTYPE_BYTES[s.adapter_dtype])
@@ -246,7 +251,7 @@ def head_terms(spec, s: Setup, profile) -> HeadTerms:
     # weight when it trains), cast back to their dtypes on return, and the tile again.
     hb = profile.residual_dtype_bytes  # the final norm's output dtype
     cb = DTYPE_BYTES[s.autocast_dtype] if s.autocast_dtype else hb
-    wb = _unquantized_bytes(s) if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]  # prepare_model_for_kbit_training: fp32 head
+    wb = _head_weight_bytes(s)
     trainable = s.method == "full"
     rows, cols = min(T, TRL_TOKEN_CHUNK), min(V, TRL_VOCAB_CHUNK)
     tile = rows * TRL_VOCAB_CHUNK * cb  # allocated at the full chunk width, whatever the vocabulary
@@ -280,7 +285,7 @@ def _liger_head_terms(spec, s: Setup, profile, logprobs: int) -> HeadTerms:
     T, V, H = s.tokens, spec.vocab_size, spec.hidden_size
     hb = profile.residual_dtype_bytes
     cb = DTYPE_BYTES[s.autocast_dtype] if s.autocast_dtype else hb
-    wb = _unquantized_bytes(s) if s.method == "qlora" else DTYPE_BYTES[s.param_dtype]
+    wb = _head_weight_bytes(s)
     inc = -(-V // H)
     chunk = min(T, 1 << max(0, (-(-T // inc) - 1).bit_length()))
     grad_w = V * H * wb if s.method == "full" else 0

@@ -110,8 +110,7 @@ def throughput(spec, s: Setup, attempts: list, cuda: bool) -> dict | None:
         return out
     if prof is None:
         return out
-    peak = (prof.bf16_tflops if s.compute_dtype == "bfloat16" else prof.fp16_tflops if s.compute_dtype == "float16"
-            else 0.0) * 1e12
+    peak = {"bfloat16": prof.bf16_tflops, "float16": prof.fp16_tflops}.get(s.compute_dtype, 0.0) * 1e12
     if peak <= 0:
         return out
     flops = model_flops_per_token(spec, s, resolve_targets(spec, s))
