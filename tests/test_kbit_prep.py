@@ -68,3 +68,15 @@ def test_replay_loads_as_the_recipe_does():
     assert prep - bare == 2 * unq  # fp32 against bf16
     adapters = _lora_total(spec, resolve_targets(spec, make_setup(**base)), 16)
     assert prep - fused == 2 * adapters  # fp32 adapters against trl's bf16 ones
+
+
+def test_template_keys_tell_the_adapter_dtype_and_the_prep_apart():
+    """Each loading recipe's stream differs: each has a template of its own; the standard one's key is as before."""
+    from vramfit.memory.replay import template_key
+
+    spec = load_spec(MODEL)
+    base = make_setup(method="qlora", grad_ckpt=True, loss="fused")
+    keys = {template_key(spec, s) for s in (base, base.with_(kbit_prep=False), base.with_(trl_adapter_cast=False))}
+    assert len(keys) == 3
+    lora = make_setup(method="lora", loss="fused")
+    assert template_key(spec, lora) == template_key(spec, lora.with_(trl_adapter_cast=False))

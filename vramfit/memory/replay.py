@@ -336,6 +336,8 @@ def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = Fa
                 setup.double_quant, setup.quant_type)
     if setup.method == "qlora" and not setup.kbit_prep:  # a key with it is as it was
         discrete += ("no-kbit-prep",)
+    if setup.method == "qlora" and setup.loss == "fused" and not setup.trl_adapter_cast:  # the old harness runs'
+        discrete += ("fp32-adapters",)
     if setup.liger or setup.packing or setup.activation_offloading:  # a lever-free key is as it was
         from vramfit.memory.levers import key_part
 
