@@ -41,12 +41,12 @@ _EVENTS: dict = {}  # (id(spec), setup, targets) -> (spec, events)
 def rank_events(spec, act, targets) -> dict:
     """Two Trainer steps' events of the rank's activation setup, from a cached template or the meta device."""
     from vramfit.memory.events import training_events
-    from vramfit.memory.replay import _template_events
+    from vramfit.memory.replay import template_events
 
     key = (id(spec), act, tuple(targets))
     hit = _EVENTS.get(key)
     if hit is None or hit[0] is not spec:
-        ev = _template_events(spec, act, targets)
+        ev = template_events(spec, act, targets)
         if ev is None:
             ev = training_events(spec, act, targets, steps=2, grad_accum=act.grad_accum)
         hit = _EVENTS[key] = (spec, ev)

@@ -166,10 +166,11 @@ def _extras(setup: Setup) -> tuple:
     return cache_part(setup)
 
 
-def _template_events(spec, setup: Setup, targets) -> dict | None:
+def template_events(spec, setup: Setup, targets) -> dict | None:
     """Two steps' events (and marks) at `setup`, with its accumulation, from a cached exact event
     template (none is built here), or None."""
-    from vramfit.memory.template import NoTemplate, expand
+    from vramfit.memory.template import NoTemplate
+    from vramfit.memory.template_compose import expand_any as expand
 
     tpl = setup_template(spec, setup, targets, setup.grad_accum, build=False)["template"]
     if tpl is None:
@@ -290,7 +291,7 @@ def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Cons
     if hit is not None and hit[0] is spec:
         return dict(hit[1], cached=True)
     started = time.perf_counter()
-    ev = _template_events(spec, setup, targets) if templates else None
+    ev = template_events(spec, setup, targets) if templates else None
     if ev is None:
         ev = _replay_events(spec, setup, targets)
     sim = _simulate_accumulation(ev["events"], ev["marks"], setup.grad_accum, setup.allocator == "expandable",
@@ -348,15 +349,31 @@ def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = Fa
     return cache.template_digest(spec.config_hash, discrete, reg, versions, _code_digest(), FORMAT)
 
 
+NOT_CACHED = "no event template cached for this setup"
+
+
 def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool = True,
-                   exact_tiles: bool = False) -> dict:
+                   exact_tiles: bool = False, compose: bool = True) -> dict:
     """The setup's event template: {"template"} from the user cache or the bundle, or, with
     `build`, built now (torch, ~10-60 s), checked against the real replay at this very setup and
     cached, exact or not: then {"template" (None if not exact), "first": (the real replay's
     simulate result, training_events' result), "note"}; {"template": None, "note"} where none.
     The fused loss's template for every tile count >= 2 (template.tiles_general) is tried first;
     where it cannot be built (the tile loops allocate after all), its entry says so ("tiles": "exact")
-    and the template of this very tile count answers (`exact_tiles`), as for the other setups."""
+    and the template of this very tile count answers (`exact_tiles`), as for the other setups.
+    `compose`: where none is cached, one composed from cached templates of other optimizers
+    (vramfit.memory.template_compose) answers before any build."""
+    if compose:
+        got = setup_template(spec, setup, targets, grad_accum, False, exact_tiles, compose=False)
+        if got["note"] == NOT_CACHED:
+            from vramfit.memory.template_compose import composed
+
+            tpl = composed(spec, setup, targets, grad_accum)
+            if tpl is not None:
+                return {"template": tpl, "note": ""}
+        if not build or got["note"] != NOT_CACHED:
+            return got
+        return setup_template(spec, setup, targets, grad_accum, True, exact_tiles, compose=False)
     from vramfit.memory.kernels import Unsupported
     from vramfit.memory.template import TILES_GENERAL, NoTemplate, regime, regime_info
     from vramfit.model import cache
@@ -368,13 +385,13 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     key = template_key(spec, setup, grad_accum, exact_tiles)
     entry = cache.load_template(key)
     if general and (entry.get("tiles") == "exact" if entry is not None else not build):  # the count's own
-        return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True)
+        return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
     if entry is not None:
         if entry.get("exact"):
             return {"template": entry["template"], "note": ""}
         return {"template": None, "note": f"no event template: {entry.get('reason', 'not exact')}"}
     if not build:
-        return {"template": None, "note": "no event template cached for this setup"}
+        return {"template": None, "note": NOT_CACHED}
     from vramfit.memory.template_build import build as build_template
     from vramfit.memory.template_build import check_full_size
 
@@ -383,7 +400,7 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     except (NoTemplate, Unsupported) as exc:
         general = general and isinstance(exc, NoTemplate)  # then the tile count's own template answers
         cache.store_template(key, {"exact": False, "reason": str(exc), **({"tiles": "exact"} if general else {})})
-        return setup_template(spec, setup, targets, grad_accum, build, True) if general else {
+        return setup_template(spec, setup, targets, grad_accum, build, True, compose=False) if general else {
             "template": None, "note": f"no event template: {exc}"}
     except Exception as exc:  # noqa: BLE001  the builder's own failure: not cached, the real replay answers
         return {"template": None, "note": f"building the event template failed ({type(exc).__name__}: {exc})"}
@@ -392,7 +409,7 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     cache.store_template(key, {"exact": True, "template": tpl} if ok else
                          {"exact": False, "reason": why, **({"tiles": "exact"} if general else {})})
     if general:
-        return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True)
+        return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
     if sim is None:
         return {"template": None, "note": f"no event template: {why}"}
     note = (f"the event template built for this setup ({tpl['build']['seconds']:.0f} s) "
@@ -406,7 +423,8 @@ def template_replay(spec, setup: Setup, targets, build: bool = True, after: bool
     `after` the rest of the run (post_stream), a note) from the setup's template, or (None, why not)."""
     import time
 
-    from vramfit.memory.template import NoTemplate, expand
+    from vramfit.memory.template import NoTemplate
+    from vramfit.memory.template_compose import expand_any as expand
 
     started = time.perf_counter()
     got = setup_template(spec, setup, targets, 1, build)
@@ -514,6 +532,17 @@ def post_template(spec, setup: Setup, targets, eval_batch: int | None = None, bu
     s = eval_setup(setup, eval_batch)
     key = cache.template_digest(template_key(spec, s), "post", POST_FORMAT)
     entry = cache.load_template(key)
+    if entry is None and not (s.liger or s.packing or s.activation_offloading):
+        # the rest of the run never steps the optimizer (training_events(steps=0)): another optimizer's
+        # template is this one's
+        from vramfit.memory.template_compose import BODY_OPTIMS
+
+        for opt in BODY_OPTIMS:
+            other = cache.load_template(cache.template_digest(template_key(spec, replace(s, optim=opt)), "post",
+                                                              POST_FORMAT)) if opt != s.optim else None
+            if other is not None and other.get("exact"):
+                entry = other
+                break
     if entry is not None:
         return {"template": entry.get("template") if entry.get("exact") else None,
                 "note": "" if entry.get("exact") else f"no post-training template: {entry.get('reason')}"}
