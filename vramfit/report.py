@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vramfit.memory.setup import LEVERS
+from vramfit.memory.setup import LEVERS, SHOWN_FAMILIES, family
 
 GiB = 1 << 30
 
@@ -170,13 +170,15 @@ def plan_budget_line(p) -> str:
             f"effective batch {p.space.effective_batch}; {p.searched:,} setups searched")
 
 
-def plan_candidates_table(p, limit: int = 8):
-    """The best fitting setups, one per (method, precision, checkpointing)."""
+def plan_candidates_table(p, limit: int = SHOWN_FAMILIES):
+    """The best fitting setups, one per family (`result.family`)."""
     from rich.table import Table
 
     title = "best setups that fit"
+    fast = [c for c in p.candidates if not c.replayed]
     if p.replay:
-        title += " (device GiB: the chosen one's from the allocator replay, the others the fast model's)"
+        title += (" (device GiB: the allocator replay's" + ("; ~ the fast model's, not replayed" if fast else "")
+                  + ")")
     table = Table(title=title, title_justify="left")
     with_levers = any(lever_words(c.setup) for c in p.candidates)
     cols = [("method", "left"), ("precision", "left"), ("optimizer", "left"), ("ckpt", "left")]
@@ -187,25 +189,30 @@ def plan_candidates_table(p, limit: int = 8):
     seen = set()
     for c in p.candidates:
         s = c.setup
-        family = (s.method, s.precision, s.grad_ckpt, s.liger, s.packing, s.activation_offloading)
-        if family in seen:
+        if family(s) in seen:
             continue
-        seen.add(family)
+        seen.add(family(s))
         levers = [", ".join(lever_words(s, short=True)) or "-"] if with_levers else []
         table.add_row(method_label(s), s.precision, s.optim + (" (expandable)" if s.allocator == "expandable" else ""),
                       "yes" if s.grad_ckpt else "no", *levers, f"{s.micro_batch} x {s.grad_accum}",
-                      gib(c.device_bytes), gib(p.budget_bytes - c.device_bytes), f"{c.tokens_per_s:,.0f}",
-                      style="bold" if c is p.chosen else None)
+                      _approx(p, c) + gib(c.device_bytes), gib(p.budget_bytes - c.device_bytes),
+                      f"{c.tokens_per_s:,.0f}", style="bold" if c is p.chosen else None)
         if len(seen) >= limit:
             break
     return table
+
+
+def _approx(p, c) -> str:
+    """'~' before a figure of a replayed plan that is the fast model's."""
+    return "~" if p.replay and not c.replayed else ""
 
 
 def plan_rejection_lines(p, limit: int = 6) -> list[str]:
     lines = []
     for r in p.rejections[:limit]:
         c = r.candidate
-        lines.append(f"{METHOD_NAMES[c.setup.method]} {c.setup.precision} needs {fmt_bytes(c.device_bytes)} even at "
+        lines.append(f"{METHOD_NAMES[c.setup.method]} {c.setup.precision} needs {_approx(p, c)}"
+                     f"{fmt_bytes(c.device_bytes)} even at "
                      f"its smallest ({setup_label(c.setup)}): {gib(r.over_bytes)} GiB over")
     return lines
 
@@ -237,14 +244,16 @@ def _lever_change(l, chosen) -> str:
 def plan_levers_table(p, limit: int = 8):
     from rich.table import Table
 
-    title = "levers of the chosen setup (one knob at a time" + ("; the fast model's figures)" if p.replay else ")")
+    fast = p.replay and any(not l.candidate.replayed for l in p.levers[:limit])
+    title = "levers of the chosen setup (one knob at a time" + ("; ~ the fast model's figure, not replayed)" if fast
+                                                                 else ")")
     table = Table(title=title, title_justify="left")
     for col, just in (("change", "left"), ("device GiB", "right"), ("change GiB", "right"), ("tokens/s", "right"),
                       ("fits", "left")):
         table.add_column(col, justify=just)
     for l in p.levers[:limit]:
         c = l.candidate
-        table.add_row(_lever_change(l, p.chosen), gib(c.device_bytes), f"{l.delta_bytes / GiB:+,.2f}",
+        table.add_row(_lever_change(l, p.chosen), _approx(p, c) + gib(c.device_bytes), f"{l.delta_bytes / GiB:+,.2f}",
                       f"{c.tokens_per_s:,.0f} ({l.speedup:.2f}x)", "yes" if c.fits else "[red]no[/]")
     return table
 
@@ -273,7 +282,7 @@ def plan_extra_lines(p) -> list[str]:
 
 def plan_memory_lever_lines(p) -> list[str]:
     """One line per memory lever of the chosen setup: 'with Liger's kernels (use_liger_kernel=True):
-    3.10 GiB less, 1.20x tokens/s (measured ...)' (the fast model's memory, the measured speed)."""
+    3.10 GiB less, 1.20x tokens/s (measured ...)' (the replay's memory where replayed, the measured speed)."""
     speeds, switches = p.lever_speeds(), p.lever_switches()
     out = []
     for l in p.levers:
@@ -281,7 +290,8 @@ def plan_memory_lever_lines(p) -> list[str]:
             continue
         on = getattr(l.candidate.setup, l.knob)
         d = l.delta_bytes
-        mem = "the same memory" if abs(d) < (1 << 20) else f"{gib(abs(d))} GiB {'less' if d < 0 else 'more'}"
+        mem = "the same memory" if abs(d) < (1 << 20) else f"{_approx(p, l.candidate)}{gib(abs(d))} GiB " \
+                                                           f"{'less' if d < 0 else 'more'}"
         sp = speeds[l.knob]
         loss = l.candidate.setup.loss
         speed = (f"{l.speedup:.2f}x tokens/s ({LEVER_LABELS[l.knob]} measured {sp.ratio_for(loss):.2f}x: "
@@ -295,8 +305,10 @@ def plan_memory_lever_lines(p) -> list[str]:
         switch = f" ({switches[l.knob]})" if on else ""
         out.append(f"{'with' if on else 'without'} {LEVER_LABELS[l.knob]}{switch}: {mem}, {speed}{fits}")
     if out:
-        out.insert(0, "memory levers of the chosen setup (the fast model's memory; tokens/s factors from "
-                      "benchmarks/results, 1.00x where not measured):")
+        fast = any(not l.candidate.replayed for l in p.levers if l.knob in LEVERS)
+        out.insert(0, "memory levers of the chosen setup (" + ("~ the fast model's memory, not replayed; " if fast
+                                                               else "the allocator replay's memory; ")
+                   + "tokens/s factors from benchmarks/results, 1.00x where not measured):")
     return ["  " + x if i else x for i, x in enumerate(out)]
 
 

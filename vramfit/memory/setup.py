@@ -329,3 +329,11 @@ def _resolve_targets(spec, raw: str) -> tuple:
     if not chosen:
         raise VramfitError(f"target-modules '{raw}' matches no Linear layer of {spec.name}")
     return tuple(chosen)
+
+
+SHOWN_FAMILIES = 8  # the best fitting setups a plan shows: one per family
+
+
+def family(s: Setup) -> tuple:
+    """What tells a plan's shown alternatives apart (one row each)."""
+    return (s.method, s.precision, s.grad_ckpt, s.liger, s.packing, s.activation_offloading)

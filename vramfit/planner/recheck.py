@@ -21,6 +21,7 @@ from dataclasses import replace
 from vramfit.memory.constants import DEFAULT
 
 MAX_STEP_DOWNS = 8  # replays of the ranking below an OOMing choice before trusting the fast verdict
+ALT_REPLAY_S = 0.5  # seconds for replaying what a plan shows besides its choice (VRAMFIT_PLAN_REPLAY_S)
 
 
 def replay_limit(usable_bytes: int, constants=None) -> int:
@@ -197,7 +198,75 @@ def recheck(p, spec, ev, constants=None):
         notes.append(f"allocator replay: the fast model's choice fits under a {fmt_bytes(limit)} allocator cap"
                      + ("; its next-larger micro-batch does not" if nl is not None and not rows[-1]["replay_fits"]
                         else ""))
-    return replace(p, chosen=chosen, candidates=tuple(fitting), notes=p.notes + tuple(notes), replay=replay)
+    return replay_shown(replace(p, chosen=chosen, candidates=tuple(fitting), notes=p.notes + tuple(notes),
+                                replay=replay), spec, ev, constants)
+
+
+def replay_shown(p, spec, ev, constants=None, budget_s: float | None = None):
+    """Plan `p` (rechecked) with what it shows besides the chosen setup replayed as the chosen one is: the
+    best fitting setup of each family (the capped replay; one that runs out of memory there is left out and
+    the next of its family shown), the rejected families' smallest setups and the levers (the capped replay
+    where it fits, else the uncapped one's figure).  Only setups whose event template is cached (their own or
+    composed: milliseconds each), within `budget_s` (VRAMFIT_PLAN_REPLAY_S, default ALT_REPLAY_S); the others
+    keep the fast model's figures (`Candidate.replayed` False; the report marks them)."""
+    import os
+    import time
+
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.replay import capped_replay, template_events
+    from vramfit.memory.setup import SHOWN_FAMILIES, family
+    from vramfit.planner.result import Lever, Rejection
+
+    budget = float(os.environ.get("VRAMFIT_PLAN_REPLAY_S", ALT_REPLAY_S)) if budget_s is None else budget_s
+    deadline = time.perf_counter() + budget
+    usable, limit = p.usable_bytes, replay_limit(p.usable_bytes, constants)
+    # a replay's time grows with the micro-batches it expands: the chosen setup's, per micro-batch, says how
+    # long another's would take, and one that would end past the deadline is not started
+    first = next((r for r in (p.replay or {}).get("checks", ()) if r.get("seconds") is not None), None)
+    per_micro = first["seconds"] / max(1, first["setup"]["grad_accum"]) if first else 0.0
+
+    def replayed(c, capped: bool = True):
+        if time.perf_counter() + per_micro * c.setup.grad_accum >= deadline:
+            return None
+        try:
+            _, targets = ev.memory(c.setup)
+            if template_events(spec, c.setup, targets) is None:
+                return None
+            r = capped_replay(spec, c.setup, targets, 1 << 62, constants)
+            r = dict(r, fits=r["device_bytes"] <= usable)  # the same as under the cap where it fits uncapped
+            if capped and not r["fits"]:  # under the cap the allocator may release its cache and fit
+                under = capped_replay(spec, c.setup, targets, limit, constants)
+                r = under if under["fits"] else r
+        except Unsupported:
+            return None
+        return replace(c, device_bytes=r["device_bytes"], peak_allocated_bytes=r["peak_allocated_bytes"],
+                       peak_reserved_bytes=r["peak_reserved_bytes"], fits=r["fits"], replayed=True)
+
+    chosen, out, seen, dropped = p.chosen, [], {family(p.chosen.setup)}, 0
+    for c in p.candidates:
+        if c is not chosen and family(c.setup) not in seen and len(seen) < SHOWN_FAMILIES:
+            got = replayed(c)
+            if got is not None and not got.fits:
+                dropped += 1
+                continue
+            c = got or c
+            seen.add(family(c.setup))
+        out.append(c)
+    rejections = []
+    for rj in p.rejections:
+        got = replayed(rj.candidate, capped=False)
+        rejections.append(rj if got is None or got.device_bytes <= usable else
+                          Rejection(candidate=got, over_bytes=got.device_bytes - usable))
+    levers = []
+    for lv in p.levers:
+        got = replayed(lv.candidate)
+        levers.append(lv if got is None else
+                      Lever(knob=lv.knob, candidate=got, delta_bytes=got.device_bytes - chosen.device_bytes,
+                            speedup=lv.speedup))
+    notes = ((f"allocator replay: {dropped} of the next-best setups shown by the fast model run out of memory "
+              f"under the cap and are left out",) if dropped else ())
+    return replace(p, candidates=tuple(out), rejections=tuple(rejections), levers=tuple(levers),
+                   notes=p.notes + notes)
 
 
 def fitting_check(rows: list, setup: dict) -> dict | None:
@@ -218,7 +287,7 @@ def with_replay_peaks(cand, rows: list):
     if row is None:
         return cand
     return replace(cand, device_bytes=row["device_bytes"], peak_allocated_bytes=row["peak_allocated_bytes"],
-                   peak_reserved_bytes=row["peak_reserved_bytes"])
+                   peak_reserved_bytes=row["peak_reserved_bytes"], replayed=True)
 
 
 def _text(s) -> str:

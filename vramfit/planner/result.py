@@ -37,6 +37,8 @@ class Candidate:
     paging_bytes: int = 0
     # pinned host memory beside the GPU's (activation offloading's copies), where the memory model says
     host_bytes: int = 0
+    # the figures are the allocator replay's (under the plan's cap where it fits), not the fast model's
+    replayed: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,7 +48,9 @@ class Candidate:
         return {**setup_json(self.setup), "device_bytes": self.device_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "peak_reserved_bytes": self.peak_reserved_bytes,
                 "tokens_per_s": round(self.tokens_per_s, 1), "fits": self.fits, "exact": self.exact,
-                "paged_bytes": self.paged_bytes, "paging_bytes": self.paging_bytes, "host_bytes": self.host_bytes}
+                "paged_bytes": self.paged_bytes, "paging_bytes": self.paging_bytes, "host_bytes": self.host_bytes,
+                "replayed": self.replayed}
+
 
 
 @dataclass(frozen=True)
