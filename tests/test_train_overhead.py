@@ -87,3 +87,38 @@ def test_trace_split_is_the_union_of_gpu_intervals_inside_each_step():
     assert s["steps"] == 2 and s["wall_s_per_step"] == pytest.approx(100e-6)
     assert s["gpu_busy_s_per_step"] == pytest.approx(30e-6) and s["gpu_busy_share"] == pytest.approx(0.3)
     assert s["host_overhead_share"] == pytest.approx(0.7)
+
+
+def test_plain_side_falls_back_to_qlora_where_bf16_weights_cannot_fit(tmp_path):
+    """benchmarks/speed/lever_proof: Llama-3.1-8B's bf16 weights (16 GB) are over 12 GiB, so the plain
+    baseline is the QLoRA recipe there, and `vramfit train` gets the same method and the shared folder of
+    the random checkpoint; at 24 GiB LoRA fits (the fast model only: no GPU, milliseconds)."""
+    from benchmarks.speed import lever_proof as lp
+
+    mb, ckpt, method, why = lp.plain_micro_batch("llama-3.1-8b", 12 * lp.GiB, 2048)
+    assert method == why["method"] == "qlora" and why["optim"] == "paged_adamw_8bit" and mb >= 1
+    assert why["predicted_device_bytes"] <= 12 * lp.GiB
+    assert lp.plain_micro_batch("llama-3.1-8b", 24 * lp.GiB, 2048)[2] == "lora"
+    assert lp.plain_micro_batch("llama-3.2-1b", 12 * lp.GiB, 1996)[:3] == (2, False, "lora")  # as published
+    inputs = {"alpaca": "a.jsonl", "tokenizer": "tok"}
+    cmd = lp.vramfit_cmd("llama-3.1-8b", inputs, lp.MODELS["llama-3.1-8b"], tmp_path / "o", 10, 12, method,
+                         lp.random_init_dir(tmp_path, "llama-3.1-8b"))
+    assert cmd[cmd.index("--method") + 1] == "qlora"
+    assert cmd[cmd.index("--random-init-dir") + 1] == str(tmp_path / "inputs" / "llama-3.1-8b-random-init")
+
+
+def test_plain_random_checkpoint_is_the_one_vramfit_train_reuses(tmp_path):
+    """The plain QLoRA side's random checkpoint is written by vramfit's own code with vramfit's mark:
+    `vramfit train --random-init-dir` takes it as its own (no rewrite), and refuses it for another seed."""
+    from vramfit.errors import VramfitError
+    from vramfit.run.model import _random_checkpoint, resolve_model
+
+    folder = tmp_path / "smollm2-135m-random-init"
+    assert to.random_checkpoint("smollm2-135m", to.SEED, folder) == str(folder)
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert "config.json" in written and "vramfit_random_init.json" in written
+    source = resolve_model("smollm2-135m", "random")
+    assert _random_checkpoint(source, to.SEED, tmp_path / "scratch", str(folder)) == str(folder)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written
+    with pytest.raises(VramfitError, match="another model, config or seed"):
+        _random_checkpoint(source, to.SEED + 1, tmp_path / "scratch", str(folder))

@@ -352,8 +352,28 @@ def trace_split(trace: dict, cuda: bool) -> dict:
 # --------------------------------------------------------------------------- the two programs
 
 
+def random_checkpoint(model: str, seed: int, folder: str | Path) -> str:
+    """The random bf16 checkpoint `vramfit train MODEL --init random --seed SEED --random-init-dir FOLDER`
+    loads for QLoRA, written the way it writes it (vramfit.run.model._random_checkpoint: the model
+    profile's config as `build_inputs` resolves it, `write_random_checkpoint` on the CPU, the same mark
+    file, so either side reuses the other's; a folder holding another config's or seed's is refused).
+    Nothing is written when FOLDER already holds it.  -> FOLDER."""
+    from vramfit.run.model import _random_checkpoint, resolve_model
+
+    source = resolve_model(model, "random")
+    return _random_checkpoint(source, seed, Path(folder).parent, folder)
+
+
 def plain_script(spec: dict) -> None:
-    """(b): a plain trl SFTTrainer script with the values `vramfit train` uses."""
+    """(b): a plain trl SFTTrainer script with the values `vramfit train` uses.
+
+    spec["method"] "lora" (the default): the bf16 model built from spec["config"] on the GPU
+    (from_config, random weights seeded by spec["seed"]).  "qlora" (benchmarks/speed/lever_proof.py,
+    where LoRA's bf16 weights cannot fit the budget): the standard QLoRA recipe -- from_pretrained of
+    the random bf16 checkpoint in spec["random_init_dir"] with BitsAndBytesConfig NF4, double
+    quantization, bf16 compute, then peft's prepare_model_for_kbit_training; the checkpoint is written
+    first if that folder has none (`random_checkpoint`, exactly as `vramfit train` writes it, on the
+    CPU, minutes for an 8B model): before the trainer exists, so outside the step clock's timed window."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -371,12 +391,31 @@ def plain_script(spec: dict) -> None:
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
     dataset = Dataset.from_list(rows)  # {"prompt", "completion"}: the Alpaca prompt, the response
 
-    config = AutoConfig.from_pretrained(spec["config"])
-    torch.manual_seed(spec["seed"])
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]),
-                                                 attn_implementation="sdpa")
-    model.config.use_cache = False
+    if spec.get("method", "lora") == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        path = spec["random_init_dir"]
+        if not (Path(path) / "config.json").is_file():
+            t = time.perf_counter()
+            random_checkpoint(spec["model"], spec["seed"], path)
+            print(f"[plain] wrote the random checkpoint {path} in {time.perf_counter() - t:.0f} s (untimed)",
+                  flush=True)
+        torch.manual_seed(spec["seed"])
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa", device_map={"": 0})
+        model.config.use_cache = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["grad_ckpt"],
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        config = AutoConfig.from_pretrained(spec["config"])
+        torch.manual_seed(spec["seed"])
+        with torch.device("cuda" if cuda else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]),
+                                                     attn_implementation="sdpa")
+        model.config.use_cache = False
 
     # trl's SFTConfig turns checkpointing on by default: say it (under the name this version has)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
