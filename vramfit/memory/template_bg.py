@@ -66,13 +66,13 @@ def replay_now(spec, setup, targets, bd, c, eval_batch: int | None = None, asked
     known not to exist, or the mode is `now` (the caller goes on as before)."""
     from dataclasses import replace
 
-    from vramfit.memory.replay import setup_template, simulated_breakdown
+    from vramfit.memory.replay import NOT_CACHED, setup_template, simulated_breakdown
 
     how = mode(asked)
     if how == "now":
         return None
     got = setup_template(spec, setup, targets, 1, build=False)
-    if got["template"] is not None or got["note"] != "no event template cached for this setup":
+    if got["template"] is not None or got["note"] != NOT_CACHED:
         return None
     out = simulated_breakdown(spec, setup, targets, bd, c, eval_batch=eval_batch)
     if how == "background" and spawn(spec, setup, eval_batch):

@@ -51,10 +51,10 @@ def _ensure_template(spec, setup, targets) -> None:
     import sys
     import warnings
 
-    from vramfit.memory.replay import setup_template
+    from vramfit.memory.replay import NOT_CACHED, setup_template
 
     got = setup_template(spec, setup, targets, setup.grad_accum, build=False)
-    if got["template"] is not None or got["note"] != "no event template cached for this setup":
+    if got["template"] is not None or got["note"] != NOT_CACHED:
         return  # cached (or cached as not covered: the meta-device replay answers)
     print(f"vramfit: building the allocator replay's event template of micro-batch {setup.micro_batch} x "
           f"{setup.grad_accum} (once; cached)...", file=sys.stderr, flush=True)
