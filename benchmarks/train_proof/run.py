@@ -610,8 +610,8 @@ def midrun_checks(out: Path, rep: dict | None, tiny: bool, design: dict | None) 
 
 def budget_facts(rep: dict | None, env: dict, log: str = "", tokens_per_s: float | None = None) -> dict:
     """An enforced-budget run: its peaks against the budget and the prediction; the model-FLOPs
-    utilization of its tokens/s (6 N + attention per token, on the GPU's dense bf16 peak); how the
-    run's random checkpoint was written."""
+    utilization vramfit train reported (its run report's `throughput`), or for an older report one computed
+    here from its tokens/s (6 N + attention per token, on the GPU's dense bf16 peak)."""
     from vramfit.run.fallback import usable_bytes
 
     if rep is None or not rep.get("enforced_budget"):
@@ -627,7 +627,12 @@ def budget_facts(rep: dict | None, env: dict, log: str = "", tokens_per_s: float
              "device_bytes_source": rep["measured"].get("device_bytes_source"), "traceback_in_log": "Traceback" in log,
              "within_budget": bool(m.get("device_bytes")) and m["device_bytes"] <= usable and
              rep["status"] == "completed"}
-    spec = None
+    own = rep.get("throughput") or {}
+    if own.get("mfu") is not None:  # vramfit train's own figure (run/outputs.throughput: 4 N for LoRA / QLoRA)
+        facts["mfu"] = {k: own.get(k) for k in ("tokens_per_s", "model_flops_per_token", "peak_flops", "mfu", "steps")}
+        facts["mfu"]["note"] = "vramfit train's run report (throughput): the steps' clock from step 2"
+        return facts
+    spec = None  # an older report: computed here at 6 N
     try:
         from vramfit.run.model import resolve_model
 
