@@ -252,8 +252,7 @@ def make_setup(method: str = "lora", precision: str | None = None, lora_r: int |
             raise VramfitError(f"{', '.join(given)} only apply to --method lora/qlora, not to full fine-tuning")
     if precision is None:
         precision = "bf16-amp"
-    if kwargs.get("kbit_prep") is False and method != "qlora":
-        raise VramfitError("--no-kbit-prep (no prepare_model_for_kbit_training) only applies to --method qlora")
+    check_kbit_prep(kwargs.get("kbit_prep"), (method,))
     setup = Setup(method=method, precision=precision,
                   lora_r=16 if lora_r is None else lora_r,
                   lora_alpha=lora_alpha,
@@ -337,3 +336,9 @@ SHOWN_FAMILIES = 8  # the best fitting setups a plan shows: one per family
 def family(s: Setup) -> tuple:
     """What tells a plan's shown alternatives apart (one row each)."""
     return (s.method, s.precision, s.grad_ckpt, s.liger, s.packing, s.activation_offloading)
+
+
+def check_kbit_prep(kbit_prep: bool | None, methods) -> None:
+    """--no-kbit-prep is QLoRA's: refused where none of `methods` is QLoRA."""
+    if kbit_prep is False and "qlora" not in methods:
+        raise VramfitError("--no-kbit-prep (no prepare_model_for_kbit_training) only applies to --method qlora")

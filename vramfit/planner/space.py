@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass
 
 from vramfit.errors import VramfitError
-from vramfit.memory.setup import Setup, make_setup, resolve_targets
+from vramfit.memory.setup import Setup, check_kbit_prep, make_setup, resolve_targets
 from vramfit.planner.levers import check_levers, liger_supported, micro_batch_for_tokens, packing_by_default
 
 # The value of each lever's Setup field that turns the lever on (less memory), and the plain recipe's.
@@ -155,8 +155,7 @@ def make_space(spec, device, method: str = "auto", seq_len: int = DEFAULT_SEQ_LE
     if precision and precision.startswith("bf16") and not device.bf16:
         raise VramfitError(f"the {device.name} has no bf16 (compute capability {device.compute_capability}); "
                            f"use --precision 16-amp, 16-mixed, 16-true or 32-true")
-    if kbit_prep is False and "qlora" not in methods:
-        raise VramfitError("--no-kbit-prep (no prepare_model_for_kbit_training) only applies to QLoRA")
+    check_kbit_prep(kbit_prep, methods)
     if micro_batch is not None and effective_batch % micro_batch:
         raise VramfitError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
     return Space(seq_len=seq_len, effective_batch=effective_batch, micro_batch=micro_batch, methods=methods,
