@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sample", type=int, default=0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cases", action="store_true")
+    ap.add_argument("--profiles", nargs="+", default=None, help="only these profiles' setups")
     ap.add_argument("--cache", default=None, help="a user cache to read besides the bundle (default: a new empty one)")
     a = ap.parse_args(argv)
     os.environ["VRAMFIT_CACHE_DIR"] = a.cache or tempfile.mkdtemp(prefix="vramfit-compose-check-")
@@ -106,6 +107,8 @@ def main(argv=None) -> None:
            "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
     n = ok = 0
     for name, kw in _setups(a):
+        if a.profiles and name not in a.profiles:
+            continue
         rec = {"profile": name, "setup": kw, **check(name, kw), "environment": env}
         if rec["composed"]:
             n += 1

@@ -137,7 +137,7 @@ def composed(spec, setup, targets, grad_accum: int = 1):
     """A composed template of `setup` from cached templates (see the module), checked to expand at the
     setup's own shape; None where none composes."""
     from vramfit.memory.replay import setup_template, template_key
-    from vramfit.memory.template import NoTemplate, expand
+    from vramfit.memory.template import TILES_GENERAL, NoTemplate, expand, regime, regime_info
 
     if setup.liger or setup.packing or setup.activation_offloading:
         return None
@@ -168,7 +168,10 @@ def composed(spec, setup, targets, grad_accum: int = 1):
             continue
         for s in dict.fromkeys((S,) + DONOR_SEQ):
             dm = {}
-            try:
+            try:  # the donor is expanded at a shape of its own regime
+                if regime(regime_info(spec, d, tpl["regime"][3] not in (0, TILES_GENERAL)), d.micro_batch, s, 1,
+                          r if d.method != "full" else 0) != tpl["regime"]:
+                    continue
                 donor_events = expand(tpl, d.micro_batch, s, r, L, 1, dm)
                 splice(body_events, bm, donor_events, dm)
             except (NoTemplate, NotComposable, KeyError, IndexError, TypeError, ValueError):
