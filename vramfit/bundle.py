@@ -29,6 +29,30 @@ TEMPLATE_GPUS = ("12GB", "16GB", "rtx-4090", "h100")
 TEMPLATE_ESTIMATES = ({"micro_batch": 4}, {"grad_ckpt": True}, {"loss": "fused"}, {"loss": "fused", "micro_batch": 4},
                       {"method": "qlora", "grad_ckpt": True, "micro_batch": 4})
 TRACE_GPUS = ("h100", "t4")  # the default plan's setups, on a bf16 card and on an fp16 one (fast model)
+# the estimate's axes, whole: every method x precision x loss x checkpointing x micro-batch regime (1; 2 and
+# more: built at 4 x 2,048 tokens and, for trl's loss, at 2 x 512, its one-tile regime) under adamw_torch --
+# the bodies the composed templates borrow (vramfit.memory.template_compose) -- QLoRA's <= 512-row regime,
+# and per method x precision (QLoRA: x loss, as trl's adapter cast follows it) the optimizer phases of
+# TEMPLATE_DONOR_OPTIMS (the donors).  A setup of these axes under any optimizer with a donor then answers
+# from the bundle; tile counts >= 3 where the fused loss's tiles allocate (bf16-mixed, QLoRA with kbit prep)
+# are not covered.
+TEMPLATE_PRECISIONS = ("bf16-amp", "bf16-true", "bf16-mixed")
+TEMPLATE_DONOR_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit")
+
+
+def template_grid() -> list:
+    """The estimate setups (kwargs) whose templates the grid above ships, in build order."""
+    methods = ("lora", "qlora", "full")
+    out = [dict(method=m, precision=p, loss=loss, grad_ckpt=ck, micro_batch=mb)
+           for p in TEMPLATE_PRECISIONS for m in methods for loss in ("logits", "fused") for ck in (False, True)
+           for mb in (1, 4)]
+    out += [dict(method=m, precision=p, loss=loss, optim=o) for p in TEMPLATE_PRECISIONS for m in methods
+            for loss in (("logits", "fused") if m == "qlora" else ("logits",)) for o in TEMPLATE_DONOR_OPTIMS]
+    out += [dict(method=m, precision=p, loss="fused", grad_ckpt=ck, micro_batch=2, seq_len=512)
+            for p in TEMPLATE_PRECISIONS for m in methods for ck in (False, True)]
+    out += [dict(method="qlora", precision=p, loss=loss, grad_ckpt=ck, micro_batch=1, seq_len=512)
+            for p in TEMPLATE_PRECISIONS for loss in ("logits", "fused") for ck in (False, True)]
+    return out
 
 
 def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
@@ -74,7 +98,7 @@ def _bundle_profile(item) -> str:
         estimate(name, method="qlora", grad_ckpt=True, use_calibration=False, replay=templates)
     except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
         pass
-    for kw in TEMPLATE_ESTIMATES if templates else ():
+    for kw in (TEMPLATE_ESTIMATES + tuple(template_grid())) if templates else ():
         try:
             estimate(name, use_calibration=False, replay=True, **kw)
         except VramfitError:
