@@ -38,7 +38,7 @@ synchronised at those two step ends only.  After the window: `--profile-steps` s
 CUDA kernel / memcpy / memset intervals inside each step / the step's wall; the rest of the wall is the
 GPU waiting on the host (host overhead); the top host ops by self CPU time.  For (a) the tokens/s are
 also taken from vramfit's own timeline (its step_end readings and logged num_input_tokens_seen) as a
-cross-check.  Order alternates by pair (vramfit first, then plain first); `--budget-s` guards the whole
+cross-check.  Order alternates by pair (vramfit first, then plain first; `--plain-first` the other way); `--budget-s` guards the whole
 command: a pair starts only when the time it is expected to take is left.
 
 Output (DIR/train_overhead.jsonl, one JSON line per record, flushed as written): `environment`,
@@ -800,6 +800,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps before the window (default 5; --tiny 3)")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps after the window (0: none)")
     ap.add_argument("--repeats", type=int, default=2, help="pairs per model, order alternating")
+    ap.add_argument("--plain-first", action="store_true", help="the first pair runs the plain script first")
     ap.add_argument("--budget-s", type=float, default=560.0, help="wall budget of the whole command (seconds)")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU, a few steps: the pipeline's check")
     ap.add_argument("--gpu-warmup-s", type=float, default=0.0,
@@ -857,7 +858,7 @@ def main(argv=None) -> int:
                 append(result, {"kind": "skipped", "model": model, "repeat": rep, "left_s": round(left, 1),
                                 "needed_s": round(2 * expected, 1)})
                 break
-            for side in (("vramfit", "plain") if rep % 2 == 0 else ("plain", "vramfit")):
+            for side in (("vramfit", "plain") if (rep + a.plain_first) % 2 == 0 else ("plain", "vramfit")):
                 timeout = deadline - time.perf_counter() - 5
                 rec = one_run(side, model, inputs, m, recipe, out, a, rep, timeout)
                 runs.append(rec)
