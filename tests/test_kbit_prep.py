@@ -72,7 +72,7 @@ def test_replay_loads_as_the_recipe_does():
 
 def test_template_keys_tell_the_adapter_dtype_and_the_prep_apart():
     """Each loading recipe's stream differs: each has a template of its own; the standard one's key is as before."""
-    from vramfit.memory.replay import template_key
+    from vramfit.memory.template_cache import template_key
 
     spec = load_spec(MODEL)
     base = make_setup(method="qlora", grad_ckpt=True, loss="fused")

@@ -70,7 +70,7 @@ def _sizes(res, start: str, stop: str) -> list:
 
 
 def test_levers_off_leave_the_key_and_the_stream_as_they_were(spec):
-    from vramfit.memory.replay import template_key
+    from vramfit.memory.template_cache import template_key
 
     plain = _setup()
     off = _setup(liger=False, packing=False, activation_offloading=False)
@@ -181,7 +181,7 @@ def test_offloading_moves_saved_bytes_to_the_host(spec):
 
 
 def test_offloading_has_no_template(spec):
-    from vramfit.memory.replay import setup_template
+    from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import resolve_targets
 
     setup = _setup(activation_offloading=True)

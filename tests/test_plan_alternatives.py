@@ -7,7 +7,8 @@ TINY = dict(TINY_LLAMA, num_hidden_layers=12)
 
 
 def test_shown_alternatives_are_replayed_where_a_template_is_cached(monkeypatch):
-    from vramfit.memory.replay import capped_replay, setup_template
+    from vramfit.memory.replay import capped_replay
+    from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import family
     from vramfit.model.spec import spec_from_config
     from vramfit.planner.gpu import resolve_gpu

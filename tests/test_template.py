@@ -84,7 +84,8 @@ def test_gradient_accumulation_and_marks():
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.model.spec import spec_from_config
 
-    from vramfit.memory.replay import capped_replay, setup_template
+    from vramfit.memory.replay import capped_replay
+    from vramfit.memory.template_cache import setup_template
 
     spec = spec_from_config("tiny-llama", TINY)
     setup = make_setup(method="lora", micro_batch=2, seq_len=500, grad_accum=4)

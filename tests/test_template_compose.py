@@ -17,7 +17,8 @@ def built(tmp_path_factory):
     fused loss with paged_adamw_32bit; full fine-tuning under adamw_torch."""
     import os
 
-    from vramfit.memory.replay import post_template, setup_template
+    from vramfit.memory.replay import post_template
+    from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.model.spec import spec_from_config
 
@@ -50,7 +51,7 @@ def test_composed_equals_the_recording(built, optim):
     from vramfit.memory import template_build as tb
     from vramfit.memory.allocator import simulate
     from vramfit.memory.events import training_events
-    from vramfit.memory.replay import setup_template
+    from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.memory.template_compose import expand_any
 

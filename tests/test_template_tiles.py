@@ -112,7 +112,7 @@ def test_tiles_that_allocate_fall_back_to_their_count(monkeypatch):
     setup's own tile count, remembering the refusal in the general key's entry."""
     from vramfit.memory import template as T
     from vramfit.memory import template_build as tb
-    from vramfit.memory.replay import setup_template, template_key
+    from vramfit.memory.template_cache import setup_template, template_key
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.model import cache
 

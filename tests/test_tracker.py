@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from vramfit.report import memory_summary_table, memory_timeline_plot, train_live, train_status, train_status_line
+from vramfit.report import memory_summary_table, train_live, train_status, train_status_line
+from vramfit.run.timeline_plot import memory_timeline_plot
 from vramfit.run.tracker import MemoryTracker, predicted_peaks
 
 GiB = 1 << 30

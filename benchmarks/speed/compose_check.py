@@ -54,7 +54,7 @@ def _setups(a) -> list:
 def check(name: str, kw: dict) -> dict:
     from vramfit.memory.allocator import simulate
     from vramfit.memory.events import training_events
-    from vramfit.memory.replay import setup_template
+    from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.memory.template_build import same_events
     from vramfit.memory.template_compose import expand_any

@@ -32,7 +32,7 @@ def mode(asked: str = "now") -> str:
 
 
 def _marker(spec, setup) -> Path:
-    from vramfit.memory.replay import template_key
+    from vramfit.memory.template_cache import template_key
     from vramfit.model import cache
 
     return cache.cache_dir() / "templates" / f"{template_key(spec, setup, 1)}.building"
@@ -66,7 +66,8 @@ def replay_now(spec, setup, targets, bd, c, eval_batch: int | None = None, asked
     known not to exist, or the mode is `now` (the caller goes on as before)."""
     from dataclasses import replace
 
-    from vramfit.memory.replay import NOT_CACHED, setup_template, simulated_breakdown
+    from vramfit.memory.replay import simulated_breakdown
+    from vramfit.memory.template_cache import NOT_CACHED, setup_template
 
     how = mode(asked)
     if how == "now":
@@ -96,7 +97,8 @@ def build_job(path: str) -> None:
     marker removed."""
     import warnings
 
-    from vramfit.memory.replay import post_template, setup_template
+    from vramfit.memory.replay import post_template
+    from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import Setup, resolve_targets
     from vramfit.model.spec import spec_from_config
 

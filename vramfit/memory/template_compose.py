@@ -133,15 +133,14 @@ def _donors(setup):
                     yield d
 
 
-def composed(spec, setup, targets, grad_accum: int = 1):
-    """A composed template of `setup` from cached templates (see the module), checked to expand at the
-    setup's own shape; None where none composes."""
-    from vramfit.memory.replay import setup_template, template_key
+def composed(spec, setup, grad_accum: int, key: str, cached):
+    """A composed template of `setup` (its template key `key`) from cached templates (see the module), checked
+    to expand at the setup's own shape; None where none composes.  `cached(setup, grad_accum)`: that setup's
+    cached exact template or None (template_cache.setup_template without building or composing)."""
     from vramfit.memory.template import TILES_GENERAL, NoTemplate, expand, regime, regime_info
 
     if setup.liger or setup.packing or setup.activation_offloading:
         return None
-    key = template_key(spec, setup, grad_accum)
     hit = _COMPOSED.get(key)
     if hit is not None:
         return hit
@@ -150,7 +149,7 @@ def composed(spec, setup, targets, grad_accum: int = 1):
     for opt in BODY_OPTIMS:
         if opt == setup.optim:
             continue
-        tpl = setup_template(spec, replace(setup, optim=opt), targets, grad_accum, build=False, compose=False)["template"]
+        tpl = cached(replace(setup, optim=opt), grad_accum)
         if tpl is None:
             continue
         bm = {}
@@ -163,7 +162,7 @@ def composed(spec, setup, targets, grad_accum: int = 1):
     if body is None:
         return None
     for d in _donors(setup):
-        tpl = setup_template(spec, d, targets, 1, build=False, compose=False)["template"]
+        tpl = cached(d, 1)
         if tpl is None:
             continue
         for s in dict.fromkeys((S,) + DONOR_SEQ):

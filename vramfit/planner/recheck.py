@@ -51,7 +51,7 @@ def _ensure_template(spec, setup, targets) -> None:
     import sys
     import warnings
 
-    from vramfit.memory.replay import NOT_CACHED, setup_template
+    from vramfit.memory.template_cache import NOT_CACHED, setup_template
 
     got = setup_template(spec, setup, targets, setup.grad_accum, build=False)
     if got["template"] is not None or got["note"] != NOT_CACHED:

@@ -197,7 +197,7 @@ class MemoryTracker(TrainerCallback):
             self._file.close()
             self._file = None
         if self.plot_path is not None:
-            from vramfit.report import memory_timeline_plot
+            from vramfit.run.timeline_plot import memory_timeline_plot
 
             memory_timeline_plot(self.records_of_last_session(), self.plot_path)
         self._finished = True

@@ -1,0 +1,112 @@
+"""Which event template (vramfit.memory.template) a setup has: its cache key (the config, the setup's discrete
+fields, its regime, the traced libraries' versions and the replay's code) and `setup_template`: from the user
+cache or the bundle, composed from other cached ones (vramfit.memory.template_compose), or built now and
+checked against the real replay at the setup itself before it is kept."""
+
+from __future__ import annotations
+
+from vramfit.memory.setup import Setup
+
+# the code whose behaviour a template freezes: an edit to any of these rebuilds the templates
+_REPLAY_SOURCES = ("memory/events.py", "memory/kernels.py", "memory/template.py", "memory/template_build.py",
+                   "memory/template_record.py", "model/emulate.py", "model/trace.py", "model/spec.py")
+
+
+def _code_digest() -> str:
+    from vramfit.versions import source_digest
+
+    return source_digest(*_REPLAY_SOURCES)
+
+
+def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = False) -> str:
+    """The cache digest of `setup`'s template: the config, the setup's discrete fields, its regime,
+    the libraries traced and the replay's code.  `exact_tiles`: the fused loss's own tile count in
+    the regime even where one template serves every count >= 2 (template.tiles_general)."""
+    from vramfit.memory.template import FORMAT, regime, regime_info
+    from vramfit.model import cache
+    from vramfit.versions import installed
+
+    discrete = (setup.method, setup.precision, setup.optim, setup.attn, setup.loss, setup.padded, setup.grad_ckpt,
+                setup.targets if setup.method != "full" else "", setup.method != "full" and setup.lora_dropout > 0,
+                setup.double_quant, setup.quant_type)
+    if setup.method == "qlora" and not setup.kbit_prep:  # a key with it is as it was
+        discrete += ("no-kbit-prep",)
+    if setup.method == "qlora" and setup.loss == "fused" and not setup.trl_adapter_cast:  # the old harness runs'
+        discrete += ("fp32-adapters",)
+    if setup.liger or setup.packing or setup.activation_offloading:  # a lever-free key is as it was
+        from vramfit.memory.levers import key_part
+
+        discrete += key_part(setup)
+    versions = installed("torch", "transformers", "peft", "trl", "accelerate")
+    reg = regime(regime_info(spec, setup, exact_tiles), setup.micro_batch, setup.seq_len, grad_accum,
+                 setup.lora_r if setup.method != "full" else 0)
+    return cache.template_digest(spec.config_hash, discrete, reg, versions, _code_digest(), FORMAT)
+
+
+NOT_CACHED = "no event template cached for this setup"
+
+
+def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool = True,
+                   exact_tiles: bool = False, compose: bool = True) -> dict:
+    """The setup's event template: {"template"} from the user cache or the bundle, or, with
+    `build`, built now (torch, ~10-60 s), checked against the real replay at this very setup and
+    cached, exact or not: then {"template" (None if not exact), "first": (the real replay's
+    simulate result, training_events' result), "note"}; {"template": None, "note"} where none.
+    The fused loss's template for every tile count >= 2 (template.tiles_general) is tried first;
+    where it cannot be built (the tile loops allocate after all), its entry says so ("tiles": "exact")
+    and the template of this very tile count answers (`exact_tiles`), as for the other setups.
+    `compose`: where none is cached, one composed from cached templates of other optimizers
+    (vramfit.memory.template_compose) answers before any build."""
+    if compose:
+        got = setup_template(spec, setup, targets, grad_accum, False, exact_tiles, compose=False)
+        if got["note"] == NOT_CACHED:
+            from vramfit.memory.template_compose import composed
+
+            tpl = composed(spec, setup, grad_accum, template_key(spec, setup, grad_accum),
+                           lambda s, ga: setup_template(spec, s, targets, ga, False, compose=False)["template"])
+            if tpl is not None:
+                return {"template": tpl, "note": ""}
+        if not build or got["note"] != NOT_CACHED:
+            return got
+        return setup_template(spec, setup, targets, grad_accum, True, exact_tiles, compose=False)
+    from vramfit.memory.kernels import Unsupported
+    from vramfit.memory.template import TILES_GENERAL, NoTemplate, regime, regime_info
+    from vramfit.model import cache
+
+    if setup.activation_offloading:
+        return {"template": None, "note": "no event template for activation offloading (its host copies are "
+                                          "recorded on the meta device only)"}
+    general = regime(regime_info(spec, setup, exact_tiles), setup.micro_batch, setup.seq_len)[3] == TILES_GENERAL
+    key = template_key(spec, setup, grad_accum, exact_tiles)
+    entry = cache.load_template(key)
+    if general and (entry.get("tiles") == "exact" if entry is not None else not build):  # the count's own
+        return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
+    if entry is not None:
+        if entry.get("exact"):
+            return {"template": entry["template"], "note": ""}
+        return {"template": None, "note": f"no event template: {entry.get('reason', 'not exact')}"}
+    if not build:
+        return {"template": None, "note": NOT_CACHED}
+    from vramfit.memory.template_build import build as build_template
+    from vramfit.memory.template_build import check_full_size
+
+    try:
+        tpl = build_template(spec, setup, setup.micro_batch, setup.seq_len, grad_accum, exact_tiles=exact_tiles)
+    except (NoTemplate, Unsupported) as exc:
+        general = general and isinstance(exc, NoTemplate)  # then the tile count's own template answers
+        cache.store_template(key, {"exact": False, "reason": str(exc), **({"tiles": "exact"} if general else {})})
+        return setup_template(spec, setup, targets, grad_accum, build, True, compose=False) if general else {
+            "template": None, "note": f"no event template: {exc}"}
+    except Exception as exc:  # noqa: BLE001  the builder's own failure: not cached, the real replay answers
+        return {"template": None, "note": f"building the event template failed ({type(exc).__name__}: {exc})"}
+    ok, sim, res, why = check_full_size(tpl, spec, setup, targets, grad_accum)
+    general = general and not ok and sim is not None
+    cache.store_template(key, {"exact": True, "template": tpl} if ok else
+                         {"exact": False, "reason": why, **({"tiles": "exact"} if general else {})})
+    if general:
+        return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
+    if sim is None:
+        return {"template": None, "note": f"no event template: {why}"}
+    note = (f"the event template built for this setup ({tpl['build']['seconds']:.0f} s) "
+            + ("reproduced the real replay exactly and is cached" if ok else f"did not ({why}) and is not used"))
+    return {"template": tpl if ok else None, "first": (sim, res), "note": note}
