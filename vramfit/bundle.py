@@ -52,6 +52,10 @@ def template_grid() -> list:
             for p in TEMPLATE_PRECISIONS for m in methods for ck in (False, True)]
     out += [dict(method="qlora", precision=p, loss=loss, grad_ckpt=ck, micro_batch=1, seq_len=512)
             for p in TEMPLATE_PRECISIONS for loss in ("logits", "fused") for ck in (False, True)]
+    # a bitsandbytes optimizer's regime counts the LoRA matrices past its size thresholds: other ranks' donors
+    out += [dict(method=m, precision=p, loss=loss, optim="paged_adamw_8bit", lora_r=r) for r in (64, 8)
+            for p in TEMPLATE_PRECISIONS for m in ("lora", "qlora")
+            for loss in (("logits", "fused") if m == "qlora" else ("logits",))]
     return out
 
 
