@@ -86,6 +86,7 @@ def test_composed_estimate_and_the_post_stream(built):
     assert post["source"] == "template"
     sim, note = template_replay(spec, s, targets, build=False)
     assert sim is not None, note
+    assert "composed from the template of this setup under adamw_torch" in note
     bd, _ = estimate_setup(spec, s, DEFAULT)
     mine = with_phases(bd, sim, DEFAULT, note)
     real = simulated_breakdown(spec, s, targets, bd, DEFAULT)

@@ -340,7 +340,8 @@ def template_replay(spec, setup: Setup, targets, build: bool = True, after: bool
             return None, f"the event template does not expand here ({type(exc).__name__}: {exc})"
         parts = [(events, marks)]
         note = (f"reserved and device peaks from the allocator simulation of {len(events):,} allocations and "
-                f"frees of 2 steps, expanded from the setup's event template")
+                f"frees of 2 steps, expanded from the setup's event template"
+                + (f" ({tpl['note']})" if tpl.get("note") else ""))
     if after:
         post = post_stream(spec, setup, targets, eval_batch, build=build)
         parts.append((post["events"], post["marks"]))

@@ -157,7 +157,7 @@ def composed(spec, setup, grad_accum: int, key: str, cached):
             body_events = expand(tpl, B, S, r, L, grad_accum, bm)
         except (NoTemplate, KeyError, IndexError, TypeError, ValueError):
             continue
-        body = tpl
+        body, body_optim = tpl, opt
         break
     if body is None:
         return None
@@ -175,7 +175,10 @@ def composed(spec, setup, grad_accum: int, key: str, cached):
                 splice(body_events, bm, donor_events, dm)
             except (NoTemplate, NotComposable, KeyError, IndexError, TypeError, ValueError):
                 continue
-            out = {"composed": {"body": body, "donor": tpl, "donor_shape": [d.micro_batch, s]}}
+            out = {"composed": {"body": body, "donor": tpl, "donor_shape": [d.micro_batch, s]},
+                   "note": f"composed from the template of this setup under {body_optim} and the optimizer phases of "
+                           f"its template at micro-batch {d.micro_batch}"
+                           + (", checkpointed" if d.grad_ckpt else "") + f", {d.loss} loss"}
             _COMPOSED[key] = out
             while len(_COMPOSED) > _KEPT:
                 _COMPOSED.pop(next(iter(_COMPOSED)))
