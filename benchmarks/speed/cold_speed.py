@@ -13,7 +13,8 @@ the first time and <= 0.5 s after.
 (`vramfit.bundle.TEMPLATE_PROFILES`) and the axes a user varies (method, precision, optimizer,
 checkpointing, micro-batch, sequence, rank, loss), each timed the same way: how much of "any setup"
 the bundle answers within the target, and what the rest costs.  Each line: the command, its wall seconds, whether it built an event
-template (the replay's ~10-60 s first build) and its exit code; one JSON line per command to --out.
+template (the replay's ~10-60 s first build), what answered (its own template, a composed one, the real replay)
+and its exit code; one JSON line per command to --out.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def run(args: list, cache: str) -> dict:
     return {"command": "vramfit " + " ".join(args), "seconds": round(wall, 2), "rc": p.returncode,
             "built_template": "template built for this setup" in p.stdout + p.stderr
             or "building the allocator replay" in p.stderr,
+            "answer": ("composed template" if "composed from the template" in p.stdout.replace("\n", " ") else
+                       "template" if "expanded from the setup's event template" in p.stdout.replace("\n", " ") else
+                       "real replay" if any(x in p.stdout.replace("\n", " ") for x in (
+                           "replayed on the meta device", "no event template built")) else "other"),
             "first_line": (p.stdout.strip().splitlines() or [""])[0][:160]}
 
 
@@ -99,12 +104,15 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as cache:
             rec = dict(run(args, cache), what=what, cache="empty", environment=env)
         lines.append(rec)
-        print(f"{rec['seconds']:7.2f} s  rc {rec['rc']}  template built: {rec['built_template']!s:5}  {rec['command']}",
-              flush=True)
+        print(f"{rec['seconds']:7.2f} s  rc {rec['rc']}  {rec['answer']:17}  {rec['command']}", flush=True)
     if a.sample:
         secs = sorted(r["seconds"] for r in lines)
         within = sum(1 for x in secs if x <= 1.5)
         print(f"{within} of {len(secs)} within 1.5 s; median {secs[len(secs) // 2]:.2f} s, max {secs[-1]:.2f} s")
+        kinds = sorted({r["answer"] for r in lines})
+        for k in kinds:
+            own = sorted(r["seconds"] for r in lines if r["answer"] == k)
+            print(f"  {k}: {len(own)}, median {own[len(own) // 2]:.2f} s, max {own[-1]:.2f} s")
     if (not a.only or "config.json" in a.only) and not a.sample:
         with tempfile.TemporaryDirectory() as d:
             cfg = Path(d) / "config.json"
