@@ -54,11 +54,19 @@ def run(args: list, cache: str) -> dict:
     return {"command": "vramfit " + " ".join(args), "seconds": round(wall, 2), "rc": p.returncode,
             "built_template": "template built for this setup" in p.stdout + p.stderr
             or "building the allocator replay" in p.stderr,
-            "answer": ("composed template" if "composed from the template" in p.stdout.replace("\n", " ") else
-                       "template" if "expanded from the setup's event template" in p.stdout.replace("\n", " ") else
-                       "real replay" if any(x in p.stdout.replace("\n", " ") for x in (
-                           "replayed on the meta device", "no event template built")) else "other"),
+            "answer": _answer(" ".join(p.stdout.split())),
             "first_line": (p.stdout.strip().splitlines() or [""])[0][:160]}
+
+
+def _answer(out: str) -> str:
+    """What answered, from the estimate's notes (whitespace folded)."""
+    if "composed from the template" in out:
+        return "composed template"
+    if "expanded from the setup's event template" in out:
+        return "template"
+    if "replayed on the meta device" in out or "no event template built" in out:
+        return "real replay"
+    return "other"
 
 
 SAMPLE_AXES = {

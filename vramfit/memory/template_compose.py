@@ -127,10 +127,11 @@ def _donors(setup):
     for loss in losses:
         for mb in (setup.micro_batch,) + DONOR_MICRO_BATCHES:
             for ckpt in (setup.grad_ckpt, not setup.grad_ckpt):
-                d = replace(setup, loss=loss, micro_batch=mb, grad_ckpt=ckpt, grad_accum=1)
-                if d not in seen:
-                    seen.add(d)
-                    yield d
+                for seq in (setup.seq_len,) + DONOR_SEQ:  # the sequence only picks the regime (the key's)
+                    d = replace(setup, loss=loss, micro_batch=mb, grad_ckpt=ckpt, seq_len=seq, grad_accum=1)
+                    if d not in seen:
+                        seen.add(d)
+                        yield d
 
 
 def composed(spec, setup, grad_accum: int, key: str, cached):
@@ -165,22 +166,21 @@ def composed(spec, setup, grad_accum: int, key: str, cached):
         tpl = cached(d, 1)
         if tpl is None:
             continue
-        for s in dict.fromkeys((S,) + DONOR_SEQ):
-            dm = {}
-            try:  # the donor is expanded at a shape of its own regime
-                if regime(regime_info(spec, d, tpl["regime"][3] not in (0, TILES_GENERAL)), d.micro_batch, s, 1,
-                          r if d.method != "full" else 0) != tpl["regime"]:
-                    continue
-                donor_events = expand(tpl, d.micro_batch, s, r, L, 1, dm)
-                splice(body_events, bm, donor_events, dm)
-            except (NoTemplate, NotComposable, KeyError, IndexError, TypeError, ValueError):
+        s, dm = d.seq_len, {}
+        try:  # the donor is expanded at a shape of its own regime
+            if regime(regime_info(spec, d, tpl["regime"][3] not in (0, TILES_GENERAL)), d.micro_batch, s, 1,
+                      r if d.method != "full" else 0) != tpl["regime"]:
                 continue
-            out = {"composed": {"body": body, "donor": tpl, "donor_shape": [d.micro_batch, s]},
-                   "note": f"composed from the template of this setup under {body_optim} and the optimizer phases of "
-                           f"its template at micro-batch {d.micro_batch}"
-                           + (", checkpointed" if d.grad_ckpt else "") + f", {d.loss} loss"}
-            _COMPOSED[key] = out
-            while len(_COMPOSED) > _KEPT:
-                _COMPOSED.pop(next(iter(_COMPOSED)))
-            return out
+            donor_events = expand(tpl, d.micro_batch, s, r, L, 1, dm)
+            splice(body_events, bm, donor_events, dm)
+        except (NoTemplate, NotComposable, KeyError, IndexError, TypeError, ValueError):
+            continue
+        out = {"composed": {"body": body, "donor": tpl, "donor_shape": [d.micro_batch, s]},
+               "note": f"composed from the template of this setup under {body_optim} and the optimizer phases of its "
+                       f"template at micro-batch {d.micro_batch} x {s} tokens"
+                       + (", checkpointed" if d.grad_ckpt else "") + f", {d.loss} loss"}
+        _COMPOSED[key] = out
+        while len(_COMPOSED) > _KEPT:
+            _COMPOSED.pop(next(iter(_COMPOSED)))
+        return out
     return None
