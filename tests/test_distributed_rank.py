@@ -193,9 +193,9 @@ def test_ddp_buckets_cap_the_first_at_1_mib_and_the_rest_at_25(llama1b):
 
 
 def test_ddp_broadcast_keeps_at_most_two_buckets_in_flight():
-    from vramfit.memory.rank_replay import ddp_broadcast
+    from vramfit.memory.rank_replay import ddp_broadcast_states
 
-    ev = ddp_broadcast(1000 << 20)
+    ev = ddp_broadcast_states([("bfloat16", 25 << 20)] * 40)  # four 250 MiB buckets of ten tensors
     live, most = set(), 0
     for e in ev:
         live.add(e[1]) if e[0] == "a" else live.discard(e[1])

@@ -191,21 +191,6 @@ def ddp_buckets(tensors, first_cap: int = 1 << 20, cap: int = 25 << 20) -> list:
     return out + ([cur] if cur else [])
 
 
-def ddp_broadcast(nbytes: int, bucket: int = 250 << 20, in_flight: int = 2) -> list:
-    """DDP's constructor broadcasts the module's states from rank 0 (`_sync_module_states`, a no-op
-    collective under the fake group, not its buffers): torch/csrc/distributed/c10d/comm.cpp
-    broadcast_coalesced flattens the tensors into buckets of 250 MiB (DDP's broadcast_bucket_size),
-    at most 2 in flight, each freed when its copy back is done.  Events before the reducer's buckets."""
-    sizes = [bucket] * int(nbytes // bucket) + ([int(nbytes % bucket)] if nbytes % bucket else [])
-    out, live = [], []
-    for i, size in enumerate(sizes):
-        if len(live) >= in_flight:
-            out.append(("f", live.pop(0)))
-        out.append(("a", -10**6 - i, size))
-        live.append(-10**6 - i)
-    return out + [("f", x) for x in live]
-
-
 def module_states(spec, s, targets) -> list:
     """DDP's module states in `named_parameters` order, as (dtype, bytes): the embedding, each decoder layer's
     linears (weight, bias, then the adapters of a targeted one), the rest of the layer (its norms), the final

@@ -110,6 +110,11 @@ def expand_any(tpl: dict, B: int, S: int, r: int, L: int, grad_accum: int = 1, m
     if "composed" not in tpl:
         return expand(tpl, B, S, r, L, grad_accum, marks)
     c = tpl["composed"]
+    first = c.get("first")
+    if first is not None and first[0] == (B, S, r, L, grad_accum):  # spliced when it was composed
+        if marks is not None:
+            marks.update(first[2])
+        return list(first[1])
     bm, dm = {}, {}
     body = expand(c["body"], B, S, r, L, grad_accum, bm)
     donor = expand(c["donor"], c["donor_shape"][0], c["donor_shape"][1], r, L, 1, dm)
@@ -172,10 +177,12 @@ def composed(spec, setup, grad_accum: int, key: str, cached):
                       r if d.method != "full" else 0) != tpl["regime"]:
                 continue
             donor_events = expand(tpl, d.micro_batch, s, r, L, 1, dm)
-            splice(body_events, bm, donor_events, dm)
+            marks = {}
+            events = splice(body_events, bm, donor_events, dm, marks)
         except (NoTemplate, NotComposable, KeyError, IndexError, TypeError, ValueError):
             continue
-        out = {"composed": {"body": body, "donor": tpl, "donor_shape": [d.micro_batch, s]},
+        out = {"composed": {"body": body, "donor": tpl, "donor_shape": [d.micro_batch, s],
+                            "first": ((B, S, r, L, grad_accum), events, marks)},  # the setup's own expansion
                "note": f"composed from the template of this setup under {body_optim} and the optimizer phases of its "
                        f"template at micro-batch {d.micro_batch} x {s} tokens"
                        + (", checkpointed" if d.grad_ckpt else "") + f", {d.loss} loss"}
