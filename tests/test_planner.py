@@ -565,3 +565,33 @@ def test_step_down_skips_setups_the_failed_replays_overshoot_rules_out(monkeypat
     assert _next_to_try(None, ev, fitting, 3, {}, int(10.62 * GiB), None)[0] == 4
     monkeypatch.setattr(replay_mod, "capped_replay", lambda *a, **k: {"device_bytes": int(10.5 * GiB)})  # no overshoot
     assert _next_to_try(None, ev, fitting, 0, {}, int(10.62 * GiB), None) == (1, 0)
+
+
+def test_step_down_skips_other_optimizers_of_a_setup_that_ran_out_before_its_first_step(monkeypatch):
+    """A replay that runs out of memory before the first optimizer step (load, step 0's forward or
+    backward) rules out the same setup under every other optimizer with the same allocator settings,
+    wherever they stand in the ranking; past the first step the optimizer matters and nothing is ruled out."""
+    from types import SimpleNamespace as NS
+
+    import vramfit.memory.replay as replay_mod
+    from vramfit.memory.setup import Setup
+    from vramfit.planner.recheck import _before_optimizer, _next_to_try
+
+    GiB = 1 << 30
+    base = Setup(method="lora", micro_batch=4, grad_accum=4, grad_ckpt=True, optim="adamw_torch_fused")
+    other = Setup(method="lora", micro_batch=2, grad_accum=8, grad_ckpt=True, optim="adamw_torch_fused")
+    fitting = [NS(setup=s, device_bytes=int(9 * GiB)) for s in
+               (base, base.with_(optim="paged_adamw_32bit"), base.with_(allocator="expandable"),
+                base.with_(optim="adafactor"), other, base.with_(optim="sgd", lora_r=8))]
+    ev = NS(memory=lambda setup: (None, ()))
+    monkeypatch.setattr(replay_mod, "capped_replay", lambda *a, **k: {"device_bytes": int(9 * GiB)})  # no overshoot
+    usable = int(10 * GiB)
+    assert _next_to_try(None, ev, fitting, 0, {}, usable, None) == (1, 0)  # nothing ruled out
+    assert _next_to_try(None, ev, fitting, 0, {}, usable, None, (base,)) == (2, 1)  # paged_adamw_32bit skipped
+    # the expandable twin ran out too: adafactor (native) is skipped as base's twin, the other micro-batch tried
+    assert _next_to_try(None, ev, fitting, 2, {}, usable, None, (base, fitting[2].setup)) == (4, 1)
+    assert _next_to_try(None, ev, fitting, 4, {}, usable, None, (base,)) == (5, 0)  # sgd at another rank differs
+    assert _before_optimizer("step0.backward") and _before_optimizer("load") and _before_optimizer("after_load")
+    assert _before_optimizer("step0.micro1.forward") and _before_optimizer("step0.clip")
+    assert not _before_optimizer("step0.optimizer") and not _before_optimizer("step1.forward")
+    assert not _before_optimizer(None) and not _before_optimizer("step0.post_step")

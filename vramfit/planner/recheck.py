@@ -96,12 +96,31 @@ def next_larger(ev, setup, device, usable_bytes: int, fits, limit: int = 1024):
     return cand(hi, 1)
 
 
-def _next_to_try(spec, ev, fitting: list, k: int, r: dict, usable: int, constants) -> tuple:
+def _before_optimizer(phase) -> bool:
+    """Whether a replay that ran out of memory in `phase` did so before the first optimizer step: in the
+    load or in step 0's forwards, backwards or clipping, which no optimizer takes part in (its states are
+    made by its first step; vramfit.memory.template_compose rests on the same fact)."""
+    if not phase:
+        return False
+    if not phase.startswith("step"):
+        return phase != "end"
+    head, _, rest = phase.partition(".")
+    return head == "step0" and rest not in ("optimizer", "post_step")
+
+
+def _optimizer_twin(setup, other) -> bool:
+    """`setup` is `other` under another optimizer (and nothing else differs)."""
+    return setup.optim != other.optim and replace(setup, optim=other.optim) == other
+
+
+def _next_to_try(spec, ev, fitting: list, k: int, r: dict, usable: int, constants, ruled: tuple = ()) -> tuple:
     """After the replay of fitting[k] ran out of memory: the index of the next setup worth replaying,
     and how many were skipped.  The failed setup's uncapped replay over its fast figure is the fast
     model's shortfall there; a setup below it in the ranking with the same allocator settings whose
     fast figure, scaled by that ratio, is still over the budget is skipped (each replay of a new setup
-    costs a template build).  Setups with other allocator settings are always tried."""
+    costs a template build).  Setups with other allocator settings are tried unless `ruled` rules them
+    out: setups whose replay ran out of memory before the first optimizer step, where the same setup
+    under any other optimizer runs out of memory the same way (`_before_optimizer`)."""
     from vramfit.memory.kernels import Unsupported
     from vramfit.memory.replay import capped_replay
 
@@ -111,13 +130,18 @@ def _next_to_try(spec, ev, fitting: list, k: int, r: dict, usable: int, constant
         unc = capped_replay(spec, failed.setup, targets, 1 << 62, constants)
         ratio = unc["device_bytes"] / max(failed.device_bytes, 1)
     except Unsupported:
-        return k + 1, 0
-    j = k + 1
+        ratio = 0.0
+    j, overshoot = k + 1, ratio > 0
     while j < len(fitting):
         c = fitting[j]
-        if c.setup.allocator != failed.setup.allocator or c.device_bytes * ratio <= usable:
-            break
-        j += 1
+        if overshoot and c.setup.allocator == failed.setup.allocator and c.device_bytes * ratio > usable:
+            j += 1
+            continue
+        overshoot = False
+        if any(_optimizer_twin(c.setup, f) for f in ruled):
+            j += 1
+            continue
+        break
     return j, j - k - 1
 
 
@@ -145,6 +169,7 @@ def recheck(p, spec, ev, constants=None):
     fitting = list(p.candidates)
     chosen = p.chosen
     i = k = 0
+    ruled = []  # setups that ran out of memory before their first optimizer step
     while chosen is not None:
         ok, r = replay_verdict(spec, ev, chosen.setup, usable, constants)
         rows.append(_row("chosen", chosen, ok, r))
@@ -155,12 +180,15 @@ def recheck(p, spec, ev, constants=None):
             break
         i += 1
         changed.append("stepped_down")
-        k, skipped = _next_to_try(spec, ev, fitting, k, r, usable, constants)
+        if _before_optimizer(r.get("oom_phase")):
+            ruled.append(chosen.setup)
+        k, skipped = _next_to_try(spec, ev, fitting, k, r, usable, constants, tuple(ruled))
         nxt = fitting[k] if k < len(fitting) else None
         notes.append(f"allocator replay: {_text(chosen.setup)} runs out of memory under a "
                      f"{fmt_bytes(limit)} allocator cap ({r.get('oom_phase')}): "
                      + (f"stepped down to {_text(nxt.setup)}" if nxt else "nothing below it in the ranking")
-                     + (f" (skipped {skipped} setups its replay's overshoot rules out)" if skipped else ""))
+                     + (f" (skipped {skipped} setups its replay's overshoot or its optimizer-free phase rules out)"
+                        if skipped else ""))
         chosen = nxt
     if chosen is None:
         from vramfit.errors import VramfitError
