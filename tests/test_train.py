@@ -401,14 +401,32 @@ def test_batch_lengths_follow_the_data_and_simulated_predictions_replay_them(tin
     assert lens == batch_lengths(rows, 2, 256, 10, 1) and lens != batch_lengths(rows, 2, 256, 10, 2)
     assert batch_lengths([], 2, 256, 10, 1) == []
     s = make_setup(**LORA, lora_r=8, seq_len=256, padded=True)
-    fast = predict(tiny_spec, s)
+    uniform = predict(tiny_spec, s)
     sim = predict(tiny_spec, s, seq_lens=lens)
     assert "10 steps of the data's padded batch lengths" in sim["notes"][0]
     # the allocated peak is the longest batch's, which the replay and the fast model agree on to 2%
     assert sim["peak_allocated_bytes"] == pytest.approx(
         predict(tiny_spec, s.with_(seq_len=max(lens)))["peak_allocated_bytes"], rel=0.02)
     assert sim["device_bytes"] >= sim["peak_reserved_bytes"] >= sim["peak_allocated_bytes"]
-    assert "notes" not in fast
+    assert "notes" not in uniform
+
+
+def test_the_run_is_predicted_by_the_allocator_replay_as_estimate_answers(tiny_spec, monkeypatch):
+    """vramfit train's prediction (its fit check, live view and report) is the default answer of `vramfit
+    estimate` -- the allocator replay of the whole run -- not the fitted figure the planner prunes with."""
+    from vramfit.memory.constants import DEFAULT
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.replay import replayed_breakdown
+
+    monkeypatch.setenv("VRAMFIT_TEMPLATE_BUILD", "off")
+    s = make_setup(**dict(LORA, micro_batch=2), lora_r=8, seq_len=96)
+    got = predict(tiny_spec, s)
+    bd, targets = estimate_setup(tiny_spec, s)
+    want = replayed_breakdown(tiny_spec, s, targets, bd, DEFAULT)
+    peaks = ("peak_allocated_bytes", "peak_reserved_bytes", "device_bytes")
+    assert tuple(got[k] for k in peaks) == tuple(getattr(want, k) for k in peaks)
+    fitted = predict(tiny_spec, s, replay=False)
+    assert tuple(fitted[k] for k in peaks) == tuple(getattr(bd, k) for k in peaks) != tuple(got[k] for k in peaks)
 
 
 def test_sequential_sampling_resumes_a_mid_run_oom_from_its_checkpoint_with_steps_counted_once(workdir, model_dir,

@@ -448,7 +448,8 @@ def train(
     simulate_allocator: Optional[bool] = typer.Option(
         None, "--simulate-allocator/--no-simulate-allocator", help="predict the reserved and device peaks by "
         "replaying 25 steps of the data's own padded batch lengths through a model of torch's caching allocator "
-        "(10-40 s on a CPU for 1B-7B models; closer where batches vary in length) [default: on a GPU]"),
+        "(10-40 s on a CPU for 1B-7B models; closer where batches vary in length); off: the replay of batches "
+        "of the sequence length, as `vramfit estimate` [default: on a GPU]"),
     enforce_budget: bool = typer.Option(False, "--enforce-budget", help="emulate the smaller card of --gpu on this "
                                         "one: torch's allocator is capped (set_per_process_memory_fraction) so the "
                                         "process stays within --gpu less the headroom, CUDA context included"),

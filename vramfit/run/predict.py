@@ -69,16 +69,26 @@ def runtime_problem(s: Setup, cuda: bool) -> str | None:
 SIMULATED_STEPS = 25
 
 
-def predict(spec, s: Setup, constants=None, seq_lens=None) -> dict:
-    """The three peaks of `s`.  `seq_lens` (`--simulate-allocator`): the reserved and device peaks
-    from replaying that many steps of those padded batch lengths through the allocator model."""
+def predict(spec, s: Setup, constants=None, seq_lens=None, replay: bool = True) -> dict:
+    """The three peaks of `s`: the allocator replay's, as `vramfit estimate` answers (the whole run: load,
+    the steps, an evaluation and a checkpoint save; from the setup's event template where one is cached,
+    else replayed on the meta device, no template built here).  `seq_lens` (`--simulate-allocator`): the
+    steps replayed at those padded batch lengths instead.  `replay=False`: the fitted analytic figure."""
+    from vramfit.memory.constants import DEFAULT
     from vramfit.memory.estimate import estimate_setup
     from vramfit.memory.replay import simulated_breakdown
-    from vramfit.memory.constants import DEFAULT
 
     bd, targets = estimate_setup(spec, s, constants)
     if seq_lens:
         bd = simulated_breakdown(spec, s, targets, bd, constants or DEFAULT, seq_lens=list(seq_lens))
+    elif replay:
+        from vramfit.memory.kernels import Unsupported
+        from vramfit.memory.template_bg import replayed_breakdown
+
+        try:
+            bd = replayed_breakdown(spec, s, targets, bd, constants or DEFAULT, template_build="off")
+        except Unsupported:  # what the replay does not cover keeps the fitted figure
+            pass
     out = {"peak_allocated_bytes": bd.peak_allocated_bytes, "peak_reserved_bytes": bd.peak_reserved_bytes,
            "device_bytes": bd.device_bytes, "peak_phase": bd.peak_phase, "breakdown": dict(bd.components),
            "tokens_per_micro_batch": s.tokens, "host_bytes": bd.host_bytes}

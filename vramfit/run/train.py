@@ -362,7 +362,7 @@ def train(model: str, data: str, options: RunOptions | None = None, setup_option
     over = budget is not None and predicted["device_bytes"] > budget
     if over and plan is not None and plan.replay is not None:  # the planner replayed it under the budget's cap
         say(f"note: the planner's allocator replay under the budget's cap fits this setup; the prediction above "
-            f"(uncapped{', the fast model' if not seq_lens else ''}) is over it")
+            f"(uncapped) is over it")
         over = False
     if opts.fit_check and over and not saved:
         raise VramfitError(f"{report.setup_label(s)} is predicted to need {report.fmt_bytes(predicted['device_bytes'])}"
