@@ -128,19 +128,27 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
     emb_in_backward = full or (s.grad_ckpt and s.method != "full")
     # ---- what is gathered at each moment
     keep_tail = U_tail if tied else 0  # the tied tail holds the embedding: gathered all step
+    # trl's fused loss calls its own kernel with lm_head.weight instead of the LM head's forward: untied, the
+    # tail's FSDP hooks never run and the sharded weight (a DTensor) is gathered whole, once, on the default
+    # stream for the loss's forward and freed after it (the loss's gradient is made in the forward); the last
+    # flat output held to the root's post-forward is then the top layer's (h100-2026-12-07g memory histories,
+    # llama-3.1-8b[8] LoRA under fsdp-full and fsdp-grad-op)
+    dtensor_head = s.loss == "fused" and not tied and not full  # (full fine-tuning: not measured so)
+    last_flat = U if (tied or dtensor_head) else U_tail
     if full_shard:
         g_fwd_layer = keep_tail + 2 * U  # running layer + its flat all-gather output
-        g_fwd_loss = U_tail + (U if tied else U_tail)  # the tail + the last flat output (to the root's post-forward)
-        g_bwd_loss = U_tail
-        g_bwd_head = U_tail + (U if s.loss != "fused" else 0)  # logits path: the tail's pre-backward prefetch
+        g_fwd_loss = U_tail + last_flat  # the tail (or the gathered LM-head weight) + the last flat output
+        g_bwd_loss = 0 if dtensor_head else U_tail
+        g_bwd_head = g_bwd_loss + (U if s.loss != "fused" else 0)  # logits path: the tail's pre-backward prefetch
         g_top = keep_tail + 2 * U  # the layer + the next one's prefetched flat output
         g_bottom = keep_tail + U + (U_emb if not tied else 0)  # + the embedding's prefetched flat output
-        g_end = U_emb if emb_in_backward else 0
+        # the untied embedding re-gathered last (LoRA, checkpointed): its copy-out beside its own flat output
+        g_end = (U_emb if (tied or full) else 2 * U_emb) if emb_in_backward else 0
     else:  # SHARD_GRAD_OP: gathered from its forward to its backward, no all-gather in the backward
         keep = keep_tail or U_emb
         g_fwd_layer = keep + L * U + U
-        g_fwd_loss = keep + L * U + U_tail * (0 if tied else 1) + (U if tied else U_tail)
-        g_bwd_loss = g_bwd_head = keep + L * U + (0 if tied else U_tail)
+        g_fwd_loss = keep + L * U + U_tail * (0 if tied else 1) + last_flat
+        g_bwd_loss = g_bwd_head = keep + L * U + (0 if (tied or dtensor_head) else U_tail)
         g_top, g_bottom, g_end = keep + L * U, keep + U, U_emb
     if fsdp1:
         g_fwd_layer, g_fwd_loss, g_bwd_loss = U_tail + U, U_tail, U_tail
@@ -148,7 +156,11 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
         if not full_shard:
             g_fwd_layer, g_fwd_loss = U_tail + L * U, U_tail + L * U
             g_bwd_loss = g_bwd_head = g_top = U_tail + L * U
-    held = {"forward_layer": {"fsdp_gathered_params": g_fwd_layer},
+    # the first layer's copy-out runs beside the flat output of the unit gathered before it (the tied
+    # tail, or the untied embedding), freed only then (h100-2026-12-07g history of llama-3.2-1b LoRA)
+    prev_flat = (U_tail if tied else U_emb) if full_shard and not fsdp1 else 0
+    held = {"forward_first": {"fsdp_gathered_params": keep_tail + 2 * U + prev_flat} if prev_flat else {},
+            "forward_layer": {"fsdp_gathered_params": g_fwd_layer},
             "forward_loss": {"fsdp_gathered_params": g_fwd_loss},
             "backward_loss": {"fsdp_gathered_params": g_bwd_loss},
             "backward_head": {"fsdp_gathered_params": g_bwd_head},
@@ -173,9 +185,11 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
     # flat all-gather outputs and, under mixed precision, each unit's all-gather input (copy-in stream:
     # two outputs at once in the forward), the reduce-scatter outputs and the sharded gradients
     # (reduce-scatter stream: freed by zero_grad, cached for the next step) -- replayed (`stream_pools`)
-    flat_in_use = {"forward_layer": U, "forward_loss": U if tied else U_tail,
+    flat_in_use = {"forward_first": U + prev_flat, "forward_layer": U, "forward_loss": last_flat,
                    "backward_head": U if (full_shard and s.loss != "fused") else 0,
                    "backward_top": U if full_shard else 0, "backward_bottom": U_emb if full_shard else 0}
+    if full_shard and not tied and not full and emb_in_backward and end_a >= end_b:  # the embedding's flat output
+        flat_in_use["backward_end"] = U_emb
     if fsdp1:  # FSDP1 all-gathers into each unit's padded flat parameter: no copy-in stream output
         flat_in_use = {}
     rs_in_use = {"backward_top": tail_s, "backward_bottom": g_s_layers * (L - 1) / L + tail_s,
@@ -186,7 +200,8 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
         # gather's: accelerate's float32 upcast under MixedPrecisionPolicy(param_dtype=bf16)), trainable ones
         base_store = store if full else pb
         cast_base = mp and base_store != gb
-        unit = {"layer": (u["layer"], t_layer, adapters / L), "tail": (u["tail"], t_tail, 0),
+        unit = {"layer": (u["layer"], t_layer, adapters / L),
+                "tail": (0 if dtensor_head else u["tail"], t_tail, 0),  # (its weight gathered on the default stream)
                 "embedding": (u["embedding"], t_emb, 0)}
         spec_units = {}
         for name, (elems, trained, adapter) in unit.items():

@@ -464,7 +464,15 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
     else:
         cuts, end, L = win
     peaks = window_peaks(events, cuts, end)
-    by_window = {"forward": ("forward_layer", "forward_loss"), "backward_head": ("backward_loss", "backward_head"),
+    # the end of the backward where the gradients do not cut it (the untied embedding's backward of LoRA, the
+    # tied tail's): after the bottom layer's backward, its activations freed -- the replay's allocated at
+    # the clipping mark, not the bottom layer's window (h100-2026-12-07g history of llama-3.1-8b[8] LoRA:
+    # the embedding's re-gather after the bottom layer's backward is the step's peak)
+    end_apart = win is not None and not any(n == "backward_end" for _, n in cuts) and "step1.clip" in marks
+    if end_apart:
+        peaks["backward_end"] = window_peaks(events, [(marks["step1.clip"] - 1, "end")], marks["step1.clip"]).get(
+            "end", 0)
+    by_window = {"forward": ("forward_first", "forward_layer", "forward_loss"), "backward_head": ("backward_loss", "backward_head"),
                  "backward": tuple(k for k in at_r if PHASE[k] == "backward"), "backward_end": ("backward_end",),
                  "optimizer": ("optimizer",)}
     values, default = {}, {}
@@ -473,7 +481,7 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
             k = name[1]
             f = k / max(L - 1, 1)
             cand = {"backward_top": d["backward_top"] + (d["backward_bottom"] - d["backward_top"]) * f}
-            if k == L - 1 and not any(n == "backward_end" for _, n in cuts):
+            if k == L - 1 and not end_apart and not any(n == "backward_end" for _, n in cuts):
                 cand["backward_end"] = d["backward_end"]
             moment = max(cand, key=cand.get)
             delta, u = cand[moment], used["backward_top" if moment == "backward_top" and k < L - 1 else

@@ -18,7 +18,9 @@ from vramfit.memory.constants import DEFAULT
 from vramfit.memory.walk import FP32, Breakdown, head_terms
 
 # the moments of one step, in the order the step reaches them
-FORWARD = ("forward_layer", "forward_loss")
+# forward_first: the first decoder layer, no activations yet (FSDP2's first copy-out beside the flat
+# output of the unit gathered before it)
+FORWARD = ("forward_first", "forward_layer", "forward_loss")
 BACKWARD = ("backward_loss", "backward_head", "backward_top", "backward_bottom", "backward_end")
 MOMENTS = FORWARD + BACKWARD + ("optimizer",)
 PHASE = {**{m: "forward" for m in FORWARD}, **{m: "backward" for m in BACKWARD}, "optimizer": "optimizer"}
@@ -107,7 +109,7 @@ def single_gpu_grads(G: int, G_out: int, G_step: int, n_layers: int) -> dict:
     """The walk's gradients per moment: none in the forward (zero_grad(set_to_none)), the embeddings'
     and LM head's from the head on, one layer's more at the top, all at the bottom."""
     g_layer = (G - G_out) / max(n_layers, 1)
-    return {"forward_layer": 0, "forward_loss": 0, "backward_loss": 0, "backward_head": G_out,
+    return {"forward_first": 0, "forward_layer": 0, "forward_loss": 0, "backward_loss": 0, "backward_head": G_out,
             "backward_top": int(G_out + g_layer), "backward_bottom": G, "backward_end": G, "optimizer": G_step}
 
 
@@ -115,7 +117,7 @@ def moment_bytes(m: Moments, t: RankTerms, ws: int) -> dict:
     """Torch-allocated bytes at every moment of the step."""
     W = sum(b for _, b in t.weights)
     persist = W + t.optimizer + ws
-    acts = {"forward_layer": m.A_fwd + m.weight_copies + m.layer_fwd,
+    acts = {"forward_first": 0, "forward_layer": m.A_fwd + m.weight_copies + m.layer_fwd,
             "forward_loss": m.A_fwd + m.weight_copies + m.fwd_loss,
             "backward_loss": m.A_fwd + m.bwd_loss,
             "backward_head": m.A_fwd - m.logprobs + m.dlogits,
