@@ -5,6 +5,7 @@
 # lines in $OUT/history.jsonl (8 files back: the device tool's limit).  carry: .whl, .dswhl.
 #   bash benchmarks/distributed/history_device.sh
 #   GRID=history-lora bash benchmarks/distributed/history_device.sh   # the FSDP2 LoRA cases (fake_pg.HISTORY_LORA)
+#   GRID=history-ddp bash benchmarks/distributed/history_device.sh    # DDP full fine-tuning (fake_pg.HISTORY_DDP)
 # Here: python -m benchmarks.distributed.history FILES...   (what is live at each step's peak, by frame)
 set -uo pipefail
 source "$(dirname "$0")/../device_env.sh"
