@@ -419,6 +419,7 @@ def test_the_run_is_predicted_by_the_allocator_replay_as_estimate_answers(tiny_s
     from vramfit.memory.replay import replayed_breakdown
 
     monkeypatch.setenv("VRAMFIT_TEMPLATE_BUILD", "off")
+    monkeypatch.setenv("VRAMFIT_REPLAY", "1")  # the tests' default is the fitted figure (conftest)
     s = make_setup(**dict(LORA, micro_batch=2), lora_r=8, seq_len=96)
     got = predict(tiny_spec, s)
     bd, targets = estimate_setup(tiny_spec, s)

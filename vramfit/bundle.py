@@ -23,6 +23,16 @@ from vramfit.model import cache as live
 TEMPLATE_PROFILES = ("llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b-v0.3", "qwen2.5-7b",
                      "qwen2.5-1.5b")
 TEMPLATE_GPUS = ("12GB", "16GB", "rtx-4090", "h100")
+# more cards and sizes whose plans of TEMPLATE_PROFILES ship: the planner's accumulating setups (micro-batch
+# x accumulation) differ per budget, and the templates of these cover most budgets in between (a plan on
+# another size reuses them where it picks the same discrete setups)
+TEMPLATE_MORE_GPUS = ("24GB", "8GB", "a100-40gb", "t4", "a100-80gb", "l4", "rtx-3060", "48GB", "6GB", "10GB", "20GB",
+                      "32GB", "40GB", "64GB", "rtx-3090", "a10g", "v100-16gb", "rtx-4060-ti-16gb")
+# profiles whose default estimates, TEMPLATE_ESTIMATES and plans on DEFAULT_PROFILE_GPUS ship (not the grid)
+TEMPLATE_DEFAULT_PROFILES = ("mistral-7b-v0.1", "gemma-2-9b", "phi-3-mini", "qwen2.5-3b", "tinyllama-1.1b",
+                             "gemma-2-2b", "qwen2.5-0.5b", "llama-2-7b", "qwen2.5-14b", "smollm2-1.7b", "gemma-7b",
+                             "llama-2-13b")
+DEFAULT_PROFILE_GPUS = ("12GB", "16GB", "rtx-4090", "24GB", "h100")
 # more of the estimate's setups whose templates ship (with the defaults' and the plans'): a template covers
 # every sequence length and rank of its discrete setup, and a micro-batch of 2 or more every larger one
 # (trl's fused loss: every tile count from 2 where its tiles allocate nothing)
@@ -63,8 +73,9 @@ def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
     """Fill profiles/cache with the specs of the bundled profiles and the activation profiles of
     the default setups (`vramfit estimate` defaults, the README's QLoRA command, and what the
     default `vramfit plan` evaluates on a bf16 and on an fp16 card), and with `templates` the event
-    templates of TEMPLATE_PROFILES (see there), each checked against the real replay at the setup it
-    was built for, or the reason there is none.  `jobs` processes share the profiles."""
+    templates of TEMPLATE_PROFILES and TEMPLATE_DEFAULT_PROFILES (see there), each checked against the
+    real replay at the setup it was built for, or the reason there is none.  `jobs` processes share the
+    profiles."""
     import multiprocessing as mp
 
     dest = live.BUNDLED_ZIP
@@ -72,7 +83,9 @@ def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
     from vramfit.model.spec import list_profiles
 
     names = list(profiles or list_profiles())
-    work = [(name, str(build_dir), templates and name in TEMPLATE_PROFILES) for name in names]
+    work = [(name, str(build_dir), ("grid" if name in TEMPLATE_PROFILES else "default"
+                                    if name in TEMPLATE_DEFAULT_PROFILES else None) if templates else None)
+            for name in names]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
             for name in pool.imap_unordered(_bundle_profile, work):
@@ -87,7 +100,8 @@ def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
 
 def _bundle_profile(item) -> str:
     """One profile's entries into the build directory (a process of its own with `jobs`)."""
-    name, build_dir, templates = item
+    name, build_dir, tier = item  # tier: "grid" (TEMPLATE_PROFILES), "default" (TEMPLATE_DEFAULT_PROFILES), None
+    templates = tier is not None
     os.environ["VRAMFIT_CACHE_DIR"] = build_dir
     live.BUNDLED_ZIP = Path(build_dir) / "none.zip"  # computed afresh, not read from the old bundle
     live._specs.clear()
@@ -102,12 +116,13 @@ def _bundle_profile(item) -> str:
         estimate(name, method="qlora", grad_ckpt=True, use_calibration=False, replay=templates)
     except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
         pass
-    for kw in (TEMPLATE_ESTIMATES + tuple(template_grid())) if templates else ():
+    for kw in (TEMPLATE_ESTIMATES + (tuple(template_grid()) if tier == "grid" else ())) if templates else ():
         try:
             estimate(name, use_calibration=False, replay=True, **kw)
         except VramfitError:
             pass
-    for gpu in dict.fromkeys(TRACE_GPUS + (TEMPLATE_GPUS if templates else ())):
+    gpus = {"grid": TEMPLATE_GPUS + TEMPLATE_MORE_GPUS, "default": DEFAULT_PROFILE_GPUS}.get(tier, ())
+    for gpu in dict.fromkeys(TRACE_GPUS + gpus):
         try:  # the plan's replay (recheck) builds the templates of what it replays
             plan(name, gpu=gpu, replay=templates)
         except VramfitError:  # nothing fits: the traces it needed are stored all the same

@@ -69,15 +69,20 @@ def runtime_problem(s: Setup, cuda: bool) -> str | None:
 SIMULATED_STEPS = 25
 
 
-def predict(spec, s: Setup, constants=None, seq_lens=None, replay: bool = True) -> dict:
+def predict(spec, s: Setup, constants=None, seq_lens=None, replay: bool | None = None) -> dict:
     """The three peaks of `s`: the allocator replay's, as `vramfit estimate` answers (the whole run: load,
     the steps, an evaluation and a checkpoint save; from the setup's event template where one is cached,
     else replayed on the meta device, no template built here).  `seq_lens` (`--simulate-allocator`): the
-    steps replayed at those padded batch lengths instead.  `replay=False`: the fitted analytic figure."""
+    steps replayed at those padded batch lengths instead.  `replay=False` (default: VRAMFIT_REPLAY, as
+    `vramfit.api.estimate`): the fitted analytic figure."""
+    import os
+
     from vramfit.memory.constants import DEFAULT
     from vramfit.memory.estimate import estimate_setup
     from vramfit.memory.replay import simulated_breakdown
 
+    if replay is None:
+        replay = os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
     bd, targets = estimate_setup(spec, s, constants)
     if seq_lens:
         bd = simulated_breakdown(spec, s, targets, bd, constants or DEFAULT, seq_lens=list(seq_lens))
