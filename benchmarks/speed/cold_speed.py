@@ -9,6 +9,7 @@ folder), so what is not in the bundled cache (profiles/cache.zip) is computed th
 Targets (issue 19, item 2): estimate <= 1.5 s at any setup, plan <= 3 s, a local config.json <= 10 s
 the first time and <= 0.5 s after.
 
+`--plans P1,P2`: instead, `vramfit plan` of those profiles on each card of PLAN_GPUS (target 3 s).
 `--sample N --seed K`: instead, N setups drawn at random (seeded) over the profiles whose templates ship
 (`vramfit.bundle.TEMPLATE_PROFILES`) and the axes a user varies (method, precision, optimizer,
 checkpointing, micro-batch, sequence, rank, loss), each timed the same way: how much of "any setup"
@@ -42,7 +43,12 @@ CASES = [
     ("another model (not bundled)", ["estimate", "gemma-2b"]),
     ("plan (templates bundled)", ["plan", "llama-3.1-8b", "--gpu", "12GB"]),
     ("plan (templates bundled)", ["plan", "llama-3.1-8b", "--gpu", "rtx-4090"]),
-    ("plan (not bundled)", ["plan", "qwen2.5-3b", "--gpu", "16GB"]),
+    ("plan (templates bundled)", ["plan", "llama-3.1-8b", "--gpu", "24GB"]),
+    ("estimate defaults (default-tier profile)", ["estimate", "mistral-7b-v0.1"]),
+    ("estimate defaults (default-tier profile)", ["estimate", "gemma-2-9b"]),
+    ("plan (default-tier profile)", ["plan", "qwen2.5-3b", "--gpu", "16GB"]),
+    ("plan (default-tier profile)", ["plan", "phi-3-mini", "--gpu", "24GB"]),
+    ("plan (not bundled)", ["plan", "qwen2.5-3b", "--gpu", "40GB"]),
 ]
 
 
@@ -95,33 +101,45 @@ def sampled_cases(n: int, seed: int) -> list:
     return out
 
 
+PLAN_GPUS = ("8GB", "12GB", "16GB", "24GB", "rtx-4090", "l4", "a100-40gb", "48GB", "a100-80gb", "h100", "t4",
+             "rtx-3060")
+
+
+def plan_cases(profiles: list) -> list:
+    """`vramfit plan` of each of `profiles` on each card of PLAN_GPUS (what the bundle's plans cover)."""
+    return [("plan", ["plan", name, "--gpu", gpu]) for name in profiles for gpu in PLAN_GPUS]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="substring of the commands to run")
     ap.add_argument("--sample", type=int, default=0, help="N random setups instead of the fixed cases")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plans", default=None, help="comma list of profiles: their plans on PLAN_GPUS instead")
     a = ap.parse_args(argv)
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
            "cpus": os.cpu_count(), "python": platform.python_version(),
            "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
     lines = []
-    for what, args in (sampled_cases(a.sample, a.seed) if a.sample else CASES):
+    cases = plan_cases(a.plans.split(",")) if a.plans else sampled_cases(a.sample, a.seed) if a.sample else CASES
+    for what, args in cases:
         if a.only and a.only not in " ".join(args):
             continue
         with tempfile.TemporaryDirectory() as cache:
             rec = dict(run(args, cache), what=what, cache="empty", environment=env)
         lines.append(rec)
         print(f"{rec['seconds']:7.2f} s  rc {rec['rc']}  {rec['answer']:17}  {rec['command']}", flush=True)
-    if a.sample:
+    if a.sample or a.plans:
         secs = sorted(r["seconds"] for r in lines)
-        within = sum(1 for x in secs if x <= 1.5)
-        print(f"{within} of {len(secs)} within 1.5 s; median {secs[len(secs) // 2]:.2f} s, max {secs[-1]:.2f} s")
+        target = 3.0 if a.plans else 1.5
+        within = sum(1 for x in secs if x <= target)
+        print(f"{within} of {len(secs)} within {target} s; median {secs[len(secs) // 2]:.2f} s, max {secs[-1]:.2f} s")
         kinds = sorted({r["answer"] for r in lines})
         for k in kinds:
             own = sorted(r["seconds"] for r in lines if r["answer"] == k)
             print(f"  {k}: {len(own)}, median {own[len(own) // 2]:.2f} s, max {own[-1]:.2f} s")
-    if (not a.only or "config.json" in a.only) and not a.sample:
+    if (not a.only or "config.json" in a.only) and not a.sample and not a.plans:
         with tempfile.TemporaryDirectory() as d:
             cfg = Path(d) / "config.json"
             src = Path(__file__).resolve().parents[2] / "profiles" / "models" / "llama-3.2-3b.json"
