@@ -472,7 +472,8 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
     if end_apart:
         peaks["backward_end"] = window_peaks(events, [(marks["step1.clip"] - 1, "end")], marks["step1.clip"]).get(
             "end", 0)
-    by_window = {"forward": ("forward_first", "forward_layer", "forward_loss"), "backward_head": ("backward_loss", "backward_head"),
+    by_window = {"forward": ("forward_first", "forward_layer", "forward_loss"),
+                 "backward_head": ("backward_loss", "backward_head"),
                  "backward": tuple(k for k in at_r if PHASE[k] == "backward"), "backward_end": ("backward_end",),
                  "optimizer": ("optimizer",)}
     values, default = {}, {}
