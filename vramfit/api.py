@@ -69,9 +69,9 @@ def estimate(model: str, method: str = "lora", precision: str | None = None, opt
         bd = replace(bd, notes=bd.notes + (f"{spec.architecture} has no {setup.attn} support in transformers: "
                                            "estimated with eager attention, which transformers uses for it",))
     if replay is None:
-        import os
+        from vramfit.memory.template_bg import replay_default
 
-        replay = simulate_allocator or os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+        replay = simulate_allocator or replay_default()
     if replay:
         bd = replayed_breakdown(spec, setup, targets, bd, constants or DEFAULT, eval_batch=eval_batch,
                                 template_build=template_build)  # vramfit.memory.template_bg's

@@ -25,6 +25,12 @@ MODES = ("background", "now", "off")
 STALE_S = 900  # a build marker older than this is a build that died: another may start
 
 
+def replay_default() -> bool:
+    """Whether the default answer is the allocator replay: VRAMFIT_REPLAY, unless 0 / off / false / no (the
+    fitted analytic figure instead: the tests' default, the planner's pruning bound)."""
+    return os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+
+
 def mode(asked: str = "now") -> str:
     """The template build mode: the environment's VRAMFIT_TEMPLATE_BUILD, else `asked`."""
     got = os.environ.get("VRAMFIT_TEMPLATE_BUILD", "").strip().lower() or asked

@@ -416,9 +416,9 @@ def estimate_gpus(model: str, gpus: int = 2, strategy: str = "ddp", trust_remote
         constants, calibration = load_local_constants(spec)
     d = estimate_distributed(spec, setup, st, gpus, constants)
     if replay is None:
-        import os
+        from vramfit.memory.template_bg import replay_default
 
-        replay = os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+        replay = replay_default()
     if replay and gpus > 1:
         from vramfit.memory.rank_replay import replayed_rank
 

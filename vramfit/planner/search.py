@@ -15,7 +15,6 @@ The cost model is vramfit.planner.cost, the Space searched vramfit.planner.space
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 
 from vramfit.errors import VramfitError
@@ -221,7 +220,9 @@ def plan(model, gpu="auto", *, headroom=DEFAULT_HEADROOM, method: str = "auto", 
     if replay is None:
         replay = simulate_allocator
     if replay is None:
-        replay = os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+        from vramfit.memory.template_bg import replay_default
+
+        replay = replay_default()
     if replay:
         from vramfit.planner.recheck import recheck
 

@@ -75,25 +75,18 @@ def predict(spec, s: Setup, constants=None, seq_lens=None, replay: bool | None =
     else replayed on the meta device, no template built here).  `seq_lens` (`--simulate-allocator`): the
     steps replayed at those padded batch lengths instead.  `replay=False` (default: VRAMFIT_REPLAY, as
     `vramfit.api.estimate`): the fitted analytic figure."""
-    import os
-
     from vramfit.memory.constants import DEFAULT
     from vramfit.memory.estimate import estimate_setup
     from vramfit.memory.replay import simulated_breakdown
+    from vramfit.memory.template_bg import replay_default, replayed_breakdown
 
     if replay is None:
-        replay = os.environ.get("VRAMFIT_REPLAY", "1").lower() not in ("0", "off", "false", "no")
+        replay = replay_default()
     bd, targets = estimate_setup(spec, s, constants)
     if seq_lens:
         bd = simulated_breakdown(spec, s, targets, bd, constants or DEFAULT, seq_lens=list(seq_lens))
-    elif replay:
-        from vramfit.memory.kernels import Unsupported
-        from vramfit.memory.template_bg import replayed_breakdown
-
-        try:
-            bd = replayed_breakdown(spec, s, targets, bd, constants or DEFAULT, template_build="off")
-        except Unsupported:  # what the replay does not cover keeps the fitted figure
-            pass
+    elif replay:  # (what the replay does not cover keeps the fitted figure, saying so)
+        bd = replayed_breakdown(spec, s, targets, bd, constants or DEFAULT, template_build="off")
     out = {"peak_allocated_bytes": bd.peak_allocated_bytes, "peak_reserved_bytes": bd.peak_reserved_bytes,
            "device_bytes": bd.device_bytes, "peak_phase": bd.peak_phase, "breakdown": dict(bd.components),
            "tokens_per_micro_batch": s.tokens, "host_bytes": bd.host_bytes}
