@@ -44,10 +44,20 @@ TRACE_GPUS = ("h100", "t4")  # the default plan's setups, on a bf16 card and on 
 # the bodies the composed templates borrow (vramfit.memory.template_compose) -- QLoRA's <= 512-row regime,
 # and per method x precision (QLoRA: x loss, as trl's adapter cast follows it) the optimizer phases of
 # TEMPLATE_DONOR_OPTIMS (the donors).  A setup of these axes under any optimizer with a donor then answers
-# from the bundle; tile counts >= 3 where the fused loss's tiles allocate (bf16-mixed, QLoRA with kbit prep)
-# are not covered.
+# from the bundle; where the fused loss's tiles allocate (bf16-mixed, QLoRA with kbit prep), tile counts
+# >= 4 compose from the 2- and 3-tile bases (TILE_BASES below).
 TEMPLATE_PRECISIONS = ("bf16-amp", "bf16-true", "bf16-mixed")
 TEMPLATE_DONOR_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit")
+# where the fused loss's tiles allocate, each tile count is a template of its own; 4 tiles and more are
+# composed from the templates at 2 and 3 (vramfit.memory.template_tiles): the 3-tile bases of the grid's
+# families at micro-batch >= 2 (the grid's 4 x 2,048 tokens are its 2-tile ones), and for the default tier
+# QLoRA under trl's loss, checkpointed, at 2 and 3 tiles
+TILE_BASES = tuple(dict(method=m, precision=p, loss="fused", grad_ckpt=ck, micro_batch=4, seq_len=2600)
+                   for m, p in [("qlora", p) for p in TEMPLATE_PRECISIONS] + [("lora", "bf16-mixed"),
+                                                                             ("full", "bf16-mixed")]
+                   for ck in (True, False))
+TILE_BASE_ESTIMATES = tuple(dict(method="qlora", loss="fused", grad_ckpt=True, micro_batch=4, seq_len=s)
+                            for s in (2048, 2600))
 
 
 def template_grid() -> list:
@@ -116,7 +126,8 @@ def _bundle_profile(item) -> str:
         estimate(name, method="qlora", grad_ckpt=True, use_calibration=False, replay=templates)
     except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
         pass
-    for kw in (TEMPLATE_ESTIMATES + (tuple(template_grid()) if tier == "grid" else ())) if templates else ():
+    more = tuple(template_grid()) + TILE_BASES if tier == "grid" else TILE_BASE_ESTIMATES
+    for kw in (TEMPLATE_ESTIMATES + more) if templates else ():
         try:
             estimate(name, use_calibration=False, replay=True, **kw)
         except VramfitError:

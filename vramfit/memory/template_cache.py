@@ -61,9 +61,16 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
         got = setup_template(spec, setup, targets, grad_accum, False, exact_tiles, compose=False)
         if got["note"] == NOT_CACHED:
             from vramfit.memory.template_compose import composed
+            from vramfit.memory.template_tiles import tile_composed
 
-            tpl = composed(spec, setup, grad_accum, template_key(spec, setup, grad_accum),
-                           lambda s, ga: setup_template(spec, s, targets, ga, False, compose=False)["template"])
+            def plain(s, ga):
+                return setup_template(spec, s, targets, ga, False, compose=False)["template"]
+
+            def cached(s, ga):  # its own, or composed along the fused loss's tiles
+                return plain(s, ga) or tile_composed(spec, s, ga, template_key(spec, s, ga), plain)
+
+            key = template_key(spec, setup, grad_accum)
+            tpl = tile_composed(spec, setup, grad_accum, key, plain) or composed(spec, setup, grad_accum, key, cached)
             if tpl is not None:
                 return {"template": tpl, "note": ""}
         if not build or got["note"] != NOT_CACHED:
