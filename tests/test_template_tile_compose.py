@@ -93,3 +93,27 @@ def test_bases_that_differ_do_not_compose(bases):
     broken["runs"][j] = [*broken["runs"][j][:2], broken["runs"][j][2][:-1], *broken["runs"][j][3:]]
     with pytest.raises(NotComposable):
         extend(made[2], broken, 5)
+
+
+def test_accumulating_setup_composes(bases):
+    """Gradient accumulation (the planner's setups): the accumulating regime's bases at 2 and 3 tiles
+    compose to 4 tiles at accumulation 3, equal to the recording."""
+    from vramfit.memory import template as T
+    from vramfit.memory import template_build as tb
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.memory.template_cache import setup_template, template_key
+    from vramfit.memory.template_tiles import tile_composed
+
+    spec, setup, _ = bases
+    s = dataclasses.replace(setup, grad_ckpt=False)
+    for seq in (3000, 5000):
+        b = dataclasses.replace(s, seq_len=seq)
+        assert setup_template(spec, b, resolve_targets(spec, b), 2, build=True, compose=False)["template"] is not None
+    four = dataclasses.replace(s, seq_len=7000)
+
+    def plain(x, ga):
+        return setup_template(spec, x, resolve_targets(spec, x), ga, False, compose=False)["template"]
+
+    tpl = tile_composed(spec, four, 3, template_key(spec, four, 3), plain)
+    assert tpl is not None and tpl["regime"][3] == 4 and tpl["regime"][4]
+    assert tb.same_events(T.expand(tpl, 2, 7000, 8, spec.num_layers, 3), tb._real_events(spec, four, None, 3))
