@@ -117,3 +117,4 @@ def test_accumulating_setup_composes(bases):
     tpl = tile_composed(spec, four, 3, template_key(spec, four, 3), plain)
     assert tpl is not None and tpl["regime"][3] == 4 and tpl["regime"][4]
     assert tb.same_events(T.expand(tpl, 2, 7000, 8, spec.num_layers, 3), tb._real_events(spec, four, None, 3))
+

@@ -7,15 +7,34 @@ from __future__ import annotations
 
 from vramfit.memory.setup import Setup
 
-# the code whose behaviour a template freezes: an edit to any of these rebuilds the templates
+# the code whose behaviour a template freezes, an edit to any of which rebuilds the templates: what the replay
+# records and how a template expands.  The builder (template_build, template_record) is not part of it: a
+# template is checked against the real replay before it is kept (at shapes it was not fitted on, and at full
+# size), so an edit to the builder leaves the templates made before as exact as they were, and an entry it
+# could not build is retried by a newer builder (template_build.BUILDER).  So that the keys made while the
+# builder was part of the key keep their value, the key hashes the builder's sources as they were when it
+# left (template_key_builder.zip) where they stood in the list.
 _REPLAY_SOURCES = ("memory/events.py", "memory/kernels.py", "memory/template.py", "memory/template_build.py",
                    "memory/template_record.py", "model/emulate.py", "model/trace.py", "model/spec.py")
+_BUILDER_SOURCES = ("memory/template_build.py", "memory/template_record.py")
+_DIGEST = []
 
 
 def _code_digest() -> str:
-    from vramfit.versions import source_digest
+    """16 hex digits of sha256 over _REPLAY_SOURCES, the builder's as frozen (see above)."""
+    if not _DIGEST:
+        import hashlib
+        import zipfile
+        from pathlib import Path
 
-    return source_digest(*_REPLAY_SOURCES)
+        root = Path(__file__).resolve().parent.parent
+        with zipfile.ZipFile(Path(__file__).with_name("template_key_builder.zip")) as z:
+            frozen = {rel: z.read(rel) for rel in _BUILDER_SOURCES}
+        h = hashlib.sha256()
+        for rel in _REPLAY_SOURCES:
+            h.update(frozen[rel] if rel in frozen else (root / rel).read_bytes())
+        _DIGEST.append(h.hexdigest()[:16])
+    return _DIGEST[0]
 
 
 def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = False) -> str:
@@ -84,8 +103,12 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
         return {"template": None, "note": "no event template for activation offloading (its host copies are "
                                           "recorded on the meta device only)"}
     general = regime(regime_info(spec, setup, exact_tiles), setup.micro_batch, setup.seq_len)[3] == TILES_GENERAL
+    from vramfit.memory.template_build import BUILDER
+
     key = template_key(spec, setup, grad_accum, exact_tiles)
     entry = cache.load_template(key)
+    if entry is not None and not entry.get("exact") and entry.get("builder", 1) < BUILDER:
+        entry = None  # an older builder could not build it: this one tries again
     if general and (entry.get("tiles") == "exact" if entry is not None else not build):  # the count's own
         return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
     if entry is not None:
@@ -101,7 +124,8 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
         tpl = build_template(spec, setup, setup.micro_batch, setup.seq_len, grad_accum, exact_tiles=exact_tiles)
     except (NoTemplate, Unsupported) as exc:
         general = general and isinstance(exc, NoTemplate)  # then the tile count's own template answers
-        cache.store_template(key, {"exact": False, "reason": str(exc), **({"tiles": "exact"} if general else {})})
+        cache.store_template(key, {"exact": False, "reason": str(exc), "builder": BUILDER,
+                                   **({"tiles": "exact"} if general else {})})
         return setup_template(spec, setup, targets, grad_accum, build, True, compose=False) if general else {
             "template": None, "note": f"no event template: {exc}"}
     except Exception as exc:  # noqa: BLE001  the builder's own failure: not cached, the real replay answers
@@ -109,7 +133,7 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     ok, sim, res, why = check_full_size(tpl, spec, setup, targets, grad_accum)
     general = general and not ok and sim is not None
     cache.store_template(key, {"exact": True, "template": tpl} if ok else
-                         {"exact": False, "reason": why, **({"tiles": "exact"} if general else {})})
+                         {"exact": False, "reason": why, "builder": BUILDER, **({"tiles": "exact"} if general else {})})
     if general:
         return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
     if sim is None:
