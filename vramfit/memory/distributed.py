@@ -42,9 +42,10 @@ MiB = 1 << 20
 # torch DDP as accelerate builds it for the Trainer: neither passes bucket_cap_mb nor gradient_as_bucket_view
 # (accelerate's DistributedDataParallelKwargs.to_kwargs passes only what differs from its defaults), so DDP
 # caps buckets at 25 MiB (the first at _DEFAULT_FIRST_BUCKET_BYTES, 1 MiB) and keeps gradients apart: the
-# Reducer allocates a flat tensor per bucket of trainable parameters at construction and copies each
-# gradient into it, a second copy of all gradients held from wrapping to the end of the run
-# (torch/csrc/distributed/c10d/reducer.cpp, initialize_buckets).
+# Reducer holds a flat tensor per bucket of trainable parameters and copies each gradient into it, a second
+# copy of all gradients held from wrapping to the end of the run (torch/csrc/distributed/c10d/reducer.cpp,
+# initialize_buckets).  At construction (no find_unused_parameters) it is ONE bucket per dtype, rebuilt into
+# the capped ones at the second step (vramfit.memory.rank_replay.ddp_bucket_events): the same bytes held.
 DDP_BUCKET_CAP_BYTES = 25 * MiB
 # NCCL's own device memory per process (channel buffers, NCCL_BUFFSIZE 4 MiB per channel and peer
 # for the Simple protocol plus the LL/LL128 buffers, the communicator's work FIFO), allocated

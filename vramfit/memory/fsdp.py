@@ -343,9 +343,68 @@ def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), ql
         per = 0 if role in ("embeddings", "lm_head") else count // L
         layer += [(tuple(shape), full_bytes)] * per
         root += [(tuple(shape), full_bytes)] * (count - per * L)
+    # the whole parameters stay alive until the unit is sharded (fully_shard holds them, `params`, until
+    # _init_param_group returns), so a unit's shards never take its own wholes' blocks: they take segments of
+    # their own, and the next unit's wholes take the freed ones (the h100-2026-12-07g history of llama-3.1-8b[8]
+    # LoRA fsdp-grad-op N = 4: _move_states_to_device's 8 segments, 2,424 MiB -- one layer's wholes and the
+    # embedding's and LM head's -- and _init_sharded_param's 35, 1,338 MiB; after wrapping 3,764 MiB reserved)
     for unit in [layer] * L + [root]:
         wholes = [ids() for _ in unit]
         out += [("a", w, math.prod(sh) * nb) for w, (sh, nb) in zip(wholes, unit)]
-        for w, (shape, nbytes) in zip(wholes, unit):
-            out += [("a", ids(), shard_numel(shape, n) * nbytes), ("f", w)]
+        out += [("a", ids(), shard_numel(shape, n) * nbytes) for shape, nbytes in unit]
+        out += [("f", w) for w in wholes]
+    return out
+
+
+def unit_param_shapes(spec) -> dict:
+    """The parameters' shapes of each FSDP2 unit (`units`): one decoder layer's, the untied embedding's, the
+    tail's (final norm, LM head; the embedding when tied)."""
+    L = max(spec.num_layers, 1)
+    out = {"layer": [], "embedding": [], "tail": []}
+    tied = bool(spec.tied_embeddings) or not spec.params_by_role.get("lm_head")
+    for shape, count, role in spec.param_shapes:
+        if role == "embeddings":
+            out["tail" if tied else "embedding"] += [tuple(shape)] * count
+        elif role == "lm_head":
+            out["tail"] += [tuple(shape)] * count
+        else:
+            per = count // L
+            out["layer"] += [tuple(shape)] * per
+            out["tail"] += [tuple(shape)] * (count - per * L)  # the final norm
+    return out
+
+
+def copy_out_events(spec, st, gather_bytes: int, marks: dict, ids, loss_fused: bool = False) -> dict:
+    """FSDP2's unsharded parameters on the default stream (the all-gather copy-out: one tensor per parameter of
+    its whole size in the gather dtype, `alloc_all_gather_outputs`) as allocator events of the rank's gap replay:
+    {mark: events}.  They are the sizes of the whole parameters that wrapping freed (`wrap_events`), so they take
+    those cached blocks: the h100-2026-12-07g history of llama-3.1-8b[8] LoRA fsdp-grad-op N = 4 -- the default
+    stream reuses the 2,424 MiB of segments `_move_states_to_device` left for the gathered parameters (2,366 MiB
+    of them in use at the first step's reserved peak), its reserve over its allocated peak is 213 MiB.
+    Held from each step's forward to its clipping: FULL_SHARD, the running layer (each one's re-gathered into
+    the blocks of the one before it) and the tied tail (gathered all step); SHARD_GRAD_OP, every layer and the
+    tail or the untied embedding (gathered from their forward to their backward)."""
+    shapes = unit_param_shapes(spec)
+    tied = bool(spec.tied_embeddings) or not spec.params_by_role.get("lm_head")
+    L = max(spec.num_layers, 1)
+    held = shapes["layer"] * (1 if st.reshard_after_forward else L)
+    if tied:
+        held = shapes["tail"] + held
+    elif not st.reshard_after_forward:
+        held = shapes["embedding"] + held
+    # trl's fused loss gathers an untied LM head's sharded weight whole on the default stream for the loss's forward
+    # and frees it after (fsdp_terms' dtensor_head): at the end of the forward, beside all the activations, it
+    # takes a segment of its own where no cached block fits it (the 8B N = 2 no-checkpointing history: a 1,002 MiB
+    # segment from torch/_library/autograd.py, 544 MiB of it reused by the backward at the reserved peak)
+    head = [sh for sh, _, role in spec.param_shapes if role == "lm_head"] if (loss_fused and not tied) else []
+    out, k = {}, 0
+    while f"step{k}.forward" in marks and f"step{k}.clip" in marks:
+        h = [ids() for _ in held]
+        out[f"step{k}.forward"] = [("a", i, math.prod(sh) * gather_bytes) for i, sh in zip(h, held)]
+        out[f"step{k}.clip"] = [("f", i) for i in h]
+        if head and f"step{k}.backward" in marks:
+            g = [ids() for _ in head]
+            out[f"step{k}.backward"] = ([("a", i, math.prod(sh) * gather_bytes) for i, sh in zip(g, head)]
+                                        + [("f", i) for i in g])
+        k += 1
     return out

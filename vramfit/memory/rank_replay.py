@@ -9,7 +9,8 @@ changes:
 - DDP: allocations of its own, replayed as such, so allocated and reserved are the replay's -- its
   constructor's broadcast of the module states, bucket by bucket as broadcast_coalesced flattens them
   (`ddp_broadcast_states`), its gradient buckets from wrapping to the end (torch/csrc/distributed/
-  c10d/reducer.cpp, initialize_buckets), rebuilt once at the second step.
+  c10d/reducer.cpp, initialize_buckets): one flat tensor per dtype at wrapping, rebuilt into the capped
+  buckets at the second step's forward (`ddp_bucket_events`).
 - DeepSpeed ZeRO: the rank's own events, replayed (vramfit.memory.zero): the single-GPU events without
   the load, the gradients and the optimizer step (`dropped_ids`), DeepSpeed's allocations placed where it
   makes them (wrap, buckets, gradient partitions, gathered parameters, the step), one allocator per
@@ -23,7 +24,9 @@ changes:
   moment plus the reserve of the rank's own default stream (`_engine_gap_replay`: what wrapping left --
   the shards and the cached blocks of the whole parameters they replaced, kept: the Trainer empties the
   cache before it wraps -- then the activations without the single GPU's gradients and optimizer step,
-  whose fragmentation the rank does not have), plus the other CUDA streams' pools (vramfit.memory.fsdp:
+  whose fragmentation the rank does not have, and, for LoRA, the step's gathered parameters, which take the
+  wrap's cached blocks: vramfit.memory.fsdp.copy_out_events; at least the segments that replay makes), plus
+  the other CUDA streams' pools (vramfit.memory.fsdp:
   the all-gather and reduce-scatter streams' own allocator replays).  FSDP2 under mixed precision is traced
   with bf16 weights under autocast (`fsdp_trace_setup`): every parameter is gathered in bf16.
 Torch-free at import; the replay itself needs torch (the meta device) and is cached per process.
@@ -181,7 +184,9 @@ def activation_events(events: list, marks: dict) -> list:
 def ddp_buckets(tensors, first_cap: int = 1 << 20, cap: int = 25 << 20) -> list:
     """Bucket sizes as DDP assigns them (torch/distributed/distributed_c10d.py _compute_bucket_assignment_by_size,
     the parameters in reverse order, the first bucket capped at _DEFAULT_FIRST_BUCKET_BYTES = 1 MiB and the
-    rest at bucket_cap_mb = 25 when the caller passes none): one flat tensor each."""
+    rest at bucket_cap_mb = 25 when the caller passes none): one flat tensor each.  Over `tensors` as given
+    (trainable_tensors: grouped by shape, one dtype); the replay builds the Reducer's own buckets, in the
+    parameters' order and at the times it makes them, with `ddp_bucket_events`."""
     out, cur = [], 0
     for num, pb, _, _ in reversed(tuple(tensors)):
         cur += num * pb
@@ -191,17 +196,61 @@ def ddp_buckets(tensors, first_cap: int = 1 << 20, cap: int = 25 << 20) -> list:
     return out + ([cur] if cur else [])
 
 
-def module_states(spec, s, targets) -> list:
+def ddp_reducer_buckets(params, limits) -> list:
+    """DDP's bucket assignment (torch/csrc/distributed/c10d/reducer.cpp compute_bucket_assignment_by_size):
+    `params` [(dtype, bytes)] in the order given, one open bucket per dtype, closed once it reaches its limit
+    (`limits`: the first bucket's, then the rest's, per dtype), the buckets ordered by their first tensor.
+    -> [bytes] (one flat gradient tensor each, reducer.cpp initialize_buckets)."""
+    open_, done, step = {}, [], {}
+    for i, (key, nbytes) in enumerate(params):
+        acc = open_.setdefault(key, [i, 0])
+        acc[1] += nbytes
+        k = step.get(key, 0)
+        if acc[1] >= limits[min(k, len(limits) - 1)]:
+            done.append(tuple(open_.pop(key)))
+            step[key] = k + 1
+    done += [tuple(v) for v in open_.values()]
+    return [size for _, size in sorted(done) if size]
+
+
+def ddp_bucket_events(spec, s, targets, total: int | None = None) -> tuple:
+    """DDP's gradient buckets as allocator events: (at wrapping, at the second step's forward).
+    Built without find_unused_parameters or static_graph (accelerate's and the Trainer's default), the Reducer
+    starts with ONE bucket per dtype -- every trainable parameter's gradient in one flat tensor
+    (torch/nn/parallel/distributed.py, _ddp_init_helper's bucket_size_limits: [sys.maxsize]) -- and
+    rebuilds its buckets at the next forward (_pre_forward -> reducer._rebuild_buckets) in the order the first
+    backward made the gradients ready (the parameters' reverse order; a tied embedding's last), capped at
+    _DEFAULT_FIRST_BUCKET_BYTES (1 MiB) for the first and bucket_cap_mb (25 MiB) for the rest: the one flat
+    tensor freed (buckets_.clear()), then the new ones allocated, which best fit into the blocks the first
+    step left free (the optimizer step's temporaries') -- and the one large freed block then serves the
+    step's activations.  The h100-2026-12-07g history of qwen2.5-1.5b full bf16 DDP N = 2: _ddp_init_helper
+    makes one 2,944.4 MiB tensor (a 2,946 MiB segment); _pre_forward at step 2 makes 85 of 26.25-455.6 MiB.
+    `total`: the gradient bytes the rank's terms hold (trl's bf16 adapters where the traced setup's are fp32);
+    -> (wrap events, events at the second step's forward, number of rebuilt buckets)."""
+    params = module_states(spec, s, targets, trainable=True)
+    scale = total / max(sum(b for _, b in params), 1) if total is not None else 1.0
+    first = ddp_reducer_buckets(params, [float("inf")])
+    rebuilt = ddp_reducer_buckets(params[::-1], [1 << 20, 25 << 20])
+    init = [("a", -1 - i, int(b * scale)) for i, b in enumerate(first)]
+    later = [("f", -1 - i) for i in range(len(first))]
+    later += [("a", -10**5 - i, int(b * scale)) for i, b in enumerate(rebuilt)]
+    return init, later, len(rebuilt)
+
+
+def module_states(spec, s, targets, trainable: bool = False) -> list:
     """DDP's module states in `named_parameters` order, as (dtype, bytes): the embedding, each decoder layer's
     linears (weight, bias, then the adapters of a targeted one), the rest of the layer (its norms), the final
     norm and an untied LM head.  Launched QLoRA (`s.method == "qlora"`): the 4-bit weights stored as bf16
-    (bnb_4bit_quant_storage), numel / 2 bytes; their quantization constants are no parameters."""
+    (bnb_4bit_quant_storage), numel / 2 bytes; their quantization constants are no parameters.
+    `trainable`: only the parameters that train (all of them in full fine-tuning, else the adapters), in the
+    same order: what DDP's Reducer buckets (`ddp_reducer_buckets`)."""
     from vramfit.memory.setup import DTYPE_BYTES
 
     pdt = "bfloat16" if s.method == "qlora" else s.param_dtype
     pb, ab = DTYPE_BYTES[pdt], DTYPE_BYTES[s.adapter_dtype]
+    full = s.method == "full"
     quantized = {lin.name for lin in spec.quantizable_linears()} if s.method == "qlora" else set()
-    targeted = set(targets) if s.method != "full" else set()
+    targeted = set(targets) if not full else set()
     roles = spec.params_by_role
     emb, head = roles.get("embeddings", 0), roles.get("lm_head", 0)
     per_layer = {}
@@ -209,27 +258,27 @@ def module_states(spec, s, targets) -> list:
         parts = lin.name.split(".")
         k = next((int(x) for x in parts if x.isdigit()), None)
         per_layer.setdefault(k, []).append(lin)
-    out = [(pdt, emb * pb)] if emb else []
+    out = [(pdt, emb * pb, full)] if emb else []  # (dtype, bytes, trains)
     linear_numel = 0
     for k in sorted(x for x in per_layer if x is not None):
         for lin in per_layer[k]:
             w = lin.in_features * lin.out_features
             linear_numel += w + (lin.out_features if lin.bias else 0)
-            out.append((pdt, (w + 1) // 2 if lin.name in quantized else w * pb))
+            out.append((pdt, (w + 1) // 2 if lin.name in quantized else w * pb, full))
             if lin.bias:
-                out.append((pdt, lin.out_features * pb))
+                out.append((pdt, lin.out_features * pb, full))
             if lin.name in targeted:
-                out += [(s.adapter_dtype, s.lora_r * lin.in_features * ab),
-                        (s.adapter_dtype, lin.out_features * s.lora_r * ab)]
-        out.append((pdt, -1))  # the layer's other parameters (norms): sized once every linear is counted
+                out += [(s.adapter_dtype, s.lora_r * lin.in_features * ab, True),
+                        (s.adapter_dtype, lin.out_features * s.lora_r * ab, True)]
+        out.append((pdt, -1, full))  # the layer's other parameters (norms): sized once every linear is counted
     other = max(0, spec.params_total - emb - head - spec.hidden_size - linear_numel) * pb
-    marks = [i for i, (_, b) in enumerate(out) if b == -1]
+    marks = [i for i, (_, b, _) in enumerate(out) if b == -1]
     for i in marks:
-        out[i] = (pdt, int(other / max(len(marks), 1)))
-    out.append((pdt, spec.hidden_size * pb))
+        out[i] = (pdt, int(other / max(len(marks), 1)), full)
+    out.append((pdt, spec.hidden_size * pb, full))
     if head and not spec.tied_embeddings:
-        out.append((pdt, head * pb))
-    return [x for x in out if x[1] > 0]
+        out.append((pdt, head * pb, full))
+    return [(k, b) for k, b, trains in out if b > 0 and (trains or not trainable)]
 
 
 def broadcast_buckets(states, bucket: int = 250 << 20) -> list:
@@ -322,24 +371,16 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
     bd = est.breakdown
     outside = c.cuda_context_bytes + c.kernel_growth_bytes + bd.components.get("nccl_buffers", 0)
     if st.engine == "ddp":
-        from vramfit.memory.walk import trainable_tensors
-
         terms = shard_terms(spec, run, targets, st, gpus, c)
         G = terms.held_at("optimizer")
-        tensors = trainable_tensors(spec, act, targets)
-        sizes = ddp_buckets(tensors)
-        scale = G / max(sum(sizes), 1)  # the terms' dtype (trl's bf16 adapters) over the traced one's
-        buckets = [("a", -1 - i, int(b * scale)) for i, b in enumerate(sizes)]
-        # the Reducer rebuilds its buckets once, in the order the first backward made the gradients ready,
-        # at the next forward (DistributedDataParallel._pre_forward -> reducer._rebuild_buckets): the old
-        # ones freed (buckets_.clear()), then the new ones allocated; their sizes are the same buckets here
-        rebuilt = [("f", -1 - i) for i in range(len(sizes))] + buckets
+        buckets, rebuilt, n_rebuilt = ddp_bucket_events(spec, act, targets, G)
         sim = simulate_rank(events, marks, ddp_broadcast_states(module_states(spec, act, targets)) + buckets,
                             {"step1.forward": rebuilt},
                             act.allocator == "expandable")
         peak, reserved = sim["peak_allocated"], sim["peak_reserved"]
-        note = (f"peaks from the allocator replay of the rank's two steps with DDP's {len(buckets)} gradient buckets "
-                "(and its constructor's broadcast buffers, and the buckets' rebuild at the second step)")
+        note = (f"peaks from the allocator replay of the rank's two steps with DDP's gradient buckets: one flat "
+                f"tensor per dtype at wrapping, rebuilt into {n_rebuilt} at the second step (and its constructor's "
+                "broadcast buffers)")
     elif st.engine == "deepspeed" and run.method != "qlora" and not (st.offload_optimizer or st.offload_params):
         peak, reserved, note = _zero_rank(spec, act, targets, st, gpus, events, marks)
     else:
@@ -408,6 +449,17 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
             evs += [("a", t, b) for t, b in zip(temps, shards)] + [("f", t) for t in temps]
             later[f"step{k}.optimizer"] = evs
             k += 1
+    if not (qlora or full):
+        # LoRA: the gathered (frozen) parameters take the blocks of the whole ones wrapping freed, beside the
+        # small activations (fsdp.copy_out_events).  Full fine-tuning: not placed -- its replay peaks at the first
+        # optimizer step (the float32 states on the shards, allocated there), after the step's copy-outs are
+        # released, and placing them moved the full runs both ways (-6.0% to +5.3% reserved over the 2026-12-07
+        # fake-group runs) with no history of a full run's copy-outs to say where they go
+        from vramfit.memory.fsdp import copy_out_events
+
+        gather = 2 if run.autocast_dtype else (4 if run.param_dtype == "float32" else 2)
+        for mark, evs in copy_out_events(spec, st, gather, marks, ids, run.loss == "fused").items():
+            later[mark] = later.get(mark, []) + evs
     return simulate_rank([ev for ev in events if not (ev[0] in ("a", "f") and ev[1] in drop)], marks, wrap, later)
 
 
@@ -501,7 +553,10 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
     peak_name = max(values, key=values.get)
     peak = int(values[peak_name])
     pooled = sum(res for res, _ in terms.pools.values())
-    reserved = max(peak, int(max(default.values()) + gap + pooled))
+    # the default stream holds at least the segments its replay made (wrapping's, whose blocks the step's gathered
+    # parameters take): where the rank's largest default-stream moment is below the replay's allocated peak (the
+    # replay holds the copy-outs too), the replay's reserve over that moment would fall below its own segments
+    reserved = max(peak, int(max(max(default.values()) + gap, sim["peak_reserved"]) + pooled))
     comps = dict(bd.components, allocator_reserve=reserved - peak)
     where = (f"decoder layer {L - peak_name[1]} of {L}" if isinstance(peak_name, tuple)
              else str(peak_name).replace("_", " "))
