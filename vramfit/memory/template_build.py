@@ -29,7 +29,7 @@ from vramfit.memory.template_record import record, shrunk_spec
 LB, M = 6, 3  # layers traced; the representative middle layer (its runs repeat)
 # the builder's version: an entry it could not build ({"exact": False}) records it, and a newer builder tries
 # again (template_cache.setup_template); templates it built stay (checked against the real replay when kept)
-BUILDER = 1
+BUILDER = 2  # 2: bitsandbytes absmax tagged by its parameter (full fine-tuning with paged 8-bit states)
 R0, R1, R2 = 8, 16, 12  # LoRA ranks: fitted at R0, slope from R1, checked at R2
 
 

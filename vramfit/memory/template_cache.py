@@ -107,8 +107,8 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
 
     key = template_key(spec, setup, grad_accum, exact_tiles)
     entry = cache.load_template(key)
-    if entry is not None and not entry.get("exact") and entry.get("builder", 1) < BUILDER:
-        entry = None  # an older builder could not build it: this one tries again
+    if build and entry is not None and not entry.get("exact") and entry.get("builder", 1) < BUILDER:
+        entry = None  # an older builder could not build it: this one tries (a lookup alone keeps the answer)
     if general and (entry.get("tiles") == "exact" if entry is not None else not build):  # the count's own
         return setup_template(spec, setup, targets, grad_accum, build, exact_tiles=True, compose=False)
     if entry is not None:

@@ -97,15 +97,20 @@ def _tagging(n_layers: int):
         return _NONE
 
     def bnb_blocks(nbytes):
-        """kernels._Bnb8bitEmulation.step's fp32 absmax of ceil(numel / 256) blocks: the numel."""
+        """kernels._Bnb8bitEmulation.step's fp32 absmax of ceil(numel / 256) blocks: (the numel, the
+        parameter's layer: the absmax is made from its size alone, so no op of it tags it), else (0, _NONE)."""
         f = sys._getframe(2)
         for _ in range(24):  # through the dispatch mode's frames
             if f is None:
-                return 0
+                return 0, _NONE
             if f.f_code.co_name == "step" and "blocks" in f.f_locals and "p" in f.f_locals:
-                return f.f_locals["p"].numel() if nbytes == 4 * f.f_locals["blocks"] else 0
+                p = f.f_locals["p"]
+                if nbytes != 4 * f.f_locals["blocks"]:
+                    return 0, _NONE
+                rec = st.rec
+                return p.numel(), (rec.smap.get(_cdata(p), _NONE) if rec is not None else _NONE)
             f = f.f_back
-        return 0
+        return 0, _NONE
 
     class LiveDict(dict):
         def __setitem__(self, key, i):
@@ -142,9 +147,11 @@ def _tagging(n_layers: int):
                 if lay != _NONE:
                     self.meta.setdefault(i, {})["arg"] = lay
                 if self.param_phase:
-                    numel = bnb_blocks(nbytes)
+                    numel, owner = bnb_blocks(nbytes)
                     if numel:
                         self.meta.setdefault(i, {})["fn"] = (1, numel, BNB_BLOCK)
+                        if lay == _NONE and owner != _NONE:
+                            self.meta[i]["arg"] = owner
                 return i
 
             def free(self, i):
