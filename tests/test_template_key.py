@@ -73,3 +73,22 @@ def test_full_fine_tuning_with_paged_8bit_states_builds(tmp_path, monkeypatch):
     assert got["template"] is not None, got["note"]
     other = dataclasses.replace(s, micro_batch=3, seq_len=420)
     assert tb.same_events(T.expand(got["template"], 3, 420, s.lora_r, spec.num_layers), tb._real_events(spec, other))
+
+
+def test_a_build_through_the_lookup_retries(tmp_path, monkeypatch):
+    """setup_template with composition (what estimate and plan call) builds again where the entry is an older
+    builder's failure, and answers from the cache after."""
+    from vramfit.memory import template_build as tb
+    from vramfit.memory.setup import make_setup, resolve_targets
+    from vramfit.memory.template_cache import setup_template, template_key
+    from vramfit.model import cache
+    from vramfit.model.spec import spec_from_config
+
+    monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path))
+    spec = spec_from_config("tiny-llama-retry", TINY)
+    s = make_setup(method="lora", micro_batch=2, seq_len=300)
+    cache.store_template(template_key(spec, s), {"exact": False, "reason": "an old builder's failure",
+                                                 "builder": tb.BUILDER - 1})
+    assert setup_template(spec, s, resolve_targets(spec, s), build=False)["template"] is None
+    assert setup_template(spec, s, resolve_targets(spec, s), build=True)["template"] is not None
+    assert cache.load_template(template_key(spec, s))["exact"]

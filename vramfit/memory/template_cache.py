@@ -92,7 +92,7 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
             tpl = tile_composed(spec, setup, grad_accum, key, plain) or composed(spec, setup, grad_accum, key, cached)
             if tpl is not None:
                 return {"template": tpl, "note": ""}
-        if not build or got["note"] != NOT_CACHED:
+        if not build or got["note"] != NOT_CACHED and not got.get("stale"):
             return got
         return setup_template(spec, setup, targets, grad_accum, True, exact_tiles, compose=False)
     from vramfit.memory.kernels import Unsupported
@@ -114,7 +114,8 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     if entry is not None:
         if entry.get("exact"):
             return {"template": entry["template"], "note": ""}
-        return {"template": None, "note": f"no event template: {entry.get('reason', 'not exact')}"}
+        return {"template": None, "note": f"no event template: {entry.get('reason', 'not exact')}",
+                **({"stale": True} if entry.get("builder", 1) < BUILDER else {})}
     if not build:
         return {"template": None, "note": NOT_CACHED}
     from vramfit.memory.template_build import build as build_template
