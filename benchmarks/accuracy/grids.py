@@ -15,6 +15,9 @@
              an H100 (see LEVER_SECONDS).
 - `levers_history`: one lever case per lever (llama-3.2-1b) to re-run with torch's
              memory history.
+- `levers_offload`: 7 more activation offloading cases (both losses, full / LoRA / QLoRA, 5
+             architectures); `levers_offload_history`: the fused-loss full offloading case to re-run
+             with torch's memory history (device_levers.sh MODE=offload).
 
 Large architectures are shrunk with `config_overrides` (fewer layers) where the aim is the shape
 of the model, not its size. Paged optimizers use CUDA managed memory: they appear only in cases
@@ -456,8 +459,33 @@ def lever_history_cases() -> list[dict]:
     return [pairs["liger"][0][1], pairs["packing"][0][1], pairs["activation_offloading"][0][1]]
 
 
+def offload_history_cases() -> list[dict]:
+    """trl's activation offloading under its fused head, full fine-tuning (qwen2.5-0.5b, levers_fused's
+    offloading case, under-predicted by 2.2% reserved on 2026-12-07d): to re-run with
+    VRAMFIT_MEMORY_HISTORY (device_levers.sh MODE=offload also keeps each block's stream)."""
+    return [c for c in levers_fused() if c.get("activation_offloading")]
+
+
+def levers_offload() -> list[dict]:
+    """More activation offloading cases (2026-12-07h), no twins: both losses, full / LoRA / QLoRA, with
+    and without checkpointing, five architectures; full fine-tuning under the fused head first (its
+    optimizer peak meets the copy stream's cached blocks, which the default stream cannot take)."""
+    B = _lever_base
+    cases = [
+        dict(B("llama-3.2-1b", "full", 1024, 4, False), loss="fused"),
+        dict(B("qwen2.5-0.5b", "lora", 1024, 4, False, targets="all-linear"), loss="fused"),
+        dict(B("gemma-2b", "lora", 2048, 2, False), loss="fused"),
+        B("phi-3-mini", "lora", 1024, 8, True, targets="all-linear"),
+        dict(B("mistral-7b-v0.1", "lora", 2048, 4, True, targets="all-linear"), loss="fused"),
+        B("llama-3.2-1b", "qlora", 2048, 4, True, targets="all-linear"),
+        dict(B("qwen2.5-0.5b", "full", 4096, 2, True), loss="fused"),
+    ]
+    return [with_lever(c, "activation_offloading") for c in cases]
+
+
 GRIDS = {"smoke": smoke, "issue2": issue2, "full": full, "recipes": recipes, "levers": levers, "levers_fused": levers_fused,
-         "levers_history": lever_history_cases, "qlora_trl": qlora_trl}
+         "levers_history": lever_history_cases, "qlora_trl": qlora_trl,
+         "levers_offload": levers_offload, "levers_offload_history": offload_history_cases}
 
 
 def get(name: str) -> list[dict]:

@@ -63,7 +63,14 @@ def _simulate_one(rec: dict) -> dict:
         total = rec.get("environment", {}).get("gpu_total_bytes")
         limit = case.get("memory_limit_bytes") or (
             int(case["memory_fraction"] * total) if case.get("memory_fraction") and total else None)
-        res = simulate(ev["events"], expandable_segments=out["allocator"] == "expandable", limit_bytes=limit)
+        streams = (ev.get("host") or {}).get("streams")
+        if streams:  # activation offloading's copy stream: its own pools
+            from vramfit.memory.offload import simulate_streams
+
+            res = simulate_streams(ev["events"], streams, expandable_segments=out["allocator"] == "expandable",
+                                   limit_bytes=limit)
+        else:
+            res = simulate(ev["events"], expandable_segments=out["allocator"] == "expandable", limit_bytes=limit)
         if limit:
             out.update(limit_bytes=limit, sim_oom=res["oom"], sim_retries=res["num_alloc_retries"])
         t_sim = time.perf_counter() - t

@@ -35,9 +35,11 @@ allocates on the GPU, recorded as the real code runs it on the meta device.
   host memory (non-contiguous ones first made contiguous on the GPU) and its GPU storage is held only
   by the forward stash of the last 5 offloaded tensors; one whose storage is already tracked stays on
   the GPU; in the backward a tensor still in the stash is used as is, the others are brought back
-  (a new GPU block on the copy stream), kept until the next autograd node that unpacks has run (or
-  the end of the backward).  The context is entered per training step (SFTTrainer.training_step: an
-  empty_cache, since bitsandbytes is imported) and exited after the backward.  Pinned host memory is
+  (a new GPU block on the copy stream: a block of that stream's own pool in torch's caching
+  allocator, which the default stream never reuses, `streams()`), kept until the next autograd node
+  that unpacks has run (or the end of the backward).  The context is entered per training step
+  (SFTTrainer.training_step: an empty_cache, since bitsandbytes is imported) and exited after the
+  backward.  Pinned host memory is
   counted as torch's CachingHostAllocator holds it (blocks rounded up to powers of two, cached and
   reused, never released): `host()`.
 """
@@ -118,6 +120,7 @@ class Levers:
         from vramfit.memory.offload import PinnedHost
 
         self.pinned = PinnedHost()
+        self.copy_stream: dict = {}  # offloading: allocation id -> its CUDA stream (offload.COPY_STREAM)
         self._stack = None
 
     def __enter__(self):
@@ -133,9 +136,9 @@ class Levers:
                 from vramfit.memory.offload import Addresses, make_offloading
 
                 # trl keys storages by address: the allocator model's (see offload._OffloadEmulation)
-                addresses = Addresses(self.rec, self.setup.allocator == "expandable")
+                addresses = Addresses(self.rec, self.setup.allocator == "expandable", self.copy_stream)
                 addresses.events = self.rec.events
-                self.offload = make_offloading(self.model, self.rec, self.pinned, addresses)
+                self.offload = make_offloading(self.model, self.rec, self.pinned, addresses, self.copy_stream)
         except BaseException:
             self._stack.close()
             raise
@@ -182,12 +185,19 @@ class Levers:
             if self._gc:
                 gc.enable()
 
+    def streams(self) -> dict:
+        """The allocations made on a CUDA stream other than the default one (id -> stream): activation
+        offloading's copies brought back in the backward, on trl's copy stream.  Replay the events with
+        `vramfit.memory.offload.simulate_streams(events, streams)`: torch keeps a freed block for the
+        stream that allocated it."""
+        return dict(self.copy_stream)
+
     def host(self) -> dict | None:
         """Pinned host memory of activation offloading: {"pinned_bytes": what the caching host
         allocator holds at the end (its peak: it never releases), "peak_live_bytes": the largest
-        sum of live host copies, "offloaded_bytes": bytes copied to the host over the run}; None
-        without offloading."""
-        return self.pinned.summary() if self.setup.activation_offloading else None
+        sum of live host copies, "offloaded_bytes": bytes copied to the host over the run, "streams": the
+        copies brought back on trl's copy stream (`streams`)}; None without offloading."""
+        return dict(self.pinned.summary(), streams=self.streams()) if self.setup.activation_offloading else None
 
 
 # --------------------------------------------------------------------------- packing

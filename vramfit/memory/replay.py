@@ -32,7 +32,8 @@ def simulated_breakdown(spec, setup: Setup, targets, bd: Breakdown, c: Constants
         return replace(bd, notes=bd.notes + (f"the allocator simulation does not cover {exc} yet: the reserve is "
                                              "the fitted one",))
     parts = [(ev["events"], ev["marks"])] + ([(ev["after"]["events"], ev["after"]["marks"])] if after else [])
-    sim = replay_phases(parts, expandable=setup.allocator == "expandable")
+    streams = (ev.get("host") or {}).get("streams")  # activation offloading's copy stream
+    sim = replay_phases(parts, expandable=setup.allocator == "expandable", streams=streams)
     bd = with_host(bd, ev.get("host"))
     steps = f"{len(seq_lens)} steps of the data's padded batch lengths" if seq_lens else "2 steps"
     rest = ", evaluation and a checkpoint save" if after else ""
@@ -72,15 +73,18 @@ def phase_of(mark: str) -> str:
     return head if head in ("eval", "save") else last
 
 
-def replay_phases(parts, expandable: bool = False, limit_bytes: int | None = None) -> dict:
+def replay_phases(parts, expandable: bool = False, limit_bytes: int | None = None, streams: dict | None = None) -> dict:
     """Streams of events replayed one after another through one allocator model, each continuing from
     the state the one before left (its live blocks and its cached segments): `parts` is a list of
     (events, marks), each stream's ids its own.  -> {peak_allocated, peak_reserved, allocated, reserved,
     oom, oom_phase, phases: {phase: {peak_allocated, peak_reserved, allocated_end, reserved_end}}} with
-    the phases of `phase_of` (a phase met several times, as each step's forward, keeps its maxima)."""
+    the phases of `phase_of` (a phase met several times, as each step's forward, keeps its maxima).
+    `streams`: the first stream's allocations made on another CUDA stream (training_events' host["streams"]:
+    activation offloading's copy stream), replayed in that stream's own pools."""
     from vramfit.memory.allocator import CachingAllocator, OutOfMemory
+    from vramfit.memory.offload import StreamAllocator
 
-    a = CachingAllocator(expandable, limit_bytes)
+    a = StreamAllocator(expandable, limit_bytes) if streams else CachingAllocator(expandable, limit_bytes)
     phases: dict = {}
     oom_phase = None
 
@@ -92,8 +96,10 @@ def replay_phases(parts, expandable: bool = False, limit_bytes: int | None = Non
         a.reset_peaks()
 
     peak_a = peak_r = 0
-    for events, marks in parts:
+    for part, (events, marks) in enumerate(parts):
         live = {}
+        if streams:  # the table names the first stream's ids (a later one's ids are its own)
+            a.streams, a.stream_of_live = (streams if part == 0 else {}), {}
         # by position, marks at the same one in their order (an empty phase first)
         bounds = sorted((at, k, phase_of(name)) for k, (name, at) in enumerate(marks.items()) if name != "end")
         if not bounds or bounds[0][0] > 0:
@@ -101,13 +107,17 @@ def replay_phases(parts, expandable: bool = False, limit_bytes: int | None = Non
         bounds.append((len(events), 0, None))
         for (start, _, name), (stop, _, _) in zip(bounds, bounds[1:]):
             try:
-                for ev in events[start:stop]:
-                    if ev[0] == "a":
-                        live[ev[1]] = a.malloc(ev[2])
-                    elif ev[0] == "f":
-                        a.free(live.pop(ev[1]))
-                    else:
-                        a.empty_cache()
+                if streams:  # the copy stream's blocks in its own pools (StreamAllocator.apply)
+                    for ev in events[start:stop]:
+                        a.apply(ev, live)
+                else:
+                    for ev in events[start:stop]:
+                        if ev[0] == "a":
+                            live[ev[1]] = a.malloc(ev[2])
+                        elif ev[0] == "f":
+                            a.free(live.pop(ev[1]))
+                        else:
+                            a.empty_cache()
             except OutOfMemory:
                 oom_phase = name
             peak_a, peak_r = max(peak_a, a.peak_allocated), max(peak_r, a.peak_reserved)
@@ -195,17 +205,19 @@ def template_events(spec, setup: Setup, targets) -> dict | None:
 
 
 def _simulate_accumulation(events: list, marks: dict, grad_accum: int, expandable: bool, limit_bytes: int,
-                           initial_allocated: int) -> dict:
+                           initial_allocated: int, streams: dict | None = None) -> dict:
     """`allocator.simulate` over two accumulating steps, skipping the micro-batches whose outcome is
     known: a step's micro-batches after the first repeat one micro-batch's events (up to ids), so
     once the allocator's whole state (blocks, segments, live ids; not the peaks) is the same before
     two consecutive ones, every later one makes the same decisions from the same state, and the run
     goes on from the last micro-batch (whose leftovers the optimizer frees), peaks as they were,
     retries and events counted for the skipped ones.  A stream whose micro-batches leave tensors to
-    the next (the live ids differ) never repeats, and is replayed whole."""
+    the next (the live ids differ) never repeats, and is replayed whole.  `streams`: allocations on
+    another CUDA stream (activation offloading's copy stream), in that stream's own pools."""
     from vramfit.memory.allocator import CachingAllocator, OutOfMemory
+    from vramfit.memory.offload import StreamAllocator
 
-    a = CachingAllocator(expandable, limit_bytes)
+    a = StreamAllocator(expandable, limit_bytes, streams) if streams else CachingAllocator(expandable, limit_bytes)
     live: dict = {}
     A = grad_accum
     # per step: the start of each accumulating micro-batch (1 .. A-1)
@@ -226,15 +238,20 @@ def _simulate_accumulation(events: list, marks: dict, grad_accum: int, expandabl
             if at < pos:  # inside a skipped stretch
                 continue
             i = pos - 1
-            for ev in events[pos:at]:  # CachingAllocator.apply, inlined: the replay's hot loop
-                i += 1
-                kind = ev[0]
-                if kind == "a":
-                    live[ev[1]] = malloc(ev[2])
-                elif kind == "f":
-                    free(live.pop(ev[1]))
-                else:
-                    empty_cache()
+            if streams:  # the copy stream's blocks in their own pools (StreamAllocator.apply)
+                for ev in events[pos:at]:
+                    i += 1
+                    a.apply(ev, live)
+            else:
+                for ev in events[pos:at]:  # CachingAllocator.apply, inlined: the replay's hot loop
+                    i += 1
+                    kind = ev[0]
+                    if kind == "a":
+                        live[ev[1]] = malloc(ev[2])
+                    elif kind == "f":
+                        free(live.pop(ev[1]))
+                    else:
+                        empty_cache()
             pos = at
             if s is None:
                 break
@@ -296,7 +313,7 @@ def capped_replay(spec, setup: Setup, targets, limit_bytes: int, constants: Cons
     if ev is None:
         ev = _replay_events(spec, setup, targets)
     sim = _simulate_accumulation(ev["events"], ev["marks"], setup.grad_accum, setup.allocator == "expandable",
-                                 int(limit_bytes), int(initial_allocated))
+                                 int(limit_bytes), int(initial_allocated), (ev.get("host") or {}).get("streams"))
     phase = None
     if sim["oom"]:
         phase = max(((at, name) for name, at in ev["marks"].items() if at <= max(sim["oom_at"], 0)),
