@@ -118,3 +118,22 @@ def test_accumulating_setup_composes(bases):
     assert tpl is not None and tpl["regime"][3] == 4 and tpl["regime"][4]
     assert tb.same_events(T.expand(tpl, 2, 7000, 8, spec.num_layers, 3), tb._real_events(spec, four, None, 3))
 
+
+
+def test_post_training_stream_composes(bases):
+    """The evaluation and checkpoint save after the steps (replay.post_stream) at 4 tiles: composed from the
+    post-training templates at 2 and 3 tiles, equal to its recording."""
+    from vramfit.memory.events import training_events
+    from vramfit.memory.replay import post_stream, post_template
+    from vramfit.memory.setup import resolve_targets
+    from vramfit.memory.template_build import canonical
+
+    spec, setup, _ = bases
+    for seq in (3000, 5000):
+        b = dataclasses.replace(setup, seq_len=seq)
+        assert post_template(spec, b, resolve_targets(spec, b), build=True)["template"] is not None
+    four = dataclasses.replace(setup, seq_len=7000)
+    got = post_stream(spec, four, resolve_targets(spec, four), build=False)
+    assert got["source"] == "template"
+    real = training_events(spec, four, resolve_targets(spec, four), steps=0, after=True)["after"]
+    assert canonical(got["events"]) == canonical(real["events"])

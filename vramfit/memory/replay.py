@@ -460,6 +460,9 @@ def post_template(spec, setup: Setup, targets, eval_batch: int | None = None, bu
     if entry is not None:
         return {"template": entry.get("template") if entry.get("exact") else None,
                 "note": "" if entry.get("exact") else f"no post-training template: {entry.get('reason')}"}
+    tiled = _post_tiles(spec, setup, targets, eval_batch)
+    if tiled is not None:
+        return {"template": tiled, "note": ""}
     if not build:
         return {"template": None, "note": "no post-training template cached"}
     from vramfit.memory import template_build as tb
@@ -479,6 +482,30 @@ def post_template(spec, setup: Setup, targets, eval_batch: int | None = None, bu
         tb.record, tb._real_events = saved
     cache.store_template(key, {"exact": True, "template": tpl} if ok else {"exact": False, "reason": why})
     return {"template": tpl if ok else None, "note": "" if ok else f"no post-training template: {why}"}
+
+
+def _post_tiles(spec, setup: Setup, targets, eval_batch: int | None) -> dict | None:
+    """The post-training template at >= 4 token tiles of trl's fused loss where each tile count is a template
+    of its own (the evaluation's forwards run the same tile loop): composed from the cached ones at 2 and 3
+    tiles (vramfit.memory.template_tiles), or None."""
+    from vramfit.memory.template import NoTemplate, token_tiles
+    from vramfit.memory.template_tiles import BASES, base_seq, extend
+
+    s = eval_setup(setup, eval_batch)
+    if s.loss != "fused" or token_tiles(s.micro_batch, s.seq_len) < 4:
+        return None
+    bases = []
+    for tt in BASES:
+        seq = base_seq(spec, s, 1, tt)
+        tpl = post_template(spec, replace(setup, seq_len=seq), targets, eval_batch, build=False)["template"] \
+            if seq is not None else None
+        if tpl is None or "runs" not in tpl:
+            return None
+        bases.append(tpl)
+    try:
+        return extend(bases[0], bases[1], token_tiles(s.micro_batch, s.seq_len))
+    except NoTemplate:
+        return None
 
 
 def post_stream(spec, setup: Setup, targets, eval_batch: int | None = None, build: bool = True) -> dict:
