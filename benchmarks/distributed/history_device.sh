@@ -6,6 +6,9 @@
 #   bash benchmarks/distributed/history_device.sh
 #   GRID=history-lora bash benchmarks/distributed/history_device.sh   # the FSDP2 LoRA cases (fake_pg.HISTORY_LORA)
 #   GRID=history-ddp bash benchmarks/distributed/history_device.sh    # DDP full fine-tuning (fake_pg.HISTORY_DDP)
+#   GRID=history-fsdp-full bash benchmarks/distributed/history_device.sh   # FSDP2 full fine-tuning (fake_pg.HISTORY_FSDP_FULL)
+# .whl too big to carry: carry build/device-whl (the slimmed set) and .dswhl, and begin with
+#   rm -rf .whl && mkdir .whl && cp build/device-whl/*.whl .whl/
 # Here: python -m benchmarks.distributed.history FILES...   (what is live at each step's peak, by frame)
 set -uo pipefail
 source "$(dirname "$0")/../device_env.sh"

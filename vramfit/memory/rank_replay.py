@@ -25,7 +25,8 @@ changes:
   the shards and the cached blocks of the whole parameters they replaced, kept: the Trainer empties the
   cache before it wraps -- then the activations without the single GPU's gradients and optimizer step,
   whose fragmentation the rank does not have, and, for LoRA, the step's gathered parameters, which take the
-  wrap's cached blocks: vramfit.memory.fsdp.copy_out_events; at least the segments that replay makes), plus
+  wrap's cached blocks: vramfit.memory.fsdp.copy_out_events; at least the segments that replay makes; full
+  fine-tuning: the default stream replayed whole, its reserve that replay's -- vramfit.memory.fsdp_full), plus
   the other CUDA streams' pools (vramfit.memory.fsdp:
   the all-gather and reduce-scatter streams' own allocator replays).  FSDP2 under mixed precision is traced
   with bf16 weights under autocast (`fsdp_trace_setup`): every parameter is gathered in bf16.
@@ -441,20 +442,32 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
     later = {}
     o = act.optimizer
     if not (o.paged or o.factored) and o.states:
-        shards = _shard_sizes(spec, tensors, gpus, o.state_bytes or (elem if full else 4), full)
+        nb = o.state_bytes or (elem if full else 4)
+        from vramfit.memory.fsdp import shard_numel
+        from vramfit.memory.fsdp_full import trainer_groups
+
+        groups = trainer_groups(spec) if full else None  # full: the Trainer's groups, group by group
+        groups = ([[shard_numel(sh, gpus) * nb for sh in g] for g in groups] if groups
+                  else [_shard_sizes(spec, tensors, gpus, nb, full)])
         k = 0
         while f"step{k}.optimizer" in marks:  # the rank's AdamW on its shards: states at the first step
-            temps = [ids() for _ in shards] if o.foreach_temp else []
-            evs = [("a", ids(), b) for b in shards for _ in range(o.states)] if k == 0 else []
-            evs += [("a", t, b) for t, b in zip(temps, shards)] + [("f", t) for t in temps]
+            evs = []
+            for shards in groups:
+                temps = [ids() for _ in shards] if o.foreach_temp else []
+                evs += [("a", ids(), b) for b in shards for _ in range(o.states)] if k == 0 else []
+                evs += [("a", t, b) for t, b in zip(temps, shards)] + [("f", t) for t in temps]
             later[f"step{k}.optimizer"] = evs
             k += 1
+    if full and not qlora:  # the whole default stream: gradients, gathered parameters, reduce-scatter inputs
+        # (vramfit.memory.fsdp_full); its reserve is the rank's default stream's own
+        from vramfit.memory.fsdp_full import full_gap_replay
+
+        res = full_gap_replay(spec, run, st, gpus, events, marks, wrap, later, drop, ids, act.allocator == "expandable")
+        if res is not None:
+            return dict(res, whole=True)
     if not (qlora or full):
         # LoRA: the gathered (frozen) parameters take the blocks of the whole ones wrapping freed, beside the
-        # small activations (fsdp.copy_out_events).  Full fine-tuning: not placed -- its replay peaks at the first
-        # optimizer step (the float32 states on the shards, allocated there), after the step's copy-outs are
-        # released, and placing them moved the full runs both ways (-6.0% to +5.3% reserved over the 2026-12-07
-        # fake-group runs) with no history of a full run's copy-outs to say where they go
+        # small activations (fsdp.copy_out_events).  Full fine-tuning: its whole default stream, above
         from vramfit.memory.fsdp import copy_out_events
 
         gather = 2 if run.autocast_dtype else (4 if run.param_dtype == "float32" else 2)
@@ -557,6 +570,8 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
     # parameters take): where the rank's largest default-stream moment is below the replay's allocated peak (the
     # replay holds the copy-outs too), the replay's reserve over that moment would fall below its own segments
     reserved = max(peak, int(max(max(default.values()) + gap, sim["peak_reserved"]) + pooled))
+    if sim.get("whole"):  # FSDP2 full fine-tuning: the default stream replayed whole (vramfit.memory.fsdp_full)
+        reserved = max(peak, int(sim["peak_reserved"] + pooled))
     comps = dict(bd.components, allocator_reserve=reserved - peak)
     where = (f"decoder layer {L - peak_name[1]} of {L}" if isinstance(peak_name, tuple)
              else str(peak_name).replace("_", " "))
