@@ -52,7 +52,6 @@ def _setups(a) -> list:
 
 
 def check(name: str, kw: dict) -> dict:
-    from vramfit.memory.allocator import simulate
     from vramfit.memory.events import training_events
     from vramfit.memory.template_cache import setup_template
     from vramfit.memory.setup import make_setup, resolve_targets
@@ -80,13 +79,43 @@ def check(name: str, kw: dict) -> dict:
     out = {"composed": True, "events": len(mine), "same_events": same_events(mine, real["events"]),
            "same_marks": marks == real["marks"], "expand_s": round(expand_s, 3), "record_s": round(real_s, 2),
            "donor_shape": tpl["composed"]["donor_shape"]}
+    return dict(out, **same_peaks(mine, real["events"]))
+
+
+def same_peaks(mine: list, real: list) -> dict:
+    """Both allocator models' (default, expandable segments) peaks over `mine`, and whether `real`'s are equal."""
+    from vramfit.memory.allocator import simulate
+
+    out = {}
     for x in (False, True):
-        a, b = simulate(mine, expandable_segments=x), simulate(real["events"], expandable_segments=x)
+        a, b = simulate(mine, expandable_segments=x), simulate(real, expandable_segments=x)
         tag = "expandable" if x else "default"
         out[f"peaks_{tag}"] = [a["peak_allocated"], a["peak_reserved"]]
         out[f"same_peaks_{tag}"] = (a["peak_allocated"], a["peak_reserved"]) == (b["peak_allocated"],
                                                                                   b["peak_reserved"])
     return out
+
+
+def write_checks(out_path: str, setups, check, profiles=None) -> None:
+    """`check(profile, kwargs)` of each (profile, kwargs) of `setups` (those of `profiles` where given), one JSON
+    line each with the environment to `out_path`, and how many of the composed ones equal their recording."""
+    from vramfit.versions import installed
+
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "python": platform.python_version(),
+           "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
+    n = ok = 0
+    for name, kw in setups:
+        if profiles and name not in profiles:
+            continue
+        rec = {"profile": name, "setup": kw, **check(name, kw), "environment": env}
+        if rec["composed"]:
+            n += 1
+            ok += rec["same_events"] and rec["same_peaks_default"] and rec["same_peaks_expandable"]
+        print(json.dumps({k: v for k, v in rec.items() if k != "environment"}), flush=True)
+        with open(out_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    print(f"{ok} of {n} composed setups equal to their own recording (events and both allocators' peaks)")
 
 
 def main(argv=None) -> None:
@@ -100,23 +129,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     os.environ["VRAMFIT_CACHE_DIR"] = a.cache or tempfile.mkdtemp(prefix="vramfit-compose-check-")
     os.environ["VRAMFIT_TEMPLATE_BUILD"] = "off"
-    from vramfit.versions import installed
-
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
-           "cpus": os.cpu_count(), "python": platform.python_version(),
-           "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
-    n = ok = 0
-    for name, kw in _setups(a):
-        if a.profiles and name not in a.profiles:
-            continue
-        rec = {"profile": name, "setup": kw, **check(name, kw), "environment": env}
-        if rec["composed"]:
-            n += 1
-            ok += rec["same_events"] and rec["same_peaks_default"] and rec["same_peaks_expandable"]
-        print(json.dumps({k: v for k, v in rec.items() if k != "environment"}), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    print(f"{ok} of {n} composed setups equal to their own recording (events and both allocators' peaks)")
+    write_checks(a.out, _setups(a), check, a.profiles)
 
 
 if __name__ == "__main__":

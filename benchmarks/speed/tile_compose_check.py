@@ -13,13 +13,12 @@ The bases come from the bundle or `--cache DIR`; missing ones are built there (a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+
+from benchmarks.speed.compose_check import same_peaks, write_checks
 
 _Q = {"method": "qlora", "precision": "bf16-amp", "loss": "fused"}
 CASES = [
@@ -38,7 +37,6 @@ CASES = [
 
 
 def check(name: str, kw: dict) -> dict:
-    from vramfit.memory.allocator import simulate
     from vramfit.memory.events import training_events
     from vramfit.memory.setup import make_setup, resolve_targets
     from vramfit.memory.template import expand, token_tiles
@@ -72,13 +70,7 @@ def check(name: str, kw: dict) -> dict:
     out.update({"composed": True, "events": len(mine), "same_events": same_events(mine, real["events"]),
                 "same_marks": marks == real["marks"], "compose_expand_s": round(compose_s, 3),
                 "record_s": round(real_s, 2)})
-    for x in (False, True):
-        a, b = simulate(mine, expandable_segments=x), simulate(real["events"], expandable_segments=x)
-        tag = "expandable" if x else "default"
-        out[f"peaks_{tag}"] = [a["peak_allocated"], a["peak_reserved"]]
-        out[f"same_peaks_{tag}"] = (a["peak_allocated"], a["peak_reserved"]) == (b["peak_allocated"],
-                                                                                  b["peak_reserved"])
-    return out
+    return dict(out, **same_peaks(mine, real["events"]))
 
 
 def main(argv=None) -> None:
@@ -88,23 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profiles", nargs="+", default=None, help="only these profiles' setups")
     a = ap.parse_args(argv)
     os.environ["VRAMFIT_CACHE_DIR"] = a.cache or tempfile.mkdtemp(prefix="vramfit-tile-check-")
-    from vramfit.versions import installed
-
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
-           "cpus": os.cpu_count(), "python": platform.python_version(),
-           "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
-    n = ok = 0
-    for name, kw in CASES:
-        if a.profiles and name not in a.profiles:
-            continue
-        rec = {"profile": name, "setup": kw, **check(name, kw), "environment": env}
-        if rec["composed"]:
-            n += 1
-            ok += rec["same_events"] and rec["same_peaks_default"] and rec["same_peaks_expandable"]
-        print(json.dumps({k: v for k, v in rec.items() if k != "environment"}), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    print(f"{ok} of {n} composed setups equal to their own recording (events and both allocators' peaks)")
+    write_checks(a.out, CASES, check, a.profiles)
 
 
 if __name__ == "__main__":

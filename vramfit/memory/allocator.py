@@ -465,7 +465,11 @@ def simulate(events, expandable_segments: bool = False, limit_bytes: int | None 
     segment count and, under a cap (`limit_bytes`, the allocator's allowed maximum), whether and
     at which event it ran out of memory and how many times malloc released its cache and retried.
     `initial_allocated`: bytes already allocated when the events start (left by earlier work)."""
-    a = CachingAllocator(expandable_segments, limit_bytes)
+    return run(CachingAllocator(expandable_segments, limit_bytes), events, initial_allocated)
+
+
+def run(a, events, initial_allocated: int = 0) -> dict:
+    """`events` through the allocator model `a` (a CachingAllocator or a subclass): `simulate`'s result."""
     live = {}
     oom_at = None
     i = -1  # -1: the initial allocation itself did not fit

@@ -22,7 +22,7 @@ lags the CPU)."""
 
 from __future__ import annotations
 
-from vramfit.memory.allocator import CachingAllocator, OutOfMemory, _Pool
+from vramfit.memory.allocator import CachingAllocator, _Pool
 
 OFFLOAD_MIN_BYTES = 1024  # trl get_act_offloading_ctx_manager's min_offload_size
 OFFLOAD_STASH = 5  # its max_fwd_stash_size
@@ -100,20 +100,9 @@ def simulate_streams(events, streams: dict | None = None, expandable_segments: b
                      limit_bytes: int | None = None, initial_allocated: int = 0) -> dict:
     """vramfit.memory.allocator.simulate with the allocations `streams` names (id -> stream: the copy
     stream's, `Levers.streams()`) in their own stream's pools; the same result keys."""
-    a = StreamAllocator(expandable_segments, limit_bytes, streams)
-    live = {}
-    oom_at = None
-    i = -1
-    try:
-        if initial_allocated:
-            a.malloc(initial_allocated)
-        for i, ev in enumerate(events):
-            a.apply(ev, live)
-    except OutOfMemory:
-        oom_at = i
-    return {"peak_allocated": a.peak_allocated, "peak_reserved": a.peak_reserved,
-            "num_device_alloc": a.num_device_alloc, "allocated": a.allocated, "reserved": a.reserved,
-            "oom": oom_at is not None, "oom_at": oom_at, "num_alloc_retries": a.num_alloc_retries}
+    from vramfit.memory.allocator import run
+
+    return run(StreamAllocator(expandable_segments, limit_bytes, streams), events, initial_allocated)
 
 
 class PinnedHost:
