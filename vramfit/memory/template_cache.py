@@ -1,7 +1,7 @@
 """Which event template (vramfit.memory.template) a setup has: its cache key (the config, the setup's discrete
 fields, its regime, the traced libraries' versions and the replay's code) and `setup_template`: from the user
-cache or the bundle, composed from other cached ones (vramfit.memory.template_compose), or built now and
-checked against the real replay at the setup itself before it is kept."""
+cache or the bundle, composed from other cached ones (vramfit.memory.template_tiles, template_compose), or built
+now and checked against the real replay at the setup itself before it is kept."""
 
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
     The fused loss's template for every tile count >= 2 (template.tiles_general) is tried first;
     where it cannot be built (the tile loops allocate after all), its entry says so ("tiles": "exact")
     and the template of this very tile count answers (`exact_tiles`), as for the other setups.
-    `compose`: where none is cached, one composed from cached templates of other optimizers
-    (vramfit.memory.template_compose) answers before any build."""
+    `compose`: where none is cached, one composed from cached templates of other tile counts of trl's
+    fused loss (vramfit.memory.template_tiles) or of other optimizers (vramfit.memory.template_compose)
+    answers before any build; an entry an older builder could not build is built again where `build`."""
     if compose:
         got = setup_template(spec, setup, targets, grad_accum, False, exact_tiles, compose=False)
         if got["note"] == NOT_CACHED:
