@@ -15,7 +15,7 @@ def test_builder_edits_keep_the_keys(monkeypatch):
     from vramfit.memory import template_cache as tc
 
     real = pathlib.Path.read_bytes
-    base = (tc._DIGEST.clear(), tc._code_digest())[1]
+    base = (tc._code_digest.cache_clear(), tc._code_digest())[1]
 
     def edited(name):
         def read(self):
@@ -25,10 +25,10 @@ def test_builder_edits_keep_the_keys(monkeypatch):
     for name, same in (("template_build.py", True), ("template_record.py", True), ("events.py", False),
                        ("template.py", False)):
         monkeypatch.setattr(pathlib.Path, "read_bytes", edited(name))
-        tc._DIGEST.clear()
+        tc._code_digest.cache_clear()
         assert (tc._code_digest() == base) is same, name
     monkeypatch.setattr(pathlib.Path, "read_bytes", real)
-    tc._DIGEST.clear()
+    tc._code_digest.cache_clear()
     assert tc._code_digest() == base
 
 

@@ -107,17 +107,8 @@ def replay_phases(parts, expandable: bool = False, limit_bytes: int | None = Non
         bounds.append((len(events), 0, None))
         for (start, _, name), (stop, _, _) in zip(bounds, bounds[1:]):
             try:
-                if streams:  # the copy stream's blocks in its own pools (StreamAllocator.apply)
-                    for ev in events[start:stop]:
-                        a.apply(ev, live)
-                else:
-                    for ev in events[start:stop]:
-                        if ev[0] == "a":
-                            live[ev[1]] = a.malloc(ev[2])
-                        elif ev[0] == "f":
-                            a.free(live.pop(ev[1]))
-                        else:
-                            a.empty_cache()
+                for ev in events[start:stop]:  # a StreamAllocator's apply keeps the copy stream's blocks apart
+                    a.apply(ev, live)
             except OutOfMemory:
                 oom_phase = name
             peak_a, peak_r = max(peak_a, a.peak_allocated), max(peak_r, a.peak_reserved)
@@ -488,24 +479,11 @@ def _post_tiles(spec, setup: Setup, targets, eval_batch: int | None) -> dict | N
     """The post-training template at >= 4 token tiles of trl's fused loss where each tile count is a template
     of its own (the evaluation's forwards run the same tile loop): composed from the cached ones at 2 and 3
     tiles (vramfit.memory.template_tiles), or None."""
-    from vramfit.memory.template import NoTemplate, token_tiles
-    from vramfit.memory.template_tiles import BASES, base_seq, extend
+    from vramfit.memory.template_tiles import from_bases
 
     s = eval_setup(setup, eval_batch)
-    if s.loss != "fused" or token_tiles(s.micro_batch, s.seq_len) < 4:
-        return None
-    bases = []
-    for tt in BASES:
-        seq = base_seq(spec, s, 1, tt)
-        tpl = post_template(spec, replace(setup, seq_len=seq), targets, eval_batch, build=False)["template"] \
-            if seq is not None else None
-        if tpl is None or "runs" not in tpl:
-            return None
-        bases.append(tpl)
-    try:
-        return extend(bases[0], bases[1], token_tiles(s.micro_batch, s.seq_len))
-    except NoTemplate:
-        return None
+    return from_bases(spec, s, 1, lambda seq: post_template(spec, replace(setup, seq_len=seq), targets, eval_batch,
+                                                            build=False)["template"])
 
 
 def post_stream(spec, setup: Setup, targets, eval_batch: int | None = None, build: bool = True) -> dict:

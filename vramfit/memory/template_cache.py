@@ -5,6 +5,8 @@ now and checked against the real replay at the setup itself before it is kept.""
 
 from __future__ import annotations
 
+import functools
+
 from vramfit.memory.setup import Setup
 
 # the code whose behaviour a template freezes, an edit to any of which rebuilds the templates: what the replay
@@ -17,24 +19,22 @@ from vramfit.memory.setup import Setup
 _REPLAY_SOURCES = ("memory/events.py", "memory/kernels.py", "memory/template.py", "memory/template_build.py",
                    "memory/template_record.py", "model/emulate.py", "model/trace.py", "model/spec.py")
 _BUILDER_SOURCES = ("memory/template_build.py", "memory/template_record.py")
-_DIGEST = []
 
 
+@functools.cache
 def _code_digest() -> str:
     """16 hex digits of sha256 over _REPLAY_SOURCES, the builder's as frozen (see above)."""
-    if not _DIGEST:
-        import hashlib
-        import zipfile
-        from pathlib import Path
+    import hashlib
+    import zipfile
+    from pathlib import Path
 
-        root = Path(__file__).resolve().parent.parent
-        with zipfile.ZipFile(Path(__file__).with_name("template_key_builder.zip")) as z:
-            frozen = {rel: z.read(rel) for rel in _BUILDER_SOURCES}
-        h = hashlib.sha256()
-        for rel in _REPLAY_SOURCES:
-            h.update(frozen[rel] if rel in frozen else (root / rel).read_bytes())
-        _DIGEST.append(h.hexdigest()[:16])
-    return _DIGEST[0]
+    root = Path(__file__).resolve().parent.parent
+    with zipfile.ZipFile(Path(__file__).with_name("template_key_builder.zip")) as z:
+        frozen = {rel: z.read(rel) for rel in _BUILDER_SOURCES}
+    h = hashlib.sha256()
+    for rel in _REPLAY_SOURCES:
+        h.update(frozen[rel] if rel in frozen else (root / rel).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = False) -> str:

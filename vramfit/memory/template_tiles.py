@@ -93,7 +93,7 @@ class _Sizes:
                       *rest]]
 
 
-def _shape(tpl: dict, sz):
+def _shape(sz):
     """An alloc's size field without its sizes (what must agree between the two templates)."""
     if isinstance(sz, int):
         return "s"
@@ -141,7 +141,7 @@ def _insertion(j: int, e2: list, e3: list, t2: dict, t3: dict, shift: dict) -> t
             continue
         rel, own = got
         mine = {**shift, j: (q, n_a, {block[i][2]: o for i, o in rel.items()})}
-        if all(x[0] == y[0] and (x[0] != "a" or _shape(t3, x[1]) == _shape(t2, y[1])) and (
+        if all(x[0] == y[0] and (x[0] != "a" or _shape(x[1]) == _shape(y[1])) and (
                 x[0] != "f" or tuple(x) == _map(y, mine)) for x, y in zip(e3[p + n_ev:], e2[p:])):
             return p, q, n_ev, n_a, rel, own
     raise NotComposable(f"run {j}: the inserted tile is not found")
@@ -175,7 +175,7 @@ def _periodic(tpl, block, after, j, q, n_a) -> tuple | None:
         return None
     rel, own = {}, set()
     for i, (x, y) in enumerate(zip(block, after)):
-        if x[0] != y[0] or (x[0] == "a" and _shape(tpl, x[1]) != _shape(tpl, y[1])):
+        if x[0] != y[0] or (x[0] == "a" and _shape(x[1]) != _shape(y[1])):
             return None
         if x[0] == "f":
             if (x[1], x[3], x[4]) != (y[1], y[3], y[4]):
@@ -259,7 +259,7 @@ def extend(t2: dict, t3: dict, tiles: int) -> dict:
             if x[0] != y[0]:
                 raise NotComposable("the templates' events differ")
             if x[0] == "a":
-                if _shape(t3, x[1]) != _shape(t2, y[1]):
+                if _shape(x[1]) != _shape(y[1]):
                     raise NotComposable("an allocation differs between the templates")
                 out.append(["a", sizes.size(x[1], y[1], moved)])
             elif x[0] == "f":
@@ -290,27 +290,39 @@ def base_seq(spec, setup, grad_accum: int, tiles: int) -> int | None:
     return None
 
 
-def tile_composed(spec, setup, grad_accum: int, key: str, cached) -> dict | None:
-    """`setup`'s template (its key `key`) at >= 4 token tiles of the fused loss where each tile count is a
-    regime of its own, composed from `cached(setup at 2 and 3 tiles, grad_accum)` (plain templates or None);
-    checked to expand at the setup's own shape; None where it does not compose."""
+def from_bases(spec, setup, grad_accum: int, lookup) -> dict | None:
+    """`setup`'s template at >= 4 token tiles of the fused loss, extended from `lookup(seq_len)`: the cached
+    plain template of the same setup at that sequence length (at 2 and 3 tiles, `base_seq`), or None; None
+    where a base is missing or they do not compose."""
     if setup.loss != "fused" or setup.liger or setup.packing or setup.activation_offloading:
         return None
-    if token_tiles(setup.micro_batch, setup.seq_len) < 4:
+    tiles = token_tiles(setup.micro_batch, setup.seq_len)
+    if tiles < 4:
         return None
-    t = token_tiles(setup.micro_batch, setup.seq_len)
-    hit = _COMPOSED.get(key)
-    if hit is not None:
-        return hit
     bases = []
     for tt in BASES:
         s = base_seq(spec, setup, grad_accum, tt)
-        tpl = cached(replace(setup, seq_len=s), grad_accum) if s is not None else None
+        tpl = lookup(s) if s is not None else None
         if tpl is None or "runs" not in tpl:
             return None
         bases.append(tpl)
     try:
-        out = extend(bases[0], bases[1], t)
+        return extend(bases[0], bases[1], tiles)
+    except NoTemplate:
+        return None
+
+
+def tile_composed(spec, setup, grad_accum: int, key: str, cached) -> dict | None:
+    """`setup`'s template (its key `key`) at >= 4 token tiles of the fused loss where each tile count is a
+    regime of its own, composed from `cached(setup at 2 and 3 tiles, grad_accum)` (plain templates or None);
+    checked to expand at the setup's own shape; None where it does not compose."""
+    hit = _COMPOSED.get(key)
+    if hit is not None:
+        return hit
+    out = from_bases(spec, setup, grad_accum, lambda s: cached(replace(setup, seq_len=s), grad_accum))
+    if out is None:
+        return None
+    try:
         expand(out, setup.micro_batch, setup.seq_len, setup.lora_r, spec.num_layers, grad_accum)
     except (NoTemplate, KeyError, IndexError, TypeError, ValueError):
         return None
