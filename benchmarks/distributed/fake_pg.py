@@ -153,6 +153,14 @@ HISTORY_FSDP_FULL = ("qwen2.5-1.5b-full-bf16-true-fsdp-full-n4r0-ckpt-fused-s102
                      "llama-3.2-1b-lora-bf16-true-fsdp-full-n8r0-nockpt-fused-s1024b2")
 
 
+# FSDP QLoRA / LoRA N = 8, the worst reserved errors of the 07i re-report (-9.7%, -7.2%, +6.7%, +5.2%, -3.5%)
+HISTORY_QLORA = ("llama-3.1-8b[num_hidden_layers=8]-qlora-bf16-amp-fsdp-full-n8r0-ckpt-logits-s1024b2",
+                 "qwen2.5-1.5b-qlora-bf16-amp-fsdp-full-n4r0-ckpt-logits-s1024b2",
+                 "llama-3.1-8b[num_hidden_layers=8]-qlora-bf16-amp-fsdp-grad-op-n4r0-nockpt-logits-s1024b2",
+                 "llama-3.1-8b[num_hidden_layers=8]-qlora-bf16-amp-fsdp-full-n4r0-nockpt-logits-s1024b2",
+                 "llama-3.1-8b[num_hidden_layers=8]-lora-bf16-true-fsdp-full-n8r0-nockpt-logits-s1024b2")
+
+
 def history_grid(names=HISTORY) -> list:
     every = {c["name"]: c for c in issue21_grid() + recipe_grid() + zero_grid()}
     return [every[n] for n in names]
@@ -160,7 +168,7 @@ def history_grid(names=HISTORY) -> list:
 
 GRIDS = {"issue21": issue21_grid, "cpu": cpu_grid, "zero": zero_grid, "recipe": recipe_grid,
          "history": history_grid, "history-lora": lambda: history_grid(HISTORY_LORA),
-         "history-ddp": lambda: history_grid(HISTORY_DDP),
+         "history-ddp": lambda: history_grid(HISTORY_DDP), "history-qlora": lambda: history_grid(HISTORY_QLORA),
          "history-fsdp-full": lambda: history_grid(HISTORY_FSDP_FULL)}
 
 

@@ -7,6 +7,7 @@
 #   GRID=history-lora bash benchmarks/distributed/history_device.sh   # the FSDP2 LoRA cases (fake_pg.HISTORY_LORA)
 #   GRID=history-ddp bash benchmarks/distributed/history_device.sh    # DDP full fine-tuning (fake_pg.HISTORY_DDP)
 #   GRID=history-fsdp-full bash benchmarks/distributed/history_device.sh   # FSDP2 full fine-tuning (fake_pg.HISTORY_FSDP_FULL)
+#   GRID=history-qlora bash benchmarks/distributed/history_device.sh   # FSDP QLoRA / LoRA N = 8 (fake_pg.HISTORY_QLORA)
 # .whl too big to carry: carry build/device-whl (the slimmed set) and .dswhl, and begin with
 #   rm -rf .whl && mkdir .whl && cp build/device-whl/*.whl .whl/
 # Here: python -m benchmarks.distributed.history FILES...   (what is live at each step's peak, by frame)

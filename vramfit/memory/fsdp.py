@@ -28,8 +28,9 @@ torch 2.11's FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, _f
 QLoRA: vramfit launches it with FSDP1 (peft's FSDP-QLoRA recipe: flat parameters of bf16 storage, one per
 decoder layer and per LoRA module, the root's never resharded after the forward, BACKWARD_PRE
 prefetch; torch/distributed/fsdp/_runtime_utils.py): one unit gathered at a time in the forward,
-two in the backward, the root (embeddings, final norm, LM head) all step; no all-gather streams' pools
-(FSDP1 all-gathers into the unit's padded flat parameter).
+two in the backward, the root (embeddings, final norm, LM head) all step; the padded flat parameters are
+allocated in FSDP1's unshard stream's own pool (vramfit.memory.fsdp1: that pool, the post-backward and
+pre-unshard streams' replayed; the default stream's reserve is the rank's gap replay's).
 Mixed precision (accelerate's mixed_precision bf16 -> MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=bf16)): fsdp2_prepare_model first upcasts every trainable parameter to fp32, so the
 sharded parameters, gradients and optimizer states of trainable parameters are fp32 and every
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import math
 
-from vramfit.memory.rank_step import RankTerms
+from vramfit.memory.rank_step import SIDE_STREAMS_DEVICE_BYTES, RankTerms
 
 FP32 = 4
 
@@ -152,7 +153,12 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
         g_top, g_bottom, g_end = keep + L * U, keep + U, U_emb
     if fsdp1:
         g_fwd_layer, g_fwd_loss, g_bwd_loss = U_tail + U, U_tail, U_tail
-        g_bwd_head, g_top, g_bottom, g_end = U_tail + U, U_tail + 2 * U, U_tail + U, U_tail
+        # BACKWARD_PRE prefetches the handle before the running one in POST-forward order (_exec_order_utils.py
+        # get_handle_to_backward_prefetch): the root's is the top layer, a layer's is its own last LoRA unit --
+        # the layer below is gathered only from the end of this one's backward (its first LoRA unit's
+        # pre-backward), after its peak: one layer at each layer's peak (the 07d history, llama-3.2-1b N = 4:
+        # 530.3 MiB on the unshard stream at the step's peak, the root's 501 and one layer's 29.3)
+        g_bwd_head, g_top, g_bottom, g_end = U_tail + U, U_tail + U, U_tail + U, U_tail
         if not full_shard:
             g_fwd_layer, g_fwd_loss = U_tail + L * U, U_tail + L * U
             g_bwd_loss = g_bwd_head = g_top = U_tail + L * U
@@ -195,7 +201,15 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
     rs_in_use = {"backward_top": tail_s, "backward_bottom": g_s_layers * (L - 1) / L + tail_s,
                  "backward_end": g_s_layers + tail_s, "optimizer": sharded_all}
     pools = {}
-    if not fsdp1:
+    if fsdp1:  # the unshard, post-backward and pre-unshard streams' own pools (vramfit.memory.fsdp1)
+        from vramfit.memory.fsdp1 import fsdp1_pools
+
+        res = fsdp1_pools(spec, s, targets, n, full_shard)
+        gathered = {k: int(v.get("fsdp_gathered_params", 0)) for k, v in held.items()}
+        pools = {"fsdp1_unshard_stream": (res["unshard"], gathered),
+                 "fsdp1_post_backward_stream": (res["post_backward"], {k: int(v) for k, v in rs_in_use.items()}),
+                 "fsdp1_pre_unshard_stream": (res["pre_unshard"], {})}
+    else:
         # per unit: elements gathered, those cast for the all-gather (stored in another dtype than the
         # gather's: accelerate's float32 upcast under MixedPrecisionPolicy(param_dtype=bf16)), trainable ones
         base_store = store if full else pb
@@ -216,7 +230,7 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
     return RankTerms(weights=tuple((k, int(v)) for k, v in w.items()), optimizer=_ceil_div(O, n),
                      optimizer_temp=_ceil_div(temp, n), grads=grads,
                      held={k: {a: int(b) for a, b in v.items() if b} for k, v in held.items()}, pools=pools,
-                     device_extra=nccl, no_weight_copies=mp)
+                     device_extra=nccl, device_streams=SIDE_STREAMS_DEVICE_BYTES, no_weight_copies=mp)
 
 
 def stream_events(units: dict, L: int, tied: bool, full_shard: bool, emb_in_backward: bool) -> dict:
@@ -328,14 +342,11 @@ def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), ql
     u = units(spec)
     L = u["layers"]
     out = []
-    if qlora:
-        nbytes = sum(b for _, b in originals) or 1
-        emb = (u["tail"] + u["embedding"]) * 2
-        per_layer = max(0, nbytes - emb) / L
-        for size in [per_layer] * L + [emb]:
-            flat, shard = ids(), ids()
-            out += [("a", flat, int(size)), ("a", shard, math.ceil(size / n)), ("f", flat)]
-        return out + [("f", i) for i, _ in originals]
+    if qlora:  # FSDP1, unit by unit: its broadcast, flat parameter and shard (vramfit.memory.fsdp1)
+        from vramfit.memory.fsdp1 import fsdp1_wrap_events
+        from vramfit.memory.setup import resolve_targets
+
+        return fsdp1_wrap_events(spec, s, resolve_targets(spec, s), n, ids, originals)
     # fully_shard(unit) moves the whole unit to the GPU first (_move_states_to_device), then shards its
     # parameters one by one: per decoder layer, then the root with what is left (embeddings, LM head, norm)
     layer, root = [], list(adapters)  # adapters: (shape, bytes per element)
@@ -374,7 +385,8 @@ def unit_param_shapes(spec) -> dict:
     return out
 
 
-def copy_out_events(spec, st, gather_bytes: int, marks: dict, ids, loss_fused: bool = False) -> dict:
+def copy_out_events(spec, st, gather_bytes: int, marks: dict, ids, loss_fused: bool = False, events=None,
+                    s=None) -> dict:
     """FSDP2's unsharded parameters on the default stream (the all-gather copy-out: one tensor per parameter of
     its whole size in the gather dtype, `alloc_all_gather_outputs`) as allocator events of the rank's gap replay:
     {mark: events}.  They are the sizes of the whole parameters that wrapping freed (`wrap_events`), so they take
@@ -406,5 +418,31 @@ def copy_out_events(spec, st, gather_bytes: int, marks: dict, ids, loss_fused: b
             g = [ids() for _ in head]
             out[f"step{k}.backward"] = ([("a", i, math.prod(sh) * gather_bytes) for i, sh in zip(g, head)]
                                         + [("f", i) for i in g])
+        if not (tied or loss_fused) and events is not None and s is not None:
+            out.update(_tail_copy_out(spec, events, marks, k, s, gather_bytes, ids))
         k += 1
     return out
+
+
+def _tail_copy_out(spec, events: list, marks: dict, k: int, s, gather_bytes: int, ids) -> dict:
+    """An untied tail [final norm, LM head] under the logits loss, gathered through its FSDP hooks
+    (reshard_after_forward=False): its copy-out from its pre-forward (the final norm's, right before the LM head's
+    logits) to its post-backward (after the final norm's backward: the second hidden-size gradient of the
+    backward), as {event index: events}.  The 07i replay left it out (the walk's terms held it): llama-3.1-8b[8]
+    LoRA fsdp-full N = 8 without checkpointing -3.5% reserved, its 1,002 MiB LM head gathered beside the step's
+    largest activations."""
+    f0, b0 = marks.get(f"step{k}.forward"), marks.get(f"step{k}.backward")
+    if f0 is None or b0 is None:
+        return {}
+    tokens = s.seq_len * s.micro_batch
+    head = next((i for i in range(f0, b0) if events[i][0] == "a" and events[i][2] >= tokens * spec.vocab_size * 2),
+                None)
+    hidden = {tokens * spec.hidden_size * b for b in (2, 4)}
+    grads = [i for i in range(b0, min(len(events), marks.get(f"step{k}.clip", len(events))))
+             if events[i][0] == "a" and events[i][2] in hidden][:2]
+    if head is None or not grads:
+        return {}
+    shapes = unit_param_shapes(spec)["tail"]
+    h = [ids() for _ in shapes]
+    return {head: [("a", i, math.prod(sh) * gather_bytes) for i, sh in zip(h, shapes)],
+            grads[-1] + 1: [("f", i) for i in h]}

@@ -130,14 +130,18 @@ def default_stream_events(spec, st, n: int, events: list, marks: dict, ids, gath
             emb_h = gather("embedding", f0)
             if full_shard:
                 release(emb_h, f0 + 1)
-        if full_shard:
-            release(gather("layer", f0), b0)
-        else:  # SHARD_GRAD_OP: every layer gathered from its forward to its backward
-            layer_hs = [gather("layer", f0) for _ in range(max(spec.num_layers, 1))]
         # the LM head's forward: its logits (or, under the fused loss, its largest chunk)
         fwd = [i for i in range(f0, b0) if events[i][0] == "a"]
         head_at = next((i for i in fwd if events[i][2] >= logits_bytes),
                        max(fwd, key=lambda i: events[i][2]) if fwd else b0)
+        if full_shard:
+            release(gather("layer", f0), b0)
+        else:  # SHARD_GRAD_OP: each layer gathered at its pre-forward, held to its backward -- the events do not
+            # mark the layers: the forward's allocations before the head split evenly (identical layers)
+            L = max(spec.num_layers, 1)
+            body = [i for i in fwd if i < head_at]
+            per = len(body) // L
+            layer_hs = [gather("layer", body[k * per] if per else f0) for k in range(L)]
         if not tied:
             tail_h = gather("tail", head_at)
         # ---- backward: at each unit's post-backward its gathered parameters freed (reshard), the previous

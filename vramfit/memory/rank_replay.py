@@ -28,13 +28,15 @@ changes:
   wrap's cached blocks: vramfit.memory.fsdp.copy_out_events; at least the segments that replay makes; full
   fine-tuning: the default stream replayed whole, its reserve that replay's -- vramfit.memory.fsdp_full), plus
   the other CUDA streams' pools (vramfit.memory.fsdp:
-  the all-gather and reduce-scatter streams' own allocator replays).  FSDP2 under mixed precision is traced
+  the all-gather and reduce-scatter streams' own allocator replays; FSDP1 QLoRA's unshard, post-backward and
+  pre-unshard streams, and its wrap unit by unit: vramfit.memory.fsdp1).  FSDP2 under mixed precision is traced
   with bf16 weights under autocast (`fsdp_trace_setup`): every parameter is gathered in bf16.
 Torch-free at import; the replay itself needs torch (the meta device) and is cached per process.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import replace
 
 from vramfit.memory.allocator import CachingAllocator, empty_cache_at
@@ -123,12 +125,12 @@ def step_windows(events: list, marks: dict, spec, tensors, step: int = 1) -> tup
 def simulate_rank(events: list, marks: dict, wrap: list, later: dict | None = None, expandable: bool = False) -> dict:
     """The caching allocator over `events` with the engine's `wrap` events (("a", id, bytes), ("f", id))
     placed after the Trainer's empty_cache, and the peaks reset there, as a run measures its steps;
-    `later`: {mark: events} placed where that mark of `marks` starts."""
+    `later`: {mark: events} placed where that mark of `marks` starts (an int mark: before that event index)."""
     e_at = empty_cache_at(events, marks)
     at = {e_at + 1: list(wrap)}
     for mark, evs in (later or {}).items():
-        if mark in marks:
-            at.setdefault(marks[mark], []).extend(evs)
+        if mark in marks or isinstance(mark, int):
+            at.setdefault(marks.get(mark, mark), []).extend(evs)
     a = CachingAllocator(expandable)
     live = {}
 
@@ -370,7 +372,8 @@ def replayed_rank(spec, s, strategy, gpus: int, est, constants=None):
         return replace(est, breakdown=replace(bd, notes=bd.notes + (f"the replay does not cover {exc}: fitted peaks",)))
     events, marks = ev["events"], ev["marks"]
     bd = est.breakdown
-    outside = c.cuda_context_bytes + c.kernel_growth_bytes + bd.components.get("nccl_buffers", 0)
+    outside = bd.components.get("cuda_context", c.cuda_context_bytes + c.kernel_growth_bytes) + bd.components.get(
+        "nccl_buffers", 0)  # the context: the walk's, with the engine's side streams (rank_step)
     if st.engine == "ddp":
         terms = shard_terms(spec, run, targets, st, gpus, c)
         G = terms.held_at("optimizer")
@@ -471,7 +474,9 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
         from vramfit.memory.fsdp import copy_out_events
 
         gather = 2 if run.autocast_dtype else (4 if run.param_dtype == "float32" else 2)
-        for mark, evs in copy_out_events(spec, st, gather, marks, ids, run.loss == "fused").items():
+        keep = [i for i, ev in enumerate(events) if not (ev[0] in ("a", "f") and ev[1] in drop)]
+        for mark, evs in copy_out_events(spec, st, gather, marks, ids, run.loss == "fused", events, act).items():
+            mark = bisect_left(keep, mark) if isinstance(mark, int) else mark  # an event index: in the kept events
             later[mark] = later.get(mark, []) + evs
     return simulate_rank([ev for ev in events if not (ev[0] in ("a", "f") and ev[1] in drop)], marks, wrap, later)
 

@@ -24,6 +24,14 @@ FORWARD = ("forward_first", "forward_layer", "forward_loss")
 BACKWARD = ("backward_loss", "backward_head", "backward_top", "backward_bottom", "backward_end")
 MOMENTS = FORWARD + BACKWARD + ("optimizer",)
 PHASE = {**{m: "forward" for m in FORWARD}, **{m: "backward" for m in BACKWARD}, "optimizer": "optimizer"}
+# What nvidia-smi shows beyond torch's reserved bytes grows by this much more under the sharding engines, which
+# run on CUDA side streams of their own (FSDP1's unshard / post-backward / pre-unshard streams, FSDP2's all-gather
+# and reduce-scatter streams, DeepSpeed's reduction and all-gather streams; DDP through the fake group has none):
+# device - reserved was 828 MiB in every one of the 29 FSDP1 / FSDP2 / ZeRO-2 / ZeRO-3 fake-group runs of
+# h100-2026-12-07 (H100, driver 580.159, torch 2.11) and 758 MiB (the walk's context + kernel growth) in every one
+# of the 39 DDP runs.  MEASURED on those runs, not derived: the likely cause -- torch creating its CUDA stream pool
+# (c10/cuda/CUDAStream.cpp, 32 streams per priority, on the first side stream) -- is not confirmed.
+SIDE_STREAMS_DEVICE_BYTES = 70 << 20
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class RankTerms:
     held: dict  # moment -> {engine buffer: bytes} (gathered parameters, buckets, reduce-scatter inputs)
     pools: dict = field(default_factory=dict)  # other CUDA streams' cached bytes: name -> (reserved, {moment: in use})
     device_extra: int = 0  # outside torch's allocator (NCCL)
+    device_streams: int = 0  # outside torch's allocator: the engine's side streams (SIDE_STREAMS_DEVICE_BYTES)
     no_weight_copies: bool = False  # the engine gathers weights already in the compute dtype
     host_bytes: int = 0  # pinned host memory of this rank (offload)
     host_named: tuple = ()  # ((name, bytes), ...)
@@ -163,7 +172,7 @@ def rank_breakdown(single: Breakdown, m: Moments, t: RankTerms, c=DEFAULT, ancho
         comps[f"{peak_phase}_transients"] = max(0, rest)
     comps["cublas_workspace"] = ws
     comps["allocator_reserve"] = reserved - peak
-    comps["cuda_context"] = c.cuda_context_bytes + c.kernel_growth_bytes
+    comps["cuda_context"] = c.cuda_context_bytes + c.kernel_growth_bytes + t.device_streams
     if t.device_extra:
         comps["nccl_buffers"] = t.device_extra
     notes = single.notes + (f"peak moment: {peak_moment.replace('_', ' ')}",)
@@ -172,9 +181,9 @@ def rank_breakdown(single: Breakdown, m: Moments, t: RankTerms, c=DEFAULT, ancho
                   + ", ".join(f"{k.replace('_', ' ')} {res:,} B" for k, (res, _) in t.pools.items()),)
     return Breakdown(components={k: int(v) for k, v in comps.items()}, phases={k: int(v) for k, v in phases.items()},
                      peak_phase=peak_phase, peak_allocated_bytes=int(peak), peak_reserved_bytes=int(reserved),
-                     device_bytes=int(reserved + c.cuda_context_bytes + c.kernel_growth_bytes + t.device_extra),
+                     device_bytes=int(reserved + comps["cuda_context"] + t.device_extra),
                      params_total=single.params_total, params_trainable=single.params_trainable,
                      params_packed=single.params_packed, notes=notes)
 
 
-__all__ = ["FP32", "MOMENTS", "Moments", "RankTerms", "moment_bytes", "moments", "rank_breakdown", "single_gpu_grads"]
+__all__ = ["FP32", "MOMENTS", "Moments", "RankTerms", "SIDE_STREAMS_DEVICE_BYTES", "moment_bytes", "moments", "rank_breakdown", "single_gpu_grads"]

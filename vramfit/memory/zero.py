@@ -420,7 +420,7 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, nccl):
     Measured through the fake group (benchmarks/results/h100-2026-12-07c-fake-pg-zero.jsonl); the replay
     of the rank's own events (vramfit.memory.zero) is the default answer.
     """
-    from vramfit.memory.rank_step import MOMENTS, RankTerms, single_gpu_grads
+    from vramfit.memory.rank_step import MOMENTS, SIDE_STREAMS_DEVICE_BYTES, RankTerms, single_gpu_grads
     from vramfit.memory.walk import _quant_totals
 
     pb = 2 if s.compute_dtype != "float32" else FP32
@@ -493,6 +493,7 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, nccl):
     return RankTerms(weights=tuple(w.items()), optimizer=optimizer, optimizer_temp=opt_temp,
                      grads=single_gpu_grads(grads, min(grads_out, grads), grads_step, layers),
                      held=held, pools=pools, device_extra=nccl if n > 1 else 0, no_weight_copies=True,
+                     device_streams=SIDE_STREAMS_DEVICE_BYTES,
                      host_bytes=sum(host.values()), host_named=tuple(host.items()))
 
 
