@@ -28,7 +28,8 @@ TEMPLATE_GPUS = ("12GB", "16GB", "rtx-4090", "h100")
 # another size reuses them where it picks the same discrete setups)
 TEMPLATE_MORE_GPUS = ("24GB", "8GB", "a100-40gb", "t4", "a100-80gb", "l4", "rtx-3060", "48GB", "6GB", "10GB", "20GB",
                       "32GB", "40GB", "64GB", "rtx-3090", "a10g", "v100-16gb", "rtx-4060-ti-16gb")
-# profiles whose default estimates, TEMPLATE_ESTIMATES and plans on DEFAULT_PROFILE_GPUS ship (not the grid)
+# profiles whose default estimates, TEMPLATE_ESTIMATES, the grid under bf16-amp alone (default_tier_grid) and
+# plans on DEFAULT_PROFILE_GPUS ship; every other profile's default estimates and TEMPLATE_ESTIMATES ship
 TEMPLATE_DEFAULT_PROFILES = ("mistral-7b-v0.1", "gemma-2-9b", "phi-3-mini", "qwen2.5-3b", "tinyllama-1.1b",
                              "gemma-2-2b", "qwen2.5-0.5b", "llama-2-7b", "qwen2.5-14b", "smollm2-1.7b", "gemma-7b",
                              "llama-2-13b")
@@ -60,23 +61,32 @@ TILE_BASE_ESTIMATES = tuple(dict(method="qlora", loss="fused", grad_ckpt=True, m
                             for s in (2048, 2600))
 
 
-def template_grid() -> list:
-    """The estimate setups (kwargs) whose templates the grid above ships, in build order."""
+def template_grid(precisions: tuple = TEMPLATE_PRECISIONS) -> list:
+    """The estimate setups (kwargs) whose templates the grid above ships, in build order; the
+    default tier's grid is the same under the recipes' precision alone (DEFAULT_TIER_PRECISIONS)."""
     methods = ("lora", "qlora", "full")
     out = [dict(method=m, precision=p, loss=loss, grad_ckpt=ck, micro_batch=mb)
-           for p in TEMPLATE_PRECISIONS for m in methods for loss in ("logits", "fused") for ck in (False, True)
+           for p in precisions for m in methods for loss in ("logits", "fused") for ck in (False, True)
            for mb in (1, 4)]
-    out += [dict(method=m, precision=p, loss=loss, optim=o) for p in TEMPLATE_PRECISIONS for m in methods
+    out += [dict(method=m, precision=p, loss=loss, optim=o) for p in precisions for m in methods
             for loss in (("logits", "fused") if m == "qlora" else ("logits",)) for o in TEMPLATE_DONOR_OPTIMS]
     out += [dict(method=m, precision=p, loss="fused", grad_ckpt=ck, micro_batch=2, seq_len=512)
-            for p in TEMPLATE_PRECISIONS for m in methods for ck in (False, True)]
+            for p in precisions for m in methods for ck in (False, True)]
     out += [dict(method="qlora", precision=p, loss=loss, grad_ckpt=ck, micro_batch=1, seq_len=512)
-            for p in TEMPLATE_PRECISIONS for loss in ("logits", "fused") for ck in (False, True)]
+            for p in precisions for loss in ("logits", "fused") for ck in (False, True)]
     # a bitsandbytes optimizer's regime counts the LoRA matrices past its size thresholds: other ranks' donors
     out += [dict(method=m, precision=p, loss=loss, optim="paged_adamw_8bit", lora_r=r) for r in (64, 8)
-            for p in TEMPLATE_PRECISIONS for m in ("lora", "qlora")
+            for p in precisions for m in ("lora", "qlora")
             for loss in (("logits", "fused") if m == "qlora" else ("logits",))]
     return out
+
+
+# the default tier's grid: template_grid under the recipes' (bfloat16, bf16) alone, with its tile bases
+DEFAULT_TIER_PRECISIONS = ("bf16-amp",)
+
+
+def default_tier_grid() -> list:
+    return template_grid(DEFAULT_TIER_PRECISIONS) + [kw for kw in TILE_BASES if kw["precision"] in DEFAULT_TIER_PRECISIONS]
 
 
 def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
@@ -94,7 +104,7 @@ def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
 
     names = list(profiles or list_profiles())
     work = [(name, str(build_dir), ("grid" if name in TEMPLATE_PROFILES else "default"
-                                    if name in TEMPLATE_DEFAULT_PROFILES else None) if templates else None)
+                                    if name in TEMPLATE_DEFAULT_PROFILES else "estimates") if templates else None)
             for name in names]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
@@ -110,8 +120,8 @@ def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
 
 def _bundle_profile(item) -> str:
     """One profile's entries into the build directory (a process of its own with `jobs`)."""
-    name, build_dir, tier = item  # tier: "grid" (TEMPLATE_PROFILES), "default" (TEMPLATE_DEFAULT_PROFILES), None
-    templates = tier is not None
+    name, build_dir, tier = item  # tier: "grid" (TEMPLATE_PROFILES), "default" (TEMPLATE_DEFAULT_PROFILES),
+    templates = tier is not None  # "estimates" (the others: TEMPLATE_ESTIMATES' templates, no plans'), None
     os.environ["VRAMFIT_CACHE_DIR"] = build_dir
     live.BUNDLED_ZIP = Path(build_dir) / "none.zip"  # computed afresh, not read from the old bundle
     live._specs.clear()
@@ -126,7 +136,8 @@ def _bundle_profile(item) -> str:
         estimate(name, method="qlora", grad_ckpt=True, use_calibration=False, replay=templates)
     except VramfitError:  # QLoRA not modelled for this architecture (fused MoE experts)
         pass
-    more = tuple(template_grid()) + TILE_BASES if tier == "grid" else TILE_BASE_ESTIMATES
+    more = (tuple(template_grid()) + TILE_BASES if tier == "grid" else tuple(default_tier_grid()) if tier == "default"
+            else TILE_BASE_ESTIMATES)
     for kw in (TEMPLATE_ESTIMATES + more) if templates else ():
         try:
             estimate(name, use_calibration=False, replay=True, **kw)
@@ -134,8 +145,9 @@ def _bundle_profile(item) -> str:
             pass
     gpus = {"grid": TEMPLATE_GPUS + TEMPLATE_MORE_GPUS, "default": DEFAULT_PROFILE_GPUS}.get(tier, ())
     for gpu in dict.fromkeys(TRACE_GPUS + gpus):
-        try:  # the plan's replay (recheck) builds the templates of what it replays
-            plan(name, gpu=gpu, replay=templates)
+        try:  # the plan's replay (recheck) builds the templates of what it replays, and pins the
+            # streams whose recording is slow and has none (vramfit.memory.pinned: streams/)
+            plan(name, gpu=gpu, replay=tier in ("grid", "default"))
         except VramfitError:  # nothing fits: the traces it needed are stored all the same
             pass
     # the second LoRA rank anchor of every LoRA/QLoRA trace: any rank is then interpolated

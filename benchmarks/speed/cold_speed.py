@@ -10,8 +10,9 @@ Targets (issue 19, item 2): estimate <= 1.5 s at any setup, plan <= 3 s, a local
 the first time and <= 0.5 s after.
 
 `--plans P1,P2`: instead, `vramfit plan` of those profiles on each card of PLAN_GPUS (target 3 s).
-`--sample N --seed K`: instead, N setups drawn at random (seeded) over the profiles whose templates ship
-(`vramfit.bundle.TEMPLATE_PROFILES`) and the axes a user varies (method, precision, optimizer,
+`--sample N --seed K [--profiles grid|default|all]`: instead, N setups drawn at random (seeded) over the
+profiles whose whole template grid ships (`vramfit.bundle.TEMPLATE_PROFILES`, the default), the default
+tier's (`TEMPLATE_DEFAULT_PROFILES`) or every bundled profile, and the axes a user varies (method, precision, optimizer,
 checkpointing, micro-batch, sequence, rank, loss), each timed the same way: how much of "any setup"
 the bundle answers within the target, and what the rest costs.  Each line: the command, its wall seconds, whether it built an event
 template (the replay's ~10-60 s first build), what answered (its own template, a composed one, the real replay)
@@ -82,17 +83,25 @@ SAMPLE_AXES = {
 }
 
 
-def sampled_cases(n: int, seed: int) -> list:
-    """N random setups (seeded) of the template profiles over SAMPLE_AXES."""
+def sample_profiles(which: str) -> tuple:
+    """The profiles a sample draws from: "grid" (TEMPLATE_PROFILES, whose whole template grid ships),
+    "default" (TEMPLATE_DEFAULT_PROFILES) or "all" (every bundled profile)."""
+    from vramfit.bundle import TEMPLATE_DEFAULT_PROFILES, TEMPLATE_PROFILES
+    from vramfit.model.spec import list_profiles
+
+    return {"grid": TEMPLATE_PROFILES, "default": TEMPLATE_DEFAULT_PROFILES}.get(which) or tuple(list_profiles())
+
+
+def sampled_cases(n: int, seed: int, profiles: str = "grid") -> list:
+    """N random setups (seeded) of `profiles` (sample_profiles) over SAMPLE_AXES."""
     import random
 
-    from vramfit.bundle import TEMPLATE_PROFILES
-
+    names = sample_profiles(profiles)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         pick = {k: rng.choice(v) for k, v in SAMPLE_AXES.items()}
-        args = ["estimate", rng.choice(TEMPLATE_PROFILES), "--method", pick["method"], "--precision",
+        args = ["estimate", rng.choice(names), "--method", pick["method"], "--precision",
                 pick["precision"], "--optim", pick["optim"], "--seq-len", str(pick["seq"]), "--batch-size",
                 str(pick["batch"]), "--loss", pick["loss"], "--grad-ckpt" if pick["grad_ckpt"] else "--no-grad-ckpt"]
         if pick["method"] != "full":
@@ -116,13 +125,15 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="substring of the commands to run")
     ap.add_argument("--sample", type=int, default=0, help="N random setups instead of the fixed cases")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profiles", default="grid", choices=("grid", "default", "all"),
+                    help="what --sample draws from: the grid's 6 profiles, the default tier's 12, or all bundled")
     ap.add_argument("--plans", default=None, help="comma list of profiles: their plans on PLAN_GPUS instead")
     a = ap.parse_args(argv)
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
            "cpus": os.cpu_count(), "python": platform.python_version(),
            "versions": installed("torch", "transformers", "peft", "trl", "accelerate")}
     lines = []
-    cases = plan_cases(a.plans.split(",")) if a.plans else sampled_cases(a.sample, a.seed) if a.sample else CASES
+    cases = plan_cases(a.plans.split(",")) if a.plans else sampled_cases(a.sample, a.seed, a.profiles) if a.sample else CASES
     for what, args in cases:
         if a.only and a.only not in " ".join(args):
             continue
