@@ -14,6 +14,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VRAMFIT_REPLAY", "0")
     # templates built before answering, never by a detached process (tests/test_template_bg.py tries that)
     monkeypatch.setenv("VRAMFIT_TEMPLATE_BUILD", "now")
+    # no pinned streams (vramfit.memory.pinned): a test that changes the replay's code in-process would read
+    # a stream an earlier test kept (tests/test_pinned.py turns them on)
+    monkeypatch.setenv("VRAMFIT_PIN_STREAMS", "off")
 
 
 TINY_LLAMA = dict(

@@ -7,6 +7,11 @@ import pytest
 
 from tests.conftest import TINY_LLAMA
 
+@pytest.fixture(autouse=True)
+def _pins_on(monkeypatch):
+    monkeypatch.setenv("VRAMFIT_PIN_STREAMS", "on")
+
+
 KEEP = ("fits", "oom", "oom_at", "oom_phase", "peak_allocated_bytes", "peak_reserved_bytes", "num_alloc_retries")
 
 
@@ -65,7 +70,7 @@ def test_pinned_stream_answers_its_setup_again(fresh, tmp_path, monkeypatch, off
         fresh()
         monkeypatch.setenv("VRAMFIT_PIN_STREAMS", "off")
         real = capped_replay(spec, setup, targets, limit, templates=False)
-        monkeypatch.delenv("VRAMFIT_PIN_STREAMS")
+        monkeypatch.setenv("VRAMFIT_PIN_STREAMS", "on")
         assert {k: again[k] for k in KEEP} == {k: real[k] for k in KEEP}
     assert len(n) == 3  # the two with pinning off only
     from vramfit.memory import events, pinned
@@ -165,3 +170,29 @@ def test_a_pinned_streams_verdict_is_kept_per_cap_and_allocator_code(fresh, monk
     fresh()
     replay.capped_replay(spec, setup, targets, 1 << 40, templates=False)
     assert len(sims) == 3  # another allocator model: simulated again
+
+
+def test_the_estimates_replay_is_pinned_with_the_rest_of_the_run(fresh, monkeypatch):
+    """simulated_breakdown's stream (the steps, evaluation and a checkpoint save) is pinned too: the same
+    answer read back, and another evaluation micro-batch is another stream."""
+    from vramfit.memory.constants import DEFAULT
+    from vramfit.memory.estimate import estimate_setup
+    from vramfit.memory.replay import simulated_breakdown
+    from vramfit.memory.setup import make_setup, resolve_targets
+
+    spec = _spec()
+    setup = make_setup(method="lora", micro_batch=2, seq_len=96)
+    targets = resolve_targets(spec, setup)
+    bd, _ = estimate_setup(spec, setup)
+    n = _calls(monkeypatch)
+    first = simulated_breakdown(spec, setup, targets, bd, DEFAULT)
+    again = simulated_breakdown(spec, setup, targets, bd, DEFAULT)
+    assert len(n) == 1
+    monkeypatch.setenv("VRAMFIT_PIN_STREAMS", "off")
+    real = simulated_breakdown(spec, setup, targets, bd, DEFAULT)
+    monkeypatch.setenv("VRAMFIT_PIN_STREAMS", "on")
+    for b in (first, again):
+        assert (b.peak_allocated_bytes, b.peak_reserved_bytes, b.phases) == (
+            real.peak_allocated_bytes, real.peak_reserved_bytes, real.phases)
+    simulated_breakdown(spec, setup, targets, bd, DEFAULT, eval_batch=1)
+    assert len(n) == 3

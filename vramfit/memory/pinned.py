@@ -2,9 +2,10 @@
 
 Where a setup has no event template (vramfit.memory.template_cache: the builder refuses its stream, e.g.
 Adafactor's deferred frees, or activation offloading, whose recording follows the allocator model's
-block addresses), the plan's capped replay records it on the meta device: seconds for a small model,
-minutes for an 8B one offloading its activations.  The recorded stream is kept here, keyed by
-everything it was recorded from, so the next replay of the very same setup reads it instead:
+block addresses), the plan's capped replay and the estimate's replay record it on the meta device:
+seconds for a small model, minutes for an 8B one offloading its activations.  The recorded stream is
+kept here, keyed by everything it was recorded from, so the next replay of the very same setup reads it
+instead (vramfit.memory.replay: `_replay_events`, `simulated_breakdown`):
 
 - the setup's template key (the config, the discrete setup, its regime, the traced libraries'
   versions and the replay's code: vramfit.memory.template_cache.template_key);
@@ -39,11 +40,15 @@ KEY = 1  # what the key is made of (below); the entry's FORMAT is checked when i
 _ALLOCATOR_SOURCES = ("memory/allocator.py", "memory/offload.py")
 
 
-def pinned_key(spec, setup, targets, extras: tuple = ()) -> str:
+def pinned_key(spec, setup, targets, extras: tuple = (), run: tuple = ()) -> str:
+    """`run`: how training_events was asked beyond two steps of the setup (the estimate's: the rest of the
+    run, its evaluation micro-batch, the steps' padded lengths)."""
     from vramfit.memory.template_cache import template_key
     from vramfit.versions import source_digest
 
     parts = [template_key(spec, setup, setup.grad_accum), repr(setup), list(targets), list(extras), KEY]
+    if run:
+        parts.append(list(run))
     if setup.activation_offloading:
         parts.append(source_digest(*_ALLOCATOR_SOURCES))
     return cache.template_digest(*parts)
@@ -69,6 +74,9 @@ def load(key: str) -> dict | None:
         return None
     out = _Stream(marks=dict(data["marks"]), pin=key)
     out.packed = data["events"]
+    after = data.get("after")
+    if isinstance(after, dict):  # the rest of the run (training_events(after=True)), decoded now
+        out["after"] = {"events": decode(after["events"]), "marks": dict(after["marks"])}
     if data.get("host") is not None:  # JSON made the streams' allocation ids strings
         out["host"] = dict(data["host"], streams={int(k): v for k, v in (data["host"].get("streams") or {}).items()})
     return out
@@ -96,6 +104,8 @@ def store(key: str, result: dict, seconds: float, setup=None) -> bool:
              "events": encode(result["events"])}
     if result.get("host") is not None:
         entry["host"] = result["host"]
+    if result.get("after") is not None:
+        entry["after"] = {"events": encode(result["after"]["events"]), "marks": result["after"]["marks"]}
     path = _path(key)
     cache._write(path, entry)
     _trim(path.parent)
