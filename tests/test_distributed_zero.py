@@ -195,3 +195,39 @@ def test_fsdp2_wrap_moves_each_unit_whole_before_sharding_it(llama1b):
     assert abs(s.allocated - 1_236_000_000) / 1_236_000_000 < 0.01
     assert abs(s.reserved - 2_538_000_000) / 2_538_000_000 < 0.03
     assert s.reserved - s.allocated > llama1b.vocab_size * llama1b.hidden_size * 4  # the embedding's fp32 block
+
+
+def test_zero3_logits_loss_refetches_the_lm_head_in_one_coalesced_flat_buffer():
+    """partitioned_param_coordinator's prefetch pops parameters while the bucket (5e7) is not full, the one that
+    fills it included: the tied 128,256 x 2,048 weight after q, k, v, o, gate, up (44 M elements) is one flat
+    buffer of 613,416,960 bytes -- the size of the h100-2026-12-07d N = 8 logits history's 585 MiB allocation
+    (steps 2 and 3); none in the first step (the trace being recorded), none under the fused loss."""
+    from vramfit.memory.zero import ZERO3_PERSISTENCE_THRESHOLD, head_refetch
+    from vramfit.model.spec import load_spec
+
+    spec = load_spec("llama-3.2-1b")
+    logits = make_setup(method="full", precision="bf16-mixed", seq_len=1024, micro_batch=2, grad_ckpt=True)
+    fused = make_setup(method="full", precision="bf16-mixed", seq_len=1024, micro_batch=2, grad_ckpt=True,
+                       loss="fused")
+    assert head_refetch(spec, logits, 1, ZERO3_PERSISTENCE_THRESHOLD) * 2 == 613_416_960
+    assert head_refetch(spec, logits, 0, ZERO3_PERSISTENCE_THRESHOLD) == 0
+    assert head_refetch(spec, fused, 1, ZERO3_PERSISTENCE_THRESHOLD) == 0
+
+
+def test_zero3_n8_logits_run_reserved_is_its_second_steps():
+    """The replay (two steps) against the N = 8 logits run: its second step's reserved 12,262 MiB (the all-gather
+    stream 2,798 MiB: the 586 MiB segment of the head's refetch); 07j's model: 11,638 MiB (2,156 on that
+    stream).  The third step's 12,848 (a second 586 MiB segment: that step's forward held one more layer's
+    116 MiB flat buffer than the second's, which split the first) is not modelled."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.distributed.report import fake_predicted, ran_as
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-12-07c-fake-pg-zero.jsonl"
+    rec = next(r for r in map(json.loads, path.read_text().splitlines())
+               if r.get("name") == "llama-3.2-1b-full-bf16-mixed-zero3-n8r0-ckpt-logits-s1024b2")
+    p = fake_predicted(rec["case"], ran_as(rec), True)
+    second = rec["steps"][1]
+    assert p["peak_reserved_bytes"] == pytest.approx(second["peak_reserved_bytes"], rel=0.01)
+    assert p["peak_allocated_bytes"] == pytest.approx(rec["peak_allocated_bytes"], rel=0.01)

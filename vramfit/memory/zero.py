@@ -41,7 +41,10 @@ decay and no-decay groups, each flattened and partitioned apart), P all, N ranks
   not derived element by element), in buffers the first step's per-parameter blocks cannot serve, a
   fetch unflattened at its wait into per-parameter blocks (the 2026-12-07d histories).  The fused loss
   reads lm_head.weight outside the module hooks: in the first step DeepSpeed gathers it synchronously on
-  the default stream.
+  the default stream.  Under the logits loss the head is a module of the trace: from the second step its
+  weight, released after the head's backward, is fetched again in one coalesced flat buffer with the next
+  layer weights the prefetch bucket takes (`head_refetch`: 585 MiB on llama-3.2-1b, its own segment; the
+  2026-12-07d N = 8 history; an untied head's refetch is not measured).
 - the step: per group, the bf16 partition flattened and cast to an fp32 gradient (Pt/N x 4), the bf16
   gradients freed; at the first step AdamW's two fp32 states; foreach AdamW's sqrt temporary; the fp32
   gradient freed.
@@ -279,6 +282,17 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
                 put(f0, [("a", b, int(e * pb), ALLGATHER) for b, e in zip(own, unflat)] + [("f", blocks[1])])
                 blocks = blocks[:1] + blocks[2:] + own
             free_at_end += blocks
+            head_fetch = head_refetch(spec, act, k, ZERO3_PERSISTENCE_THRESHOLD)
+            if head_fetch and grads and blocks:
+                # the logits loss calls the LM head as a module: from the second step its weight is released
+                # after the head's backward (the backward's first gradient) and fetched again within one
+                # coalesced prefetch (`head_refetch`): one flat buffer held to the backward's end, unflattened
+                # there into the head's own block
+                flat, own = ids(), ids()
+                put(g0 + 1, [("f", blocks[0]), ("a", flat, head_fetch * pb, ALLGATHER)])
+                put(max(i for i, _ in grads), [("a", own, int(spec.vocab_size * spec.hidden_size * pb), ALLGATHER),
+                                               ("f", flat)])
+                free_at_end = [b for b in free_at_end if b != blocks[0]] + [own]
             if not full and act.grad_ckpt and grads and rest:
                 # a checkpointed layer's recompute gathers its frozen weights for the backward module that
                 # is running (partitioned_param_coordinator: update_recompute_parameters), released when
@@ -365,6 +379,30 @@ def gather_blocks(spec, tensors, full: bool, live_elems: int, persistence: int) 
     if full:  # no frozen weight for a recompute to gather
         return first, coalesced, ([], [])
     return first, coalesced, (params[len(first):], rest)
+
+
+def head_refetch(spec, act, k: int, persistence: int) -> int:
+    """Elements of the coalesced fetch that gathers the LM head's weight again in the backward of a step after
+    the first under the logits loss (0 otherwise): the head's weight with the weights of one decoder layer in
+    module order that stay under stage3_prefetch_bucket_size (partitioned_param_coordinator.fetch_sub_module's
+    prefetch loop pops parameters while the bucket is not full, the one that fills it included, and gathers
+    them as one flat buffer per dtype, `_all_gather_dtype`).  The h100-2026-12-07d ZeRO-3 full N = 8 logits
+    history: a 585 MiB flat buffer (the tied 501 MiB weight + 84 MiB: q, k, v, o, gate, up of one layer, 44 M
+    elements < 5e7) at the start of the backward of steps 2 and 3, its own segment (no cached block of the
+    stream's pool is that large), freed at the backward's end after the weight's 501 MiB unflattened copy;
+    the fused-loss histories have none (the fused loss reads the weight outside the module's hooks).  That the
+    head's entry follows a layer's first weights in the prefetch queue is read off that history, not derived."""
+    if k == 0 or getattr(act, "loss", "logits") != "logits":
+        return 0
+    head = spec.vocab_size * spec.hidden_size
+    if head < persistence:
+        return 0
+    acc = 0
+    for e in layer_weights(spec, persistence):
+        if acc + e >= ZERO3_PREFETCH_BUCKET:
+            break
+        acc += e
+    return head + acc
 
 
 def layer_weights(spec, persistence: int) -> list:
@@ -489,7 +527,10 @@ def zero_terms(spec, s, st, n, c, tensors, G_out, nccl):
     pools = {"zero_reduction_stream": (bucket_rs + (0 if st.zero_stage == 3 else g_part),
                                        {} if st.zero_stage == 3 else {"backward_bottom": g_part, "backward_end": g_part})}
     if st.zero_stage == 3:
-        pools["zero3_allgather_stream"] = (gathered, {k: gathered for k in MOMENTS[:-1]})
+        # under the logits loss, the LM head's weight fetched again in the backward within one coalesced flat
+        # buffer of a size the pool's other blocks cannot serve: its own segment (`head_refetch`)
+        refetch = head_refetch(spec, s, 1, ZERO3_PERSISTENCE_THRESHOLD) * pb
+        pools["zero3_allgather_stream"] = (gathered + refetch, {k: gathered for k in MOMENTS[:-1]})
     return RankTerms(weights=tuple(w.items()), optimizer=optimizer, optimizer_temp=opt_temp,
                      grads=single_gpu_grads(grads, min(grads_out, grads), grads_step, layers),
                      held=held, pools=pools, device_extra=nccl if n > 1 else 0, no_weight_copies=True,
