@@ -21,20 +21,19 @@ ships those of the bundled plans (vramfit.bundle).  Entries live under `streams/
 
 from __future__ import annotations
 
-import os
-
 import array
 import base64
 import itertools
 import lzma
+import os
 
 from vramfit.model import cache
 
 # a stream recorded faster than this is not kept (reading one back costs ~0.05-0.2 s)
 PIN_SECONDS = 1.0
-# the user cache keeps at most this much of them, the least recently written dropped first (an 8B
-# model's offloading stream is ~20 MB)
-PIN_BUDGET_BYTES = 1 << 30
+# the user cache keeps at most this much of them, the least recently written dropped first (an 8B model's
+# offloading stream, 600k events, is ~5 KB encoded; its JSON host copy table ~0.1 MB)
+PIN_BUDGET_BYTES = 256 << 20
 FORMAT = 2  # 2: the events in columns, LZMA-compressed (an 8B stream of 600k events: 11 MB of JSON -> ~5 KB)
 KEY = 1  # what the key is made of (below); the entry's FORMAT is checked when it is read
 _ALLOCATOR_SOURCES = ("memory/allocator.py", "memory/offload.py")
