@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 
-from vramfit.memory.rank_step import SIDE_STREAMS_DEVICE_BYTES, RankTerms
+from vramfit.memory.rank_step import SIDE_STREAMS_DEVICE_BYTES, RankTerms, stream_reserved
 
 FP32 = 4
 
@@ -311,19 +311,8 @@ _POOLS: dict = {}
 
 
 def _stream_pools(units, L, tied, full_shard, emb_in_backward, steps, expandable) -> dict:
-    from vramfit.memory.allocator import CachingAllocator
-
-    out = {}
-    for name, evs in stream_events(units, L, tied, full_shard, emb_in_backward).items():
-        a, live = CachingAllocator(expandable), {}
-        for step in range(steps):
-            for ev in evs:
-                if ev[0] == "a":
-                    live[(step, ev[1])] = a.malloc(ev[2])
-                else:
-                    a.free(live.pop((step, ev[1])))
-        out[name] = a.peak_reserved
-    return out
+    return {name: stream_reserved(evs, steps, expandable)
+            for name, evs in stream_events(units, L, tied, full_shard, emb_in_backward).items()}
 
 
 def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), qlora: bool = False,

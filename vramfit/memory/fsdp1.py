@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 
+from vramfit.memory.rank_step import broadcast_buckets, stream_reserved
+
 BUCKET = 250 << 20  # torch/distributed/fsdp/_init_utils.py PARAM_BROADCAST_BUCKET_SIZE
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -83,16 +85,8 @@ def broadcast_events(states, ids, bucket: int = BUCKET, in_flight: int = 2) -> l
     """dist._broadcast_coalesced of a unit's states as allocator events: buckets per dtype closed once they reach
     `bucket` bytes, each bucket of several tensors flattened into one new tensor (a bucket of one is a view),
     at most `in_flight` alive (torch/csrc/distributed/c10d/comm.cpp)."""
-    open_, done = {}, []
-    for i, (dtype, nbytes) in enumerate(states):
-        acc = open_.setdefault(dtype, [i, 0, 0])
-        acc[1] += nbytes
-        acc[2] += 1
-        if acc[1] >= bucket:
-            done.append(tuple(open_.pop(dtype)))
-    done = sorted(done + [tuple(v) for v in open_.values()])
     out, live = [], []
-    for _, size, count in done:
+    for size, count in broadcast_buckets(states, bucket):
         if len(live) >= in_flight:
             x = live.pop(0)
             if x is not None:
@@ -134,17 +128,6 @@ def fsdp1_wrap_events(spec, s, targets, n: int, ids, originals: tuple) -> list:
     return out
 
 
-def _replay(events: list, steps: int = 2, expandable: bool = False) -> int:
-    from vramfit.memory.allocator import CachingAllocator
-
-    a, live = CachingAllocator(expandable), {}
-    for step in range(steps):
-        for ev in events:
-            if ev[0] == "a":
-                live[(step, ev[1])] = a.malloc(ev[2])
-            else:
-                a.free(live.pop((step, ev[1])))
-    return a.peak_reserved
 
 
 def stream_events(spec, s, targets, n: int, full_shard: bool, mp: bool) -> dict:
@@ -234,5 +217,5 @@ def fsdp1_pools(spec, s, targets, n: int, full_shard: bool) -> dict:
     hit = _POOLS.get(key)
     if hit is None or hit[0] is not spec:
         evs = stream_events(spec, s, targets, n, full_shard, mp)
-        hit = _POOLS[key] = (spec, {k: _replay(v, expandable=s.allocator == "expandable") for k, v in evs.items()})
+        hit = _POOLS[key] = (spec, {k: stream_reserved(v, expandable=s.allocator == "expandable") for k, v in evs.items()})
     return dict(hit[1])

@@ -40,6 +40,7 @@ from bisect import bisect_left
 from dataclasses import replace
 
 from vramfit.memory.allocator import CachingAllocator, empty_cache_at
+from vramfit.memory.rank_step import broadcast_buckets  # noqa: F401  (here before)
 
 _EVENTS: dict = {}  # (id(spec), setup, targets) -> (spec, events)
 
@@ -283,21 +284,6 @@ def module_states(spec, s, targets, trainable: bool = False) -> list:
         out.append((pdt, head * pb, full))
     return [(k, b) for k, b, trains in out if b > 0 and (trains or not trainable)]
 
-
-def broadcast_buckets(states, bucket: int = 250 << 20) -> list:
-    """broadcast_coalesced's buckets (torch/csrc/distributed/c10d/comm.cpp, reducer.cpp's
-    compute_bucket_assignment_by_size with one limit): the states grouped per dtype, a group closed once it
-    reaches `bucket` bytes (a tensor larger than the limit closes it with whatever it joined), the groups in
-    the order of their first tensor.  -> [(bytes, tensors)]."""
-    open_, done = {}, []
-    for i, (key, nbytes) in enumerate(states):
-        acc = open_.setdefault(key, [i, 0, 0])
-        acc[1] += nbytes
-        acc[2] += 1
-        if acc[1] >= bucket:
-            done.append(tuple(open_.pop(key)))
-    done += [tuple(v) for v in open_.values()]
-    return [(size, count) for _, size, count in sorted(done)]
 
 
 def ddp_broadcast_states(states, bucket: int = 250 << 20, in_flight: int = 2) -> list:

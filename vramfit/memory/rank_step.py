@@ -34,6 +34,36 @@ PHASE = {**{m: "forward" for m in FORWARD}, **{m: "backward" for m in BACKWARD},
 SIDE_STREAMS_DEVICE_BYTES = 70 << 20
 
 
+def broadcast_buckets(states, bucket: int = 250 << 20) -> list:
+    """broadcast_coalesced's buckets (torch/csrc/distributed/c10d/comm.cpp, reducer.cpp's
+    compute_bucket_assignment_by_size with one limit): the states grouped per dtype, a group closed once it
+    reaches `bucket` bytes (a tensor larger than the limit closes it with whatever it joined), the groups in
+    the order of their first tensor.  -> [(bytes, tensors)]."""
+    open_, done = {}, []
+    for i, (key, nbytes) in enumerate(states):
+        acc = open_.setdefault(key, [i, 0, 0])
+        acc[1] += nbytes
+        acc[2] += 1
+        if acc[1] >= bucket:
+            done.append(tuple(open_.pop(key)))
+    done += [tuple(v) for v in open_.values()]
+    return [(size, count) for _, size, count in sorted(done)]
+
+
+def stream_reserved(events: list, steps: int = 2, expandable: bool = False) -> int:
+    """The reserved peak of one side stream's pool over `steps` repeats of its step's `events` (ids per step)."""
+    from vramfit.memory.allocator import CachingAllocator
+
+    a, live = CachingAllocator(expandable), {}
+    for step in range(steps):
+        for ev in events:
+            if ev[0] == "a":
+                live[(step, ev[1])] = a.malloc(ev[2])
+            else:
+                a.free(live.pop((step, ev[1])))
+    return a.peak_reserved
+
+
 @dataclass(frozen=True)
 class Moments:
     """The single-GPU walk's activation terms of a step (no weights, gradients or states)."""
@@ -186,4 +216,4 @@ def rank_breakdown(single: Breakdown, m: Moments, t: RankTerms, c=DEFAULT, ancho
                      params_packed=single.params_packed, notes=notes)
 
 
-__all__ = ["FP32", "MOMENTS", "Moments", "RankTerms", "SIDE_STREAMS_DEVICE_BYTES", "moment_bytes", "moments", "rank_breakdown", "single_gpu_grads"]
+__all__ = ["FP32", "MOMENTS", "broadcast_buckets", "stream_reserved", "Moments", "RankTerms", "SIDE_STREAMS_DEVICE_BYTES", "moment_bytes", "moments", "rank_breakdown", "single_gpu_grads"]
