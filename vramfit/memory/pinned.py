@@ -139,7 +139,7 @@ def store_sim(stream_key: str, limit_bytes: int, initial_allocated: int, expanda
 
 def _trim(folder) -> None:
     try:
-        kept = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in folder.glob("*.json")), reverse=True)
+        kept = sorted(((st.st_mtime, st.st_size, p) for p in folder.glob("*.json") for st in [p.stat()]), reverse=True)
     except OSError:
         return
     total = 0
