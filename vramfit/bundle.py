@@ -7,6 +7,7 @@ default setups, computed by the same code a user's estimate runs (vramfit.model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import zipfile
@@ -113,9 +114,26 @@ def build_bundled(profiles=None, templates: bool = True, jobs: int = 1) -> int:
     else:
         for item in work:
             print(f"bundled {_bundle_profile(item)}", flush=True)
+    write_stacks(build_dir)
     _pack(build_dir, dest)
     live.BUNDLED_ZIP = dest
     return len(names)
+
+
+def write_stacks(build_dir: Path) -> list:
+    """stacks.json: the library stacks the entries under `build_dir` were traced under, the installed one
+    first (a build on an older bundle keeps the older ones: its templates answer for a newer stack where it
+    records the same, vramfit.memory.stack_alias)."""
+    from vramfit.memory.stack_alias import installed_stack
+
+    path = Path(build_dir) / "stacks.json"
+    try:
+        old = json.loads(path.read_text()).get("traced", [])
+    except (OSError, ValueError):
+        old = []
+    stacks = [installed_stack()] + [s for s in old if s != installed_stack()]
+    path.write_text(json.dumps({"traced": stacks}, indent=1))
+    return stacks
 
 
 def _bundle_profile(item) -> str:

@@ -461,18 +461,7 @@ def post_template(spec, setup: Setup, targets, eval_batch: int | None = None, bu
 
     s = eval_setup(setup, eval_batch)
     key = cache.template_digest(template_key(spec, s), "post", POST_FORMAT)
-    entry = cache.load_template(key)
-    if entry is None and not (s.liger or s.packing or s.activation_offloading):
-        # the rest of the run never steps the optimizer (training_events(steps=0)): another optimizer's
-        # template is this one's
-        from vramfit.memory.template_compose import BODY_OPTIMS
-
-        for opt in BODY_OPTIMS:
-            other = cache.load_template(cache.template_digest(template_key(spec, replace(s, optim=opt)), "post",
-                                                              POST_FORMAT)) if opt != s.optim else None
-            if other is not None and other.get("exact"):
-                entry = other
-                break
+    entry = _post_cached(spec, s)
     if entry is not None:
         return {"template": entry.get("template") if entry.get("exact") else None,
                 "note": "" if entry.get("exact") else f"no post-training template: {entry.get('reason')}"}
@@ -498,6 +487,36 @@ def post_template(spec, setup: Setup, targets, eval_batch: int | None = None, bu
         tb.record, tb._real_events = saved
     cache.store_template(key, {"exact": True, "template": tpl} if ok else {"exact": False, "reason": why})
     return {"template": tpl if ok else None, "note": "" if ok else f"no post-training template: {why}"}
+
+
+def _post_cached(spec, s: Setup) -> dict | None:
+    """The cached post-training template entry of evaluation setup `s`, under the installed library stack or
+    one that records the same (vramfit.memory.stack_alias); where the rest of the run never steps the
+    optimizer (training_events(steps=0)), another optimizer's exact one is this one's."""
+    from vramfit.memory import stack_alias
+    from vramfit.memory.template_compose import BODY_OPTIMS
+    from vramfit.model import cache
+
+    def lookup(st):
+        def key(versions=None):
+            return cache.template_digest(template_key(spec, st, versions=versions), "post", POST_FORMAT)
+
+        def check(tpl) -> bool:  # the installed stack records what the template expands to (LB layers)
+            from vramfit.memory.template import expand
+            from vramfit.memory.template_build import LB, same_events
+
+            return same_events(expand(tpl, st.micro_batch, st.seq_len, st.lora_r, LB), _post_real(spec, st, LB))
+
+        got = cache.load_template(key())
+        return got if got is not None else stack_alias.aliased(key, check)[0]
+
+    entry = lookup(s)
+    if entry is None and not (s.liger or s.packing or s.activation_offloading):
+        for opt in BODY_OPTIMS:
+            other = lookup(replace(s, optim=opt)) if opt != s.optim else None
+            if other is not None and other.get("exact"):
+                return other
+    return entry
 
 
 def _post_tiles(spec, setup: Setup, targets, eval_batch: int | None) -> dict | None:

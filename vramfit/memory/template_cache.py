@@ -37,10 +37,12 @@ def _code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = False) -> str:
+def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = False,
+                 versions: dict | None = None) -> str:
     """The cache digest of `setup`'s template: the config, the setup's discrete fields, its regime,
     the libraries traced and the replay's code.  `exact_tiles`: the fused loss's own tile count in
-    the regime even where one template serves every count >= 2 (template.tiles_general)."""
+    the regime even where one template serves every count >= 2 (template.tiles_general).  `versions`:
+    the traced libraries' ({package: version}, vramfit.memory.stack_alias.STACK), default the installed."""
     from vramfit.memory.template import FORMAT, regime, regime_info
     from vramfit.model import cache
     from vramfit.versions import installed
@@ -56,13 +58,30 @@ def template_key(spec, setup: Setup, grad_accum: int = 1, exact_tiles: bool = Fa
         from vramfit.memory.levers import key_part
 
         discrete += key_part(setup)
-    versions = installed("torch", "transformers", "peft", "trl", "accelerate")
+    if versions is None:
+        versions = installed("torch", "transformers", "peft", "trl", "accelerate")
     reg = regime(regime_info(spec, setup, exact_tiles), setup.micro_batch, setup.seq_len, grad_accum,
                  setup.lora_r if setup.method != "full" else 0)
     return cache.template_digest(spec.config_hash, discrete, reg, versions, _code_digest(), FORMAT)
 
 
 NOT_CACHED = "no event template cached for this setup"
+
+
+def _records_as(spec, setup: Setup, grad_accum: int = 1):
+    """-> check(template): whether the installed library stack records what the template (traced under another
+    stack) expands to, on the builder's LB decoder layers at the setup's own shape, 2 micro-batches where it
+    accumulates (vramfit.memory.stack_alias)."""
+
+    def check(tpl) -> bool:
+        from vramfit.memory.template_build import LB, _real_events, same_events
+        from vramfit.memory.template_compose import expand_any
+
+        a = 2 if grad_accum > 1 else 1
+        b, s, r = setup.micro_batch, setup.seq_len, setup.lora_r
+        return same_events(expand_any(tpl, b, s, r, LB, a), _real_events(spec, setup, LB, a))
+
+    return check
 
 
 def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool = True,
@@ -108,6 +127,11 @@ def setup_template(spec, setup: Setup, targets, grad_accum: int = 1, build: bool
 
     key = template_key(spec, setup, grad_accum, exact_tiles)
     entry = cache.load_template(key)
+    if entry is None:  # one traced under another library stack, where the installed one records the same
+        from vramfit.memory import stack_alias
+
+        entry, _ = stack_alias.aliased(lambda v: template_key(spec, setup, grad_accum, exact_tiles, v),
+                                       _records_as(spec, setup, grad_accum))
     if build and entry is not None and not entry.get("exact") and entry.get("builder", 1) < BUILDER:
         entry = None  # an older builder could not build it: this one tries (a lookup alone keeps the answer)
     if general and (entry.get("tiles") == "exact" if entry is not None else not build):  # the count's own

@@ -8,7 +8,8 @@ profiles/cache.zip ships the same entries (one zip member per entry, same relati
 by the same code (`python -m vramfit.bundle`), for the bundled profiles at the
 default setups, so a first `vramfit estimate` on a bundled profile needs no torch import when the
 installed versions are the ones they were made with; with other versions the keys differ and
-nothing stale is read (tests/test_cache.py recomputes them).
+nothing stale is read (tests/test_cache.py recomputes them).  Event templates of another stack may
+answer where the installed one is checked to record the same (vramfit.memory.stack_alias).
 """
 
 from __future__ import annotations
