@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 
+from vramfit.memory.allocator import CachingAllocator
 from vramfit.memory.rank_step import SIDE_STREAMS_DEVICE_BYTES, RankTerms, stream_reserved
 
 FP32 = 4
@@ -136,10 +137,29 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
     # llama-3.1-8b[8] LoRA under fsdp-full and fsdp-grad-op)
     dtensor_head = s.loss == "fused" and not tied and not full  # (full fine-tuning: not measured so)
     last_flat = U if (tied or dtensor_head) else U_tail
+    # LoRA under trl's fused loss with a tied tail [final norm, embedding, LM head] (accelerate's
+    # fsdp2_prepare_model: one group, reshard_after_forward=False, gathered at the embedding's pre-forward): the
+    # LM head's forward never runs, so the group's forward is left incomplete and FSDP2 finishes it from the
+    # root's post-forward (torch/distributed/fsdp/_fully_shard/_fsdp_state.py, FSDPState.
+    # _force_complete_incomplete_states -- torch 2.13's source, read here; the runs were torch 2.11): the tail's
+    # post_forward appends it to the post-forward order after the top layer and registers its pre-backward hook
+    # on the root's output, the loss.  The backward's first step is then the tail's _pre_backward ->
+    # FSDPParamGroup.pre_backward (unshard: a no-op, it is gathered) -> _backward_prefetch: the top layer's
+    # all-gather (its flat output, U, on the all-gather stream) issued before the loss's own backward and held
+    # through it (trl's _ChunkedLogProbFunction.backward: its fp32 hidden gradient and 128 MiB tile) to the top
+    # layer's copy-out.  The h100-2026-12-07g / 08a histories, `_prefetch_unshard` at the backward's start:
+    # qwen2.5-1.5b N = 2, 89.6 MiB (entry 19510; trl's backward from 19521); llama-3.2-1b N = 8, 116.4 MiB
+    # (8939; 8950); llama-3.2-1b bf16-amp N = 4, 116.2 MiB (10526; 10538).  The full fine-tuning ones (08a:
+    # qwen2.5-1.5b N = 2 and 4) gather the top layer at its own pre_backward, after the loss's backward, as
+    # modelled.  (The untied LoRA histories, llama-3.1-8b[8] N = 2 and 4, show the same prefetch, 416.8 MiB at
+    # 4734; their head is gathered as a DTensor, not through the tail's hooks -- `dtensor_head` -- and the
+    # prefetch moves none of their peaks: left as it was.)  Under the logits loss the tail's hook sits on the
+    # logits: the prefetch comes after the loss's backward (backward_head).
+    fused_prefetch = full_shard and s.loss == "fused" and tied and not full
     if full_shard:
         g_fwd_layer = keep_tail + 2 * U  # running layer + its flat all-gather output
         g_fwd_loss = U_tail + last_flat  # the tail (or the gathered LM-head weight) + the last flat output
-        g_bwd_loss = 0 if dtensor_head else U_tail
+        g_bwd_loss = (0 if dtensor_head else U_tail) + (U if fused_prefetch else 0)
         g_bwd_head = g_bwd_loss + (U if s.loss != "fused" else 0)  # logits path: the tail's pre-backward prefetch
         g_top = keep_tail + 2 * U  # the layer + the next one's prefetched flat output
         g_bottom = keep_tail + U + (U_emb if not tied else 0)  # + the embedding's prefetched flat output
@@ -192,7 +212,8 @@ def fsdp_terms(spec, s, targets, st, n: int, c, weights: dict, tensors, O: int, 
     # two outputs at once in the forward), the reduce-scatter outputs and the sharded gradients
     # (reduce-scatter stream: freed by zero_grad, cached for the next step) -- replayed (`stream_pools`)
     flat_in_use = {"forward_first": U + prev_flat, "forward_layer": U, "forward_loss": last_flat,
-                   "backward_head": U if (full_shard and s.loss != "fused") else 0,
+                   "backward_loss": U if fused_prefetch else 0,
+                   "backward_head": U if (full_shard and (s.loss != "fused" or fused_prefetch)) else 0,
                    "backward_top": U if full_shard else 0, "backward_bottom": U_emb if full_shard else 0}
     if full_shard and not tied and not full and emb_in_backward and end_a >= end_b:  # the embedding's flat output
         flat_in_use["backward_end"] = U_emb
@@ -354,6 +375,52 @@ def wrap_events(spec, s, n: int, full_bytes: int, ids, originals: tuple = (), ql
         out += [("a", ids(), shard_numel(shape, n) * nbytes) for shape, nbytes in unit]
         out += [("f", w) for w in wholes]
     return out
+
+
+def wrap_rounding(wrap: list, expandable: bool = False) -> int:
+    """Bytes the caching allocator gives the blocks wrapping leaves allocated beyond their requested sizes: the
+    rank's shards, held all run, are counted by their bytes in the walk's terms, but each is a block of its own
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, _init_sharded_param: one padded dim-0 chunk per
+    parameter).  A request over 10 MiB that takes a new segment gets one rounded up to 2 MiB, and the block is
+    split only when more than 1 MiB would be left (CUDACachingAllocator's should_split, kSmallSize), so the
+    whole segment is allocated: qwen2.5-1.5b at N = 2 shards each MLP weight (8960 x 1536 bf16) into 13.125 MiB,
+    allocated as 14 MiB -- the h100-2026-12-07 run's after-wrap allocated is 1,536.2 MiB against 1,476.4 MiB of
+    shards (59.8 MiB more: such blocks, in its memory history), and the same blocks stay allocated at every
+    step's peak.  The allocator over `wrap` alone (wrapping starts from an empty allocator: the model is built
+    on the CPU and the Trainer empties the cache first): allocated minus requested at its end."""
+    a, live = CachingAllocator(expandable), {}
+    for ev in wrap:
+        a.apply(ev, live)
+    return int(a.allocated - a.requested)
+
+
+def top_layer_entry_cut(events: list, cuts: list, spec, act) -> list:
+    """`cuts` (`step_windows`) with the top decoder layer's own window ("layer", 0) opened where its backward
+    begins rather than at its first parameter gradient.  Under FULL_SHARD the top layer's pre-backward
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, FSDPParamGroup.pre_backward: unshard, then
+    wait_for_unshard's copy-out, then _backward_prefetch of the layer below) runs when the gradient first
+    reaches the layer: from there on the rank holds the layer's gathered parameters and the next one's flat
+    all-gather output -- the backward_top terms -- while the layer's backward runs up to its first parameter
+    gradient: the MLP's backward (its checkpointed recompute first), which for LoRA on the attention's
+    projections (q, v) is most of the layer.  Left in the loss's window ("backward_head") it was anchored to
+    the loss's terms, which hold neither: the h100-2026-12-07g / 08a histories' step peaks are there
+    (qwen2.5-1.5b LoRA N = 2 ckpt: the recompute's MLP, entry 19702, beside the copy-out 19588 and the
+    prefetched flat 19607; llama-3.2-1b LoRA N = 8: the MLP's backward, entry 9036).  The events do not mark
+    the layer's entry; its first (tokens x intermediate) allocation does (the recompute's gate projection,
+    or the down projection's input gradient without checkpointing): the loss's and the final norm's backward
+    allocate nothing of that size.  Unchanged where no such allocation lies between the two cuts.  (FSDP1's
+    QLoRA, BACKWARD_PRE, gathers the top layer at its pre-backward too: its runs' allocated moved by 0.3-0.6
+    points toward the measured.)"""
+    k = next((j for j, (_, name) in enumerate(cuts) if name == "backward_head"), None)
+    inter = getattr(spec, "intermediate_size", 0) or 0
+    if k is None or k + 1 >= len(cuts) or cuts[k + 1][1] != ("layer", 0) or inter <= 0:
+        return cuts
+    sizes = {act.tokens * inter * b for b in (2, 4)}
+    at = next((i for i in range(cuts[k][0], cuts[k + 1][0]) if events[i][0] == "a" and events[i][2] in sizes),
+              None)
+    if at is None:
+        return cuts
+    return cuts[:k + 1] + [(at, ("layer", 0))] + cuts[k + 1:]
 
 
 def unit_param_shapes(spec) -> dict:

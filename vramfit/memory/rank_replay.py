@@ -428,6 +428,11 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
     adapters = () if full else tuple((shape, 4) for _, _, _, shape in tensors)
     ids = _Ids()
     wrap = wrap_events(spec, act, gpus, elem, ids, originals, qlora, adapters)
+    # FSDP2 builds the model on the CPU: the allocator is empty when wrapping starts (QLoRA's FSDP1 wraps a model
+    # loaded on the GPU: its state is the load's, not replayed here)
+    from vramfit.memory.fsdp import wrap_rounding
+
+    rounding = 0 if qlora else wrap_rounding(wrap, act.allocator == "expandable")
     later = {}
     o = act.optimizer
     if not (o.paged or o.factored) and o.states:
@@ -453,7 +458,7 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
 
         res = full_gap_replay(spec, run, st, gpus, events, marks, wrap, later, drop, ids, act.allocator == "expandable")
         if res is not None:
-            return dict(res, whole=True)
+            return dict(res, whole=True, wrap_rounding=rounding)
     if not (qlora or full):
         # LoRA: the gathered (frozen) parameters take the blocks of the whole ones wrapping freed, beside the
         # small activations (fsdp.copy_out_events).  Full fine-tuning: its whole default stream, above
@@ -464,7 +469,8 @@ def _engine_gap_replay(spec, run, act, st, gpus: int, tensors, events: list, mar
         for mark, evs in copy_out_events(spec, st, gather, marks, ids, run.loss == "fused", events, act).items():
             mark = bisect_left(keep, mark) if isinstance(mark, int) else mark  # an event index: in the kept events
             later[mark] = later.get(mark, []) + evs
-    return simulate_rank([ev for ev in events if not (ev[0] in ("a", "f") and ev[1] in drop)], marks, wrap, later)
+    sim = simulate_rank([ev for ev in events if not (ev[0] in ("a", "f") and ev[1] in drop)], marks, wrap, later)
+    return dict(sim, wrap_rounding=rounding)
 
 
 def _shard_sizes(spec, tensors, n: int, nbytes: int, full: bool) -> list:
@@ -519,6 +525,10 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
         cuts, end, L = phase_cuts(marks), marks.get("step2.forward", marks.get("end", len(events))), 0
     else:
         cuts, end, L = win
+        if st.engine == "fsdp" and st.reshard_after_forward:  # the top layer's backward from its entry
+            from vramfit.memory.fsdp import top_layer_entry_cut
+
+            cuts = top_layer_entry_cut(events, cuts, spec, act)
     peaks = window_peaks(events, cuts, end)
     # the end of the backward where the gradients do not cut it (the untied embedding's backward of LoRA, the
     # tied tail's): after the bottom layer's backward, its activations freed -- the replay's allocated at
@@ -549,6 +559,11 @@ def anchored_rank(spec, run, act, targets, st, gpus: int, c, events: list, marks
         values[name] = peak + delta
         default[name] = values[name] - u
     sim = _engine_gap_replay(spec, run, act, st, gpus, tensors, events, marks)
+    # the shards' blocks beyond their bytes (`wrap_rounding`): allocated at every moment of the step, on the
+    # default stream
+    extra = sim.get("wrap_rounding", 0)
+    values = {k: v + extra for k, v in values.items()}
+    default = {k: v + extra for k, v in default.items()}
     gap = sim["peak_reserved"] - sim["peak_allocated"]
     phase_of = {n: ("backward" if isinstance(n, tuple) or str(n).startswith("backward") else n) for n in values}
     phases = {}
