@@ -64,6 +64,19 @@ def stream_reserved(events: list, steps: int = 2, expandable: bool = False) -> i
     return a.peak_reserved
 
 
+def backward_workspaces(events: list, grads_by_step: dict) -> set:
+    """Event indices among a step's "gradients" (`rank_replay.dropped_ids`) never freed though a later step
+    follows (a gradient is freed by the next zero_grad): the autograd thread's cuBLAS workspace, 32 MiB on an
+    H100 (torch keeps a handle per thread and a workspace per handle and stream, CublasHandlePool.cpp; every
+    h100-2026-12-07d ZeRO history holds it and the forward thread's to the end).  Used only to split the
+    gradients over the layers; the replay still drops it (cpu-2026-12-08c-fake-pg-zero3.md)."""
+    if len(grads_by_step) < 2:
+        return set()
+    last = max(grads_by_step)
+    freed = {ev[1] for ev in events if ev[0] == "f"}
+    return {i for k, gr in grads_by_step.items() if k != last for i, _ in gr if events[i][1] not in freed}
+
+
 @dataclass(frozen=True)
 class Moments:
     """The single-GPU walk's activation terms of a step (no weights, gradients or states)."""
@@ -216,4 +229,4 @@ def rank_breakdown(single: Breakdown, m: Moments, t: RankTerms, c=DEFAULT, ancho
                      params_packed=single.params_packed, notes=notes)
 
 
-__all__ = ["FP32", "MOMENTS", "broadcast_buckets", "stream_reserved", "Moments", "RankTerms", "SIDE_STREAMS_DEVICE_BYTES", "moment_bytes", "moments", "rank_breakdown", "single_gpu_grads"]
+__all__ = ["FP32", "MOMENTS", "backward_workspaces", "broadcast_buckets", "stream_reserved", "Moments", "RankTerms", "SIDE_STREAMS_DEVICE_BYTES", "moment_bytes", "moments", "rank_breakdown", "single_gpu_grads"]

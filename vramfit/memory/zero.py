@@ -30,8 +30,8 @@ decay and no-decay groups, each flattened and partitioned apart), P all, N ranks
   stream; the epilogue frees the buckets.  ZeRO-3: each gradient copied into the held bucket.  Both: a
   tied LM head's gradient waits in autograd for the embedding's before its hook (one vocab x hidden
   block from the LM head's backward to the end, and the embedding's own beside it at the end).
-- ZeRO-3 with frozen weights under checkpointing (LoRA): every frozen weight gathered by the end of the
-  backward (the recompute's gathers are released with the outermost backward module).
+- ZeRO-3 LoRA under checkpointing: each layer's recompute gathers the frozen weights not held, held to the
+  backward's end: every frozen weight by the bottom layer's backward, beside its activations (`recompute_gathers`).
 - ZeRO-3's gathered parameters, on the all-gather stream (`gather_blocks`): in the first step, the trace
   being recorded, each module's own parameters one buffer each, released after the module; once the
   trace is complete the coordinator keeps what it will reuse within stage3_max_reuse_distance and
@@ -227,7 +227,10 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
     """Peaks of the rank's steps: the single-GPU events without `dropped` ids (the load, the gradients and
     the optimizer step), the engine's allocations inserted (see the module's docstring).
     `grads_by_step`: step -> [(event index, bytes)] of its gradients in birth order."""
+    from vramfit.memory.rank_step import backward_workspaces
+
     ids = _Ids()
+    workspaces = backward_workspaces(events, grads_by_step)
     pb = 2 if act.compute_dtype != "float32" else 4
     full = act.method == "full"
     stage = st.zero_stage
@@ -294,13 +297,13 @@ def zero_replay(spec, act, tensors, st, n: int, events: list, marks: dict, dropp
                                                ("f", flat)])
                 free_at_end = [b for b in free_at_end if b != blocks[0]] + [own]
             if not full and act.grad_ckpt and grads and rest:
-                # a checkpointed layer's recompute gathers its frozen weights for the backward module that
-                # is running (partitioned_param_coordinator: update_recompute_parameters), released when
-                # that module's backward ends: the outermost one's, at the end: every frozen weight by then,
-                # each parameter in its own buffer
-                more = [ids() for _ in rest]
-                put(max(i for i, _ in grads), [("a", b, int(e * pb), ALLGATHER) for b, e in zip(more, rest)])
-                free_at_end += more
+                # a checkpointed layer's recompute gathers the frozen weights not held, each in its own buffer,
+                # held to the backward's end (`recompute_gathers`)
+                layer_grads = [g for g in grads if g[0] not in workspaces]
+                for i, elems in recompute_gathers(spec, rest, layer_grads, ZERO3_PERSISTENCE_THRESHOLD):
+                    more = [ids() for _ in elems]
+                    put(i, [("a", b, int(e * pb), ALLGATHER) for b, e in zip(more, elems)])
+                    free_at_end += more
         else:
             ipg = [ids(), ids()]
             put(g0, [("a", i, bucket * pb) for i in ipg])
@@ -403,6 +406,34 @@ def head_refetch(spec, act, k: int, persistence: int) -> int:
             break
         acc += e
     return head + acc
+
+
+def recompute_gathers(spec, rest: list, grads: list, persistence: int) -> list:
+    """[(event index, [elements])]: where a checkpointed LoRA's recompute gathers the frozen weights not held
+    (`rest`), a block each.  trl forces reentrant checkpointing for PEFT under ZeRO-3 (sft_trainer.py, 1.16.0):
+    a layer's recompute is a forward in the backward's graph task, and `_fetch_sub_module_impl`
+    (partitioned_param_coordinator.py, 0.19.8) gathers what is not available and, `in_checkpoint_recompute`,
+    gives the frozen weights to the running backward module (update_recompute_parameters), released with it:
+    the outermost, at the end.  So the set grows as the backward goes down, beside each layer's activations (the
+    07d LoRA history, step 2: 1,913 MiB to layer 4, +116 MiB at each bottom layer's recompute, 2,357 at layer
+    0's MLP backward, the peak).  `rest` laid over the layers from the bottom up, module order; layer j's after
+    layer j + 1's last gradient (`grads`: backward order), the top's at its first; uneven: all at the end."""
+    if not grads:
+        return []
+    layer = layer_weights(spec, persistence)
+    L = max(spec.num_layers, 1)
+    total = sum(rest)
+    if not layer or len(grads) % L:
+        return [(max(i for i, _ in grads), list(rest))]
+    per, out, acc = len(grads) // L, [], 0
+    for k in range(L - 1, -1, -1):  # the layer k-th in the backward, from the bottom one up
+        elems = []
+        while acc < total and len(elems) < len(layer):
+            elems.append(min(layer[len(elems)], total - acc))
+            acc += elems[-1]
+        if elems:
+            out.append((grads[k * per - 1][0] + 1 if k > 0 else grads[0][0], elems))
+    return out
 
 
 def layer_weights(spec, persistence: int) -> list:
